@@ -1,0 +1,142 @@
+//! Every flag of the binary, with its `CLOUDPHONE_*` environment fallback.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/cloudphone";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloudphone",
+    version,
+    about = "The Cloudphone event platform: every role and operator verb in one binary.",
+    long_about = "The Cloudphone event platform: every role and operator verb in one binary.\n\n\
+        Every flag can also be set through the environment variable named after it \
+        (CLOUDPHONE_DATABASE_URL for --database-url, ...). Defaults serve a local PostgreSQL \
+        with no Kafka (the embedded default)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// Log format [default: text on a terminal, json otherwise].
+    #[arg(long, env = "CLOUDPHONE_LOG_FORMAT", value_enum, global = true)]
+    pub log_format: Option<LogFormat>,
+    /// Which logs to show, in `RUST_LOG` syntax (e.g. `info,event_log=debug`).
+    #[arg(long = "log", env = "CLOUDPHONE_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// The primary PostgreSQL database; created if it does not exist.
+    #[arg(long, env = "CLOUDPHONE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Most connections this process opens to the primary.
+    #[arg(long, env = "CLOUDPHONE_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlatformArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Read replicas, comma-separated [default: none; reads go to the primary].
+    #[arg(long, env = "CLOUDPHONE_REPLICA_URLS", value_delimiter = ',')]
+    pub replica_urls: Vec<String>,
+    /// Kafka bootstrap servers [default: none; projectors tail the PostgreSQL log].
+    #[arg(long, env = "CLOUDPHONE_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Where the command API listens.
+    #[arg(long, env = "CLOUDPHONE_COMMAND_LISTEN", default_value = "127.0.0.1:8080")]
+    pub command_listen: SocketAddr,
+    /// Where the query API listens.
+    #[arg(long, env = "CLOUDPHONE_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub query_listen: SocketAddr,
+    /// HS256 secret for bearer tokens [default: a fixed development secret, with a warning].
+    #[arg(long, env = "CLOUDPHONE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every role in one process: the embedded default.
+    Serve(PlatformArgs),
+    /// Run the HTTP command API for portals.
+    CommandApi(PlatformArgs),
+    /// Run the GraphQL query API for dashboards.
+    QueryApi(PlatformArgs),
+    /// Run projector workers that build the read models.
+    Projector(PlatformArgs),
+    /// Run the outbox relay that publishes the log to Kafka.
+    Relay(PlatformArgs),
+    /// Create the database if missing and apply partitions.sql and the migrations.
+    Migrate(DatabaseArgs),
+    /// Inspect and maintain the monthly partitions of the event log.
+    Partitions {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        action: PartitionsAction,
+    },
+    /// Rebuild a projection from the whole history beside the live one.
+    Replay(NotBuiltArgs),
+    /// Export event history as NDJSON or CSV.
+    Export(NotBuiltArgs),
+    /// Recompute the hash chain over the log and report the first position where it breaks.
+    Verify(VerifyArgs),
+    /// Drive the platform with a realistic load and report.
+    Load(NotBuiltArgs),
+    /// Print a development bearer token.
+    Token(NotBuiltArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PartitionsAction {
+    /// Create partitions for this month and the months ahead (idempotent).
+    Ensure {
+        /// Months after the current one to create.
+        #[arg(long, default_value_t = event_log::DEFAULT_PARTITIONS_AHEAD)]
+        months_ahead: u32,
+    },
+    /// List live and archived partitions.
+    List,
+    /// Move a sealed month (one the log has moved past) to the archive table.
+    Detach {
+        /// The month, as YYYY-MM.
+        month: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// First position to verify (its predecessor's stored hash is trusted as the anchor).
+    #[arg(long, default_value_t = 1)]
+    pub from: i64,
+    /// Last position to verify [default: the head of the log].
+    #[arg(long)]
+    pub to: Option<i64>,
+}
+
+/// Accepts anything, for verbs that are not built yet.
+#[derive(Debug, Args)]
+pub struct NotBuiltArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}

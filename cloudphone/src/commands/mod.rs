@@ -1,0 +1,6 @@
+//! One module per verb.
+
+pub mod database;
+pub mod migrate;
+pub mod partitions;
+pub mod verify;

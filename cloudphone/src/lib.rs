@@ -1,0 +1,35 @@
+//! The `cloudphone` binary: parses the command line, sets up logging, and runs one role or
+//! operator verb. `main.rs` is a thin shell over [`run`]; each verb lives in
+//! [`commands`]. This crate wires the library crates together and must not hold business
+//! rules or SQL of its own.
+
+pub mod cli;
+pub mod commands;
+pub mod progress;
+pub mod telemetry;
+
+use anyhow::bail;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the verb the command line asks for.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Migrate(database) => commands::migrate::run(database).await,
+        Command::Partitions { database, action } => commands::partitions::run(database, action).await,
+        Command::Verify(args) => commands::verify::run(args).await,
+        Command::Serve(_) => not_built("serve", "#4, #5 and #6"),
+        Command::CommandApi(_) => not_built("command-api", "#4"),
+        Command::QueryApi(_) => not_built("query-api", "#6"),
+        Command::Projector(_) => not_built("projector", "#5"),
+        Command::Relay(_) => not_built("relay", "#5"),
+        Command::Replay(_) => not_built("replay", "#7"),
+        Command::Export(_) => not_built("export", "#8"),
+        Command::Load(_) => not_built("load", "#10"),
+        Command::Token(_) => not_built("token", "#4"),
+    }
+}
+
+fn not_built(verb: &str, issue: &str) -> anyhow::Result<()> {
+    bail!("`cloudphone {verb}` is not built yet (issue {issue})")
+}

@@ -1,0 +1,90 @@
+//! Bringing a database to the schema this code expects.
+//!
+//! `migrate` applies, under one advisory lock so concurrent runs queue instead of racing:
+//! `partitions.sql` (idempotent: the partitioned table and its functions), then the
+//! versioned migrations in `event-log/migrations` (each once, recorded by sqlx), then makes
+//! sure partitions exist for this month and the next ones. Safe to run twice and while the
+//! platform is up.
+
+use chrono::Utc;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+
+use crate::partitions::ensure_partitions;
+
+/// Versioned migrations, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// The partitioned table and its maintenance functions (the repository's `partitions.sql`).
+pub const PARTITIONS_SQL: &str = include_str!("../../partitions.sql");
+
+/// Months of partitions `migrate` makes sure exist after the current one.
+pub const DEFAULT_PARTITIONS_AHEAD: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("database error while migrating: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Applies everything (see the module documentation).
+pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('cloudphone.migrate'))")
+        .execute(&mut *conn)
+        .await?;
+    let result: Result<(), MigrateError> = async {
+        sqlx::raw_sql(PARTITIONS_SQL).execute(&mut *conn).await?;
+        // On its own pooled connection: `Migrator::run` on a borrowed connection makes a
+        // future that is not `Send` (a known sqlx limitation). Our lock still serialises us.
+        MIGRATOR.run(pool).await?;
+        Ok(())
+    }
+    .await;
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('cloudphone.migrate'))")
+        .execute(&mut *conn)
+        .await;
+    result?;
+    unlocked?;
+    drop(conn);
+    ensure_partitions(pool, Utc::now(), DEFAULT_PARTITIONS_AHEAD).await?;
+    Ok(())
+}
+
+/// Creates the database named in `options` if it does not exist, connecting to the
+/// `postgres` maintenance database of the same server. Returns true when it created it.
+pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bool, sqlx::Error> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(false);
+    };
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if exists {
+        admin.close().await?;
+        return Ok(false);
+    }
+    // Identifiers cannot be bound parameters; quote it as PostgreSQL's quote_ident would.
+    let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    let created = sqlx::raw_sql(AssertSqlSafe(statement)).execute(&mut admin).await;
+    admin.close().await?;
+    match created {
+        Ok(_) => Ok(true),
+        // Another process created it between our check and our CREATE.
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// A pool to the primary with settings suited to the log: short acquire timeout so an
+/// outage surfaces as a quick error (503) rather than a hung request.
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(3))
+}

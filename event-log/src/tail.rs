@@ -1,0 +1,148 @@
+//! Following the log as it grows: a reader wakes on `NOTIFY cloudphone_events` from each
+//! commit and also polls, so it keeps working behind a pooler (PgBouncer in transaction mode)
+//! that drops notifications, and after its listening connection breaks.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use event_schema::EventEnvelope;
+use sqlx::postgres::PgListener;
+
+use crate::read::{LogReader, ReadError, epoch};
+
+/// The channel every append notifies with its last position.
+pub const NOTIFY_CHANNEL: &str = "cloudphone_events";
+
+/// How a tail waits for new events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailConfig {
+    /// Most events one `next_batch` returns.
+    pub batch_size: i64,
+    /// How long to wait for a notification before reading anyway.
+    pub poll_interval: Duration,
+    /// Whether to LISTEN at all (off: poll only, as behind a transaction pooler).
+    pub listen: bool,
+}
+
+impl Default for TailConfig {
+    fn default() -> Self {
+        TailConfig {
+            batch_size: 1_000,
+            poll_interval: Duration::from_millis(500),
+            listen: true,
+        }
+    }
+}
+
+/// A cursor that returns every committed event after a position exactly once, in order.
+///
+/// Positions are dense and become visible in order (see the crate documentation), so the
+/// tail only ever asks for "after my last position" and never has to look back for a late
+/// commit; it still checks that every batch continues where the last one ended and fails
+/// loudly if not.
+#[derive(Debug)]
+pub struct LogTail {
+    reader: LogReader,
+    position: i64,
+    recorded_floor: DateTime<Utc>,
+    config: TailConfig,
+    listener: Option<PgListener>,
+    listen_failed: bool,
+}
+
+impl LogTail {
+    /// Starts after `position` (0 = from the beginning).
+    pub async fn start(reader: LogReader, position: i64, config: TailConfig) -> Self {
+        let mut tail = LogTail {
+            reader,
+            position,
+            recorded_floor: epoch(),
+            config,
+            listener: None,
+            listen_failed: false,
+        };
+        if config.listen {
+            tail.listener = tail.connect_listener().await;
+        }
+        tail
+    }
+
+    async fn connect_listener(&mut self) -> Option<PgListener> {
+        let result = async {
+            let mut listener = PgListener::connect_with(self.reader.pool()).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        match result {
+            Ok(listener) => Some(listener),
+            Err(error) => {
+                if !self.listen_failed {
+                    tracing::warn!(%error, "cannot LISTEN for new events; polling only");
+                }
+                self.listen_failed = true;
+                None
+            }
+        }
+    }
+
+    /// Position of the last event returned.
+    pub fn position(&self) -> i64 {
+        self.position
+    }
+
+    /// Returns the next events after the current position, waiting until there is at least
+    /// one.
+    pub async fn next_batch(&mut self) -> Result<Vec<EventEnvelope>, ReadError> {
+        loop {
+            let events = self.poll().await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            self.wait().await;
+        }
+    }
+
+    /// Returns whatever is committed after the current position now, possibly nothing.
+    pub async fn poll(&mut self) -> Result<Vec<EventEnvelope>, ReadError> {
+        let events = self
+            .reader
+            .read_all_since(self.position, self.recorded_floor, self.config.batch_size)
+            .await?;
+        for (offset, event) in events.iter().enumerate() {
+            let expected = self.position + 1 + offset as i64;
+            if event.position != expected {
+                return Err(ReadError::Corrupt {
+                    position: expected,
+                    reason: format!("the log skipped from {} to {}", expected - 1, event.position),
+                });
+            }
+        }
+        if let Some(last) = events.last() {
+            self.position = last.position;
+            self.recorded_floor = last.recorded_at;
+        }
+        Ok(events)
+    }
+
+    /// Waits for a notification or the poll interval, whichever comes first.
+    async fn wait(&mut self) {
+        if self.config.listen && self.listener.is_none() {
+            self.listener = self.connect_listener().await;
+        }
+        match &mut self.listener {
+            Some(listener) => match tokio::time::timeout(self.config.poll_interval, listener.try_recv()).await {
+                Ok(Ok(Some(_))) | Err(_) => {}
+                // Connection lost: notifications sent meanwhile are gone, which is fine
+                // because the next read asks the table, not the channel.
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "LISTEN connection failed; polling until it is back");
+                    self.listener = None;
+                    tokio::time::sleep(self.config.poll_interval).await;
+                }
+            },
+            None => tokio::time::sleep(self.config.poll_interval).await,
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the event log against a real PostgreSQL (one throwaway database per
+//! test, created by `#[sqlx::test]` through `DATABASE_URL`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
+
+mod append;
+mod bad_input;
+mod chain;
+mod ordering;
+mod partitions;
+mod support;

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite. On a fresh Debian machine it first installs and starts what the tests
+# need (PostgreSQL; later issues add a Kafka-protocol broker and a streaming replica), then
+# runs every test of the workspace with cargo-nextest against those real services.
+#
+# Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ops/dev/postgres.sh ensure
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "test.sh: installing cargo-nextest" >&2
+    cargo install cargo-nextest --locked
+fi
+
+# A run that finds no tests must not pass: nextest fails on an empty run by default, and the
+# whole workspace must hold at least this many (raise it as tests are added).
+if [ "$#" -eq 0 ]; then
+    count=$(cargo nextest list --workspace --message-format oneline | grep -c .)
+    minimum=80
+    if [ "$count" -lt "$minimum" ]; then
+        echo "test.sh: only $count tests found, expected at least $minimum" >&2
+        exit 1
+    fi
+    echo "test.sh: $count tests"
+fi
+
+profile=default
+if [ "${CI:-}" = "true" ]; then
+    profile=ci
+fi
+exec cargo nextest run --workspace --profile "$profile" "$@"
