@@ -316,7 +316,6 @@ impl Inner {
             .map_err(GroupFailure::Unavailable)?;
 
         let mut conn = self.pool.acquire().await.map_err(GroupFailure::Unavailable)?;
-        sqlx::query("BEGIN").execute(&mut *conn).await.map_err(classify)?;
         match self.write_group(&mut conn, batches, now).await {
             Ok(GroupWrite::Written { plan, probe }) => match sqlx::query("COMMIT").execute(&mut *conn).await {
                 Ok(_) => {
@@ -351,10 +350,12 @@ impl Inner {
         now: DateTime<Utc>,
     ) -> Result<GroupWrite<'a>, GroupFailure> {
         // 1. The head row lock: from here until COMMIT no other writer can assign positions.
-        let row = sqlx::query("SELECT position, hash, recorded_at FROM log_head FOR UPDATE")
-            .fetch_one(&mut *conn)
+        // BEGIN travels in the same message (simple protocol: one round trip, not two).
+        let row = sqlx::raw_sql("BEGIN; SELECT position, hash, recorded_at FROM log_head FOR UPDATE")
+            .fetch_optional(&mut *conn)
             .await
-            .map_err(classify)?;
+            .map_err(classify)?
+            .ok_or_else(|| GroupFailure::Rejected(sqlx::Error::RowNotFound))?;
         let head_hash: Vec<u8> = row.try_get("hash").map_err(classify)?;
         let head = Head {
             position: row.try_get("position").map_err(classify)?,
