@@ -67,9 +67,40 @@ pub struct PlatformArgs {
     /// Where the query API listens.
     #[arg(long, env = "CLOUDPHONE_QUERY_LISTEN", default_value = "127.0.0.1:8081")]
     pub query_listen: SocketAddr,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Requests per second each client (token subject) may send.
+    #[arg(long, env = "CLOUDPHONE_RATE_LIMIT", default_value_t = 2000)]
+    pub rate_limit: u32,
+    /// Seconds a request may take before it is answered 503.
+    #[arg(long, env = "CLOUDPHONE_REQUEST_TIMEOUT", default_value_t = 10)]
+    pub request_timeout: u64,
+    /// How commands reach the log: `group` (group commit) or `unbatched` (one transaction per
+    /// command: the benchmark baseline).
+    #[arg(long, env = "CLOUDPHONE_APPEND_MODE", value_enum, default_value = "group")]
+    pub append_mode: AppendModeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AppendModeArg {
+    Group,
+    Unbatched,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
     /// HS256 secret for bearer tokens [default: a fixed development secret, with a warning].
     #[arg(long, env = "CLOUDPHONE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Verify RS256/ES256 tokens with this public key (PEM) instead of the secret.
+    #[arg(long, env = "CLOUDPHONE_JWT_PUBLIC_KEY", conflicts_with = "jwks_file")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// Algorithm of --jwt-public-key: RS256 or ES256.
+    #[arg(long, env = "CLOUDPHONE_JWT_ALGORITHM", default_value = "RS256")]
+    pub jwt_algorithm: String,
+    /// Verify tokens with the keys of this JWKS file (chosen by the token's `kid`).
+    #[arg(long, env = "CLOUDPHONE_JWKS_FILE")]
+    pub jwks_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,8 +132,33 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Drive the platform with a realistic load and report.
     Load(NotBuiltArgs),
-    /// Print a development bearer token.
-    Token(NotBuiltArgs),
+    /// Print a bearer token signed with the configured HS256 secret (for local use and scripts).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    User,
+    Admin,
+    Service,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The user id (for user and admin tokens) or the service name.
+    #[arg(long, alias = "subject")]
+    pub user: String,
+    #[arg(long, value_enum, default_value = "user")]
+    pub role: RoleArg,
+    /// Scopes of a service token (users:write, devices:write, devices:report), repeatable.
+    #[arg(long)]
+    pub scope: Vec<String>,
+    /// Hours until the token expires.
+    #[arg(long, default_value_t = 24)]
+    pub ttl_hours: i64,
+    /// HS256 secret [default: the development secret].
+    #[arg(long, env = "CLOUDPHONE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,15 +18,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate(database) => commands::migrate::run(database).await,
         Command::Partitions { database, action } => commands::partitions::run(database, action).await,
         Command::Verify(args) => commands::verify::run(args).await,
-        Command::Serve(_) => not_built("serve", "#4, #5 and #6"),
-        Command::CommandApi(_) => not_built("command-api", "#4"),
+        Command::Serve(args) => commands::serve::run(args, commands::serve::Roles::All).await,
+        Command::CommandApi(args) => commands::serve::run(args, commands::serve::Roles::CommandApi).await,
         Command::QueryApi(_) => not_built("query-api", "#6"),
         Command::Projector(_) => not_built("projector", "#5"),
         Command::Relay(_) => not_built("relay", "#5"),
         Command::Replay(_) => not_built("replay", "#7"),
         Command::Export(_) => not_built("export", "#8"),
         Command::Load(_) => not_built("load", "#10"),
-        Command::Token(_) => not_built("token", "#4"),
+        Command::Token(args) => commands::token::run(args),
     }
 }
 

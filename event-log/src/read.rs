@@ -9,6 +9,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::append::AppendOutcome;
 use crate::chain::{ChainBreak, ChainVerifier};
 use crate::db_error;
 
@@ -172,6 +173,24 @@ impl LogReader {
                 version,
                 last_position,
             })
+        })
+        .transpose()
+    }
+
+    /// The stored outcome and request hash of an append made with idempotency `key`.
+    pub async fn idempotent_outcome(&self, key: &str) -> Result<Option<(Vec<u8>, AppendOutcome)>, ReadError> {
+        let row: Option<(Vec<u8>, Value)> =
+            sqlx::query_as("SELECT request_hash, outcome FROM append_idempotency WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|(hash, outcome)| {
+            serde_json::from_value(outcome)
+                .map(|outcome| (hash, outcome))
+                .map_err(|e| ReadError::Corrupt {
+                    position: 0,
+                    reason: format!("idempotency outcome of `{key}`: {e}"),
+                })
         })
         .transpose()
     }

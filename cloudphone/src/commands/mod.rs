@@ -3,4 +3,6 @@
 pub mod database;
 pub mod migrate;
 pub mod partitions;
+pub mod serve;
+pub mod token;
 pub mod verify;

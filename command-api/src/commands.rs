@@ -1,0 +1,367 @@
+//! Running a command: authorise, load, decide, append with expected versions, retry the
+//! decision after a concurrent change, and answer idempotent retries from the log.
+
+use domain::device::{self, DeviceCommand, DeviceContext};
+use domain::user::{self, UserCommand};
+use domain::DomainError;
+use event_log::{AppendBatch, AppendError, AppendOutcome, ExpectedVersion, NewEvent, StreamAppend};
+use event_schema::{Event, EventMetadata, StreamType};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::{Principal, scope};
+use crate::extract::RequestMeta;
+use crate::problem::ApiError;
+use crate::state::AppState;
+
+/// What a command that was accepted answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CommandAccepted {
+    /// The user or device the command acted on.
+    pub id: Uuid,
+    /// Its stream's version after the command.
+    pub stream_version: i64,
+    /// Global position of the last event written (or of the stream's last event when the
+    /// command changed nothing). Pass it as `minPosition` to the query API to read your write.
+    pub position: i64,
+}
+
+/// Everything a command needs about its request.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub principal: Principal,
+    pub meta: RequestMeta,
+    /// Idempotency key scoped to the caller, and the hash of the request.
+    pub idempotency: Option<(String, Vec<u8>)>,
+}
+
+impl CommandContext {
+    pub fn new(principal: Principal, meta: RequestMeta, body: &[u8]) -> Self {
+        let idempotency = meta.idempotency_key.as_ref().map(|key| {
+            (format!("{}:{}:{key}", principal.role, principal.subject), meta.request_hash(body))
+        });
+        CommandContext {
+            principal,
+            meta,
+            idempotency,
+        }
+    }
+
+    /// A context for one item of a batch: its own idempotency key and hash.
+    pub fn for_item(&self, index: usize, item_body: &[u8]) -> Self {
+        let mut item = self.clone();
+        item.idempotency = self.idempotency.as_ref().map(|(key, _)| (format!("{key}#{index}"), self.meta.request_hash(item_body)));
+        item
+    }
+
+    fn metadata(&self) -> EventMetadata {
+        EventMetadata {
+            correlation_id: Some(self.meta.request_id),
+            causation_id: None,
+            actor: Some(self.principal.actor()),
+            trace_id: Some(self.meta.trace_id.clone()),
+            idempotency_key: self.meta.idempotency_key.clone(),
+            extra: Default::default(),
+        }
+    }
+}
+
+/// One attempt's result: done, or decide again on fresh state.
+enum Attempt {
+    Done(Result<CommandAccepted, ApiError>),
+    Retry,
+}
+
+/// Runs a user command on `user_id`.
+pub async fn run_user_command(
+    state: &AppState,
+    ctx: &CommandContext,
+    user_id: Uuid,
+    command: UserCommand,
+) -> Result<CommandAccepted, ApiError> {
+    authorize_user_command(&ctx.principal, user_id, &command)?;
+    with_retries(state, ctx, user_id, || user_attempt(state, ctx, user_id, &command)).await
+}
+
+/// Runs a device command on `device_id`.
+pub async fn run_device_command(
+    state: &AppState,
+    ctx: &CommandContext,
+    device_id: Uuid,
+    command: DeviceCommand,
+) -> Result<CommandAccepted, ApiError> {
+    with_retries(state, ctx, device_id, || device_attempt(state, ctx, device_id, &command)).await
+}
+
+async fn with_retries<F, Fut>(state: &AppState, ctx: &CommandContext, id: Uuid, mut attempt: F) -> Result<CommandAccepted, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Attempt, ApiError>>,
+{
+    if let Some(accepted) = replay_idempotent(state, ctx, id).await? {
+        return Ok(accepted);
+    }
+    for _ in 0..state.config.max_attempts.max(1) {
+        match attempt().await {
+            Ok(Attempt::Done(result)) => {
+                // A duplicate that lost the race to its twin may be refused by state the twin
+                // created: answer it as the twin was answered.
+                if result.is_err()
+                    && let Some(accepted) = replay_idempotent(state, ctx, id).await?
+                {
+                    return Ok(accepted);
+                }
+                return result;
+            }
+            Ok(Attempt::Retry) => {
+                metrics::counter!(crate::telemetry::COMMAND_RETRIES_TOTAL).increment(1);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(ApiError::Conflict {
+        code: "concurrency_conflict",
+        detail: "the resource kept changing concurrently; retry the request".to_owned(),
+    })
+}
+
+/// The stored answer of an earlier request with this idempotency key, if there is one.
+async fn replay_idempotent(state: &AppState, ctx: &CommandContext, id: Uuid) -> Result<Option<CommandAccepted>, ApiError> {
+    let Some((key, request_hash)) = &ctx.idempotency else {
+        return Ok(None);
+    };
+    match state.reader.idempotent_outcome(key).await? {
+        None => Ok(None),
+        Some((stored_hash, _)) if stored_hash != *request_hash => Err(AppendError::IdempotencyKeyReused {
+            key: key.clone(),
+        }
+        .into()),
+        Some((_, outcome)) => {
+            metrics::counter!(crate::telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+            Ok(Some(accepted(id, &outcome)))
+        }
+    }
+}
+
+/// The answer for an outcome. The command's own stream is always the first of its batch, so
+/// a replay answers with the original id even when the retry asked for a fresh one (a create
+/// whose device id the server generated).
+fn accepted(fallback_id: Uuid, outcome: &AppendOutcome) -> CommandAccepted {
+    let (id, stream_version) = outcome
+        .streams
+        .first()
+        .map_or((fallback_id, 0), |s| (s.stream_id, s.version));
+    CommandAccepted {
+        id,
+        stream_version,
+        position: outcome.last_position,
+    }
+}
+
+fn expected(version: i64) -> ExpectedVersion {
+    if version == 0 {
+        ExpectedVersion::NoStream
+    } else {
+        ExpectedVersion::Exact(version)
+    }
+}
+
+fn encode(ctx: &CommandContext, events: &[Event], now: chrono::DateTime<chrono::Utc>) -> Result<Vec<NewEvent>, ApiError> {
+    let metadata = ctx.metadata();
+    events
+        .iter()
+        .map(|event| {
+            NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string()))
+        })
+        .collect()
+}
+
+fn batch(ctx: &CommandContext, streams: Vec<StreamAppend>) -> AppendBatch {
+    AppendBatch {
+        streams,
+        idempotency: ctx.idempotency.as_ref().map(|(key, hash)| event_log::IdempotencyKey {
+            key: key.clone(),
+            request_hash: hash.clone(),
+        }),
+    }
+}
+
+async fn user_attempt(state: &AppState, ctx: &CommandContext, user_id: Uuid, command: &UserCommand) -> Result<Attempt, ApiError> {
+    let now = state.clock.now();
+    let mut slot = state.users.lock(user_id).await;
+    let loaded = slot.load(&state.reader).await?.clone();
+    let events: Vec<Event> = match user::decide(command, &loaded.state, now) {
+        Ok(events) => events.into_iter().map(Event::User).collect(),
+        Err(error) => return Ok(Attempt::Done(Err(error.into()))),
+    };
+    if events.is_empty() {
+        return Ok(Attempt::Done(Ok(CommandAccepted {
+            id: user_id,
+            stream_version: loaded.version,
+            position: loaded.last_position,
+        })));
+    }
+    let stream = StreamAppend {
+        stream_id: user_id,
+        stream_type: StreamType::User,
+        owner_id: user_id,
+        expected: expected(loaded.version),
+        events: encode(ctx, &events, now)?,
+    };
+    match state.append(batch(ctx, vec![stream])).await {
+        Ok(outcome) => {
+            if outcome.replayed {
+                slot.clear();
+            } else {
+                slot.advance(&events, outcome.streams[0].version, outcome.last_position);
+            }
+            Ok(Attempt::Done(Ok(accepted(user_id, &outcome))))
+        }
+        Err(AppendError::WrongExpectedVersion { .. }) => {
+            slot.clear();
+            Ok(Attempt::Retry)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn device_attempt(
+    state: &AppState,
+    ctx: &CommandContext,
+    device_id: Uuid,
+    command: &DeviceCommand,
+) -> Result<Attempt, ApiError> {
+    let now = state.clock.now();
+    // Lock order is always device, then owner: no deadlock between commands.
+    let mut device_slot = state.devices.lock(device_id).await;
+    let device = device_slot.load(&state.reader).await?.clone();
+    let owner_id = match command {
+        DeviceCommand::Create { owner_id, .. } => *owner_id,
+        _ => match device.state.device() {
+            Some(d) => d.owner_id,
+            None => return Ok(Attempt::Done(Err(DomainError::DeviceNotFound.into()))),
+        },
+    };
+    authorize_device_command(&ctx.principal, owner_id, command)?;
+
+    // Commands that reserve quota hold the owner's slot and check its version: two creates
+    // racing for the last unit of quota cannot both win. The others only read the owner.
+    let reserves_quota = matches!(command, DeviceCommand::Create { .. } | DeviceCommand::Resize { .. });
+    let mut owner_slot = if reserves_quota {
+        Some(state.users.lock(owner_id).await)
+    } else {
+        None
+    };
+    let owner = match &mut owner_slot {
+        Some(slot) => slot.load(&state.reader).await?.clone(),
+        None => state.users.snapshot(owner_id, &state.reader).await?,
+    };
+    let decision = device::decide(
+        command,
+        DeviceContext {
+            device: &device.state,
+            owner: &owner.state,
+            pricing: &state.pricing,
+        },
+        now,
+    );
+    let events = match decision {
+        Ok(events) => events,
+        Err(error) => return Ok(Attempt::Done(Err(error.into()))),
+    };
+    if events.is_empty() {
+        return Ok(Attempt::Done(Ok(CommandAccepted {
+            id: device_id,
+            stream_version: device.version,
+            position: device.last_position,
+        })));
+    }
+    let (device_events, owner_events): (Vec<Event>, Vec<Event>) =
+        events.into_iter().partition(|e| e.stream_type() == StreamType::Device);
+    let mut streams = vec![StreamAppend {
+        stream_id: device_id,
+        stream_type: StreamType::Device,
+        owner_id,
+        expected: expected(device.version),
+        events: encode(ctx, &device_events, now)?,
+    }];
+    if !owner_events.is_empty() {
+        streams.push(StreamAppend {
+            stream_id: owner_id,
+            stream_type: StreamType::User,
+            owner_id,
+            // A release never breaks a quota, so it needs no version check (and deletes of
+            // one user's devices do not queue behind each other).
+            expected: if reserves_quota { expected(owner.version) } else { ExpectedVersion::Any },
+            events: encode(ctx, &owner_events, now)?,
+        });
+    }
+    match state.append(batch(ctx, streams)).await {
+        Ok(outcome) => {
+            if outcome.replayed {
+                device_slot.clear();
+                if let Some(slot) = &mut owner_slot {
+                    slot.clear();
+                }
+            } else {
+                device_slot.advance(&device_events, outcome.streams[0].version, outcome.last_position);
+                if let Some(owner_revision) = outcome.streams.get(1) {
+                    match &mut owner_slot {
+                        Some(slot) => slot.advance(&owner_events, owner_revision.version, outcome.last_position),
+                        None => {
+                            drop(device_slot);
+                            state
+                                .users
+                                .advance(owner_id, &owner_events, owner_revision.version, outcome.last_position)
+                                .await;
+                        }
+                    }
+                }
+            }
+            Ok(Attempt::Done(Ok(accepted(device_id, &outcome))))
+        }
+        Err(AppendError::WrongExpectedVersion { stream_id, .. }) => {
+            if stream_id == device_id {
+                device_slot.clear();
+            } else if let Some(slot) = &mut owner_slot {
+                slot.clear();
+            }
+            Ok(Attempt::Retry)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn forbidden(what: &str) -> ApiError {
+    ApiError::Forbidden(format!("this token may not {what}"))
+}
+
+/// Who may run which user command.
+fn authorize_user_command(principal: &Principal, user_id: Uuid, command: &UserCommand) -> Result<(), ApiError> {
+    let allowed = principal.is_admin()
+        || match command {
+            UserCommand::Register { .. } => principal.is_user(user_id) || principal.has_scope(scope::USERS_WRITE),
+            UserCommand::ChangeTier { .. } => principal.has_scope(scope::USERS_WRITE),
+            UserCommand::SetQuota { .. } => false,
+            UserCommand::Erase => principal.is_user(user_id),
+        };
+    if allowed {
+        Ok(())
+    } else {
+        Err(forbidden("act on this user"))
+    }
+}
+
+/// Who may run which device command on a device of `owner_id`.
+fn authorize_device_command(principal: &Principal, owner_id: Uuid, command: &DeviceCommand) -> Result<(), ApiError> {
+    let allowed = principal.is_admin()
+        || principal.is_user(owner_id)
+        || principal.has_scope(scope::DEVICES_WRITE)
+        || (matches!(command, DeviceCommand::ReportFailure { .. }) && principal.has_scope(scope::DEVICES_REPORT));
+    if allowed {
+        Ok(())
+    } else {
+        Err(forbidden("act on this device"))
+    }
+}

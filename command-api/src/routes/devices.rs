@@ -1,0 +1,199 @@
+//! `/v1/devices`: create, start, stop, resize, delete, report a failure.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use domain::device::DeviceCommand;
+use event_schema::StopReason;
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::commands::{CommandAccepted, CommandContext, run_device_command};
+use crate::extract::{Caller, IdParam, JsonBody, OptionalJsonBody, RequestMeta};
+use crate::openapi::CommandErrors;
+use crate::problem::ApiError;
+use crate::state::AppState;
+
+pub fn router() -> axum::Router<AppState> {
+    Router::new()
+        .route("/v1/devices", post(create))
+        .route("/v1/devices/{id}/start", post(start))
+        .route("/v1/devices/{id}/stop", post(stop))
+        .route("/v1/devices/{id}/resize", post(resize))
+        .route("/v1/devices/{id}/failure", post(report_failure))
+        .route("/v1/devices/{id}", delete(remove))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDevice {
+    /// The device's id; generated when absent (send one to make retries safe without an
+    /// Idempotency-Key).
+    pub device_id: Option<Uuid>,
+    /// The owner; defaults to the caller for a `user` token.
+    pub owner_id: Option<Uuid>,
+    /// aws, gcp, azure, alibaba or huawei.
+    #[schema(example = "aws")]
+    pub provider: String,
+    /// 1 to 16.
+    #[schema(example = 4)]
+    pub cpu_cores: u32,
+    /// 1024 to 65536, a multiple of 512.
+    #[schema(example = 8192)]
+    pub memory_mb: u32,
+    /// Android major version, 9 to 15.
+    #[schema(example = 14)]
+    pub android_version: u8,
+}
+
+/// Create a device and reserve its share of the owner's quota, atomically.
+#[utoipa::path(post, path = "/v1/devices", tag = "devices", request_body = CreateDevice,
+    responses((status = 201, description = "Created", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    meta: RequestMeta,
+    body: JsonBody<CreateDevice>,
+) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
+    let Some(owner_id) = body.value.owner_id.or(principal.user_id.filter(|_| principal.role == crate::auth::Role::User))
+    else {
+        return Err(ApiError::Unprocessable {
+            code: "owner_id_required",
+            detail: "owner_id is required when creating a device for someone else".into(),
+        });
+    };
+    let device_id = body.value.device_id.unwrap_or_else(Uuid::now_v7);
+    let ctx = CommandContext::new(principal, meta, &body.raw);
+    let command = DeviceCommand::Create {
+        device_id,
+        owner_id,
+        provider: body.value.provider,
+        cpu_cores: body.value.cpu_cores,
+        memory_mb: body.value.memory_mb,
+        android_version: body.value.android_version,
+    };
+    let accepted = run_device_command(&state, &ctx, device_id, command).await?;
+    Ok((StatusCode::CREATED, Json(accepted)))
+}
+
+/// Start a device; a usage session begins.
+#[utoipa::path(post, path = "/v1/devices/{id}/start", tag = "devices",
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, description = "Started", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn start(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdParam(device_id): IdParam,
+    meta: RequestMeta,
+) -> Result<Json<CommandAccepted>, ApiError> {
+    let ctx = CommandContext::new(principal, meta, b"");
+    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Start).await?))
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopDevice {
+    /// requested (default), idle or maintenance.
+    #[schema(value_type = Option<String>, example = "requested", pattern = "^(requested|idle|maintenance)$")]
+    pub reason: Option<StopReason>,
+}
+
+/// Stop a device; its usage session is billed. The body is optional.
+#[utoipa::path(post, path = "/v1/devices/{id}/stop", tag = "devices", request_body(content = Option<StopDevice>),
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, description = "Stopped", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn stop(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdParam(device_id): IdParam,
+    meta: RequestMeta,
+    body: OptionalJsonBody<StopDevice>,
+) -> Result<Json<CommandAccepted>, ApiError> {
+    let reason = match body.value.reason {
+        None => StopReason::Requested,
+        // `deleted` is the platform's own reason for a stop caused by a delete.
+        Some(StopReason::Deleted) => {
+            return Err(ApiError::Unprocessable {
+                code: "invalid_stop_reason",
+                detail: "reason must be requested, idle or maintenance".into(),
+            });
+        }
+        Some(reason) => reason,
+    };
+    let ctx = CommandContext::new(principal, meta, &body.raw);
+    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Stop { reason }).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDevice {
+    #[schema(example = 8)]
+    pub cpu_cores: u32,
+    #[schema(example = 16384)]
+    pub memory_mb: u32,
+}
+
+/// Resize a stopped device; its quota reservation moves with it.
+#[utoipa::path(post, path = "/v1/devices/{id}/resize", tag = "devices", request_body = ResizeDevice,
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, description = "Resized", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn resize(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdParam(device_id): IdParam,
+    meta: RequestMeta,
+    body: JsonBody<ResizeDevice>,
+) -> Result<Json<CommandAccepted>, ApiError> {
+    let ctx = CommandContext::new(principal, meta, &body.raw);
+    let command = DeviceCommand::Resize {
+        cpu_cores: body.value.cpu_cores,
+        memory_mb: body.value.memory_mb,
+    };
+    Ok(Json(run_device_command(&state, &ctx, device_id, command).await?))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportFailure {
+    /// What the provider reported, 1 to 500 characters.
+    #[schema(example = "host lost")]
+    pub reason: String,
+}
+
+/// Report that a device failed (a `devices:report` service, the owner, or an admin).
+#[utoipa::path(post, path = "/v1/devices/{id}/failure", tag = "devices", request_body = ReportFailure,
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, description = "Recorded", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn report_failure(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdParam(device_id): IdParam,
+    meta: RequestMeta,
+    body: JsonBody<ReportFailure>,
+) -> Result<Json<CommandAccepted>, ApiError> {
+    let ctx = CommandContext::new(principal, meta, &body.raw);
+    let command = DeviceCommand::ReportFailure { reason: body.value.reason };
+    Ok(Json(run_device_command(&state, &ctx, device_id, command).await?))
+}
+
+/// Delete a device (stopping and billing it first if it runs) and release its quota.
+#[utoipa::path(delete, path = "/v1/devices/{id}", tag = "devices",
+    params(("id" = Uuid, Path, description = "Device id")),
+    responses((status = 200, description = "Deleted", body = CommandAccepted), CommandErrors),
+    security(("bearer" = [])))]
+pub async fn remove(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    IdParam(device_id): IdParam,
+    meta: RequestMeta,
+) -> Result<Json<CommandAccepted>, ApiError> {
+    let ctx = CommandContext::new(principal, meta, b"");
+    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Delete).await?))
+}

@@ -1,0 +1,76 @@
+//! What every handler shares.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use domain::device::DeviceState;
+use domain::user::UserState;
+use domain::PricingTable;
+use event_log::{AppendBatch, AppendError, AppendOutcome, Clock, EventStore, LogReader};
+use governor::clock::DefaultClock;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::aggregates::Slots;
+use crate::auth::TokenVerifier;
+use crate::config::{ApiConfig, AppendMode};
+
+pub type ClientLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
+
+#[derive(Clone, Debug)]
+pub struct AppState(pub Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub config: ApiConfig,
+    pub store: Arc<EventStore>,
+    pub reader: LogReader,
+    pub users: Slots<UserState>,
+    pub devices: Slots<DeviceState>,
+    pub pricing: PricingTable,
+    pub verifier: TokenVerifier,
+    pub limiter: ClientLimiter,
+    pub metrics: PrometheusHandle,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Inner {
+    pub fn new(
+        config: ApiConfig,
+        store: Arc<EventStore>,
+        verifier: TokenVerifier,
+        metrics: PrometheusHandle,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let per_second = NonZeroU32::new(config.rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.rate_burst).unwrap_or(per_second);
+        Inner {
+            reader: LogReader::new(store.pool().clone()),
+            users: Slots::new(config.cached_aggregates),
+            devices: Slots::new(config.cached_aggregates),
+            pricing: PricingTable::standard(),
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            config,
+            store,
+            verifier,
+            metrics,
+            clock,
+        }
+    }
+
+    pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, AppendError> {
+        match self.config.append_mode {
+            AppendMode::GroupCommit => self.store.append(batch).await,
+            AppendMode::Unbatched => self.store.append_unbatched(batch).await,
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Metrics and request tracing for the command API.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Counter: HTTP requests by route, method and status.
+pub const HTTP_REQUESTS_TOTAL: &str = "cloudphone_http_requests_total";
+/// Histogram: HTTP request latency by route and method.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "cloudphone_http_request_duration_seconds";
+/// Counter: commands decided again after a concurrent change to their streams.
+pub const COMMAND_RETRIES_TOTAL: &str = "cloudphone_command_retries_total";
+/// Counter: requests answered from a stored outcome of the same Idempotency-Key.
+pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "cloudphone_http_idempotent_replays_total";
+
+/// Latency buckets (seconds) for every `_seconds` histogram.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for counts per group commit.
+const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0];
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batches".into()), COUNT_BUCKETS));
+            let recorder = match builder {
+                Ok(builder) => builder.build_recorder(),
+                // Only fails on empty bucket lists, which these are not.
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test harness): keep serving ours.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route, method and status");
+            metrics::describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, metrics::Unit::Seconds, "HTTP request latency");
+            metrics::describe_counter!(COMMAND_RETRIES_TOTAL, "Commands decided again after a concurrent change");
+            metrics::describe_counter!(IDEMPOTENT_REPLAYS_TOTAL, "Requests answered from an earlier outcome");
+            let build = env!("CARGO_PKG_VERSION");
+            metrics::gauge!("cloudphone_build_info", "version" => build).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// Records every routed request's count and latency under its route template.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
