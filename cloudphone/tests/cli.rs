@@ -20,14 +20,24 @@ fn cloudphone(database_url: &str, args: &[&str]) -> Output {
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// A URL for the test's own database on the server of `DATABASE_URL`.
 async fn url_of(pool: &PgPool) -> String {
-    let name: String = sqlx::query_scalar("SELECT current_database()").fetch_one(pool).await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let base = server.rsplit_once('/').map(|(base, _)| base.to_owned()).unwrap_or(server);
+    let base = server
+        .rsplit_once('/')
+        .map(|(base, _)| base.to_owned())
+        .unwrap_or(server);
     format!("{base}/{name}")
 }
 
@@ -60,7 +70,11 @@ async fn migrate_is_repeatable_and_partitions_are_listed(pool: PgPool) {
     assert!(output.status.success(), "{}", text(&output));
     let month = Utc::now().format("user_events_%Y_%m").to_string();
     assert!(text(&output).contains(&month), "{}", text(&output));
-    assert!(text(&output).contains("3 months provisioned ahead"), "{}", text(&output));
+    assert!(
+        text(&output).contains("3 months provisioned ahead"),
+        "{}",
+        text(&output)
+    );
     let output = cloudphone(&url, &["partitions", "detach", "not-a-month"]);
     assert!(!output.status.success());
     assert!(text(&output).contains("month must look like"), "{}", text(&output));
@@ -102,7 +116,15 @@ async fn verify_passes_on_an_intact_log_and_names_the_tampered_position(pool: Pg
         .unwrap();
     let output = cloudphone(&url, &["verify"]);
     assert!(!output.status.success());
-    assert!(text(&output).contains("chain broken at position 4"), "{}", text(&output));
+    assert!(
+        text(&output).contains("chain broken at position 4"),
+        "{}",
+        text(&output)
+    );
     let output = cloudphone(&url, &["verify", "--from", "5"]);
-    assert!(output.status.success(), "a range after the tampered event verifies: {}", text(&output));
+    assert!(
+        output.status.success(),
+        "a range after the tampered event verifies: {}",
+        text(&output)
+    );
 }

@@ -127,7 +127,9 @@ impl<S: Aggregate> SlotGuard<S> {
     pub fn advance(&mut self, events: &[Event], version: i64, last_position: i64) {
         let next = match self.guard.take() {
             Some(loaded) if loaded.version + events.len() as i64 == version => {
-                let state = events.iter().fold(Arc::unwrap_or_clone(loaded.state), |state, e| state.apply(e));
+                let state = events
+                    .iter()
+                    .fold(Arc::unwrap_or_clone(loaded.state), |state, e| state.apply(e));
                 Some(Loaded {
                     state: Arc::new(state),
                     version,

@@ -278,7 +278,11 @@ pub fn mint_token(
         iat: now.timestamp(),
         exp: (now + ttl).timestamp(),
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
 }
 
 #[cfg(test)]
@@ -292,7 +296,15 @@ mod tests {
     #[test]
     fn a_minted_token_verifies_into_its_principal() {
         let user = Uuid::now_v7();
-        let token = mint_token("s3cret", &user.to_string(), Role::User, &[], Utc::now(), chrono::Duration::hours(1)).unwrap();
+        let token = mint_token(
+            "s3cret",
+            &user.to_string(),
+            Role::User,
+            &[],
+            Utc::now(),
+            chrono::Duration::hours(1),
+        )
+        .unwrap();
         let principal = verifier().verify_header(Some(&format!("Bearer {token}"))).unwrap();
         assert!(principal.is_user(user));
         assert!(!principal.is_admin());
@@ -304,20 +316,45 @@ mod tests {
         let user = Uuid::now_v7().to_string();
         let other = mint_token("other", &user, Role::Admin, &[], Utc::now(), chrono::Duration::hours(1)).unwrap();
         assert!(verifier().verify(&other).is_err());
-        let expired =
-            mint_token("s3cret", &user, Role::User, &[], Utc::now() - chrono::Duration::hours(2), chrono::Duration::hours(1)).unwrap();
+        let expired = mint_token(
+            "s3cret",
+            &user,
+            Role::User,
+            &[],
+            Utc::now() - chrono::Duration::hours(2),
+            chrono::Duration::hours(1),
+        )
+        .unwrap();
         assert!(verifier().verify(&expired).is_err());
         assert!(matches!(verifier().verify_header(None), Err(AuthError::Missing)));
-        assert!(matches!(verifier().verify_header(Some("Basic abc")), Err(AuthError::Malformed)));
+        assert!(matches!(
+            verifier().verify_header(Some("Basic abc")),
+            Err(AuthError::Malformed)
+        ));
         assert!(verifier().verify("not.a.token").is_err());
     }
 
     #[test]
     fn a_user_token_must_name_a_user_id_and_services_carry_scopes() {
-        let bad = mint_token("s3cret", "alice", Role::User, &[], Utc::now(), chrono::Duration::hours(1)).unwrap();
+        let bad = mint_token(
+            "s3cret",
+            "alice",
+            Role::User,
+            &[],
+            Utc::now(),
+            chrono::Duration::hours(1),
+        )
+        .unwrap();
         assert!(matches!(verifier().verify(&bad), Err(AuthError::BadSubject(_))));
-        let service =
-            mint_token("s3cret", "billing", Role::Service, &[scope::USERS_WRITE], Utc::now(), chrono::Duration::hours(1)).unwrap();
+        let service = mint_token(
+            "s3cret",
+            "billing",
+            Role::Service,
+            &[scope::USERS_WRITE],
+            Utc::now(),
+            chrono::Duration::hours(1),
+        )
+        .unwrap();
         let principal = verifier().verify(&service).unwrap();
         assert!(principal.has_scope(scope::USERS_WRITE));
         assert!(!principal.has_scope(scope::DEVICES_WRITE));
@@ -333,7 +370,12 @@ mod tests {
             iat: Utc::now().timestamp(),
             exp: Utc::now().timestamp() + 3600,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"s3cret")).unwrap();
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
         assert!(verifier().verify(&token).is_err());
     }
 }

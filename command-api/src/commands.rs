@@ -1,9 +1,9 @@
 //! Running a command: authorise, load, decide, append with expected versions, retry the
 //! decision after a concurrent change, and answer idempotent retries from the log.
 
+use domain::DomainError;
 use domain::device::{self, DeviceCommand, DeviceContext};
 use domain::user::{self, UserCommand};
-use domain::DomainError;
 use event_log::{AppendBatch, AppendError, AppendOutcome, ExpectedVersion, NewEvent, StreamAppend};
 use event_schema::{Event, EventMetadata, StreamType};
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,10 @@ pub struct CommandContext {
 impl CommandContext {
     pub fn new(principal: Principal, meta: RequestMeta, body: &[u8]) -> Self {
         let idempotency = meta.idempotency_key.as_ref().map(|key| {
-            (format!("{}:{}:{key}", principal.role, principal.subject), meta.request_hash(body))
+            (
+                format!("{}:{}:{key}", principal.role, principal.subject),
+                meta.request_hash(body),
+            )
         });
         CommandContext {
             principal,
@@ -51,7 +54,10 @@ impl CommandContext {
     /// A context for one item of a batch: its own idempotency key and hash.
     pub fn for_item(&self, index: usize, item_body: &[u8]) -> Self {
         let mut item = self.clone();
-        item.idempotency = self.idempotency.as_ref().map(|(key, _)| (format!("{key}#{index}"), self.meta.request_hash(item_body)));
+        item.idempotency = self
+            .idempotency
+            .as_ref()
+            .map(|(key, _)| (format!("{key}#{index}"), self.meta.request_hash(item_body)));
         item
     }
 
@@ -91,10 +97,18 @@ pub async fn run_device_command(
     device_id: Uuid,
     command: DeviceCommand,
 ) -> Result<CommandAccepted, ApiError> {
-    with_retries(state, ctx, device_id, || device_attempt(state, ctx, device_id, &command)).await
+    with_retries(state, ctx, device_id, || {
+        device_attempt(state, ctx, device_id, &command)
+    })
+    .await
 }
 
-async fn with_retries<F, Fut>(state: &AppState, ctx: &CommandContext, id: Uuid, mut attempt: F) -> Result<CommandAccepted, ApiError>
+async fn with_retries<F, Fut>(
+    state: &AppState,
+    ctx: &CommandContext,
+    id: Uuid,
+    mut attempt: F,
+) -> Result<CommandAccepted, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Attempt, ApiError>>,
@@ -127,16 +141,19 @@ where
 }
 
 /// The stored answer of an earlier request with this idempotency key, if there is one.
-async fn replay_idempotent(state: &AppState, ctx: &CommandContext, id: Uuid) -> Result<Option<CommandAccepted>, ApiError> {
+async fn replay_idempotent(
+    state: &AppState,
+    ctx: &CommandContext,
+    id: Uuid,
+) -> Result<Option<CommandAccepted>, ApiError> {
     let Some((key, request_hash)) = &ctx.idempotency else {
         return Ok(None);
     };
     match state.reader.idempotent_outcome(key).await? {
         None => Ok(None),
-        Some((stored_hash, _)) if stored_hash != *request_hash => Err(AppendError::IdempotencyKeyReused {
-            key: key.clone(),
+        Some((stored_hash, _)) if stored_hash != *request_hash => {
+            Err(AppendError::IdempotencyKeyReused { key: key.clone() }.into())
         }
-        .into()),
         Some((_, outcome)) => {
             metrics::counter!(crate::telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
             Ok(Some(accepted(id, &outcome)))
@@ -167,13 +184,15 @@ fn expected(version: i64) -> ExpectedVersion {
     }
 }
 
-fn encode(ctx: &CommandContext, events: &[Event], now: chrono::DateTime<chrono::Utc>) -> Result<Vec<NewEvent>, ApiError> {
+fn encode(
+    ctx: &CommandContext,
+    events: &[Event],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<NewEvent>, ApiError> {
     let metadata = ctx.metadata();
     events
         .iter()
-        .map(|event| {
-            NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string()))
-        })
+        .map(|event| NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string())))
         .collect()
 }
 
@@ -187,7 +206,12 @@ fn batch(ctx: &CommandContext, streams: Vec<StreamAppend>) -> AppendBatch {
     }
 }
 
-async fn user_attempt(state: &AppState, ctx: &CommandContext, user_id: Uuid, command: &UserCommand) -> Result<Attempt, ApiError> {
+async fn user_attempt(
+    state: &AppState,
+    ctx: &CommandContext,
+    user_id: Uuid,
+    command: &UserCommand,
+) -> Result<Attempt, ApiError> {
     let now = state.clock.now();
     let mut slot = state.users.lock(user_id).await;
     let loaded = slot.load(&state.reader).await?.clone();
@@ -293,7 +317,11 @@ async fn device_attempt(
             owner_id,
             // A release never breaks a quota, so it needs no version check (and deletes of
             // one user's devices do not queue behind each other).
-            expected: if reserves_quota { expected(owner.version) } else { ExpectedVersion::Any },
+            expected: if reserves_quota {
+                expected(owner.version)
+            } else {
+                ExpectedVersion::Any
+            },
             events: encode(ctx, &owner_events, now)?,
         });
     }

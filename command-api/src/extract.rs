@@ -100,17 +100,14 @@ fn request_id(headers: &HeaderMap) -> Uuid {
 
 /// The trace id of a valid W3C `traceparent`, else a new one.
 pub fn trace_id(headers: &HeaderMap) -> String {
-    let from_header = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let mut parts = v.split('-');
-            let (_version, trace, _span) = (parts.next()?, parts.next()?, parts.next()?);
-            let valid = trace.len() == 32
-                && trace.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                && trace.bytes().any(|b| b != b'0');
-            valid.then(|| trace.to_owned())
-        });
+    let from_header = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(|v| {
+        let mut parts = v.split('-');
+        let (_version, trace, _span) = (parts.next()?, parts.next()?, parts.next()?);
+        let valid = trace.len() == 32
+            && trace.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            && trace.bytes().any(|b| b != b'0');
+        valid.then(|| trace.to_owned())
+    });
     from_header.unwrap_or_else(|| Uuid::new_v4().simple().to_string())
 }
 
@@ -118,7 +115,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
-    let key = value.to_str().ok().filter(|k| (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()));
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()));
     match key {
         Some(key) if key.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(key.to_owned())),
         _ => Err(ApiError::bad_request(
@@ -227,9 +227,15 @@ mod tests {
     #[test]
     fn a_valid_traceparent_is_followed_and_a_bad_one_replaced() {
         let mut headers = HeaderMap::new();
-        headers.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
         assert_eq!(trace_id(&headers), "4bf92f3577b34da6a3ce929d0e0e4736");
-        headers.insert("traceparent", HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        );
         let fresh = trace_id(&headers);
         assert_eq!(fresh.len(), 32);
         assert_ne!(fresh, "00000000000000000000000000000000");
@@ -254,9 +260,18 @@ mod tests {
         struct Body {
             n: u32,
         }
-        assert_eq!(parse_json::<Body>(b"{").map_err(|e| e.code()).unwrap_err(), "malformed_json");
-        assert_eq!(parse_json::<Body>(br#"{"n": -1}"#).map_err(|e| e.code()).unwrap_err(), "invalid_body");
-        assert_eq!(parse_json::<Body>(br#"{"n": 1} x"#).map_err(|e| e.code()).unwrap_err(), "malformed_json");
+        assert_eq!(
+            parse_json::<Body>(b"{").map_err(|e| e.code()).unwrap_err(),
+            "malformed_json"
+        );
+        assert_eq!(
+            parse_json::<Body>(br#"{"n": -1}"#).map_err(|e| e.code()).unwrap_err(),
+            "invalid_body"
+        );
+        assert_eq!(
+            parse_json::<Body>(br#"{"n": 1} x"#).map_err(|e| e.code()).unwrap_err(),
+            "malformed_json"
+        );
         assert!(parse_json::<Body>(br#"{"n": 1}"#).is_ok());
     }
 }

@@ -155,7 +155,9 @@ impl IntoResponse for ApiError {
                 }
             }
             ApiError::Unavailable(_) => {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized(_) => {
                 response
@@ -173,7 +175,10 @@ pub fn problem_response(problem: &Problem) -> Response {
     let body = serde_json::to_vec(problem).unwrap_or_default();
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        )],
         body,
     )
         .into_response()
@@ -196,9 +201,10 @@ impl From<AppendError> for ApiError {
                 code: "idempotency_key_reused",
                 detail: "this Idempotency-Key was used with a different request".to_owned(),
             },
-            AppendError::InvalidIdempotencyKey { limit } => {
-                ApiError::bad_request("invalid_idempotency_key", format!("Idempotency-Key must be 1 to {limit} bytes"))
-            }
+            AppendError::InvalidIdempotencyKey { limit } => ApiError::bad_request(
+                "invalid_idempotency_key",
+                format!("Idempotency-Key must be 1 to {limit} bytes"),
+            ),
             error if error.is_unavailable() => ApiError::Unavailable(error.to_string()),
             // Everything else means the domain produced something the log refuses: a bug.
             error => ApiError::Internal(error.to_string()),

@@ -3,9 +3,9 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use domain::PricingTable;
 use domain::device::DeviceState;
 use domain::user::UserState;
-use domain::PricingTable;
 use event_log::{AppendBatch, AppendError, AppendOutcome, Clock, EventStore, LogReader};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;

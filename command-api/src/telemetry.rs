@@ -41,8 +41,15 @@ pub fn prometheus() -> PrometheusHandle {
             // Another recorder may already be installed (a test harness): keep serving ours.
             let _ = metrics::set_global_recorder(recorder);
             metrics::describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests by route, method and status");
-            metrics::describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, metrics::Unit::Seconds, "HTTP request latency");
-            metrics::describe_counter!(COMMAND_RETRIES_TOTAL, "Commands decided again after a concurrent change");
+            metrics::describe_histogram!(
+                HTTP_REQUEST_DURATION_SECONDS,
+                metrics::Unit::Seconds,
+                "HTTP request latency"
+            );
+            metrics::describe_counter!(
+                COMMAND_RETRIES_TOTAL,
+                "Commands decided again after a concurrent change"
+            );
             metrics::describe_counter!(IDEMPOTENT_REPLAYS_TOTAL, "Requests answered from an earlier outcome");
             let build = env!("CARGO_PKG_VERSION");
             metrics::gauge!("cloudphone_build_info", "version" => build).set(1.0);

@@ -24,7 +24,10 @@ use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 use uuid::Uuid;
 
 fn task_count() -> usize {
-    std::env::var("CLOUDPHONE_BENCH_TASKS").ok().and_then(|s| s.parse().ok()).unwrap_or(64)
+    std::env::var("CLOUDPHONE_BENCH_TASKS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
 }
 const BULK_BATCH: usize = 10_000;
 
@@ -200,7 +203,10 @@ async fn bulk_append(store: &EventStore, batches: usize) -> f64 {
 /// COPYs the same number of already-encoded rows straight into `user_events`: no checks, no
 /// hashing, no stream versions. The physical limit the bulk path is measured against.
 async fn raw_copy(pool: &PgPool, batches: usize) -> f64 {
-    let head: i64 = sqlx::query_scalar("SELECT position FROM log_head").fetch_one(pool).await.expect("head");
+    let head: i64 = sqlx::query_scalar("SELECT position FROM log_head")
+        .fetch_one(pool)
+        .await
+        .expect("head");
     let recorded_at = Utc::now().format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
     let owner = Uuid::now_v7();
     let hash = format!("\\\\x{}", "ab".repeat(32));
@@ -211,9 +217,8 @@ async fn raw_copy(pool: &PgPool, batches: usize) -> f64 {
         let mut buffer = Vec::with_capacity(BULK_BATCH * 400);
         for i in 0..BULK_BATCH {
             position += 1;
-            let payload = format!(
-                r#"{{"device_id":"{device}","failed_at":"2026-11-22T00:00:00Z","reason":"bulk event {i}"}}"#
-            );
+            let payload =
+                format!(r#"{{"device_id":"{device}","failed_at":"2026-11-22T00:00:00Z","reason":"bulk event {i}"}}"#);
             buffer.extend_from_slice(
                 format!(
                     "{position}\t{}\t{device}\tdevice\t{}\tDeviceFailed\t1\t{owner}\t{recorded_at}\t{recorded_at}\t{payload}\t{{}}\t{hash}\t{hash}\n",
@@ -248,7 +253,9 @@ async fn fresh_database() -> PgPool {
         std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let admin = PgConnectOptions::from_str(&admin_url).expect("DATABASE_URL");
     let mut conn = admin.connect().await.expect("connect");
-    conn.execute("DROP DATABASE IF EXISTS cloudphone_bench WITH (FORCE)").await.expect("drop");
+    conn.execute("DROP DATABASE IF EXISTS cloudphone_bench WITH (FORCE)")
+        .await
+        .expect("drop");
     conn.execute("CREATE DATABASE cloudphone_bench").await.expect("create");
     conn.close().await.ok();
     let pool = PgPoolOptions::new()
@@ -270,13 +277,26 @@ async fn fresh_database() -> PgPool {
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let seconds: u64 = std::env::var("CLOUDPHONE_BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let seconds: u64 = std::env::var("CLOUDPHONE_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let duration = Duration::from_secs(seconds);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
         let pool = fresh_database().await;
-        let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.expect("store"));
-        let sync_commit: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&pool).await.expect("show");
+        let store = Arc::new(
+            EventStore::open(pool.clone(), StoreConfig::default())
+                .await
+                .expect("store"),
+        );
+        let sync_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&pool)
+            .await
+            .expect("show");
         println!(
             "append benchmark: {} concurrent tasks, single-event appends, {seconds} s per phase, \
              synchronous_commit={sync_commit}",
@@ -300,7 +320,11 @@ fn main() {
                 .max_by(|a, b| a.per_second().total_cmp(&b.per_second()))
                 .expect("phase ran")
         };
-        let (naive, grouped, sequence) = (best(Mode::Unbatched), best(Mode::GroupCommit), best(Mode::SequenceUnordered));
+        let (naive, grouped, sequence) = (
+            best(Mode::Unbatched),
+            best(Mode::GroupCommit),
+            best(Mode::SequenceUnordered),
+        );
         let p99 = |r: &PhaseResult| r.latency.value_at_quantile(0.99) as f64 / 1000.0;
         println!(
             "ratio (b)/(a): throughput {:.1}x, p99 {:.2} ms vs {:.2} ms; (b) vs sequence baseline: {:.1}x",

@@ -6,7 +6,8 @@ use chrono::{DateTime, Utc};
 use event_schema::{ChainHash, EventEnvelope, EventMetadata, StreamType};
 use futures::Stream;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use uuid::Uuid;
 
 use crate::append::AppendOutcome;
@@ -16,6 +17,9 @@ use crate::db_error;
 /// Why a read failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
+    /// No connection could be had (server down, refusing connections, pool exhausted).
+    #[error("event log unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
     #[error("event log read failed: {0}")]
     Database(#[from] sqlx::Error),
     /// A stored row that does not form a valid envelope (tampering, or a bug).
@@ -26,7 +30,11 @@ pub enum ReadError {
 impl ReadError {
     /// True when the database was unreachable, rather than the data being wrong.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ReadError::Database(e) if db_error::is_connection_error(e))
+        match self {
+            ReadError::Unavailable(_) => true,
+            ReadError::Database(e) => db_error::is_connection_error(e),
+            ReadError::Corrupt { .. } => false,
+        }
     }
 }
 
@@ -139,10 +147,16 @@ impl LogReader {
         &self.pool
     }
 
+    /// A connection, or `Unavailable`: whatever stops us getting one (a refused login, a
+    /// server that is down) is an outage, never the caller's fault.
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, ReadError> {
+        self.pool.acquire().await.map_err(ReadError::Unavailable)
+    }
+
     pub async fn head(&self) -> Result<LogHead, ReadError> {
         let (position, hash, recorded_at): (i64, Vec<u8>, DateTime<Utc>) =
             sqlx::query_as("SELECT position, hash, recorded_at FROM log_head")
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *self.conn().await?)
                 .await?;
         Ok(LogHead {
             position,
@@ -158,7 +172,7 @@ impl LogReader {
         let row: Option<(String, Uuid, i64, i64)> =
             sqlx::query_as("SELECT stream_type, owner_id, version, last_position FROM streams WHERE stream_id = $1")
                 .bind(stream_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         row.map(|(stream_type, owner_id, version, last_position)| {
             Ok(StreamInfo {
@@ -182,7 +196,7 @@ impl LogReader {
         let row: Option<(Vec<u8>, Value)> =
             sqlx::query_as("SELECT request_hash, outcome FROM append_idempotency WHERE key = $1")
                 .bind(key)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         row.map(|(hash, outcome)| {
             serde_json::from_value(outcome)
@@ -215,7 +229,7 @@ impl LogReader {
         .bind(stream_id)
         .bind(after_version)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         envelopes(rows)
     }
@@ -240,7 +254,7 @@ impl LogReader {
         .bind(after)
         .bind(recorded_floor)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         envelopes(rows)
     }
@@ -267,7 +281,7 @@ impl LogReader {
         .bind(to)
         .bind(cursor.1)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         envelopes(rows)
     }

@@ -49,7 +49,9 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     if roles == Roles::All {
         tracing::info!("projectors and the query API are not built yet (issues #5 and #6)");
     }
-    app.run_until_stopped(shutdown_signal()).await.context("command API failed")?;
+    app.run_until_stopped(shutdown_signal())
+        .await
+        .context("command API failed")?;
     pool.close().await;
     Ok(())
 }

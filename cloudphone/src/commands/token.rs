@@ -20,8 +20,15 @@ pub fn run(args: &TokenArgs) -> anyhow::Result<()> {
     }
     let secret = args.jwt_secret.as_deref().unwrap_or(auth::DEVELOPMENT_SECRET);
     let scopes: Vec<&str> = args.scope.iter().map(String::as_str).collect();
-    let token = auth::mint_token(secret, &args.user, role, &scopes, Utc::now(), chrono::Duration::hours(args.ttl_hours))
-        .context("cannot sign the token")?;
+    let token = auth::mint_token(
+        secret,
+        &args.user,
+        role,
+        &scopes,
+        Utc::now(),
+        chrono::Duration::hours(args.ttl_hours),
+    )
+    .context("cannot sign the token")?;
     println!("{token}");
     Ok(())
 }

@@ -83,7 +83,10 @@ pub async fn run_batch(
     if operations.is_empty() || operations.len() > MAX_BATCH_OPERATIONS {
         return Err(ApiError::Unprocessable {
             code: "invalid_batch_size",
-            detail: format!("a batch holds 1 to {MAX_BATCH_OPERATIONS} operations, got {}", operations.len()),
+            detail: format!(
+                "a batch holds 1 to {MAX_BATCH_OPERATIONS} operations, got {}",
+                operations.len()
+            ),
         });
     }
     let ctx = CommandContext::new(principal, meta, &body.raw);

@@ -58,7 +58,10 @@ pub async fn create(
     meta: RequestMeta,
     body: JsonBody<CreateDevice>,
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
-    let Some(owner_id) = body.value.owner_id.or(principal.user_id.filter(|_| principal.role == crate::auth::Role::User))
+    let Some(owner_id) = body
+        .value
+        .owner_id
+        .or(principal.user_id.filter(|_| principal.role == crate::auth::Role::User))
     else {
         return Err(ApiError::Unprocessable {
             code: "owner_id_required",
@@ -91,7 +94,9 @@ pub async fn start(
     meta: RequestMeta,
 ) -> Result<Json<CommandAccepted>, ApiError> {
     let ctx = CommandContext::new(principal, meta, b"");
-    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Start).await?))
+    Ok(Json(
+        run_device_command(&state, &ctx, device_id, DeviceCommand::Start).await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -126,7 +131,9 @@ pub async fn stop(
         Some(reason) => reason,
     };
     let ctx = CommandContext::new(principal, meta, &body.raw);
-    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Stop { reason }).await?))
+    Ok(Json(
+        run_device_command(&state, &ctx, device_id, DeviceCommand::Stop { reason }).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -179,7 +186,9 @@ pub async fn report_failure(
     body: JsonBody<ReportFailure>,
 ) -> Result<Json<CommandAccepted>, ApiError> {
     let ctx = CommandContext::new(principal, meta, &body.raw);
-    let command = DeviceCommand::ReportFailure { reason: body.value.reason };
+    let command = DeviceCommand::ReportFailure {
+        reason: body.value.reason,
+    };
     Ok(Json(run_device_command(&state, &ctx, device_id, command).await?))
 }
 
@@ -195,5 +204,7 @@ pub async fn remove(
     meta: RequestMeta,
 ) -> Result<Json<CommandAccepted>, ApiError> {
     let ctx = CommandContext::new(principal, meta, b"");
-    Ok(Json(run_device_command(&state, &ctx, device_id, DeviceCommand::Delete).await?))
+    Ok(Json(
+        run_device_command(&state, &ctx, device_id, DeviceCommand::Delete).await?,
+    ))
 }

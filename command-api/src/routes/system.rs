@@ -34,7 +34,9 @@ pub struct Readiness {
 /// Ready: the database answers and this month's partition exists.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, ApiError> {
     let partition = Utc::now().format("user_events_%Y_%m").to_string();
-    let check = sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL").bind(&partition).fetch_one(state.store.pool());
+    let check = sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
+        .bind(&partition)
+        .fetch_one(state.store.pool());
     match tokio::time::timeout(Duration::from_secs(2), check).await {
         Ok(Ok(true)) => Ok(Json(Readiness {
             status: "ready",
@@ -50,7 +52,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, Ap
 /// Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -59,7 +64,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// The OpenAPI 3.1 document of this API.
 pub async fn openapi() -> Response {
     match ApiDoc::openapi().to_json() {
-        Ok(json) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], json).into_response(),
+        Ok(json) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            json,
+        )
+            .into_response(),
         Err(error) => ApiError::Internal(error.to_string()).into_response(),
     }
 }

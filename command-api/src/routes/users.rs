@@ -98,7 +98,9 @@ pub async fn set_quota(
         max_cpu_cores: body.value.max_cpu_cores,
         max_memory_mb: body.value.max_memory_mb,
     };
-    Ok(Json(run_user_command(&state, &ctx, user_id, UserCommand::SetQuota { quota }).await?))
+    Ok(Json(
+        run_user_command(&state, &ctx, user_id, UserCommand::SetQuota { quota }).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
