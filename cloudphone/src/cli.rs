@@ -131,7 +131,10 @@ pub enum Command {
     /// Recompute the hash chain over the log and report the first position where it breaks.
     Verify(VerifyArgs),
     /// Drive the platform with a realistic load and report.
-    Load(NotBuiltArgs),
+    Load {
+        #[command(subcommand)]
+        kind: LoadKind,
+    },
     /// Print a bearer token signed with the configured HS256 secret (for local use and scripts).
     Token(TokenArgs),
 }
@@ -188,6 +191,39 @@ pub struct VerifyArgs {
     /// Last position to verify [default: the head of the log].
     #[arg(long)]
     pub to: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LoadKind {
+    /// Portal commands over HTTP against the command API, group commit against the
+    /// one-transaction-per-command baseline.
+    Commands(LoadCommandsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadCommandsArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load`, recreated for
+    /// each mode (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Seconds to drive each mode.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 128)]
+    pub clients: usize,
+    /// Users (each with its own fleet), spread over the clients.
+    #[arg(long, default_value_t = 512)]
+    pub users: usize,
+    /// Seed of the command mix.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Skip the one-transaction-per-command baseline.
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Accepts anything, for verbs that are not built yet.

@@ -25,7 +25,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(_) => not_built("relay", "#5"),
         Command::Replay(_) => not_built("replay", "#7"),
         Command::Export(_) => not_built("export", "#8"),
-        Command::Load(_) => not_built("load", "#10"),
+        Command::Load { kind } => commands::load::run(kind).await,
         Command::Token(args) => commands::token::run(args),
     }
 }

@@ -43,7 +43,7 @@ async fn url_of(pool: &PgPool) -> String {
 
 #[test]
 fn verbs_that_are_not_built_say_so_and_fail() {
-    for verb in ["query-api", "projector", "relay", "replay", "export", "load"] {
+    for verb in ["query-api", "projector", "relay", "replay", "export"] {
         let output = cloudphone("postgres://nobody@127.0.0.1:1/none", &[verb]);
         assert!(!output.status.success(), "{verb} succeeded");
         assert!(text(&output).contains("is not built yet"), "{verb}: {}", text(&output));
@@ -127,4 +127,88 @@ async fn verify_passes_on_an_intact_log_and_names_the_tampered_position(pool: Pg
         "a range after the tampered event verifies: {}",
         text(&output)
     );
+}
+
+#[test]
+fn token_mints_a_verifiable_token_and_refuses_a_bad_subject() {
+    let user = Uuid::now_v7();
+    let output = cloudphone(
+        "postgres://unused@127.0.0.1:1/x",
+        &["token", "--user", &user.to_string(), "--role", "admin"],
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let token = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    let verifier = command_api::auth::TokenVerifier::new(&command_api::auth::KeySource::Secret(
+        command_api::auth::DEVELOPMENT_SECRET.into(),
+    ))
+    .unwrap();
+    let principal = verifier.verify(&token).unwrap();
+    assert!(principal.is_admin());
+    assert_eq!(principal.user_id, Some(user));
+
+    let bad = cloudphone("postgres://unused@127.0.0.1:1/x", &["token", "--user", "alice"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("must be a UUID"), "{}", text(&bad));
+}
+
+/// `serve` on a fresh database: migrates, answers commands, stops cleanly on SIGTERM.
+#[sqlx::test(migrations = false)]
+async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
+    use std::io::{BufRead, BufReader};
+    let url = url_of(&pool).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+        .args(["serve"])
+        .env("CLOUDPHONE_DATABASE_URL", &url)
+        .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+        .env("CLOUDPHONE_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The JSON log says where it listens.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = loop {
+        let line = lines.next().expect("serve exited before listening").unwrap();
+        let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if entry["message"] == "command API listening" {
+            break entry["address"].as_str().unwrap().to_owned();
+        }
+    };
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    let user = Uuid::now_v7();
+    let token = command_api::auth::mint_token(
+        command_api::auth::DEVELOPMENT_SECRET,
+        &user.to_string(),
+        command_api::auth::Role::User,
+        &[],
+        Utc::now(),
+        chrono::Duration::hours(1),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let registered = client
+        .post(format!("http://{address}/v1/users"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"tier": "pro", "email": "a@example.com", "phone": "+4915112345678"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    let ready = client.get(format!("http://{address}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+    let logs = drain.join().unwrap().join("\n");
+    assert!(logs.contains("command API stopped"), "{logs}");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM user_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 2);
 }

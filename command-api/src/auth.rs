@@ -179,7 +179,10 @@ pub struct TokenVerifier {
 
 #[derive(Clone)]
 enum VerifierKeys {
-    Single { key: DecodingKey, validation: Validation },
+    Single {
+        key: DecodingKey,
+        validation: Box<Validation>,
+    },
     Jwks(JwkSet),
 }
 
@@ -204,14 +207,14 @@ impl TokenVerifier {
         let keys = match source {
             KeySource::Secret(secret) => VerifierKeys::Single {
                 key: DecodingKey::from_secret(secret.as_bytes()),
-                validation: validation(Algorithm::HS256),
+                validation: Box::new(validation(Algorithm::HS256)),
             },
             KeySource::PublicKeyPem { algorithm, pem } => VerifierKeys::Single {
                 key: match algorithm {
                     Algorithm::ES256 => DecodingKey::from_ec_pem(pem)?,
                     _ => DecodingKey::from_rsa_pem(pem)?,
                 },
-                validation: validation(*algorithm),
+                validation: Box::new(validation(*algorithm)),
             },
             KeySource::Jwks(set) => VerifierKeys::Jwks(set.clone()),
         };

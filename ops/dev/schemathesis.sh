@@ -15,15 +15,16 @@
 #   ops/dev/schemathesis.sh --include-path-regex '^/v1/users'   extra arguments go to `st run`
 #
 # Environment: SCHEMATHESIS_SEED and SCHEMATHESIS_MAX_EXAMPLES (per operation) to explore
-# further than CI does. The server log and a JUnit report land in target/schemathesis/.
+# further than CI does; CLOUDPHONE_BIN to test that binary instead of building one.
+# The server log and a JUnit report land in target/schemathesis/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 
 SCHEMATHESIS_VERSION=4.32.5
 seed="${SCHEMATHESIS_SEED:-20251122}"
-max_examples="${SCHEMATHESIS_MAX_EXAMPLES:-50}"
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/cloudphone/schemathesis-$SCHEMATHESIS_VERSION"
+max_examples="${SCHEMATHESIS_MAX_EXAMPLES:-100}"
+venv="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/cloudphone/schemathesis-$SCHEMATHESIS_VERSION"
 st="$venv/bin/st"
 database=cloudphone_schemathesis
 server_url=postgres://postgres@127.0.0.1:5432
@@ -61,8 +62,12 @@ if [ "$("$st" --version 2>/dev/null)" != "st, version $SCHEMATHESIS_VERSION" ]; 
     "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
-cargo build -p cloudphone
-binary="$root/target/debug/cloudphone"
+if [ -n "${CLOUDPHONE_BIN:-}" ]; then
+    binary="$CLOUDPHONE_BIN"
+else
+    cargo build -p cloudphone
+    binary="$root/target/debug/cloudphone"
+fi
 
 # --- a fresh database and a server on a free port -------------------------------------------
 psql "$server_url/postgres" -qAtc "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null
@@ -139,22 +144,31 @@ done
 # --- the run --------------------------------------------------------------------------------
 say "schemathesis $SCHEMATHESIS_VERSION, seed $seed, at most $max_examples examples per operation"
 status=0
+rm -f "$work/junit.xml"
 (
-    cd "$work" # it writes nothing else, but keep any stray file out of the work tree
+    cd "$work" # Hypothesis keeps a .hypothesis folder in the current directory
     "$st" --config-file "$root/ops/dev/schemathesis.toml" run "$base/openapi.json" \
         --header "Authorization: Bearer $token" \
         --checks "$checks" \
         --seed "$seed" \
         --max-examples "$max_examples" \
         --workers 1 \
+        --continue-on-failure \
         --no-color \
         --report junit --report-junit-path "$work/junit.xml" \
         "$@"
 ) || status=$?
 
-if [ "$status" -eq 0 ]; then
-    say "passed"
-else
+# One closing line with the counts of the JUnit report (a test case per operation, plus the
+# stateful scenarios).
+[ -f "$work/junit.xml" ] && python3 - "$work/junit.xml" <<'PY' || true
+import sys, xml.etree.ElementTree as ET
+suite = ET.parse(sys.argv[1]).getroot()
+count = lambda name: int(suite.get(name, 0))
+failed = count("failures") + count("errors")
+print(f"schemathesis: {count('tests') - failed - count('skipped')} passed, {failed} failed")
+PY
+if [ "$status" -ne 0 ]; then
     say "failed (status $status); server log: $log"
 fi
 exit "$status"

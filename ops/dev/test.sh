@@ -3,7 +3,9 @@
 # need (PostgreSQL; later issues add a Kafka-protocol broker and a streaming replica), then
 # runs every test of the workspace with cargo-nextest against those real services.
 #
-# Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`).
+# Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
+# arguments, the command API is then also fuzzed against its OpenAPI document
+# (ops/dev/schemathesis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -31,4 +33,9 @@ profile=default
 if [ "${CI:-}" = "true" ]; then
     profile=ci
 fi
-exec cargo nextest run --workspace --profile "$profile" "$@"
+if [ "$#" -ne 0 ]; then
+    exec cargo nextest run --workspace --profile "$profile" "$@"
+fi
+cargo nextest run --workspace --profile "$profile"
+# Then the command API against its own OpenAPI document; any finding fails the suite.
+ops/dev/schemathesis.sh

@@ -1,6 +1,7 @@
 //! One module per verb.
 
 pub mod database;
+pub mod load;
 pub mod migrate;
 pub mod partitions;
 pub mod serve;
