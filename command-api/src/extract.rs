@@ -170,7 +170,8 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
         if !json {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let value = parse_json(&raw)?;
+        // `null` is "no body" too (the document allows it).
+        let value = parse_json::<Option<T>>(&raw)?.unwrap_or_default();
         Ok(OptionalJsonBody { value, raw })
     }
 }
@@ -197,25 +198,34 @@ async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes,
     })
 }
 
+/// Parses a body. JSON Schema (and so the OpenAPI document) counts `4.0` as the integer 4;
+/// so do we: whole-number floats are turned into integers before the typed parse.
 fn parse_json<T: DeserializeOwned>(raw: &[u8]) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(raw);
-    let value = serde_path_to_error(&mut deserializer)?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::bad_request("malformed_json", format!("trailing data after the JSON body: {e}")))?;
-    Ok(value)
+    let mut value: serde_json::Value = serde_json::from_slice(raw).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::bad_request("invalid_body", e.to_string()),
+        _ => ApiError::bad_request("malformed_json", e.to_string()),
+    })?;
+    integers_as_integers(&mut value);
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))
 }
 
-fn serde_path_to_error<'de, T: DeserializeOwned>(
-    deserializer: &mut serde_json::Deserializer<serde_json::de::SliceRead<'de>>,
-) -> Result<T, ApiError> {
-    T::deserialize(deserializer).map_err(|e| {
-        let code = match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "malformed_json",
-            serde_json::error::Category::Data | serde_json::error::Category::Io => "invalid_body",
-        };
-        ApiError::bad_request(code, e.to_string())
-    })
+fn integers_as_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    // Beyond 2^53 a float no longer holds every integer exactly; leave those alone.
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match value {
+        Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64())
+                && float.fract() == 0.0
+                && float.abs() <= EXACT
+            {
+                *value = Value::from(float as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integers_as_integers),
+        Value::Object(map) => map.values_mut().for_each(integers_as_integers),
+        Value::Null | Value::Bool(_) | Value::String(_) => {}
+    }
 }
 
 #[cfg(test)]

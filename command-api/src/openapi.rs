@@ -72,8 +72,46 @@ impl Modify for BearerAuth {
         devices::create, devices::start, devices::stop, devices::resize, devices::report_failure,
         devices::remove, batch::run_batch,
     ),
-    components(schemas(CommandAccepted, Problem)),
+    components(schemas(CommandAccepted, Problem, devices::ProviderName)),
     modifiers(&BearerAuth),
     tags((name = "users"), (name = "devices")),
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use domain::limits;
+    use event_schema::Provider;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn schema(name: &str) -> Value {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        doc["components"]["schemas"][name].clone()
+    }
+
+    /// The document states the domain's ranges; this keeps the two from drifting apart.
+    #[test]
+    fn documented_ranges_are_the_domains() {
+        for name in ["CreateDevice", "ResizeDevice"] {
+            let properties = &schema(name)["properties"];
+            assert_eq!(properties["cpu_cores"]["minimum"], *limits::CPU_CORES.start(), "{name}");
+            assert_eq!(properties["cpu_cores"]["maximum"], *limits::CPU_CORES.end(), "{name}");
+            assert_eq!(properties["memory_mb"]["minimum"], *limits::MEMORY_MB.start(), "{name}");
+            assert_eq!(properties["memory_mb"]["maximum"], *limits::MEMORY_MB.end(), "{name}");
+            assert_eq!(properties["memory_mb"]["multipleOf"], limits::MEMORY_STEP_MB, "{name}");
+        }
+        let device = &schema("CreateDevice")["properties"];
+        assert_eq!(device["android_version"]["minimum"], *limits::ANDROID_VERSIONS.start());
+        assert_eq!(device["android_version"]["maximum"], *limits::ANDROID_VERSIONS.end());
+        let quota = &schema("SetQuota")["properties"];
+        assert_eq!(quota["max_devices"]["maximum"], limits::MAX_QUOTA_DEVICES);
+        assert_eq!(quota["max_cpu_cores"]["maximum"], limits::MAX_QUOTA_CPU_CORES);
+        assert_eq!(quota["max_memory_mb"]["maximum"], limits::MAX_QUOTA_MEMORY_MB);
+        let failure = &schema("ReportFailure")["properties"]["reason"];
+        assert_eq!(failure["maxLength"], limits::MAX_FAILURE_REASON_CHARS);
+        let providers: Vec<String> = Provider::ALL.iter().map(|p| p.as_str().to_owned()).collect();
+        assert_eq!(schema("ProviderName")["enum"], serde_json::json!(providers));
+    }
+}

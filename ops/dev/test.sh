@@ -34,7 +34,7 @@ if [ "${CI:-}" = "true" ]; then
     profile=ci
 fi
 if [ "$#" -ne 0 ]; then
-    exec cargo nextest run --workspace --profile "$profile" "$@"
+    exec cargo nextest run --profile "$profile" "$@"
 fi
 cargo nextest run --workspace --profile "$profile"
 # Then the command API against its own OpenAPI document; any finding fails the suite.

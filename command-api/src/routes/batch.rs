@@ -39,7 +39,8 @@ pub struct BatchOperation {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// 1 to 500 operations; each runs and is answered on its own.
+    /// Each operation runs and is answered on its own.
+    #[schema(min_items = 1, max_items = 500)]
     pub operations: Vec<BatchOperation>,
 }
 

@@ -34,18 +34,29 @@ pub struct CreateDevice {
     pub device_id: Option<Uuid>,
     /// The owner; defaults to the caller for a `user` token.
     pub owner_id: Option<Uuid>,
-    /// aws, gcp, azure, alibaba or huawei.
-    #[schema(example = "aws")]
+    /// The cloud that hosts the device.
+    #[schema(value_type = ProviderName, example = "aws")]
     pub provider: String,
-    /// 1 to 16.
-    #[schema(example = 4)]
+    #[schema(example = 4, minimum = 1, maximum = 16)]
     pub cpu_cores: u32,
-    /// 1024 to 65536, a multiple of 512.
-    #[schema(example = 8192)]
+    #[schema(example = 8192, minimum = 1024, maximum = 65536, multiple_of = 512)]
     pub memory_mb: u32,
-    /// Android major version, 9 to 15.
-    #[schema(example = 14)]
-    pub android_version: u8,
+    /// Android major version.
+    #[schema(example = 14, minimum = 9, maximum = 15)]
+    pub android_version: u32,
+}
+
+/// The providers devices can run on (documentation of `CreateDevice.provider`; the domain
+/// answers any other name with 422 `unknown_provider`).
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // describes the schema only
+pub enum ProviderName {
+    Aws,
+    Gcp,
+    Azure,
+    Alibaba,
+    Huawei,
 }
 
 /// Create a device and reserve its share of the owner's quota, atomically.
@@ -69,6 +80,8 @@ pub async fn create(
         });
     };
     let device_id = body.value.device_id.unwrap_or_else(Uuid::now_v7);
+    // The domain checks the range; a value past a byte is out of it just the same.
+    let android_version = u8::try_from(body.value.android_version).unwrap_or(u8::MAX);
     let ctx = CommandContext::new(principal, meta, &body.raw);
     let command = DeviceCommand::Create {
         device_id,
@@ -76,7 +89,7 @@ pub async fn create(
         provider: body.value.provider,
         cpu_cores: body.value.cpu_cores,
         memory_mb: body.value.memory_mb,
-        android_version: body.value.android_version,
+        android_version,
     };
     let accepted = run_device_command(&state, &ctx, device_id, command).await?;
     Ok((StatusCode::CREATED, Json(accepted)))
@@ -139,9 +152,9 @@ pub async fn stop(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResizeDevice {
-    #[schema(example = 8)]
+    #[schema(example = 8, minimum = 1, maximum = 16)]
     pub cpu_cores: u32,
-    #[schema(example = 16384)]
+    #[schema(example = 16384, minimum = 1024, maximum = 65536, multiple_of = 512)]
     pub memory_mb: u32,
 }
 
@@ -168,8 +181,8 @@ pub async fn resize(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportFailure {
-    /// What the provider reported, 1 to 500 characters.
-    #[schema(example = "host lost")]
+    /// What the provider reported.
+    #[schema(example = "host lost", min_length = 1, max_length = 500)]
     pub reason: String,
 }
 

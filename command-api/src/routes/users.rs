@@ -33,10 +33,15 @@ pub struct RegisterUser {
     #[schema(value_type = String, example = "pro", pattern = "^(free|basic|pro|enterprise)$")]
     pub tier: Tier,
     /// Personal data: encrypted at rest, shredded on erasure.
-    #[schema(example = "ada@example.com")]
+    #[schema(
+        example = "ada@example.com",
+        min_length = 3,
+        max_length = 254,
+        pattern = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$"
+    )]
     pub email: String,
     /// E.164, e.g. +4915112345678. Personal data.
-    #[schema(example = "+4915112345678")]
+    #[schema(example = "+4915112345678", pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub phone: String,
 }
 
@@ -75,8 +80,11 @@ pub async fn register(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetQuota {
+    #[schema(value_type = i64, minimum = 0, maximum = 100000)]
     pub max_devices: u32,
+    #[schema(value_type = i64, minimum = 0, maximum = 1600000)]
     pub max_cpu_cores: u32,
+    #[schema(value_type = i64, minimum = 0, maximum = 4000000000_i64)]
     pub max_memory_mb: u32,
 }
 
