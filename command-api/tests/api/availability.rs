@@ -125,3 +125,40 @@ async fn lock_waiters(pool: &PgPool) -> i64 {
     .await
     .unwrap_or(0)
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_request_over_its_time_is_503_and_its_idempotent_retry_tells_what_happened(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |config| config.request_timeout = Duration::from_millis(300)).await;
+    let token = app.register(Uuid::now_v7(), "pro").await;
+    let device = app.create_device(&token).await;
+
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT position FROM log_head FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = format!("/v1/devices/{device}/start");
+    let key = [("idempotency-key", "slow-start")];
+    let timed_out = app.send(reqwest::Method::POST, &path, Some(&token), None, &key).await;
+    assert_eq!(
+        (timed_out.status, timed_out.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    holder.rollback().await.unwrap();
+
+    // The append was queued before the answer; once it commits, the retry returns its outcome.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let answer = app.send(reqwest::Method::POST, &path, Some(&token), None, &key).await;
+        if answer.status == StatusCode::OK || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(retry.status, StatusCode::OK, "{retry:?}");
+    assert_eq!(
+        app.stream_types(device).await,
+        ["DeviceCreated", "DeviceStarted"],
+        "started exactly once"
+    );
+}

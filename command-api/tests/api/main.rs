@@ -11,3 +11,4 @@ mod idempotency;
 mod quota;
 mod scoping;
 mod support;
+mod tokens;
