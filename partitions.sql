@@ -28,8 +28,8 @@ CREATE TABLE IF NOT EXISTS user_events (
     -- Hash chain: hash = SHA-256(prev_hash || canonical bytes), see event-schema/src/canonical.rs.
     prev_hash       bytea       NOT NULL,
     hash            bytea       NOT NULL,
-    -- Named alike in user_events and user_events_archive: ATTACH requires the same constraint
-    -- names on a partition as on its parent.
+    -- Named, so that partitions moved to user_events_archive (created LIKE this table) carry
+    -- the same constraint names as their new parent, as ATTACH requires.
     CONSTRAINT event_position_positive CHECK (position > 0),
     CONSTRAINT event_stream_type_known CHECK (stream_type IN ('user', 'device')),
     CONSTRAINT event_stream_version_positive CHECK (stream_version > 0),
@@ -45,35 +45,11 @@ CREATE INDEX IF NOT EXISTS user_events_stream_idx ON user_events (stream_id, str
 -- Read an owner's history over a time range, in position order (recorded_at follows position).
 CREATE INDEX IF NOT EXISTS user_events_owner_idx ON user_events (owner_id, recorded_at, position);
 
--- Months detached from the live table. Same shape; reads and exports reach it through
+-- Months detached from the live table. Created LIKE it, so columns, constraint names and
+-- indexes are the same (ATTACH requires that); reads and exports reach it through
 -- user_events_all.
-CREATE TABLE IF NOT EXISTS user_events_archive (
-    position        bigint      NOT NULL,
-    event_id        uuid        NOT NULL,
-    stream_id       uuid        NOT NULL,
-    stream_type     text        NOT NULL,
-    stream_version  bigint      NOT NULL,
-    event_type      text        NOT NULL,
-    schema_version  smallint    NOT NULL,
-    owner_id        uuid        NOT NULL,
-    occurred_at     timestamptz NOT NULL,
-    recorded_at     timestamptz NOT NULL,
-    payload         jsonb       NOT NULL,
-    metadata        jsonb       NOT NULL,
-    prev_hash       bytea       NOT NULL,
-    hash            bytea       NOT NULL,
-    -- Named alike in user_events and user_events_archive: ATTACH requires the same constraint
-    -- names on a partition as on its parent.
-    CONSTRAINT event_position_positive CHECK (position > 0),
-    CONSTRAINT event_stream_type_known CHECK (stream_type IN ('user', 'device')),
-    CONSTRAINT event_stream_version_positive CHECK (stream_version > 0),
-    CONSTRAINT event_schema_version_positive CHECK (schema_version > 0),
-    CONSTRAINT event_hashes_are_sha256 CHECK (length(prev_hash) = 32 AND length(hash) = 32),
-    PRIMARY KEY (position, recorded_at)
-) PARTITION BY RANGE (recorded_at);
-
-CREATE INDEX IF NOT EXISTS user_events_archive_stream_idx ON user_events_archive (stream_id, stream_version);
-CREATE INDEX IF NOT EXISTS user_events_archive_owner_idx ON user_events_archive (owner_id, recorded_at, position);
+CREATE TABLE IF NOT EXISTS user_events_archive (LIKE user_events INCLUDING ALL)
+    PARTITION BY RANGE (recorded_at);
 
 -- Every event, live or archived. The planner pushes predicates into both branches, so
 -- partition pruning by recorded_at works through the view.

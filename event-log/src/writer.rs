@@ -428,45 +428,43 @@ impl Inner {
             recorded_at,
         };
 
-        // 5. Write rows, stream versions, keys and the head; notify tailing readers.
-        let use_copy = plan.event_count >= self.config.copy_threshold;
-        let mut query = if use_copy {
+        // 5. Write rows, stream versions, keys and the head; notify tailing readers. Large
+        // groups send their rows with COPY first and the statement gets no rows to insert.
+        let no_rows = EventRows::default();
+        let rows = if plan.event_count >= self.config.copy_threshold {
             self.copy_events(conn, &plan, recorded_at)
                 .await
                 .map_err(|e| classify_insert(e, recorded_at))?;
-            sqlx::query(UPDATE_STREAMS_AND_HEAD)
+            &no_rows
         } else {
-            let r = &plan.rows;
-            sqlx::query(INSERT_EVENTS_AND_UPDATE)
-                .bind(&r.position)
-                .bind(&r.event_id)
-                .bind(&r.stream_id)
-                .bind(&r.stream_type)
-                .bind(&r.stream_version)
-                .bind(&r.event_type)
-                .bind(&r.schema_version)
-                .bind(&r.owner_id)
-                .bind(&r.occurred_at)
-                .bind(&r.payload)
-                .bind(&r.metadata)
-                .bind(&r.prev_hash)
-                .bind(&r.hash)
+            &plan.rows
         };
-        let s = &plan.stream_rows;
-        let k = &plan.key_rows;
-        query = query
+        let (streams, keys) = (&plan.stream_rows, &plan.key_rows);
+        sqlx::query(WRITE_GROUP)
+            .bind(&rows.position)
+            .bind(&rows.event_id)
+            .bind(&rows.stream_id)
+            .bind(&rows.stream_type)
+            .bind(&rows.stream_version)
+            .bind(&rows.event_type)
+            .bind(&rows.schema_version)
+            .bind(&rows.owner_id)
+            .bind(&rows.occurred_at)
+            .bind(&rows.payload)
+            .bind(&rows.metadata)
+            .bind(&rows.prev_hash)
+            .bind(&rows.hash)
             .bind(recorded_at)
-            .bind(&s.stream_id)
-            .bind(&s.stream_type)
-            .bind(&s.owner_id)
-            .bind(&s.version)
-            .bind(&s.last_position)
-            .bind(&k.key)
-            .bind(&k.request_hash)
-            .bind(&k.outcome)
+            .bind(&streams.stream_id)
+            .bind(&streams.stream_type)
+            .bind(&streams.owner_id)
+            .bind(&streams.version)
+            .bind(&streams.last_position)
+            .bind(&keys.key)
+            .bind(&keys.request_hash)
+            .bind(&keys.outcome)
             .bind(plan.head.position)
-            .bind(plan.head.hash.0.to_vec());
-        query
+            .bind(plan.head.hash.0.to_vec())
             .execute(&mut *conn)
             .await
             .map_err(|e| classify_insert(e, recorded_at))?;
@@ -794,7 +792,7 @@ fn check_streams(batch: &CheckedBatch, streams: &HashMap<Uuid, KnownStream>) -> 
     Ok(())
 }
 
-const INSERT_EVENTS_AND_UPDATE: &str = "\
+const WRITE_GROUP: &str = "\
 WITH new_events AS (
     INSERT INTO user_events (position, event_id, stream_id, stream_type, stream_version, event_type,
                              schema_version, owner_id, occurred_at, recorded_at, payload, metadata,
@@ -824,27 +822,6 @@ idempotency AS (
 ),
 head AS (
     UPDATE log_head SET position = $23, hash = $24, recorded_at = $14 RETURNING position
-)
-SELECT pg_notify('cloudphone_events', position::text) FROM head";
-
-/// The same as [`INSERT_EVENTS_AND_UPDATE`] after the events went in with COPY.
-const UPDATE_STREAMS_AND_HEAD: &str = "\
-WITH stream_versions AS (
-    INSERT INTO streams (stream_id, stream_type, owner_id, version, created_at, updated_at, last_position)
-    SELECT s.stream_id, s.stream_type, s.owner_id, s.version, $1, $1, s.last_position
-    FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::bigint[], $6::bigint[])
-         AS s(stream_id, stream_type, owner_id, version, last_position)
-    ON CONFLICT (stream_id) DO UPDATE
-        SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
-            last_position = EXCLUDED.last_position
-),
-idempotency AS (
-    INSERT INTO append_idempotency (key, request_hash, outcome, recorded_at)
-    SELECT k.key, k.request_hash, k.outcome::jsonb, $1
-    FROM UNNEST($7::text[], $8::bytea[], $9::text[]) AS k(key, request_hash, outcome)
-),
-head AS (
-    UPDATE log_head SET position = $10, hash = $11, recorded_at = $1 RETURNING position
 )
 SELECT pg_notify('cloudphone_events', position::text) FROM head";
 
