@@ -21,7 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve::run(args, commands::serve::Roles::All).await,
         Command::CommandApi(args) => commands::serve::run(args, commands::serve::Roles::CommandApi).await,
         Command::QueryApi(_) => not_built("query-api", "#6"),
-        Command::Projector(_) => not_built("projector", "#5"),
+        Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
         Command::Relay(_) => not_built("relay", "#5"),
         Command::Replay(_) => not_built("replay", "#7"),
         Command::Export(_) => not_built("export", "#8"),

@@ -43,7 +43,7 @@ async fn url_of(pool: &PgPool) -> String {
 
 #[test]
 fn verbs_that_are_not_built_say_so_and_fail() {
-    for verb in ["query-api", "projector", "relay", "replay", "export"] {
+    for verb in ["query-api", "relay", "replay", "export"] {
         let output = cloudphone("postgres://nobody@127.0.0.1:1/none", &[verb]);
         assert!(!output.status.success(), "{verb} succeeded");
         assert!(text(&output).contains("is not built yet"), "{verb}: {}", text(&output));
@@ -196,6 +196,44 @@ async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
     assert_eq!(registered.status(), 201);
     let ready = client.get(format!("http://{address}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    let created = client
+        .post(format!("http://{address}/v1/devices"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"provider": "huawei", "cpu_cores": 2, "memory_mb": 2048, "android_version": 14}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let device: Uuid = created.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // The embedded projectors bring the command into the read models.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stats: Option<i64> = sqlx::query_scalar(
+            "SELECT device_count FROM device_stats WHERE user_id = $1 AND status = 'stopped' AND provider = 'huawei'",
+        )
+        .bind(user)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        let owner: Option<Uuid> = sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
+            .bind(device)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if stats == Some(1) && owner == Some(user) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read models never showed the device"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -210,5 +248,5 @@ async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(events, 2);
+    assert_eq!(events, 4);
 }

@@ -13,8 +13,13 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 
 use crate::partitions::ensure_partitions;
 
-/// Versioned migrations, embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+/// Versioned migrations of the log (0001-0999), embedded in the binary. Other crates keep
+/// their own versions (projections: 1000+) in the same table, so each ignores the others'.
+pub fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// The partitioned table and its maintenance functions (the repository's `partitions.sql`).
 pub const PARTITIONS_SQL: &str = include_str!("../../partitions.sql");
@@ -40,7 +45,7 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
         sqlx::raw_sql(PARTITIONS_SQL).execute(&mut *conn).await?;
         // On its own pooled connection: `Migrator::run` on a borrowed connection makes a
         // future that is not `Send` (a known sqlx limitation). Our lock still serialises us.
-        MIGRATOR.run(pool).await?;
+        migrator().run(pool).await?;
         Ok(())
     }
     .await;

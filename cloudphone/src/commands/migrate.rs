@@ -8,6 +8,9 @@ use crate::commands::database;
 pub async fn run(args: &DatabaseArgs) -> anyhow::Result<()> {
     let pool = database::connect(args).await?;
     event_log::migrate(&pool).await.context("migration failed")?;
+    projections::migrate(&pool)
+        .await
+        .context("read model migration failed")?;
     let partitions = event_log::partitions::list_partitions(&pool).await?;
     println!(
         "database is up to date; {} live partitions, {} archived",

@@ -7,6 +7,10 @@ use anyhow::Context;
 use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
 use command_api::{ApiConfig, AppendMode, Application};
 use event_log::{EventStore, StoreConfig, SystemClock};
+use projections::Projection;
+use projections::runner::{ProjectorConfig, run_log_projector};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{AppendModeArg, AuthArgs, PlatformArgs};
 use crate::commands::database;
@@ -14,17 +18,36 @@ use crate::commands::database;
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Roles {
-    /// Everything (the embedded default). Today: the command API; projectors and the query
-    /// API join as they are built (issues #5 and #6).
+    /// Everything (the embedded default): the command API and the projectors following the
+    /// log. The query API joins when it is built (issue #6).
     All,
     CommandApi,
+    Projector,
 }
 
 pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     let pool = database::connect(&args.database).await?;
     // Idempotent and safe while other instances run: a fresh machine needs nothing else.
     event_log::migrate(&pool).await.context("migration failed")?;
+    projections::migrate(&pool)
+        .await
+        .context("read model migration failed")?;
     let metrics = command_api::telemetry::prometheus();
+    let stop = CancellationToken::new();
+    let projectors = match roles {
+        Roles::All | Roles::Projector => start_projectors(&pool, &stop),
+        Roles::CommandApi => Vec::new(),
+    };
+    if roles == Roles::Projector {
+        tracing::info!("projectors running; stop with SIGTERM");
+        shutdown_signal().await;
+        stop.cancel();
+        for projector in projectors {
+            let _ = projector.await;
+        }
+        pool.close().await;
+        return Ok(());
+    }
     let store = Arc::new(
         EventStore::open(pool.clone(), StoreConfig::default())
             .await
@@ -47,13 +70,34 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         .context("cannot start the command API")?;
     tracing::info!(address = %app.local_addr(), ?roles, "command API listening");
     if roles == Roles::All {
-        tracing::info!("projectors and the query API are not built yet (issues #5 and #6)");
+        tracing::info!("projectors following the log; the query API is not built yet (issue #6)");
     }
-    app.run_until_stopped(shutdown_signal())
+    let served = app
+        .run_until_stopped(shutdown_signal())
         .await
-        .context("command API failed")?;
+        .context("command API failed");
+    // The API has answered everything it accepted; the projectors stop after their batch.
+    stop.cancel();
+    for projector in projectors {
+        let _ = projector.await;
+    }
     pool.close().await;
-    Ok(())
+    served
+}
+
+/// The embedded projectors: each projection follows the PostgreSQL log.
+fn start_projectors(pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    Projection::ALL
+        .into_iter()
+        .map(|projection| {
+            tokio::spawn(run_log_projector(
+                pool.clone(),
+                projection,
+                ProjectorConfig::default(),
+                stop.clone(),
+            ))
+        })
+        .collect()
 }
 
 fn key_source(args: &AuthArgs) -> anyhow::Result<KeySource> {

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# A local Kafka-protocol broker for development and tests: tansu 0.6.0 from crates.io, with
+# SQLite storage on disk (a kill -9 and restart keeps topics and committed offsets).
+# Nothing in the code depends on tansu; production uses Apache Kafka (see ops/deploy/).
+#
+#   ops/dev/broker.sh install   cargo install tansu 0.6.0 (about 14 minutes on 2 cores; skipped
+#                               when the right version is installed)
+#   ops/dev/broker.sh start     start on 127.0.0.1:9092 (install first if needed), wait until it
+#                               answers
+#   ops/dev/broker.sh stop      stop it (SIGTERM, then SIGKILL)
+#   ops/dev/broker.sh kill      kill -9, as a crash would
+#   ops/dev/broker.sh status    exit 0 when it answers
+#
+# Environment: CLOUDPHONE_BROKER_PORT (default 9092), CLOUDPHONE_BROKER_DIR (data and pid file,
+# default target/broker).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+TANSU_VERSION=0.6.0
+port="${CLOUDPHONE_BROKER_PORT:-9092}"
+dir="${CLOUDPHONE_BROKER_DIR:-$(pwd)/target/broker}"
+pidfile="$dir/tansu.pid"
+log="$dir/tansu.log"
+tansu="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+
+say() { echo "broker.sh: $*" >&2; }
+
+installed() {
+    [ -x "$tansu" ] && "$tansu" --version 2>/dev/null | grep -q "$TANSU_VERSION"
+}
+
+install() {
+    if installed; then
+        return 0
+    fi
+    say "installing tansu $TANSU_VERSION (this takes a while)"
+    cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore
+}
+
+answers() {
+    # A TCP connect is enough to know the listener is up; clients do the protocol.
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null
+}
+
+running_pid() {
+    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null && cat "$pidfile"
+}
+
+start() {
+    install
+    mkdir -p "$dir"
+    if running_pid >/dev/null; then
+        say "already running (pid $(cat "$pidfile"))"
+    else
+        # Advertise IPv4: librdkafka may resolve localhost to ::1.
+        nohup "$tansu" broker \
+            --storage-engine "sqlite://$dir/tansu.db" \
+            --listener-url "tcp://127.0.0.1:$port" \
+            --advertised-listener-url "tcp://127.0.0.1:$port" \
+            >>"$log" 2>&1 &
+        echo $! >"$pidfile"
+    fi
+    for _ in $(seq 1 100); do
+        if answers; then
+            return 0
+        fi
+        if ! running_pid >/dev/null; then
+            say "tansu exited; see $log"
+            tail -n 20 "$log" >&2 || true
+            return 1
+        fi
+        sleep 0.2
+    done
+    say "tansu did not answer on 127.0.0.1:$port; see $log"
+    return 1
+}
+
+stop() {
+    local pid
+    if pid=$(running_pid); then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+crash() {
+    local pid
+    if pid=$(running_pid); then
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+}
+
+case "${1:-start}" in
+    install) install ;;
+    start) start ;;
+    stop) stop ;;
+    kill) crash ;;
+    status) answers ;;
+    *) echo "usage: $0 install|start|stop|kill|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,271 @@
+//! Applying a batch of events to a projection's read model, in one transaction with its
+//! checkpoint: a crash or a redelivery can never count an event twice or lose one.
+
+use std::collections::{BTreeMap, HashSet};
+
+use event_schema::{DeviceEvent, Event, EventEnvelope, SchemaError, StreamType};
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::fleet::{DeviceRow, FleetFold};
+use crate::usage::{UsageDelta, UsageKey, fold_usage};
+use crate::{Projection, metrics_names as m};
+
+/// What a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// Events that changed (or were relevant to) the read model.
+    pub applied: usize,
+    /// Events of a type this code does not know (written by newer code): skipped.
+    pub skipped: usize,
+    /// Events parked in `projection_dead_letters`.
+    pub dead_lettered: usize,
+}
+
+/// An event the projection cannot apply, with why.
+struct DeadLetter<'a> {
+    envelope: &'a EventEnvelope,
+    error: String,
+}
+
+/// Decodes envelopes for a projection: unknown types are skipped, malformed ones parked.
+fn decode<'a>(
+    events: &'a [EventEnvelope],
+    applied: &mut Applied,
+    dead: &mut Vec<DeadLetter<'a>>,
+) -> Vec<(&'a EventEnvelope, Event)> {
+    let mut decoded = Vec::with_capacity(events.len());
+    for envelope in events {
+        match envelope.decode() {
+            Ok(event) => decoded.push((envelope, event)),
+            Err(SchemaError::UnknownEventType { event_type }) => {
+                applied.skipped += 1;
+                metrics::counter!(m::PROJECTION_SKIPPED_TOTAL, "event_type" => event_type).increment(1);
+            }
+            Err(error) => dead.push(DeadLetter {
+                envelope,
+                error: error.to_string(),
+            }),
+        }
+    }
+    decoded
+}
+
+/// Applies `events` (in position order) to `projection`'s tables on `conn`, inside the
+/// caller's transaction.
+pub async fn apply_events(
+    conn: &mut PgConnection,
+    projection: Projection,
+    events: &[EventEnvelope],
+) -> Result<Applied, sqlx::Error> {
+    let mut applied = Applied::default();
+    let mut dead = Vec::new();
+    let decoded = decode(events, &mut applied, &mut dead);
+    match projection {
+        Projection::Fleet => apply_fleet(conn, &decoded, &mut applied, &mut dead).await?,
+        Projection::DailyUsage => apply_usage(conn, &decoded, &mut applied).await?,
+    }
+    for letter in &dead {
+        park(conn, projection, letter).await?;
+    }
+    applied.dead_lettered = dead.len();
+    if !dead.is_empty() {
+        metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name())
+            .increment(dead.len() as u64);
+    }
+    Ok(applied)
+}
+
+async fn park(conn: &mut PgConnection, projection: Projection, letter: &DeadLetter<'_>) -> Result<(), sqlx::Error> {
+    tracing::warn!(
+        projection = projection.name(),
+        position = letter.envelope.position,
+        event_type = %letter.envelope.event_type,
+        error = %letter.error,
+        "event parked in the dead-letter table"
+    );
+    sqlx::query(
+        "INSERT INTO projection_dead_letters (projection, position, event_id, event_type, schema_version, error, envelope)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(projection.name())
+    .bind(letter.envelope.position)
+    .bind(letter.envelope.event_id)
+    .bind(&letter.envelope.event_type)
+    .bind(i32::from(letter.envelope.schema_version))
+    .bind(&letter.error)
+    .bind(serde_json::to_value(letter.envelope).unwrap_or_default())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn apply_fleet<'a>(
+    conn: &mut PgConnection,
+    decoded: &[(&'a EventEnvelope, Event)],
+    applied: &mut Applied,
+    dead: &mut Vec<DeadLetter<'a>>,
+) -> Result<(), sqlx::Error> {
+    let device_ids: Vec<Uuid> = decoded
+        .iter()
+        .filter(|(envelope, _)| envelope.stream_type == StreamType::Device)
+        .map(|(envelope, _)| envelope.stream_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if device_ids.is_empty() {
+        return Ok(());
+    }
+    let mut fold = FleetFold::with_rows(load_devices(conn, &device_ids).await?);
+    for (envelope, event) in decoded {
+        let Event::Device(device_event) = event else {
+            continue;
+        };
+        match fold.apply(envelope.position, envelope.stream_id, device_event) {
+            Ok(()) => applied.applied += 1,
+            Err(error) => dead.push(DeadLetter {
+                envelope,
+                error: error.to_string(),
+            }),
+        }
+    }
+    write_devices(conn, fold.changed_rows()).await?;
+    let owners: Vec<Uuid> = fold.touched_owners().into_iter().collect();
+    recompute_stats(conn, &owners).await
+}
+
+async fn load_devices(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, created_at,
+                last_started_at, minutes_used, updated_position
+         FROM devices WHERE device_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let provider: String = row.try_get("provider")?;
+            let status: String = row.try_get("status")?;
+            Ok(DeviceRow {
+                device_id: row.try_get("device_id")?,
+                owner_id: row.try_get("owner_id")?,
+                provider: provider.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                status: status.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                cpu_cores: row.try_get("cpu_cores")?,
+                memory_mb: row.try_get("memory_mb")?,
+                android_version: row.try_get("android_version")?,
+                created_at: row.try_get("created_at")?,
+                last_started_at: row.try_get("last_started_at")?,
+                minutes_used: row.try_get("minutes_used")?,
+                updated_position: row.try_get("updated_position")?,
+            })
+        })
+        .collect()
+}
+
+/// Upserts device rows (UNNEST: one statement for the whole batch).
+pub async fn write_devices<'r>(
+    conn: &mut PgConnection,
+    rows: impl Iterator<Item = &'r DeviceRow>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<&DeviceRow> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO devices (device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, created_at,
+                              last_started_at, minutes_used, updated_position)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int[], $6::int[], $7::smallint[],
+                              $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::bigint[])
+         ON CONFLICT (device_id) DO UPDATE SET
+             status = EXCLUDED.status, cpu_cores = EXCLUDED.cpu_cores, memory_mb = EXCLUDED.memory_mb,
+             last_started_at = EXCLUDED.last_started_at, minutes_used = EXCLUDED.minutes_used,
+             updated_position = EXCLUDED.updated_position",
+    )
+    .bind(rows.iter().map(|r| r.device_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.owner_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.provider.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.cpu_cores).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.memory_mb).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.android_version).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.created_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.last_started_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.minutes_used).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.updated_position).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Recomputes the `device_stats` rows of `owners` from `devices` (the same definition as
+/// [`crate::fleet::stats_of`]).
+async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(), sqlx::Error> {
+    if owners.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO device_stats (user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at)
+         SELECT owner_id, status, provider, count(*), sum(cpu_cores), sum(memory_mb), max(created_at)
+         FROM devices WHERE owner_id = ANY($1) AND status <> 'deleted'
+         GROUP BY owner_id, status, provider
+         ON CONFLICT (user_id, status, provider) DO UPDATE SET
+             device_count = EXCLUDED.device_count, total_cpu_cores = EXCLUDED.total_cpu_cores,
+             total_memory_mb = EXCLUDED.total_memory_mb, last_created_at = EXCLUDED.last_created_at",
+    )
+    .bind(owners)
+    .execute(&mut *conn)
+    .await?;
+    // Buckets no live device is in any more.
+    sqlx::query(
+        "DELETE FROM device_stats s WHERE s.user_id = ANY($1) AND NOT EXISTS (
+             SELECT 1 FROM devices d WHERE d.owner_id = s.user_id AND d.status = s.status
+             AND d.provider = s.provider)",
+    )
+    .bind(owners)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn apply_usage(
+    conn: &mut PgConnection,
+    decoded: &[(&EventEnvelope, Event)],
+    applied: &mut Applied,
+) -> Result<(), sqlx::Error> {
+    let mut deltas: BTreeMap<(UsageKey, String), UsageDelta> = BTreeMap::new();
+    for (_, event) in decoded {
+        if let Event::Device(DeviceEvent::UsageRecorded(usage)) = event {
+            fold_usage(&mut deltas, usage);
+            applied.applied += 1;
+        }
+    }
+    write_usage(conn, &deltas).await
+}
+
+/// Adds per-key usage to `daily_usage`.
+pub async fn write_usage(
+    conn: &mut PgConnection,
+    deltas: &BTreeMap<(UsageKey, String), UsageDelta>,
+) -> Result<(), sqlx::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO daily_usage (day, user_id, device_id, minutes, cost_minor, currency)
+         SELECT * FROM UNNEST($1::date[], $2::uuid[], $3::uuid[], $4::bigint[], $5::bigint[], $6::text[])
+         ON CONFLICT (day, user_id, device_id) DO UPDATE SET
+             minutes = daily_usage.minutes + EXCLUDED.minutes,
+             cost_minor = daily_usage.cost_minor + EXCLUDED.cost_minor",
+    )
+    .bind(deltas.keys().map(|(k, _)| k.day).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|(k, _)| k.user_id).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|(k, _)| k.device_id).collect::<Vec<_>>())
+    .bind(deltas.values().map(|d| d.minutes).collect::<Vec<_>>())
+    .bind(deltas.values().map(|d| d.cost_minor).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|(_, currency)| currency.as_str()).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}

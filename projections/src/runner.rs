@@ -1,0 +1,140 @@
+//! The embedded projector: follows the PostgreSQL log directly (no Kafka) and applies each
+//! batch with its checkpoint in one transaction.
+
+use std::time::{Duration, Instant};
+
+use event_log::{LogReader, LogTail, TailConfig};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::apply_events;
+use crate::checkpoint::{self, CheckpointMoved, ProjectionCheckpoint};
+use crate::{Projection, metrics_names as m};
+
+/// How a projector reads and batches.
+#[derive(Debug, Clone, Copy)]
+pub struct ProjectorConfig {
+    /// Most events applied in one transaction. A batch is whatever is committed when the
+    /// projector looks, up to this: small when the log is quiet (fresh), large under load.
+    pub batch_size: i64,
+    /// How long to wait for a notification before polling the log anyway.
+    pub poll_interval: Duration,
+    /// LISTEN for appends (off behind a transaction pooler).
+    pub listen: bool,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        ProjectorConfig {
+            batch_size: 2_000,
+            poll_interval: Duration::from_millis(500),
+            listen: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("projector database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("log read failed: {0}")]
+    Read(#[from] event_log::ReadError),
+    #[error(transparent)]
+    CheckpointMoved(#[from] CheckpointMoved),
+}
+
+/// Runs one projection from the log until `stop` is cancelled. Errors (the database going
+/// away, a concurrent instance) are logged and the projector resumes from its checkpoint.
+pub async fn run_log_projector(pool: PgPool, projection: Projection, config: ProjectorConfig, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match follow(&pool, projection, config, &stop).await {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(projection = projection.name(), %error, ?backoff, "projector restarting from its checkpoint");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::info!(projection = projection.name(), "projector stopped");
+}
+
+async fn follow(
+    pool: &PgPool,
+    projection: Projection,
+    config: ProjectorConfig,
+    stop: &CancellationToken,
+) -> Result<(), ProjectorError> {
+    let mut conn = pool.acquire().await?;
+    let mut at = checkpoint::load(&mut conn, projection).await?;
+    drop(conn);
+    let reader = LogReader::new(pool.clone());
+    let tail_config = TailConfig {
+        batch_size: config.batch_size,
+        poll_interval: config.poll_interval,
+        listen: config.listen,
+    };
+    let mut tail = LogTail::start(reader.clone(), at.position, tail_config).await;
+    let mut last_head_check = Instant::now() - Duration::from_secs(60);
+    tracing::info!(
+        projection = projection.name(),
+        position = at.position,
+        "projector following the log"
+    );
+    loop {
+        let events = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            events = tail.next_batch() => events?,
+        };
+        let Some(last) = events.last() else {
+            continue;
+        };
+        let next = ProjectionCheckpoint {
+            position: last.position,
+            last_recorded_at: Some(last.recorded_at),
+        };
+        let started = Instant::now();
+        let mut tx = pool.begin().await?;
+        let applied = apply_events(&mut tx, projection, &events).await?;
+        if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
+            return Err(CheckpointMoved {
+                projection: projection.name(),
+                expected: at.position,
+            }
+            .into());
+        }
+        tx.commit().await?;
+        at = next;
+        record_batch(projection, events.len(), applied.applied, started.elapsed(), at);
+        if last_head_check.elapsed() >= Duration::from_secs(1) {
+            last_head_check = Instant::now();
+            if let Ok(head) = reader.head().await {
+                metrics::gauge!(m::PROJECTION_LAG_EVENTS, "projection" => projection.name())
+                    .set((head.position - at.position).max(0) as f64);
+            }
+        }
+    }
+}
+
+fn record_batch(projection: Projection, events: usize, applied: usize, took: Duration, at: ProjectionCheckpoint) {
+    let name = projection.name();
+    metrics::counter!(m::PROJECTION_EVENTS_TOTAL, "projection" => name).increment(events as u64);
+    metrics::histogram!(m::PROJECTION_BATCH_EVENTS, "projection" => name).record(events as f64);
+    metrics::histogram!(m::PROJECTION_BATCH_SECONDS, "projection" => name).record(took.as_secs_f64());
+    metrics::gauge!(m::PROJECTION_POSITION, "projection" => name).set(at.position as f64);
+    if let Some(recorded_at) = at.last_recorded_at {
+        let lag = (chrono::Utc::now() - recorded_at).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::gauge!(m::PROJECTION_LAG_SECONDS, "projection" => name).set(lag);
+    }
+    tracing::debug!(
+        projection = name,
+        events,
+        applied,
+        position = at.position,
+        "batch applied"
+    );
+}

@@ -1,0 +1,82 @@
+//! The read models as stored, in the shapes of [`crate::ReadModels`], for comparisons.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::ReadModels;
+use crate::fleet::{DeviceRow, StatsKey, StatsRow};
+use crate::usage::{UsageDelta, UsageKey};
+
+/// Reads every row of every read model.
+pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> {
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    let mut devices = BTreeMap::new();
+    for row in sqlx::query(
+        "SELECT device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, created_at,
+                last_started_at, minutes_used, updated_position FROM devices",
+    )
+    .fetch_all(pool)
+    .await?
+    {
+        let device = DeviceRow {
+            device_id: row.try_get("device_id")?,
+            owner_id: row.try_get("owner_id")?,
+            provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+            status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+            cpu_cores: row.try_get("cpu_cores")?,
+            memory_mb: row.try_get("memory_mb")?,
+            android_version: row.try_get("android_version")?,
+            created_at: row.try_get("created_at")?,
+            last_started_at: row.try_get("last_started_at")?,
+            minutes_used: row.try_get("minutes_used")?,
+            updated_position: row.try_get("updated_position")?,
+        };
+        devices.insert(device.device_id, device);
+    }
+    let mut device_stats = BTreeMap::new();
+    for row in sqlx::query("SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at FROM device_stats")
+        .fetch_all(pool)
+        .await?
+    {
+        let key = StatsKey {
+            user_id: row.try_get("user_id")?,
+            status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+            provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+        };
+        device_stats.insert(
+            key,
+            StatsRow {
+                device_count: row.try_get("device_count")?,
+                total_cpu_cores: row.try_get("total_cpu_cores")?,
+                total_memory_mb: row.try_get("total_memory_mb")?,
+                last_created_at: row.try_get::<DateTime<Utc>, _>("last_created_at")?,
+            },
+        );
+    }
+    let mut daily_usage = BTreeMap::new();
+    for row in sqlx::query("SELECT day, user_id, device_id, minutes, cost_minor, currency FROM daily_usage")
+        .fetch_all(pool)
+        .await?
+    {
+        let key = UsageKey {
+            day: row.try_get::<NaiveDate, _>("day")?,
+            user_id: row.try_get::<Uuid, _>("user_id")?,
+            device_id: row.try_get::<Uuid, _>("device_id")?,
+        };
+        daily_usage.insert(
+            (key, row.try_get::<String, _>("currency")?),
+            UsageDelta {
+                minutes: row.try_get("minutes")?,
+                cost_minor: row.try_get("cost_minor")?,
+            },
+        );
+    }
+    Ok(ReadModels {
+        devices,
+        device_stats,
+        daily_usage,
+    })
+}

@@ -1,0 +1,311 @@
+//! The embedded mode: projectors follow the PostgreSQL log directly.
+
+use chrono::NaiveDate;
+use event_schema::{DeviceStatus, Provider};
+use projections::fleet::StatsKey;
+use projections::stored::load_read_models;
+use projections::usage::UsageKey;
+use projections::{Projection, fold_log};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::support::*;
+
+async fn assert_equals_rebuild(pool: &PgPool) {
+    let reader = event_log::LogReader::new(pool.clone());
+    let head = reader.head().await.unwrap().position;
+    let rebuilt = fold_log(&reader, head, 1_000).await.unwrap();
+    let stored = load_read_models(pool).await.unwrap();
+    assert_eq!(stored.devices.len(), rebuilt.devices.len());
+    assert_eq!(stored.devices, rebuilt.devices, "devices differ from a rebuild");
+    assert_eq!(
+        stored.device_stats, rebuilt.device_stats,
+        "device_stats differ from a rebuild"
+    );
+    assert_eq!(
+        stored.daily_usage, rebuilt.daily_usage,
+        "daily_usage differs from a rebuild"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn read_models_follow_the_log_and_equal_a_rebuild(pool: PgPool) {
+    let mut world = World::new(&pool, 8, 7).await;
+    let (stop, tasks) = start_projectors(&pool);
+    world.run(400).await;
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_equals_rebuild(&pool).await;
+    let stored = load_read_models(&pool).await.unwrap();
+    assert!(stored.devices.len() > 20, "the history created devices");
+    assert!(stored.devices.values().any(|d| d.status == DeviceStatus::Running));
+    assert!(stored.devices.values().any(|d| d.status == DeviceStatus::Deleted));
+    // Sessions crossed midnight: some device has usage on consecutive days.
+    let days: std::collections::BTreeSet<(Uuid, NaiveDate)> =
+        stored.daily_usage.keys().map(|(k, _)| (k.device_id, k.day)).collect();
+    assert!(
+        days.iter()
+            .any(|(d, day)| days.contains(&(*d, *day + chrono::Duration::days(1)))),
+        "no session crossed midnight"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn stats_and_usage_hold_the_expected_values(pool: PgPool) {
+    let world = World::new(&pool, 1, 1).await;
+    let (stop, tasks) = start_projectors(&pool);
+    let owner: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'user'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // One device, started 23:50 and stopped 00:10 the next day.
+    let device = Uuid::now_v7();
+    append_session_over_midnight(&world, device, owner).await;
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stored = load_read_models(&pool).await.unwrap();
+    let key = StatsKey {
+        user_id: owner,
+        status: DeviceStatus::Stopped,
+        provider: Provider::Gcp,
+    };
+    assert_eq!(stored.device_stats[&key].device_count, 1);
+    assert_eq!(stored.device_stats[&key].total_cpu_cores, 4);
+    let day = |d: u32| NaiveDate::from_ymd_opt(2031, 3, d).unwrap();
+    let usage = |d: u32| {
+        stored
+            .daily_usage
+            .get(&(
+                UsageKey {
+                    day: day(d),
+                    user_id: owner,
+                    device_id: device,
+                },
+                "USD".to_owned(),
+            ))
+            .copied()
+    };
+    assert_eq!(usage(30).map(|u| u.minutes), Some(10));
+    assert_eq!(usage(31).map(|u| u.minutes), Some(10));
+    let tier_cents_per_hour = match sqlx::query_scalar::<_, String>(
+        "SELECT payload->>'pricing_plan_id' FROM user_events WHERE event_type = 'UsageRecorded'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+    .rsplit('/')
+    .next()
+    {
+        Some("free") => 22,
+        Some("pro") => 13,
+        _ => 11,
+    };
+    let cost = (20 * tier_cents_per_hour + 59) / 60;
+    assert_eq!(usage(30).unwrap().cost_minor + usage(31).unwrap().cost_minor, cost);
+    assert_eq!(stored.devices[&device].minutes_used, 20);
+}
+
+/// Creates `device` for `owner` at 23:50, starts it, stops it 20 minutes later.
+async fn append_session_over_midnight(world: &World, device: Uuid, owner: Uuid) {
+    use domain::device::{self, DeviceCommand, DeviceContext, DeviceState};
+    use event_log::{AppendBatch, ExpectedVersion, NewEvent, StreamAppend};
+    use event_schema::{Event, EventMetadata, StreamType};
+    let pricing = domain::PricingTable::standard();
+    let reader = event_log::LogReader::new(world.store.pool().clone());
+    let owner_events: Vec<Event> = reader
+        .read_stream(owner, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.decode().unwrap())
+        .collect();
+    let mut owner_state = domain::UserState::Unregistered;
+    for e in &owner_events {
+        if let Event::User(e) = e {
+            owner_state = domain::user::evolve(owner_state, e);
+        }
+    }
+    world
+        .clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2031, 3, 30, 23, 50, 0).unwrap());
+    let mut state = DeviceState::Absent;
+    let mut version = 0;
+    let commands = [
+        DeviceCommand::Create {
+            device_id: device,
+            owner_id: owner,
+            provider: "gcp".into(),
+            cpu_cores: 4,
+            memory_mb: 4096,
+            android_version: 14,
+        },
+        DeviceCommand::Start,
+        DeviceCommand::Stop {
+            reason: event_schema::StopReason::Requested,
+        },
+    ];
+    for (i, command) in commands.iter().enumerate() {
+        if i == 2 {
+            world.clock.advance(chrono::Duration::minutes(20));
+        }
+        let now = event_log::Clock::now(world.clock.as_ref());
+        let events = device::decide(
+            command,
+            DeviceContext {
+                device: &state,
+                owner: &owner_state,
+                pricing: &pricing,
+            },
+            now,
+        )
+        .unwrap();
+        let device_events: Vec<Event> = events
+            .iter()
+            .filter(|e| e.stream_type() == StreamType::Device)
+            .cloned()
+            .collect();
+        let user_events: Vec<Event> = events
+            .iter()
+            .filter(|e| e.stream_type() == StreamType::User)
+            .cloned()
+            .collect();
+        let encode = |events: &[Event]| {
+            events
+                .iter()
+                .map(|e| NewEvent::from_event(e, EventMetadata::default(), now).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let mut streams = vec![StreamAppend {
+            stream_id: device,
+            stream_type: StreamType::Device,
+            owner_id: owner,
+            expected: if version == 0 {
+                ExpectedVersion::NoStream
+            } else {
+                ExpectedVersion::Exact(version)
+            },
+            events: encode(&device_events),
+        }];
+        if !user_events.is_empty() {
+            streams.push(StreamAppend {
+                stream_id: owner,
+                stream_type: StreamType::User,
+                owner_id: owner,
+                expected: ExpectedVersion::Any,
+                events: encode(&user_events),
+            });
+        }
+        let outcome = world
+            .store
+            .append(AppendBatch {
+                streams,
+                idempotency: None,
+            })
+            .await
+            .unwrap();
+        version = outcome.streams[0].version;
+        for e in &device_events {
+            if let Event::Device(e) = e {
+                state = device::evolve(state, e);
+            }
+        }
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_malformed_event_is_parked_and_an_unknown_type_skipped_and_the_projector_moves_on(pool: PgPool) {
+    let mut world = World::new(&pool, 3, 3).await;
+    world.run(30).await;
+    let device: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'device' LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    append_raw(
+        &pool,
+        device,
+        "DeviceStarted",
+        1,
+        json!({"device_id": device, "started_at": "not a time"}),
+    )
+    .await;
+    append_raw(&pool, device, "DeviceStarted", 9, json!({"device_id": device})).await;
+    append_raw(&pool, device, "DeviceTeleported", 1, json!({"to": "mars"})).await;
+    world.run(30).await;
+
+    let (stop, tasks) = start_projectors(&pool);
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let parked: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT projection, event_type, schema_version FROM projection_dead_letters ORDER BY projection, schema_version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    // The fleet projection parks both bad DeviceStarted (a malformed payload, a version from
+    // the future); daily_usage parks them too (it decodes every event). The unknown type is
+    // skipped by both.
+    assert_eq!(
+        parked,
+        [
+            ("daily_usage".to_owned(), "DeviceStarted".to_owned(), 1),
+            ("daily_usage".to_owned(), "DeviceStarted".to_owned(), 9),
+            ("fleet".to_owned(), "DeviceStarted".to_owned(), 1),
+            ("fleet".to_owned(), "DeviceStarted".to_owned(), 9),
+        ]
+    );
+    assert_equals_rebuild(&pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_instances_of_one_projection_never_count_twice(pool: PgPool) {
+    let mut world = World::new(&pool, 6, 11).await;
+    // Two full sets of projectors on the same checkpoints.
+    let (stop_a, tasks_a) = start_projectors(&pool);
+    let (stop_b, tasks_b) = start_projectors(&pool);
+    world.run(300).await;
+    caught_up(&pool).await;
+    stop_a.cancel();
+    stop_b.cancel();
+    for task in tasks_a.into_iter().chain(tasks_b) {
+        task.await.unwrap();
+    }
+    assert_equals_rebuild(&pool).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_projector_whose_connections_are_killed_resumes_from_its_checkpoint(pool: PgPool) {
+    let mut world = World::new(&pool, 6, 5).await;
+    let (stop, tasks) = start_projectors(&pool);
+    for _ in 0..5 {
+        world.run(60).await;
+        // Kill every other backend of this database: the projectors' and the store's.
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    world.run(30).await;
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_equals_rebuild(&pool).await;
+    let checkpoints: Vec<String> = sqlx::query_scalar("SELECT projection FROM projection_checkpoints ORDER BY 1")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(checkpoints, [Projection::DailyUsage.name(), Projection::Fleet.name()]);
+}

@@ -1,0 +1,7 @@
+//! Projectors against a real PostgreSQL: read models follow the log, equal a rebuild from
+//! scratch, survive bad events, competing instances and connection loss.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
+
+mod embedded;
+mod support;
