@@ -61,6 +61,26 @@ pub struct PlatformArgs {
     /// Kafka bootstrap servers [default: none; projectors tail the PostgreSQL log].
     #[arg(long, env = "CLOUDPHONE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+    /// The topic the relay publishes the log to and projectors consume.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_TOPIC", default_value = event_log::relay::DEFAULT_TOPIC)]
+    pub kafka_topic: String,
+    /// Partitions of the topic when the relay creates it.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_PARTITIONS", default_value_t = 6)]
+    pub kafka_partitions: i32,
+    /// A stable identity for this projector process in its consumer groups (Kafka static
+    /// membership, e.g. the pod name of a StatefulSet): restarted with the same identity, it
+    /// takes its partitions back without a rebalance of the whole group.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_INSTANCE_ID")]
+    pub kafka_instance_id: Option<String>,
+    /// Longest a projector's fetch waits at the broker when there is nothing new, in ms
+    /// (`fetch.wait.max.ms`). Apache Kafka answers as soon as a message arrives; a broker
+    /// that waits it out adds up to this to every event's latency.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_FETCH_WAIT_MS", default_value_t = 10)]
+    pub kafka_fetch_wait_ms: u64,
+    /// Where the projector and relay roles serve /healthz, /readyz and /metrics (`serve` and
+    /// the APIs serve them on their own listeners). Port 0 picks a free port.
+    #[arg(long, env = "CLOUDPHONE_OPS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub ops_listen: SocketAddr,
     /// Where the command API listens.
     #[arg(long, env = "CLOUDPHONE_COMMAND_LISTEN", default_value = "127.0.0.1:8080")]
     pub command_listen: SocketAddr,
@@ -198,6 +218,40 @@ pub enum LoadKind {
     /// Portal commands over HTTP against the command API, group commit against the
     /// one-transaction-per-command baseline.
     Commands(LoadCommandsArgs),
+    /// The projectors: catch-up throughput over a generated history and event-to-read-model
+    /// latency under a steady stream, against `REFRESH MATERIALIZED VIEW CONCURRENTLY` of
+    /// equivalent views on the same data (and through Kafka with `--kafka-brokers`).
+    Projections(LoadProjectionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadProjectionsArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load`, recreated
+    /// (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Events of generated history the projectors catch up on and the views refresh over.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Events per second appended while latency is measured.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Seconds each latency phase runs.
+    #[arg(long, default_value_t = 15)]
+    pub duration: u64,
+    /// Also measure latency through a relay and Kafka projector workers on these brokers.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Events per second appended in the Kafka latency phase (the development broker carries
+    /// about 200 messages/s to a consumer group; see BENCHMARKS.md).
+    #[arg(long, default_value_t = 50)]
+    pub kafka_rate: u64,
+    /// Seed of the generated history.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -22,7 +22,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CommandApi(args) => commands::serve::run(args, commands::serve::Roles::CommandApi).await,
         Command::QueryApi(_) => not_built("query-api", "#6"),
         Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
-        Command::Relay(_) => not_built("relay", "#5"),
+        Command::Relay(args) => commands::serve::run(args, commands::serve::Roles::Relay).await,
         Command::Replay(_) => not_built("replay", "#7"),
         Command::Export(_) => not_built("export", "#8"),
         Command::Load { kind } => commands::load::run(kind).await,

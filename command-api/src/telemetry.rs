@@ -31,7 +31,8 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batches".into()), COUNT_BUCKETS));
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batches".into()), COUNT_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_events".into()), COUNT_BUCKETS));
             let recorder = match builder {
                 Ok(builder) => builder.build_recorder(),
                 // Only fails on empty bucket lists, which these are not.

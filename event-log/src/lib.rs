@@ -27,6 +27,9 @@
 //! parallel writers but leaves gaps, makes readers wait behind the oldest open transaction,
 //! and still needs serialising for the hash chain.
 //!
+//! [`relay`] is the transactional outbox: it publishes what was committed to Kafka, in order,
+//! and records how far the broker acknowledged.
+//!
 //! This crate must never decide business rules (that is `domain`), and never publish to Kafka
 //! inside an append: the relay publishes what was committed.
 
@@ -37,6 +40,7 @@ pub mod db_error;
 mod migrate;
 pub mod partitions;
 mod read;
+pub mod relay;
 mod tail;
 mod writer;
 

@@ -9,6 +9,8 @@
 #                               answers
 #   ops/dev/broker.sh stop      stop it (SIGTERM, then SIGKILL)
 #   ops/dev/broker.sh kill      kill -9, as a crash would
+#   ops/dev/broker.sh fresh     stop, delete its data, start (what the test command does:
+#                               every run starts from an empty broker)
 #   ops/dev/broker.sh status    exit 0 when it answers
 #
 # Environment: CLOUDPHONE_BROKER_PORT (default 9092), CLOUDPHONE_BROKER_DIR (data and pid file,
@@ -52,12 +54,13 @@ start() {
     if running_pid >/dev/null; then
         say "already running (pid $(cat "$pidfile"))"
     else
-        # Advertise IPv4: librdkafka may resolve localhost to ::1.
-        nohup "$tansu" broker \
-            --storage-engine "sqlite://$dir/tansu.db" \
+        # Advertise IPv4: librdkafka may resolve localhost to ::1. tansu resolves the SQLite
+        # path against its working directory, so it runs in the data directory.
+        (cd "$dir" && exec nohup "$tansu" broker \
+            --storage-engine "sqlite://tansu.db" \
             --listener-url "tcp://127.0.0.1:$port" \
             --advertised-listener-url "tcp://127.0.0.1:$port" \
-            >>"$log" 2>&1 &
+            >>"$log" 2>&1) &
         echo $! >"$pidfile"
     fi
     for _ in $(seq 1 100); do
@@ -99,8 +102,9 @@ crash() {
 case "${1:-start}" in
     install) install ;;
     start) start ;;
+    fresh) stop; rm -rf "$dir"; start ;;
     stop) stop ;;
     kill) crash ;;
     status) answers ;;
-    *) echo "usage: $0 install|start|stop|kill|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|fresh|stop|kill|status" >&2; exit 2 ;;
 esac

@@ -18,7 +18,8 @@ CREATE TABLE projection_offsets (
     topic         text    NOT NULL,
     partition     integer NOT NULL,
     next_offset   bigint  NOT NULL,
-    -- Global position of the last event applied from this partition.
+    -- Global position of the last event applied from this partition (positions only grow
+    -- within a partition, so an event at or below it is a duplicate publication).
     last_position bigint  NOT NULL,
     PRIMARY KEY (projection, topic, partition)
 );

@@ -53,6 +53,20 @@ fn decode<'a>(
 
 /// Applies `events` (in position order) to `projection`'s tables on `conn`, inside the
 /// caller's transaction.
+/// Opens the transaction an embedded projector writes a batch and its checkpoint in. It
+/// commits without waiting for the WAL flush: a server crash may lose the last batches, but
+/// their checkpoint goes with them (same transaction) and the next `checkpoint::advance`
+/// (which expects the position this process last wrote) fails, so the projector resumes
+/// from what PostgreSQL really holds and applies them again. Read models are derived data;
+/// the flush wait was the largest part of a small batch's cost.
+pub async fn begin_batch(pool: &sqlx::PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 pub async fn apply_events(
     conn: &mut PgConnection,
     projection: Projection,
@@ -74,6 +88,30 @@ pub async fn apply_events(
             .increment(dead.len() as u64);
     }
     Ok(applied)
+}
+
+/// Parks a message that is not even an envelope (a foreign producer, a corrupted record).
+pub async fn park_unreadable(
+    conn: &mut PgConnection,
+    projection: Projection,
+    position: i64,
+    error: &str,
+    raw: &[u8],
+) -> Result<(), sqlx::Error> {
+    tracing::warn!(projection = projection.name(), position, %error, "unreadable message parked in the dead-letter table");
+    metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name()).increment(1);
+    let raw = serde_json::Value::String(String::from_utf8_lossy(raw).into_owned());
+    sqlx::query(
+        "INSERT INTO projection_dead_letters (projection, position, event_type, schema_version, error, envelope)
+         VALUES ($1, $2, '?', 0, $3, $4)",
+    )
+    .bind(projection.name())
+    .bind(position)
+    .bind(error)
+    .bind(raw)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn park(conn: &mut PgConnection, projection: Projection, letter: &DeadLetter<'_>) -> Result<(), sqlx::Error> {
@@ -205,23 +243,23 @@ async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(),
     if owners.is_empty() {
         return Ok(());
     }
+    // One statement, one scan of the owners' devices: upsert the buckets that have live
+    // devices, delete those that have none any more (the two touch disjoint rows).
     sqlx::query(
-        "INSERT INTO device_stats (user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at)
-         SELECT owner_id, status, provider, count(*), sum(cpu_cores), sum(memory_mb), max(created_at)
-         FROM devices WHERE owner_id = ANY($1) AND status <> 'deleted'
-         GROUP BY owner_id, status, provider
-         ON CONFLICT (user_id, status, provider) DO UPDATE SET
-             device_count = EXCLUDED.device_count, total_cpu_cores = EXCLUDED.total_cpu_cores,
-             total_memory_mb = EXCLUDED.total_memory_mb, last_created_at = EXCLUDED.last_created_at",
-    )
-    .bind(owners)
-    .execute(&mut *conn)
-    .await?;
-    // Buckets no live device is in any more.
-    sqlx::query(
-        "DELETE FROM device_stats s WHERE s.user_id = ANY($1) AND NOT EXISTS (
-             SELECT 1 FROM devices d WHERE d.owner_id = s.user_id AND d.status = s.status
-             AND d.provider = s.provider)",
+        "WITH fresh AS (
+             SELECT owner_id, status, provider, count(*) AS device_count, sum(cpu_cores) AS total_cpu_cores,
+                    sum(memory_mb) AS total_memory_mb, max(created_at) AS last_created_at
+             FROM devices WHERE owner_id = ANY($1) AND status <> 'deleted'
+             GROUP BY owner_id, status, provider
+         ), upserted AS (
+             INSERT INTO device_stats (user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at)
+             SELECT * FROM fresh
+             ON CONFLICT (user_id, status, provider) DO UPDATE SET
+                 device_count = EXCLUDED.device_count, total_cpu_cores = EXCLUDED.total_cpu_cores,
+                 total_memory_mb = EXCLUDED.total_memory_mb, last_created_at = EXCLUDED.last_created_at
+         )
+         DELETE FROM device_stats s WHERE s.user_id = ANY($1) AND NOT EXISTS (
+             SELECT 1 FROM fresh f WHERE f.owner_id = s.user_id AND f.status = s.status AND f.provider = s.provider)",
     )
     .bind(owners)
     .execute(conn)

@@ -5,7 +5,8 @@
 //! - [`usage`]: `daily_usage` (per UTC day, user and device; sessions over midnight split).
 //! - [`apply`]: a batch of events applied to a projection; [`checkpoint`] moves in the same
 //!   transaction, so a crash or a redelivery never counts an event twice.
-//! - [`runner`]: the embedded projector that follows the PostgreSQL log directly.
+//! - [`runner`]: the embedded projector that follows the PostgreSQL log directly;
+//!   [`kafka`]: the scale-out projector consuming the relay's topic in a consumer group.
 //!
 //! This crate must never write the event log, and never decide business rules: it only
 //! folds committed events into tables that can always be rebuilt from the log.
@@ -13,6 +14,7 @@
 pub mod apply;
 pub mod checkpoint;
 pub mod fleet;
+pub mod kafka;
 pub mod rebuild;
 pub mod runner;
 pub mod status;
@@ -68,6 +70,8 @@ pub mod metrics_names {
     pub const PROJECTION_SKIPPED_TOTAL: &str = "cloudphone_projection_skipped_total";
     /// Counter: events parked in the dead-letter table.
     pub const PROJECTION_DEAD_LETTERS_TOTAL: &str = "cloudphone_projection_dead_letters_total";
+    /// Counter: errors the Kafka consumer reported (broker unreachable, ...), retried.
+    pub const PROJECTION_CONSUMER_ERRORS_TOTAL: &str = "cloudphone_projection_consumer_errors_total";
 }
 
 pub use rebuild::{ReadModels, fold_log};

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use event_log::{LogReader, LogTail, TailConfig};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::apply_events;
+use crate::apply::{apply_events, begin_batch};
 use crate::checkpoint::{self, CheckpointMoved, ProjectionCheckpoint};
 use crate::{Projection, metrics_names as m};
 
@@ -26,7 +26,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         ProjectorConfig {
-            batch_size: 2_000,
+            batch_size: 10_000,
             poll_interval: Duration::from_millis(500),
             listen: true,
         }
@@ -41,6 +41,19 @@ pub enum ProjectorError {
     Read(#[from] event_log::ReadError),
     #[error(transparent)]
     CheckpointMoved(#[from] CheckpointMoved),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error(
+        "projection `{projection}` ran in Kafka mode and applied events up to position {applied}, \
+         beyond its checkpoint {checkpoint}: following the log from the checkpoint would apply \
+         them twice. Let the Kafka projectors catch up with the relay before switching to \
+         embedded mode, or rebuild the projection"
+    )]
+    AheadInKafkaMode {
+        projection: &'static str,
+        checkpoint: i64,
+        applied: i64,
+    },
 }
 
 /// Runs one projection from the log until `stop` is cancelled. Errors (the database going
@@ -51,7 +64,11 @@ pub async fn run_log_projector(pool: PgPool, projection: Projection, config: Pro
         match follow(&pool, projection, config, &stop).await {
             Ok(()) => break,
             Err(error) => {
-                tracing::warn!(projection = projection.name(), %error, ?backoff, "projector restarting from its checkpoint");
+                if matches!(error, ProjectorError::AheadInKafkaMode { .. }) {
+                    tracing::error!(projection = projection.name(), %error, "projector cannot start");
+                } else {
+                    tracing::warn!(projection = projection.name(), %error, ?backoff, "projector restarting from its checkpoint");
+                }
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(backoff) => {}
@@ -70,7 +87,7 @@ async fn follow(
     stop: &CancellationToken,
 ) -> Result<(), ProjectorError> {
     let mut conn = pool.acquire().await?;
-    let mut at = checkpoint::load(&mut conn, projection).await?;
+    let mut at = resume_point(&mut conn, projection).await?;
     drop(conn);
     let reader = LogReader::new(pool.clone());
     let tail_config = TailConfig {
@@ -98,7 +115,7 @@ async fn follow(
             last_recorded_at: Some(last.recorded_at),
         };
         let started = Instant::now();
-        let mut tx = pool.begin().await?;
+        let mut tx = begin_batch(pool).await?;
         let applied = apply_events(&mut tx, projection, &events).await?;
         if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
             return Err(CheckpointMoved {
@@ -117,6 +134,30 @@ async fn follow(
                     .set((head.position - at.position).max(0) as f64);
             }
         }
+    }
+}
+
+/// Where an embedded projector resumes: the projection's checkpoint, unless Kafka-mode
+/// projectors applied events beyond it. Kafka partitions apply independently, so after a
+/// Kafka run the checkpoint (the minimum over partitions) may trail events already applied;
+/// following the log from there would apply them twice.
+pub async fn resume_point(
+    conn: &mut PgConnection,
+    projection: Projection,
+) -> Result<ProjectionCheckpoint, ProjectorError> {
+    let at = checkpoint::load(&mut *conn, projection).await?;
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT max(last_position) FROM projection_offsets WHERE projection = $1")
+            .bind(projection.name())
+            .fetch_one(&mut *conn)
+            .await?;
+    match applied {
+        Some(applied) if applied > at.position => Err(ProjectorError::AheadInKafkaMode {
+            projection: projection.name(),
+            checkpoint: at.position,
+            applied,
+        }),
+        _ => Ok(at),
     }
 }
 

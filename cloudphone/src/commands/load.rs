@@ -31,6 +31,7 @@ const LOAD_DATABASE: &str = "cloudphone_load";
 pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
     match kind {
         LoadKind::Commands(args) => commands(args).await,
+        LoadKind::Projections(args) => super::load_projections::run(args).await,
     }
 }
 
@@ -45,15 +46,15 @@ enum Operation {
 }
 
 #[derive(Debug, Serialize)]
-struct Latency {
-    count: u64,
-    p50_ms: f64,
-    p99_ms: f64,
-    p999_ms: f64,
+pub(crate) struct Latency {
+    pub(crate) count: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
 }
 
 impl Latency {
-    fn of(histogram: &Histogram<u64>) -> Self {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
         let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
         Latency {
             count: histogram.len(),
@@ -147,7 +148,7 @@ async fn commands(args: &LoadCommandsArgs) -> anyhow::Result<()> {
 }
 
 /// A fresh database for one mode, so each starts from the same empty state.
-async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
+pub(crate) async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url).context("--database-url")?;
     let mut admin = options
         .clone()
@@ -245,7 +246,7 @@ async fn run_mode(args: &LoadCommandsArgs, mode: AppendMode, label: &'static str
 }
 
 #[allow(clippy::expect_used)] // constant bounds, checked by every run
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // 1 µs .. 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }

@@ -2,8 +2,10 @@
 
 pub mod database;
 pub mod load;
+pub mod load_projections;
 pub mod migrate;
 pub mod partitions;
+pub mod role_endpoints;
 pub mod serve;
 pub mod token;
 pub mod verify;

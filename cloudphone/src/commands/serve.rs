@@ -6,23 +6,27 @@ use std::time::Duration;
 use anyhow::Context;
 use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
 use command_api::{ApiConfig, AppendMode, Application};
+use event_log::relay::{RelayConfig, run_relay};
 use event_log::{EventStore, StoreConfig, SystemClock};
 use projections::Projection;
+use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
 use projections::runner::{ProjectorConfig, run_log_projector};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{AppendModeArg, AuthArgs, PlatformArgs};
-use crate::commands::database;
+use crate::commands::{database, role_endpoints};
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Roles {
-    /// Everything (the embedded default): the command API and the projectors following the
-    /// log. The query API joins when it is built (issue #6).
+    /// Everything: the command API and the projectors (following the log, or with
+    /// `--kafka-brokers` the relay and Kafka projectors). The query API joins when it is built
+    /// (issue #6).
     All,
     CommandApi,
     Projector,
+    Relay,
 }
 
 pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
@@ -34,16 +38,31 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         .context("read model migration failed")?;
     let metrics = command_api::telemetry::prometheus();
     let stop = CancellationToken::new();
-    let projectors = match roles {
-        Roles::All | Roles::Projector => start_projectors(&pool, &stop),
-        Roles::CommandApi => Vec::new(),
+    let mut background = match roles {
+        Roles::All | Roles::Projector => start_projectors(args, &pool, &stop),
+        Roles::CommandApi | Roles::Relay => Vec::new(),
     };
-    if roles == Roles::Projector {
-        tracing::info!("projectors running; stop with SIGTERM");
+    if matches!(roles, Roles::All | Roles::Relay) {
+        match &args.kafka_brokers {
+            Some(brokers) => background.push(tokio::spawn(run_relay(
+                pool.clone(),
+                relay_config(args, brokers),
+                stop.clone(),
+            ))),
+            None if roles == Roles::Relay => {
+                anyhow::bail!("the relay needs --kafka-brokers (CLOUDPHONE_KAFKA_BROKERS)")
+            }
+            None => {}
+        }
+    }
+    if matches!(roles, Roles::Projector | Roles::Relay) {
+        let endpoints = role_endpoints::serve(args.ops_listen, pool.clone(), metrics, stop.clone()).await?;
+        tracing::info!(?roles, "running; stop with SIGTERM");
         shutdown_signal().await;
         stop.cancel();
-        for projector in projectors {
-            let _ = projector.await;
+        let _ = endpoints.await;
+        for task in background {
+            let _ = task.await;
         }
         pool.close().await;
         return Ok(());
@@ -70,34 +89,62 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         .context("cannot start the command API")?;
     tracing::info!(address = %app.local_addr(), ?roles, "command API listening");
     if roles == Roles::All {
-        tracing::info!("projectors following the log; the query API is not built yet (issue #6)");
+        let mode = if args.kafka_brokers.is_some() {
+            "relay and Kafka projectors"
+        } else {
+            "projectors following the log"
+        };
+        tracing::info!(mode, "the query API is not built yet (issue #6)");
     }
     let served = app
         .run_until_stopped(shutdown_signal())
         .await
         .context("command API failed");
-    // The API has answered everything it accepted; the projectors stop after their batch.
+    // The API has answered everything it accepted; the background roles stop after their batch.
     stop.cancel();
-    for projector in projectors {
-        let _ = projector.await;
+    for task in background {
+        let _ = task.await;
     }
     pool.close().await;
     served
 }
 
-/// The embedded projectors: each projection follows the PostgreSQL log.
-fn start_projectors(pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+/// One projector per projection: following the PostgreSQL log (embedded), or consuming the
+/// relay's topic when brokers are configured.
+fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
     Projection::ALL
         .into_iter()
-        .map(|projection| {
-            tokio::spawn(run_log_projector(
+        .map(|projection| match &args.kafka_brokers {
+            Some(brokers) => {
+                let config = KafkaProjectorConfig {
+                    topic: args.kafka_topic.clone(),
+                    group_id: format!("cloudphone-projector-{}-{}", args.kafka_topic, projection.name()),
+                    instance_id: args
+                        .kafka_instance_id
+                        .as_ref()
+                        .map(|id| format!("{id}-{}", projection.name())),
+                    fetch_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
+                    ..KafkaProjectorConfig::new(brokers.clone(), projection)
+                };
+                tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
+            }
+            None => tokio::spawn(run_log_projector(
                 pool.clone(),
                 projection,
                 ProjectorConfig::default(),
                 stop.clone(),
-            ))
+            )),
         })
         .collect()
+}
+
+fn relay_config(args: &PlatformArgs, brokers: &str) -> RelayConfig {
+    RelayConfig {
+        topic: args.kafka_topic.clone(),
+        name: args.kafka_topic.clone(),
+        partitions: args.kafka_partitions,
+        ..RelayConfig::new(brokers)
+    }
 }
 
 fn key_source(args: &AuthArgs) -> anyhow::Result<KeySource> {
