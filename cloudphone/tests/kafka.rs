@@ -58,6 +58,16 @@ fn start_in_process(pool: &PgPool, topic: &str, stop: &CancellationToken) -> Vec
         ..RelayConfig::new(BROKERS)
     };
     let mut tasks = vec![tokio::spawn(run_relay(pool.clone(), relay, stop.clone()))];
+    tasks.extend(start_projectors_in_process(pool, topic, stop));
+    tasks
+}
+
+fn start_projectors_in_process(
+    pool: &PgPool,
+    topic: &str,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
     for projection in Projection::ALL {
         let config = KafkaProjectorConfig {
             topic: topic.to_owned(),
@@ -542,4 +552,116 @@ async fn switching_between_embedded_and_kafka_mode_applies_every_event_once(pool
     }
     let daily = resume_point(&mut conn, Projection::DailyUsage).await.unwrap();
     assert_eq!(daily.position, head);
+}
+
+/// Waits until the role logging (JSON) to `log` has logged `message`.
+async fn logged(log: &std::path::Path, message: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|entry| entry["message"] == message)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {message:?}:\n{text}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn relay_process(url: &str, topic: &str, log: &std::path::Path) -> KillOnDrop {
+    let log = std::fs::File::create(log).unwrap();
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+            .arg("relay")
+            .env("CLOUDPHONE_DATABASE_URL", url)
+            .env("CLOUDPHONE_KAFKA_BROKERS", BROKERS)
+            .env("CLOUDPHONE_KAFKA_TOPIC", topic)
+            .env("CLOUDPHONE_KAFKA_PARTITIONS", "4")
+            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_LOG", "info")
+            .env("CLOUDPHONE_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Two relay processes: one publishes, the other stands by. The active one is killed
+/// (SIGKILL) mid-stream; the standby takes the lock over and publishes from the checkpoint.
+/// Nothing is lost, and what was published twice around the takeover counts once.
+#[sqlx::test(migrations = false)]
+async fn a_standby_relay_takes_over_when_the_active_one_dies(pool: PgPool) {
+    prepared(&pool).await;
+    let url = url_of(&pool).await;
+    let topic = unique_topic();
+    let logs = std::env::temp_dir().join(&topic);
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = |name: &str| logs.join(name);
+
+    let first = relay_process(&url, &topic, &log("first.log"));
+    logged(&log("first.log"), "relay publishing", Duration::from_secs(30)).await;
+    let second = relay_process(&url, &topic, &log("second.log"));
+    logged(
+        &log("second.log"),
+        "another relay is active; standing by",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    let stop = CancellationToken::new();
+    let projectors = start_projectors_in_process(&pool, &topic, &stop);
+    let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
+    let done = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|seed| tokio::spawn(write_history(store.clone(), done.clone(), seed + 30, PACE)))
+        .collect();
+    let reader = event_log::LogReader::new(pool.clone());
+    let before = reader.head().await.unwrap().position + 50;
+    projections_reach(&pool, before, Duration::from_secs(120)).await;
+    let text = std::fs::read_to_string(log("second.log")).unwrap();
+    assert!(
+        !text.contains("\"relay publishing\""),
+        "the standby published while the first relay was active:\n{text}"
+    );
+
+    drop(first); // SIGKILL: its session, and with it the lock, ends with the process
+    logged(&log("second.log"), "relay publishing", Duration::from_secs(60)).await;
+    let after = reader.head().await.unwrap().position + 50;
+    projections_reach(&pool, after, Duration::from_secs(120)).await;
+
+    // The standby reports itself as the active relay.
+    let ops = ops_address(&log("second.log"));
+    let metrics = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cloudphone_relay_leader 1"),
+        "the standby is not the leader:\n{metrics}"
+    );
+
+    done.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let head = reader.head().await.unwrap().position;
+    relay_reaches(&pool, &topic, head, Duration::from_secs(60)).await;
+    projections_reach(&pool, head, Duration::from_secs(120)).await;
+    drop(second);
+    stop.cancel();
+    for task in projectors {
+        task.await.unwrap();
+    }
+    assert_read_models_equal_a_rebuild(&pool).await;
+    let _ = std::fs::remove_dir_all(&logs);
 }
