@@ -483,23 +483,11 @@ async fn append_some(store: &Arc<EventStore>, pool: &PgPool, seed: u64, more: i6
 /// Kafka partition is ahead of the checkpoint is refused with a clear error.
 #[sqlx::test(migrations = false)]
 async fn switching_between_embedded_and_kafka_mode_applies_every_event_once(pool: PgPool) {
-    use projections::runner::{ProjectorConfig, ProjectorError, resume_point, run_log_projector};
+    use projections::runner::{ProjectorConfig, ProjectorError, resume_point, spawn_log_projectors};
 
     prepared(&pool).await;
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
-    let embedded = |stop: &CancellationToken| -> Vec<tokio::task::JoinHandle<()>> {
-        Projection::ALL
-            .into_iter()
-            .map(|projection| {
-                tokio::spawn(run_log_projector(
-                    pool.clone(),
-                    projection,
-                    ProjectorConfig::default(),
-                    stop.clone(),
-                ))
-            })
-            .collect()
-    };
+    let embedded = |stop: &CancellationToken| spawn_log_projectors(&pool, ProjectorConfig::default(), stop);
 
     // Embedded first.
     let stop = CancellationToken::new();

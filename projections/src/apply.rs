@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use event_schema::{DeviceEvent, Event, EventEnvelope, SchemaError, StreamType};
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::fleet::{DeviceRow, FleetFold};
+use crate::stored::device_row;
 use crate::usage::{UsageDelta, UsageKey, fold_usage};
 use crate::{Projection, metrics_names as m};
 
@@ -173,33 +174,17 @@ async fn apply_fleet<'a>(
 }
 
 async fn load_devices(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
-    let rows = sqlx::query(
+    sqlx::query(
         "SELECT device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, created_at,
                 last_started_at, minutes_used, updated_position
          FROM devices WHERE device_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(conn)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let provider: String = row.try_get("provider")?;
-            let status: String = row.try_get("status")?;
-            Ok(DeviceRow {
-                device_id: row.try_get("device_id")?,
-                owner_id: row.try_get("owner_id")?,
-                provider: provider.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                status: status.parse().map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-                cpu_cores: row.try_get("cpu_cores")?,
-                memory_mb: row.try_get("memory_mb")?,
-                android_version: row.try_get("android_version")?,
-                created_at: row.try_get("created_at")?,
-                last_started_at: row.try_get("last_started_at")?,
-                minutes_used: row.try_get("minutes_used")?,
-                updated_position: row.try_get("updated_position")?,
-            })
-        })
-        .collect()
+    .await?
+    .iter()
+    .map(device_row)
+    .collect()
 }
 
 /// Upserts device rows (UNNEST: one statement for the whole batch).

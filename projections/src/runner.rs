@@ -56,6 +56,18 @@ pub enum ProjectorError {
     },
 }
 
+/// Spawns one embedded projector per projection; each runs until `stop` is cancelled.
+pub fn spawn_log_projectors(
+    pool: &PgPool,
+    config: ProjectorConfig,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    Projection::ALL
+        .into_iter()
+        .map(|projection| tokio::spawn(run_log_projector(pool.clone(), projection, config, stop.clone())))
+        .collect()
+}
+
 /// Runs one projection from the log until `stop` is cancelled. Errors (the database going
 /// away, a concurrent instance) are logged and the projector resumes from its checkpoint.
 pub async fn run_log_projector(pool: PgPool, projection: Projection, config: ProjectorConfig, stop: CancellationToken) {

@@ -3,12 +3,31 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::ReadModels;
 use crate::fleet::{DeviceRow, StatsKey, StatsRow};
 use crate::usage::{UsageDelta, UsageKey};
+
+/// One `devices` row, selected with every column.
+pub(crate) fn device_row(row: &PgRow) -> Result<DeviceRow, sqlx::Error> {
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    Ok(DeviceRow {
+        device_id: row.try_get("device_id")?,
+        owner_id: row.try_get("owner_id")?,
+        provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+        status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+        cpu_cores: row.try_get("cpu_cores")?,
+        memory_mb: row.try_get("memory_mb")?,
+        android_version: row.try_get("android_version")?,
+        created_at: row.try_get("created_at")?,
+        last_started_at: row.try_get("last_started_at")?,
+        minutes_used: row.try_get("minutes_used")?,
+        updated_position: row.try_get("updated_position")?,
+    })
+}
 
 /// Reads every row of every read model.
 pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> {
@@ -21,19 +40,7 @@ pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> 
     .fetch_all(pool)
     .await?
     {
-        let device = DeviceRow {
-            device_id: row.try_get("device_id")?,
-            owner_id: row.try_get("owner_id")?,
-            provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
-            status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
-            cpu_cores: row.try_get("cpu_cores")?,
-            memory_mb: row.try_get("memory_mb")?,
-            android_version: row.try_get("android_version")?,
-            created_at: row.try_get("created_at")?,
-            last_started_at: row.try_get("last_started_at")?,
-            minutes_used: row.try_get("minutes_used")?,
-            updated_position: row.try_get("updated_position")?,
-        };
+        let device = device_row(&row)?;
         devices.insert(device.device_id, device);
     }
     let mut device_stats = BTreeMap::new();

@@ -31,7 +31,7 @@ use event_schema::{
 use hdrhistogram::Histogram;
 use projections::Projection;
 use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
-use projections::runner::{ProjectorConfig, run_log_projector};
+use projections::runner::{ProjectorConfig, run_log_projector, spawn_log_projectors};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -374,20 +374,6 @@ async fn applied(pool: &PgPool) -> anyhow::Result<i64> {
     Ok(positions.values().copied().min().unwrap_or(0))
 }
 
-fn start_log_projectors(pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-    Projection::ALL
-        .into_iter()
-        .map(|projection| {
-            tokio::spawn(run_log_projector(
-                pool.clone(),
-                projection,
-                ProjectorConfig::default(),
-                stop.clone(),
-            ))
-        })
-        .collect()
-}
-
 async fn stop_all(stop: CancellationToken, tasks: Vec<tokio::task::JoinHandle<()>>) {
     stop.cancel();
     for task in tasks {
@@ -440,7 +426,7 @@ fn catch_up_config() -> ProjectorConfig {
 /// projectors stopped leave them behind).
 async fn projections_to_head(pool: &PgPool) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let tasks = start_log_projectors(pool, &stop);
+    let tasks = spawn_log_projectors(pool, ProjectorConfig::default(), &stop);
     let head = LogReader::new(pool.clone()).head().await?.position;
     let deadline = Instant::now() + Duration::from_secs(600);
     while applied(pool).await? < head {
@@ -654,7 +640,7 @@ async fn embedded_latency(
     args: &LoadProjectionsArgs,
 ) -> anyhow::Result<LatencyPhase> {
     let stop = CancellationToken::new();
-    let tasks = start_log_projectors(pool, &stop);
+    let tasks = spawn_log_projectors(pool, ProjectorConfig::default(), &stop);
     let phase = measure(store, args.rate, args, "embedded projectors", || poll_checkpoints(pool)).await;
     stop_all(stop, tasks).await;
     phase

@@ -10,7 +10,7 @@ use event_log::relay::{RelayConfig, run_relay};
 use event_log::{EventStore, StoreConfig, SystemClock};
 use projections::Projection;
 use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
-use projections::runner::{ProjectorConfig, run_log_projector};
+use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -112,28 +112,23 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
 /// One projector per projection: following the PostgreSQL log (embedded), or consuming the
 /// relay's topic when brokers are configured.
 fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(brokers) = &args.kafka_brokers else {
+        return spawn_log_projectors(pool, ProjectorConfig::default(), stop);
+    };
     Projection::ALL
         .into_iter()
-        .map(|projection| match &args.kafka_brokers {
-            Some(brokers) => {
-                let config = KafkaProjectorConfig {
-                    topic: args.kafka_topic.clone(),
-                    group_id: format!("cloudphone-projector-{}-{}", args.kafka_topic, projection.name()),
-                    instance_id: args
-                        .kafka_instance_id
-                        .as_ref()
-                        .map(|id| format!("{id}-{}", projection.name())),
-                    fetch_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
-                    ..KafkaProjectorConfig::new(brokers.clone(), projection)
-                };
-                tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
-            }
-            None => tokio::spawn(run_log_projector(
-                pool.clone(),
-                projection,
-                ProjectorConfig::default(),
-                stop.clone(),
-            )),
+        .map(|projection| {
+            let config = KafkaProjectorConfig {
+                topic: args.kafka_topic.clone(),
+                group_id: format!("cloudphone-projector-{}-{}", args.kafka_topic, projection.name()),
+                instance_id: args
+                    .kafka_instance_id
+                    .as_ref()
+                    .map(|id| format!("{id}-{}", projection.name())),
+                fetch_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
+                ..KafkaProjectorConfig::new(brokers.clone(), projection)
+            };
+            tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
         })
         .collect()
 }

@@ -12,7 +12,7 @@ use domain::user::{self, UserCommand, UserState};
 use event_log::{AppendBatch, EventStore, ExpectedVersion, ManualClock, NewEvent, StoreConfig, StreamAppend};
 use event_schema::{Event, EventMetadata, Personal, Quota, StopReason, StreamType, Tier};
 use projections::Projection;
-use projections::runner::{ProjectorConfig, run_log_projector};
+use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
@@ -32,10 +32,7 @@ pub fn start_projectors(pool: &PgPool) -> (CancellationToken, Vec<tokio::task::J
         poll_interval: Duration::from_millis(50),
         listen: true,
     };
-    let tasks = Projection::ALL
-        .into_iter()
-        .map(|projection| tokio::spawn(run_log_projector(pool.clone(), projection, config, stop.clone())))
-        .collect();
+    let tasks = spawn_log_projectors(pool, config, &stop);
     (stop, tasks)
 }
 
