@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian machine it first installs and starts what the tests
-# need (PostgreSQL, a Kafka-protocol broker; later issues add a streaming replica), then
+# need (PostgreSQL, a Kafka-protocol broker, a streaming replica), then
 # runs every test of the workspace with cargo-nextest against those real services.
 #
 # Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
@@ -13,6 +13,8 @@ ops/dev/postgres.sh ensure
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # The Kafka-protocol broker for the scale-out tests (built once, ~15 minutes; then cached).
 ops/dev/broker.sh fresh
+# A streaming replica of that PostgreSQL on port 5433 for the read-routing tests.
+ops/dev/replica.sh start
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "test.sh: installing cargo-nextest" >&2
@@ -23,7 +25,7 @@ fi
 # whole workspace must hold at least this many (raise it as tests are added).
 if [ "$#" -eq 0 ]; then
     count=$(cargo nextest list --workspace --message-format oneline | grep -c .)
-    minimum=136
+    minimum=139
     if [ "$count" -lt "$minimum" ]; then
         echo "test.sh: only $count tests found, expected at least $minimum" >&2
         exit 1

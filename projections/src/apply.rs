@@ -54,17 +54,26 @@ fn decode<'a>(
 
 /// Applies `events` (in position order) to `projection`'s tables on `conn`, inside the
 /// caller's transaction.
-/// Opens the transaction an embedded projector writes a batch and its checkpoint in. It
-/// commits without waiting for the WAL flush: a server crash may lose the last batches, but
-/// their checkpoint goes with them (same transaction) and the next `checkpoint::advance`
-/// (which expects the position this process last wrote) fails, so the projector resumes
-/// from what PostgreSQL really holds and applies them again. Read models are derived data;
-/// the flush wait was the largest part of a small batch's cost.
-pub async fn begin_batch(pool: &sqlx::PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+/// Batches at least this large are catching up, not tailing: see [`begin_batch`].
+const CATCH_UP_BATCH: usize = 1_000;
+
+/// Opens the transaction an embedded projector writes a batch of `events` and its
+/// checkpoint in. A large batch (catching up) commits without waiting for the WAL flush: a
+/// server crash may lose it, but its checkpoint goes with it (same transaction) and the next
+/// `checkpoint::advance` (which expects the position this process last wrote) fails, so the
+/// projector resumes from what PostgreSQL really holds. A small batch (tailing) waits for the
+/// flush: an unflushed commit reaches streaming replicas only when the WAL writer runs (up to
+/// `wal_writer_delay`, 200 ms by default), which read-your-writes on a replica would wait for.
+pub async fn begin_batch(
+    pool: &sqlx::PgPool,
+    events: usize,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    if events >= CATCH_UP_BATCH {
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(tx)
 }
 

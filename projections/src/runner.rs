@@ -127,7 +127,7 @@ async fn follow(
             last_recorded_at: Some(last.recorded_at),
         };
         let started = Instant::now();
-        let mut tx = begin_batch(pool).await?;
+        let mut tx = begin_batch(pool, events.len()).await?;
         let applied = apply_events(&mut tx, projection, &events).await?;
         if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
             return Err(CheckpointMoved {

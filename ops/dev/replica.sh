@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# A real streaming replica of the local PostgreSQL (127.0.0.1:5432) for development and tests:
+# pg_basebackup -R (streaming WAL, standby.signal, primary_conninfo), started as a hot standby
+# on another port. The primary must be up (ops/dev/postgres.sh ensure).
+#
+#   ops/dev/replica.sh start     create it if missing (base backup), start it, wait until it
+#                                answers read-only queries
+#   ops/dev/replica.sh stop      stop it (fast shutdown), as an outage would look to clients
+#   ops/dev/replica.sh restart   stop, then start: it catches up from the primary's WAL
+#   ops/dev/replica.sh fresh     stop, delete its data, take a new base backup, start
+#   ops/dev/replica.sh status    exit 0 when it answers and is in recovery
+#   ops/dev/replica.sh lag       print its replay lag in bytes and seconds
+#
+# Environment: CLOUDPHONE_REPLICA_PORT (default 5433), CLOUDPHONE_REPLICA_DIR (its data
+# directory, default /var/lib/postgresql/cloudphone-replica-<port>; owned by the postgres
+# user, since PostgreSQL refuses to run as root).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+port="${CLOUDPHONE_REPLICA_PORT:-5433}"
+dir="${CLOUDPHONE_REPLICA_DIR:-/var/lib/postgresql/cloudphone-replica-$port}"
+primary="postgres://postgres@127.0.0.1:5432/postgres"
+replica="postgres://postgres@127.0.0.1:$port/postgres"
+
+say() { echo "replica.sh: $*" >&2; }
+
+bin() {
+    local version
+    version=$(psql "$primary" -Atqc "SELECT current_setting('server_version_num')::int / 10000")
+    echo "/usr/lib/postgresql/$version/bin"
+}
+
+# Runs a command as the owner of PostgreSQL's files (postgres when we are root).
+as_owner() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+answers() {
+    [ "$(psql "$replica" -Atqc 'SELECT pg_is_in_recovery()' 2>/dev/null)" = "t" ]
+}
+
+allow_replication() {
+    # `all` in pg_hba.conf does not cover replication connections: add a loopback line.
+    local hba
+    hba=$(psql "$primary" -Atqc 'SHOW hba_file')
+    if ! grep -Eq '^host\s+replication\s+\S+\s+127\.0\.0\.1/32' "$hba"; then
+        say "allowing loopback replication connections in $hba"
+        sed -i '1i host replication all 127.0.0.1/32 trust # cloudphone-dev' "$hba"
+        psql "$primary" -Atqc 'SELECT pg_reload_conf()' >/dev/null
+    fi
+}
+
+create() {
+    allow_replication
+    say "base backup of the primary into $dir"
+    mkdir -p "$(dirname "$dir")"
+    as_owner "$(bin)/pg_basebackup" --host 127.0.0.1 --port 5432 --username postgres \
+        --pgdata "$dir" --write-recovery-conf --wal-method stream --checkpoint fast
+    # Debian keeps its configuration outside the data directory; the copy needs its own.
+    as_owner touch "$dir/postgresql.conf"
+    cat <<EOF | as_owner tee -a "$dir/postgresql.auto.conf" >/dev/null
+port = $port
+listen_addresses = '127.0.0.1'
+hot_standby = on
+hba_file = '$(psql "$primary" -Atqc 'SHOW hba_file')'
+ident_file = '$(psql "$primary" -Atqc 'SHOW ident_file')'
+unix_socket_directories = '/tmp'
+max_connections = 100
+# Queries on the standby are not cancelled for replay conflicts within this delay.
+max_standby_streaming_delay = 5s
+hot_standby_feedback = on
+EOF
+}
+
+start() {
+    if answers; then
+        return 0
+    fi
+    if [ ! -f "$dir/standby.signal" ]; then
+        rm -rf "$dir"
+        create
+    fi
+    as_owner "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/replica.log" --wait --timeout 60 start >/dev/null
+    for _ in $(seq 1 120); do
+        if answers; then
+            return 0
+        fi
+        sleep 0.25
+    done
+    say "the replica did not answer on 127.0.0.1:$port; see $dir/replica.log"
+    tail -n 20 "$dir/replica.log" >&2 || true
+    return 1
+}
+
+stop() {
+    if [ -f "$dir/postmaster.pid" ]; then
+        as_owner "$(bin)/pg_ctl" --pgdata "$dir" --mode fast --wait stop >/dev/null 2>&1 || true
+    fi
+}
+
+lag() {
+    psql "$replica" -Atqc "SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0) AS bytes,
+                                  coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) AS seconds"
+}
+
+case "${1:-start}" in
+    start) start ;;
+    stop) stop ;;
+    restart) stop; start ;;
+    fresh) stop; rm -rf "$dir"; start ;;
+    status) answers ;;
+    lag) lag ;;
+    *) echo "usage: $0 start|stop|restart|fresh|status|lag" >&2; exit 2 ;;
+esac

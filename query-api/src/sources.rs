@@ -1,0 +1,306 @@
+//! Where reads go: healthy read replicas in turn, the primary when none is usable, and for
+//! read-your-writes a source whose projections have reached the caller's position.
+//!
+//! A background round ([`ReadSources::check_health`]) probes every replica: it must answer,
+//! be in recovery, and have replayed to within `max_lag_bytes` of the primary's WAL. A
+//! replica that fails is out of rotation until a later round finds it well again; a query
+//! that fails on a replica is retried on the primary ([`ReadSources::read`]), so one replica
+//! dying between two rounds fails no query.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use projections::Projection;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+/// Names of the metrics the router records.
+pub mod metrics_names {
+    /// Gauge: 1 while a replica is in rotation, per replica.
+    pub const REPLICA_HEALTHY: &str = "cloudphone_replica_healthy";
+    /// Gauge: bytes of WAL a replica has not replayed yet, per replica.
+    pub const REPLICA_LAG_BYTES: &str = "cloudphone_replica_lag_bytes";
+    /// Counter: reads answered by the primary because no replica could, by reason.
+    pub const READ_FALLBACKS_TOTAL: &str = "cloudphone_read_fallbacks_total";
+}
+use metrics_names as m;
+
+#[derive(Debug, Clone)]
+pub struct SourcesConfig {
+    /// A replica further behind the primary's WAL than this is taken out of rotation.
+    pub max_lag_bytes: i64,
+    /// How long a probe may take before the replica counts as down.
+    pub probe_timeout: Duration,
+    /// How long a read-your-writes query waits for a source to reach its position.
+    pub position_wait: Duration,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            max_lag_bytes: 16 * 1024 * 1024,
+            probe_timeout: Duration::from_secs(1),
+            position_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Replica {
+    name: String,
+    pool: PgPool,
+    healthy: AtomicBool,
+    lag_bytes: AtomicI64,
+}
+
+/// Which database answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Primary,
+    Replica(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Even the primary's projections have not reached the position after the wait.
+    #[error("the read models have not reached position {wanted} within {waited:?} (they stand at {reached})")]
+    NotYetVisible {
+        wanted: i64,
+        reached: i64,
+        waited: Duration,
+    },
+}
+
+/// The primary and the replicas, with their health.
+#[derive(Debug, Clone)]
+pub struct ReadSources {
+    primary: PgPool,
+    replicas: Arc<Vec<Replica>>,
+    next: Arc<AtomicUsize>,
+    config: SourcesConfig,
+}
+
+impl ReadSources {
+    /// Replica pools connect lazily: a replica that is down at start-up joins when it answers.
+    pub fn new(primary: PgPool, replica_urls: &[String], config: SourcesConfig) -> Result<Self, sqlx::Error> {
+        let replicas = replica_urls
+            .iter()
+            .map(|url| {
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(config.probe_timeout)
+                    .connect_lazy(url)?;
+                Ok(Replica {
+                    name: replica_name(url),
+                    pool,
+                    healthy: AtomicBool::new(false),
+                    lag_bytes: AtomicI64::new(0),
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(ReadSources {
+            primary,
+            replicas: Arc::new(replicas),
+            next: Arc::new(AtomicUsize::new(0)),
+            config,
+        })
+    }
+
+    pub fn primary(&self) -> &PgPool {
+        &self.primary
+    }
+
+    /// Probes every replica once and updates the rotation.
+    pub async fn check_health(&self) {
+        let primary_lsn: Option<String> = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.primary)
+            .await
+            .ok();
+        for replica in self.replicas.iter() {
+            let probe = async {
+                sqlx::query_as::<_, (bool, Option<i64>)>(
+                    "SELECT pg_is_in_recovery(),
+                            pg_wal_lsn_diff($1::pg_lsn, pg_last_wal_replay_lsn())::bigint",
+                )
+                .bind(primary_lsn.as_deref())
+                .fetch_one(&replica.pool)
+                .await
+            };
+            let (healthy, lag) = match tokio::time::timeout(self.config.probe_timeout, probe).await {
+                Ok(Ok((true, lag))) => {
+                    let lag = lag.unwrap_or(0).max(0);
+                    (lag <= self.config.max_lag_bytes, lag)
+                }
+                // Promoted (no longer a replica of this primary), down, or too slow to answer.
+                Ok(Ok((false, _))) | Ok(Err(_)) | Err(_) => (false, i64::MAX),
+            };
+            let was = replica.healthy.swap(healthy, Ordering::Relaxed);
+            replica.lag_bytes.store(lag, Ordering::Relaxed);
+            if was != healthy {
+                tracing::warn!(replica = %replica.name, healthy, lag_bytes = lag, "replica rotation changed");
+            }
+            metrics::gauge!(m::REPLICA_HEALTHY, "replica" => replica.name.clone()).set(f64::from(u8::from(healthy)));
+            if lag != i64::MAX {
+                metrics::gauge!(m::REPLICA_LAG_BYTES, "replica" => replica.name.clone()).set(lag as f64);
+            }
+        }
+    }
+
+    /// Probes the replicas every `interval` until `stop`.
+    pub fn spawn_health_checks(&self, interval: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let sources = self.clone();
+        tokio::spawn(async move {
+            loop {
+                sources.check_health().await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    }
+
+    /// The replicas in rotation now, in round-robin order from the next turn.
+    fn rotation(&self) -> Vec<&Replica> {
+        let healthy: Vec<&Replica> = self
+            .replicas
+            .iter()
+            .filter(|r| r.healthy.load(Ordering::Relaxed))
+            .collect();
+        if healthy.is_empty() {
+            return healthy;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % healthy.len();
+        healthy[start..].iter().chain(&healthy[..start]).copied().collect()
+    }
+
+    /// Runs `query` on a replica in rotation, or on the primary when there is none or the
+    /// replica fails (it is then taken out of rotation until the next healthy probe).
+    pub async fn read<T, F, Fut>(&self, query: F) -> Result<(T, Source), ReadError>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        if let Some(replica) = self.rotation().first() {
+            match query(replica.pool.clone()).await {
+                Ok(value) => return Ok((value, Source::Replica(replica.name.clone()))),
+                Err(error) if !is_source_failure(&error) => return Err(error.into()),
+                Err(error) => {
+                    tracing::warn!(replica = %replica.name, %error, "read failed on a replica; retrying on the primary");
+                    replica.healthy.store(false, Ordering::Relaxed);
+                    metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_failed").increment(1);
+                }
+            }
+        } else if !self.replicas.is_empty() {
+            metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "no_replica").increment(1);
+        }
+        Ok((query(self.primary.clone()).await?, Source::Primary))
+    }
+
+    /// A source whose projections (all of them) have applied the log up to `position`:
+    /// a replica in rotation if one has, else the first to reach it within the configured
+    /// wait, else the primary if it has, else [`ReadError::NotYetVisible`].
+    pub async fn source_at(&self, position: i64) -> Result<(PgPool, Source), ReadError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let rotation = self.rotation();
+            for replica in &rotation {
+                if applied(&replica.pool).await.is_ok_and(|at| at >= position) {
+                    return Ok((replica.pool.clone(), Source::Replica(replica.name.clone())));
+                }
+            }
+            let reached = applied(&self.primary).await?;
+            // Waiting only helps when a replica in rotation may still catch up.
+            if reached >= position && (rotation.is_empty() || started.elapsed() >= self.config.position_wait) {
+                if !self.replicas.is_empty() {
+                    metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_behind").increment(1);
+                }
+                return Ok((self.primary.clone(), Source::Primary));
+            }
+            if started.elapsed() >= self.config.position_wait {
+                return Err(ReadError::NotYetVisible {
+                    wanted: position,
+                    reached,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Replicas by name with whether they are in rotation and their lag in bytes.
+    pub fn replica_states(&self) -> Vec<(String, bool, i64)> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.healthy.load(Ordering::Relaxed),
+                    r.lag_bytes.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The lowest checkpoint over every projection (0 while any has not run yet).
+async fn applied(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
+    let (count, least): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), min(position) FROM projection_checkpoints WHERE projection = ANY($1)")
+            .bind(&names)
+            .fetch_one(pool)
+            .await?;
+    Ok(if usize::try_from(count).unwrap_or(0) < names.len() {
+        0
+    } else {
+        least.unwrap_or(0)
+    })
+}
+
+/// Whether an error says the source failed (unreachable, shutting down, a recovery
+/// conflict), rather than the query: only then is another source worth trying.
+fn is_source_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57: operator intervention (shutdown, recovery
+            // conflict cancels); 53: insufficient resources; 40001: recovery conflict.
+            code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "40001"
+        }),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+/// host:port/database of a URL, without credentials (for logs and metric labels).
+fn replica_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    rest.split('?').next().unwrap_or(rest).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replica_name;
+
+    #[test]
+    fn replica_names_never_carry_credentials() {
+        assert_eq!(
+            replica_name("postgres://reader:s3cret@10.0.0.7:5433/cloudphone?sslmode=require"),
+            "10.0.0.7:5433/cloudphone"
+        );
+        assert_eq!(replica_name("postgres://127.0.0.1:5433/x"), "127.0.0.1:5433/x");
+    }
+}
