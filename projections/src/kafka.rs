@@ -461,7 +461,16 @@ async fn commit_batch(
     for (position, error, raw) in &batch.unreadable {
         park_unreadable(&mut tx, projection, *position, error, raw).await?;
     }
-    store_offsets(&mut tx, projection, &config.topic, &batch.touched).await?;
+    let expected: HashMap<i32, i64> = partitions
+        .iter()
+        .map(|(partition, state)| (*partition, state.next_offset))
+        .collect();
+    if !store_offsets(&mut tx, projection, &config.topic, &batch.touched, &expected).await? {
+        // Rolled back on drop; the worker rejoins and starts from what PostgreSQL holds.
+        return Err(ProjectorError::OffsetsMoved {
+            projection: projection.name(),
+        });
+    }
     if let Some(last) = batch.events.iter().max_by_key(|e| e.position) {
         sqlx::query(
             "UPDATE projection_checkpoints SET last_recorded_at = greatest(last_recorded_at, $2), updated_at = now()
@@ -492,29 +501,41 @@ async fn commit_batch(
     Ok(())
 }
 
+/// Stores each touched partition's next offset and last position, provided each still holds
+/// what this process read (`expected`, 0 for a partition with no row yet). Returns false when
+/// one does not: another worker owns the partition now (this one is a zombie of a rebalance
+/// it missed) and the batch must be rolled back, not counted a second time.
 async fn store_offsets(
     conn: &mut PgConnection,
     projection: Projection,
     topic: &str,
     touched: &HashMap<i32, (i64, i64)>,
-) -> Result<(), sqlx::Error> {
+    expected: &HashMap<i32, i64>,
+) -> Result<bool, sqlx::Error> {
     let partitions: Vec<i32> = touched.keys().copied().collect();
     let next: Vec<i64> = partitions.iter().map(|p| touched[p].0).collect();
     let last: Vec<i64> = partitions.iter().map(|p| touched[p].1).collect();
-    sqlx::query(
+    let before: Vec<i64> = partitions
+        .iter()
+        .map(|p| expected.get(p).copied().unwrap_or(0))
+        .collect();
+    let stored = sqlx::query(
         "INSERT INTO projection_offsets (projection, topic, partition, next_offset, last_position)
          SELECT $1, $2, p, n, l FROM UNNEST($3::int[], $4::bigint[], $5::bigint[]) AS t(p, n, l)
          ON CONFLICT (projection, topic, partition) DO UPDATE SET
-             next_offset = EXCLUDED.next_offset, last_position = EXCLUDED.last_position",
+             next_offset = EXCLUDED.next_offset, last_position = EXCLUDED.last_position
+         WHERE projection_offsets.next_offset =
+             (SELECT e FROM UNNEST($3::int[], $6::bigint[]) AS x(p, e) WHERE x.p = EXCLUDED.partition)",
     )
     .bind(projection.name())
     .bind(topic)
     .bind(&partitions)
     .bind(&next)
     .bind(&last)
+    .bind(&before)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(stored.rows_affected() == partitions.len() as u64)
 }
 
 /// Moves the projection's checkpoint to what every partition has surely applied (see the
@@ -553,4 +574,53 @@ async fn advance_checkpoint(pool: &PgPool, projection: Projection, topic: &str) 
         metrics::gauge!(m::PROJECTION_LAG_SECONDS, "projection" => name).set(lag);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use sqlx::PgPool;
+
+    use super::store_offsets;
+    use crate::Projection;
+
+    /// A worker that lost a partition in a rebalance it has not seen yet (a zombie) cannot
+    /// store offsets over the new owner's: the store reports it, and the caller rolls back.
+    #[sqlx::test(migrations = false)]
+    async fn offsets_move_only_from_what_the_worker_read(pool: PgPool) {
+        crate::migrate(&pool).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        let topic = "cloudphone.test";
+        let fleet = Projection::Fleet;
+        let batch = |entries: &[(i32, i64, i64)]| -> HashMap<i32, (i64, i64)> {
+            entries.iter().map(|(p, n, l)| (*p, (*n, *l))).collect()
+        };
+        let read = |entries: &[(i32, i64)]| -> HashMap<i32, i64> { entries.iter().copied().collect() };
+
+        // First batches of two partitions (no rows yet: expected 0).
+        let first = batch(&[(0, 10, 100), (1, 4, 40)]);
+        assert!(
+            store_offsets(&mut conn, fleet, topic, &first, &read(&[]))
+                .await
+                .unwrap()
+        );
+        // The new owner of partition 0 moves it on from what it read.
+        let owner = batch(&[(0, 15, 150)]);
+        assert!(
+            store_offsets(&mut conn, fleet, topic, &owner, &read(&[(0, 10)]))
+                .await
+                .unwrap()
+        );
+        // The zombie, which read 10 too, is refused, even though partition 1 alone would pass.
+        let zombie = batch(&[(0, 12, 120), (1, 6, 60)]);
+        assert!(
+            !store_offsets(&mut conn, fleet, topic, &zombie, &read(&[(0, 10), (1, 4)]))
+                .await
+                .unwrap()
+        );
+        // A worker that thinks a partition is new while someone stored it is refused as well.
+        let late = batch(&[(1, 5, 50)]);
+        assert!(!store_offsets(&mut conn, fleet, topic, &late, &read(&[])).await.unwrap());
+    }
 }

@@ -43,6 +43,10 @@ pub enum ProjectorError {
     CheckpointMoved(#[from] CheckpointMoved),
     #[error("Kafka: {0}")]
     Kafka(String),
+    /// Kafka mode: a partition's stored offset moved under this worker (it lost the
+    /// partition in a rebalance it had not seen yet); its batch is rolled back.
+    #[error("offsets of `{projection}` moved under this worker: another worker owns the partition now")]
+    OffsetsMoved { projection: &'static str },
     #[error(
         "projection `{projection}` ran in Kafka mode and applied events up to position {applied}, \
          beyond its checkpoint {checkpoint}: following the log from the checkpoint would apply \
