@@ -95,6 +95,10 @@ pub struct PlatformArgs {
     /// Seconds a request may take before it is answered 503.
     #[arg(long, env = "CLOUDPHONE_REQUEST_TIMEOUT", default_value_t = 10)]
     pub request_timeout: u64,
+    /// Hours an idempotency key answers retries with its original outcome; after that the
+    /// same key is a new request. 0 keeps keys forever.
+    #[arg(long, env = "CLOUDPHONE_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
+    pub idempotency_retention_hours: u64,
     /// How commands reach the log: `group` (group commit) or `unbatched` (one transaction per
     /// command: the benchmark baseline).
     #[arg(long, env = "CLOUDPHONE_APPEND_MODE", value_enum, default_value = "group")]

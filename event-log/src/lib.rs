@@ -37,6 +37,7 @@ mod append;
 pub mod chain;
 pub mod clock;
 pub mod db_error;
+pub mod idempotency;
 mod migrate;
 pub mod partitions;
 mod read;
@@ -69,5 +70,7 @@ pub mod metrics_names {
     pub const APPEND_CONFLICTS_TOTAL: &str = "cloudphone_append_conflicts_total";
     /// Counter: appends answered from a stored idempotency outcome.
     pub const APPEND_IDEMPOTENT_REPLAYS_TOTAL: &str = "cloudphone_append_idempotent_replays_total";
+    /// Counter: idempotency keys deleted after their retention.
+    pub const IDEMPOTENCY_KEYS_EXPIRED_TOTAL: &str = "cloudphone_idempotency_keys_expired_total";
 }
 use metrics_names as m;

@@ -67,6 +67,15 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         pool.close().await;
         return Ok(());
     }
+    if args.idempotency_retention_hours > 0 {
+        let retention =
+            chrono::Duration::hours(i64::try_from(args.idempotency_retention_hours).unwrap_or(i64::MAX / 4));
+        background.push(tokio::spawn(expire_idempotency_keys(
+            pool.clone(),
+            retention,
+            stop.clone(),
+        )));
+    }
     let store = Arc::new(
         EventStore::open(pool.clone(), StoreConfig::default())
             .await
@@ -131,6 +140,21 @@ fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken
             tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
         })
         .collect()
+}
+
+/// Deletes idempotency keys older than `retention`, at start and every ten minutes.
+async fn expire_idempotency_keys(pool: PgPool, retention: chrono::Duration, stop: CancellationToken) {
+    loop {
+        match event_log::idempotency::expire_idempotency_keys(&pool, chrono::Utc::now() - retention).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "idempotency keys expired"),
+            Err(error) => tracing::warn!(%error, "idempotency key expiry failed; retrying later"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+        }
+    }
 }
 
 fn relay_config(args: &PlatformArgs, brokers: &str) -> RelayConfig {

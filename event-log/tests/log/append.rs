@@ -1,6 +1,6 @@
 //! Appends: positions, versions, atomic multi-stream batches, conflicts, idempotency.
 
-use event_log::{AppendError, ExpectedVersion};
+use event_log::{AppendError, ExpectedVersion, StoreConfig};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -234,4 +234,31 @@ async fn commit_time_never_goes_backwards_when_a_clock_does(pool: PgPool) {
     assert_eq!(second.recorded_at, first.recorded_at);
     let events = reader(&pool).read_all(0, 10).await.unwrap_or_default();
     assert!(events.windows(2).all(|w| w[0].recorded_at <= w[1].recorded_at));
+}
+
+#[sqlx::test(migrations = false)]
+async fn expired_idempotency_keys_are_new_requests_and_kept_ones_still_replay(pool: PgPool) {
+    let clock = manual_clock(utc(2026, 3, 1, 12, 0, 0));
+    let log = store_with(&pool, StoreConfig::default(), clock.clone()).await;
+    let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
+    let keyed = |key: &str| starts(device, owner, ExpectedVersion::Any, 1).with_idempotency_key(key, vec![7]);
+
+    let old = log.append(keyed("old")).await.unwrap();
+    clock.advance(chrono::Duration::days(2));
+    let recent = log.append(keyed("recent")).await.unwrap();
+
+    let expired = event_log::idempotency::expire_idempotency_keys(&pool, utc(2026, 3, 2, 12, 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(expired, 1);
+
+    // The expired key is a new request: it writes again.
+    let again = log.append(keyed("old")).await.unwrap();
+    assert!(!again.replayed);
+    assert!(again.first_position > recent.last_position, "{again:?}");
+    // The kept key still answers with its original outcome.
+    let retry = log.append(keyed("recent")).await.unwrap();
+    assert!(retry.replayed);
+    assert_eq!(retry.first_position, recent.first_position);
+    assert!(old.first_position < recent.first_position);
 }
