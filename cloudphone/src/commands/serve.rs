@@ -68,8 +68,9 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.idempotency_retention_hours > 0 {
-        let retention =
-            chrono::Duration::hours(i64::try_from(args.idempotency_retention_hours).unwrap_or(i64::MAX / 4));
+        // Capped at a century: longer is "forever" in effect, and keeps the date arithmetic in range.
+        let hours = args.idempotency_retention_hours.min(24 * 365 * 100);
+        let retention = chrono::Duration::hours(i64::try_from(hours).unwrap_or(24));
         background.push(tokio::spawn(expire_idempotency_keys(
             pool.clone(),
             retention,
