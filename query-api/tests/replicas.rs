@@ -43,7 +43,29 @@ async fn prepared(pool: &PgPool) -> ReadSources {
         position_wait: Duration::from_secs(5),
         ..SourcesConfig::default()
     };
-    let sources = ReadSources::new(pool.clone(), &[replica_url(pool).await], config).unwrap();
+    let url = replica_url(pool).await;
+    // The replica replays the test database's creation and migrations a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let migrated = match sqlx::PgPool::connect(&url).await {
+            Ok(replica) => {
+                let table: Option<Option<String>> =
+                    sqlx::query_scalar("SELECT to_regclass('projection_checkpoints')::text")
+                        .fetch_optional(&replica)
+                        .await
+                        .unwrap_or(None);
+                replica.close().await;
+                table.flatten().is_some()
+            }
+            Err(_) => false,
+        };
+        if migrated {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica never replayed the migrations");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sources = ReadSources::new(pool.clone(), &[url], config).unwrap();
     in_rotation(&sources, true).await;
     sources
 }
