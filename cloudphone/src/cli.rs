@@ -89,6 +89,8 @@ pub struct PlatformArgs {
     pub query_listen: SocketAddr,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub query: QueryArgs,
     /// Requests per second each client (token subject) may send.
     #[arg(long, env = "CLOUDPHONE_RATE_LIMIT", default_value_t = 2000)]
     pub rate_limit: u32,
@@ -103,6 +105,39 @@ pub struct PlatformArgs {
     /// command: the benchmark baseline).
     #[arg(long, env = "CLOUDPHONE_APPEND_MODE", value_enum, default_value = "group")]
     pub append_mode: AppendModeArg,
+}
+
+/// The query API's limits, cache and replica routing.
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// Megabytes of answers the query cache holds (0 turns it off).
+    #[arg(long, env = "CLOUDPHONE_QUERY_CACHE_MB", default_value_t = 64)]
+    pub query_cache_mb: u64,
+    /// Milliseconds a query may run before it is stopped with a TIMEOUT error.
+    #[arg(long, env = "CLOUDPHONE_QUERY_TIMEOUT_MS", default_value_t = 5000)]
+    pub query_timeout_ms: u64,
+    /// Largest `first` / `last` of a connection.
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_PAGE_SIZE", default_value_t = 100)]
+    pub query_max_page_size: i32,
+    /// Deepest nesting of a query.
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_DEPTH", default_value_t = 12)]
+    pub query_max_depth: usize,
+    /// Largest complexity of a query (fields, multiplied by page sizes of connections).
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_COMPLEXITY", default_value_t = 5000)]
+    pub query_max_complexity: usize,
+    /// Serve GraphiQL at GET /graphql (turn off in production if dashboards do not need it).
+    #[arg(long, env = "CLOUDPHONE_GRAPHIQL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphiql: bool,
+    /// Answer schema introspection queries.
+    #[arg(long, env = "CLOUDPHONE_GRAPHQL_INTROSPECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphql_introspection: bool,
+    /// A replica further behind the primary than this many bytes of WAL leaves rotation.
+    #[arg(long, env = "CLOUDPHONE_REPLICA_MAX_LAG_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub replica_max_lag_bytes: i64,
+    /// Milliseconds a read-your-writes query (minPosition / X-Min-Position) waits for a
+    /// replica to reach its position before the primary answers.
+    #[arg(long, env = "CLOUDPHONE_READ_YOUR_WRITES_WAIT_MS", default_value_t = 2000)]
+    pub read_your_writes_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -226,6 +261,62 @@ pub enum LoadKind {
     /// latency under a steady stream, against `REFRESH MATERIALIZED VIEW CONCURRENTLY` of
     /// equivalent views on the same data (and through Kafka with `--kafka-brokers`).
     Projections(LoadProjectionsArgs),
+    /// Dashboard GraphQL queries over HTTP against the query API, uncached and with its
+    /// cache, against a PostGraphile v4 server over the same read-model tables (the
+    /// generic GraphQL-over-PostgreSQL baseline), in the same run on the same data.
+    Queries(LoadQueriesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadQueriesArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_queries`,
+    /// dropped and recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Devices in the generated read models (spread over the users, about six months).
+    #[arg(long, default_value_t = 100_000)]
+    pub devices: u64,
+    /// Rows of `daily_usage` (one per device and UTC day with usage).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub usage_rows: u64,
+    /// Users the devices belong to (a few own many devices, most a handful).
+    #[arg(long, default_value_t = 5_000)]
+    pub users: u64,
+    /// Users whose dashboards are being watched: each polls the same five queries (with its
+    /// own device and 30-day range), as dashboards do.
+    #[arg(long, default_value_t = 200)]
+    pub hot_users: usize,
+    /// Seconds each measured phase runs.
+    #[arg(long, default_value_t = 15)]
+    pub duration: u64,
+    /// Concurrent HTTP clients, each in a closed loop.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// Connections of the query API's pool and of PostGraphile's (the same for both).
+    #[arg(long, default_value_t = 32)]
+    pub pool_size: u32,
+    /// Seed of the generated data, the hot users and the query mix.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Skip the PostGraphile baseline (it needs Node 18+ and npm).
+    #[arg(long)]
+    pub no_postgraphile: bool,
+    /// Where the PostGraphile baseline lives (`run.sh`, `queries.json`)
+    /// [default: ops/bench/postgraphile of this repository].
+    #[arg(long)]
+    pub postgraphile_dir: Option<std::path::PathBuf>,
+    /// Run PostGraphile with this many cluster workers (`PGL_CLUSTER_WORKERS`)
+    /// [default: one process, PostGraphile's default].
+    #[arg(long)]
+    pub postgraphile_workers: Option<u32>,
+    /// Also measure the cached query API while the projections' checkpoints advance every
+    /// this many milliseconds, as projectors applying a stream of events would (each advance
+    /// the API sees is a new cache key for every answer) [default: not measured].
+    #[arg(long)]
+    pub advance_checkpoints_ms: Option<u64>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -20,7 +20,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => commands::verify::run(args).await,
         Command::Serve(args) => commands::serve::run(args, commands::serve::Roles::All).await,
         Command::CommandApi(args) => commands::serve::run(args, commands::serve::Roles::CommandApi).await,
-        Command::QueryApi(_) => not_built("query-api", "#6"),
+        Command::QueryApi(args) => commands::serve::run(args, commands::serve::Roles::QueryApi).await,
         Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
         Command::Relay(args) => commands::serve::run(args, commands::serve::Roles::Relay).await,
         Command::Replay(_) => not_built("replay", "#7"),

@@ -160,19 +160,25 @@ async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
         .args(["serve"])
         .env("CLOUDPHONE_DATABASE_URL", &url)
         .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+        .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
         .env("CLOUDPHONE_LOG_FORMAT", "json")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The JSON log says where it listens.
+    // The JSON log says where the APIs listen.
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = loop {
+    let (mut address, mut query_address) = (None, None);
+    while address.is_none() || query_address.is_none() {
         let line = lines.next().expect("serve exited before listening").unwrap();
         let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if entry["message"] == "command API listening" {
-            break entry["address"].as_str().unwrap().to_owned();
+        let listening = entry["address"].as_str().map(str::to_owned);
+        match entry["message"].as_str() {
+            Some("command API listening") => address = listening,
+            Some("query API listening") => query_address = listening,
+            _ => {}
         }
-    };
+    }
+    let (address, query_address) = (address.unwrap(), query_address.unwrap());
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
 
     let user = Uuid::now_v7();
@@ -204,36 +210,33 @@ async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
-    let device: Uuid = created.json::<serde_json::Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
 
-    // The embedded projectors bring the command into the read models.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let stats: Option<i64> = sqlx::query_scalar(
-            "SELECT device_count FROM device_stats WHERE user_id = $1 AND status = 'stopped' AND provider = 'huawei'",
+    let created: serde_json::Value = created.json().await.unwrap();
+    let device = created["id"].as_str().unwrap().to_owned();
+    let position = created["position"].as_i64().unwrap();
+
+    // The embedded projectors bring the command into the read models, and the query API
+    // answers at the command's position.
+    let answer: serde_json::Value = client
+        .post(format!("http://{query_address}/graphql"))
+        .bearer_auth(&token)
+        .header("x-min-position", position.to_string())
+        .json(
+            &serde_json::json!({"query": "query($id: UUID!) { device(id: $id) { ownerId provider status }
+            deviceStats { totals { deviceCount } } }", "variables": {"id": device}}),
         )
-        .bind(user)
-        .fetch_optional(&pool)
+        .send()
+        .await
+        .unwrap()
+        .json()
         .await
         .unwrap();
-        let owner: Option<Uuid> = sqlx::query_scalar("SELECT owner_id FROM devices WHERE device_id = $1")
-            .bind(device)
-            .fetch_optional(&pool)
-            .await
-            .unwrap();
-        if stats == Some(1) && owner == Some(user) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "read models never showed the device"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert_eq!(
+        answer["data"],
+        serde_json::json!({"device": {"ownerId": user, "provider": "HUAWEI", "status": "STOPPED"},
+                           "deviceStats": {"totals": {"deviceCount": "1"}}}),
+        "{answer}"
+    );
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -244,6 +247,7 @@ async fn serve_answers_commands_and_stops_cleanly_on_sigterm(pool: PgPool) {
     assert!(status.success(), "serve exited with {status}");
     let logs = drain.join().unwrap().join("\n");
     assert!(logs.contains("command API stopped"), "{logs}");
+    assert!(logs.contains("query API stopped"), "{logs}");
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM user_events")
         .fetch_one(&pool)
         .await

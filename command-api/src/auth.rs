@@ -44,6 +44,8 @@ pub mod scope {
     pub const DEVICES_WRITE: &str = "devices:write";
     /// Report device failures (a provider's webhook).
     pub const DEVICES_REPORT: &str = "devices:report";
+    /// Read every user's dashboards through the query API (a BI tool, a reporting job).
+    pub const DASHBOARDS_READ: &str = "dashboards:read";
 }
 
 /// The claims of a Cloudphone token.

@@ -12,7 +12,7 @@ use crate::fleet::{DeviceRow, StatsKey, StatsRow};
 use crate::usage::{UsageDelta, UsageKey};
 
 /// One `devices` row, selected with every column.
-pub(crate) fn device_row(row: &PgRow) -> Result<DeviceRow, sqlx::Error> {
+pub fn device_row(row: &PgRow) -> Result<DeviceRow, sqlx::Error> {
     let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
     Ok(DeviceRow {
         device_id: row.try_get("device_id")?,

@@ -1,11 +1,24 @@
-//! Cloudphone query side: serves dashboards from the read models, routed to read replicas.
+//! Cloudphone query side: the GraphQL API dashboards query, served from read replicas.
 //!
+//! - [`graphql`]: the schema (device statistics, daily usage, device connections, users,
+//!   projection status), scoped to the caller before any SQL is built; nested loads batched.
+//! - [`reads`]: every SQL statement over the read models.
 //! - [`sources`]: the primary and its replicas, health-checked rotation, fallback, and
 //!   read-your-writes (a source whose projections reached the caller's position).
+//! - [`cache`]: answers kept in memory, keyed by what was asked, by whom, and the checkpoints
+//!   they were read at; [`persisted`]: automatic persisted queries.
+//! - [`startup`]: the axum service (`/graphql`, health, readiness, metrics).
 //!
-//! The GraphQL API, its cache and the audit export are issues #6 and #8. This crate must
-//! never write: not the log, not the read models.
+//! This crate must never write: not the log, not the read models.
 
+pub mod cache;
+pub mod config;
+pub mod graphql;
+pub mod persisted;
+pub mod reads;
 pub mod sources;
+pub mod startup;
 
-pub use sources::{ReadError, ReadSources, Source, SourcesConfig};
+pub use config::QueryApiConfig;
+pub use sources::{ReadError, ReadSources, Route, Source, SourcesConfig};
+pub use startup::QueryApi;

@@ -8,13 +8,14 @@
 //! dying between two rounds fails no query.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use projections::Projection;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 /// Names of the metrics the router records.
@@ -36,6 +37,12 @@ pub struct SourcesConfig {
     pub probe_timeout: Duration,
     /// How long a read-your-writes query waits for a source to reach its position.
     pub position_wait: Duration,
+    /// A source's checkpoints read longer ago than this count as unknown.
+    pub watermark_max_age: Duration,
+    /// Longest a statement may run on a replica (PostgreSQL `statement_timeout`).
+    pub statement_timeout: Option<Duration>,
+    /// Most connections opened to each replica.
+    pub max_connections: u32,
 }
 
 impl Default for SourcesConfig {
@@ -44,6 +51,9 @@ impl Default for SourcesConfig {
             max_lag_bytes: 16 * 1024 * 1024,
             probe_timeout: Duration::from_secs(1),
             position_wait: Duration::from_secs(2),
+            watermark_max_age: Duration::from_secs(1),
+            statement_timeout: None,
+            max_connections: 16,
         }
     }
 }
@@ -54,6 +64,17 @@ struct Replica {
     pool: PgPool,
     healthy: AtomicBool,
     lag_bytes: AtomicI64,
+    watermark: Watermark,
+}
+
+/// Where one query runs, and how far that source's read models are known to be.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pool: PgPool,
+    pub source: Source,
+    /// Each projection's checkpoint (in the order of [`Projection::ALL`]) the source had
+    /// reached at least; `None` when not known recently (answers are then not cached).
+    pub checkpoints: Option<Vec<i64>>,
 }
 
 /// Which database answered.
@@ -80,6 +101,7 @@ pub enum ReadError {
 #[derive(Debug, Clone)]
 pub struct ReadSources {
     primary: PgPool,
+    primary_watermark: Arc<Watermark>,
     replicas: Arc<Vec<Replica>>,
     next: Arc<AtomicUsize>,
     config: SourcesConfig,
@@ -91,20 +113,26 @@ impl ReadSources {
         let replicas = replica_urls
             .iter()
             .map(|url| {
+                let mut options = PgConnectOptions::from_str(url)?;
+                if let Some(timeout) = config.statement_timeout {
+                    options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
+                }
                 let pool = PgPoolOptions::new()
-                    .max_connections(16)
+                    .max_connections(config.max_connections)
                     .acquire_timeout(config.probe_timeout)
-                    .connect_lazy(url)?;
+                    .connect_lazy_with(options);
                 Ok(Replica {
                     name: replica_name(url),
                     pool,
                     healthy: AtomicBool::new(false),
                     lag_bytes: AtomicI64::new(0),
+                    watermark: Watermark::default(),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         Ok(ReadSources {
             primary,
+            primary_watermark: Arc::new(Watermark::default()),
             replicas: Arc::new(replicas),
             next: Arc::new(AtomicUsize::new(0)),
             config,
@@ -165,6 +193,104 @@ impl ReadSources {
         })
     }
 
+    /// Reads every source's projection checkpoints once (the primary and the replicas in
+    /// rotation), so [`ReadSources::route`] knows how far each is without a round trip.
+    pub async fn refresh_watermarks(&self) {
+        match checkpoints(&self.primary).await {
+            Ok(at) => self.primary_watermark.set(at),
+            Err(_) => self.primary_watermark.forget(),
+        }
+        for replica in self.replicas.iter().filter(|r| r.healthy.load(Ordering::Relaxed)) {
+            match tokio::time::timeout(self.config.probe_timeout, checkpoints(&replica.pool)).await {
+                Ok(Ok(at)) => replica.watermark.set(at),
+                _ => replica.watermark.forget(),
+            }
+        }
+    }
+
+    /// Refreshes the watermarks every `interval` until `stop`.
+    pub fn spawn_watermarks(&self, interval: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let sources = self.clone();
+        tokio::spawn(async move {
+            loop {
+                sources.refresh_watermarks().await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    }
+
+    /// Where to run a query: a replica in rotation (round robin), else the primary; with
+    /// `min_position`, a source whose projections have applied it ([`ReadSources::source_at`]).
+    /// The route carries the checkpoints the source had reached at least (from the last
+    /// watermark refresh, or read just now), or none when they are not known recently.
+    pub async fn route(&self, min_position: Option<i64>) -> Result<Route, ReadError> {
+        let fresh = self.config.watermark_max_age;
+        let rotation = self.rotation();
+        let Some(wanted) = min_position else {
+            return Ok(match rotation.first() {
+                Some(replica) => Route {
+                    pool: replica.pool.clone(),
+                    source: Source::Replica(replica.name.clone()),
+                    checkpoints: replica.watermark.get(fresh),
+                },
+                None => {
+                    if !self.replicas.is_empty() {
+                        metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "no_replica").increment(1);
+                    }
+                    self.primary_route()
+                }
+            });
+        };
+        // A watermark that already covers the position needs no round trip.
+        for replica in &rotation {
+            if let Some(at) = replica.watermark.get(fresh)
+                && at.iter().all(|&p| p >= wanted)
+            {
+                return Ok(Route {
+                    pool: replica.pool.clone(),
+                    source: Source::Replica(replica.name.clone()),
+                    checkpoints: Some(at),
+                });
+            }
+        }
+        if self.replicas.is_empty()
+            && let Some(at) = self.primary_watermark.get(fresh)
+            && at.iter().all(|&p| p >= wanted)
+        {
+            return Ok(Route {
+                pool: self.primary.clone(),
+                source: Source::Primary,
+                checkpoints: Some(at),
+            });
+        }
+        self.source_at(wanted).await
+    }
+
+    /// The primary, with its last known checkpoints.
+    pub fn primary_route(&self) -> Route {
+        Route {
+            pool: self.primary.clone(),
+            source: Source::Primary,
+            checkpoints: self.primary_watermark.get(self.config.watermark_max_age),
+        }
+    }
+
+    /// Takes a replica out of rotation after a read on it failed; the next healthy probe
+    /// brings it back.
+    pub fn report_failure(&self, source: &Source) {
+        if let Source::Replica(name) = source
+            && let Some(replica) = self.replicas.iter().find(|r| &r.name == name)
+        {
+            tracing::warn!(replica = %name, "read failed on a replica; out of rotation until it probes healthy");
+            replica.healthy.store(false, Ordering::Relaxed);
+            metrics::gauge!(m::REPLICA_HEALTHY, "replica" => name.clone()).set(0.0);
+            metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_failed").increment(1);
+        }
+    }
+
     /// The replicas in rotation now, in round-robin order from the next turn.
     fn rotation(&self) -> Vec<&Replica> {
         let healthy: Vec<&Replica> = self
@@ -205,23 +331,36 @@ impl ReadSources {
     /// A source whose projections (all of them) have applied the log up to `position`:
     /// a replica in rotation if one has, else the first to reach it within the configured
     /// wait, else the primary if it has, else [`ReadError::NotYetVisible`].
-    pub async fn source_at(&self, position: i64) -> Result<(PgPool, Source), ReadError> {
+    pub async fn source_at(&self, position: i64) -> Result<Route, ReadError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         loop {
             let rotation = self.rotation();
             for replica in &rotation {
-                if applied(&replica.pool).await.is_ok_and(|at| at >= position) {
-                    return Ok((replica.pool.clone(), Source::Replica(replica.name.clone())));
+                if let Ok(Ok(at)) = tokio::time::timeout(self.config.probe_timeout, checkpoints(&replica.pool)).await {
+                    replica.watermark.set(at.clone());
+                    if least(&at) >= position {
+                        return Ok(Route {
+                            pool: replica.pool.clone(),
+                            source: Source::Replica(replica.name.clone()),
+                            checkpoints: Some(at),
+                        });
+                    }
                 }
             }
-            let reached = applied(&self.primary).await?;
+            let at = checkpoints(&self.primary).await?;
+            self.primary_watermark.set(at.clone());
+            let reached = least(&at);
             // Waiting only helps when a replica in rotation may still catch up.
             if reached >= position && (rotation.is_empty() || started.elapsed() >= self.config.position_wait) {
                 if !self.replicas.is_empty() {
                     metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_behind").increment(1);
                 }
-                return Ok((self.primary.clone(), Source::Primary));
+                return Ok(Route {
+                    pool: self.primary.clone(),
+                    source: Source::Primary,
+                    checkpoints: Some(at),
+                });
             }
             if started.elapsed() >= self.config.position_wait {
                 return Err(ReadError::NotYetVisible {
@@ -250,24 +389,57 @@ impl ReadSources {
     }
 }
 
-/// The lowest checkpoint over every projection (0 while any has not run yet).
-async fn applied(pool: &PgPool) -> Result<i64, sqlx::Error> {
+/// Every projection's checkpoint, in the order of [`Projection::ALL`] (0 for one that has
+/// not run yet).
+async fn checkpoints(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-    let (count, least): (i64, Option<i64>) =
-        sqlx::query_as("SELECT count(*), min(position) FROM projection_checkpoints WHERE projection = ANY($1)")
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT projection, position FROM projection_checkpoints WHERE projection = ANY($1)")
             .bind(&names)
-            .fetch_one(pool)
+            .fetch_all(pool)
             .await?;
-    Ok(if usize::try_from(count).unwrap_or(0) < names.len() {
-        0
-    } else {
-        least.unwrap_or(0)
-    })
+    Ok(names
+        .iter()
+        .map(|name| rows.iter().find(|(p, _)| p == name).map_or(0, |(_, at)| *at))
+        .collect())
+}
+
+/// The position every projection has applied.
+fn least(checkpoints: &[i64]) -> i64 {
+    checkpoints.iter().copied().min().unwrap_or(0)
+}
+
+/// A source's projection checkpoints as last read, with when.
+#[derive(Debug, Default)]
+struct Watermark {
+    read: Mutex<Option<(Instant, Vec<i64>)>>,
+}
+
+impl Watermark {
+    fn set(&self, checkpoints: Vec<i64>) {
+        if let Ok(mut read) = self.read.lock() {
+            *read = Some((Instant::now(), checkpoints));
+        }
+    }
+
+    fn forget(&self) {
+        if let Ok(mut read) = self.read.lock() {
+            *read = None;
+        }
+    }
+
+    /// The checkpoints, if read within `max_age`.
+    fn get(&self, max_age: Duration) -> Option<Vec<i64>> {
+        let read = self.read.lock().ok()?;
+        read.as_ref()
+            .filter(|(at, _)| at.elapsed() <= max_age)
+            .map(|(_, checkpoints)| checkpoints.clone())
+    }
 }
 
 /// Whether an error says the source failed (unreachable, shutting down, a recovery
 /// conflict), rather than the query: only then is another source worth trying.
-fn is_source_failure(error: &sqlx::Error) -> bool {
+pub fn is_source_failure(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57: operator intervention (shutdown, recovery

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -173,7 +175,8 @@ async fn a_read_with_a_position_sees_that_write_every_time(pool: PgPool) {
             }))
             .await
             .unwrap();
-        let (source_pool, source) = sources.source_at(outcome.last_position).await.unwrap();
+        let route = sources.source_at(outcome.last_position).await.unwrap();
+        let (source_pool, source) = (route.pool, route.source);
         let seen: Option<Uuid> = sqlx::query_scalar("SELECT device_id FROM devices WHERE device_id = $1")
             .bind(device)
             .fetch_optional(&source_pool)
@@ -199,6 +202,228 @@ async fn a_read_with_a_position_sees_that_write_every_time(pool: PgPool) {
         matches!(error, ReadError::NotYetVisible { wanted: 1_000_000, .. }),
         "{error}"
     );
+    stop.cancel();
+    for task in projectors {
+        task.await.unwrap();
+    }
+}
+
+/// A query API reading from the replica (the cache off, so every query reads).
+async fn query_api_on_replica(pool: &PgPool) -> common::TestApi {
+    let url = replica_url(pool).await;
+    let config = query_api::QueryApiConfig {
+        replica_urls: vec![url],
+        cache_max_bytes: 0,
+        sources: SourcesConfig {
+            position_wait: Duration::from_secs(5),
+            ..SourcesConfig::default()
+        },
+        ..common::test_config()
+    };
+    common::start(pool, config).await
+}
+
+/// Queries until one is answered by the replica.
+async fn answered_by_replica(api: &common::TestApi, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = api
+            .query(token, "{ devices { totalCount } }", serde_json::json!({}))
+            .await;
+        answer.data();
+        if answer.source.as_deref() == Some("replica") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the replica never answered: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn graphql_queries_never_fail_while_the_replica_stops_and_use_it_again_when_it_returns(pool: PgPool) {
+    let _ = prepared(&pool).await;
+    let owner = Uuid::from_u128(0x0ca);
+    common::insert_devices(
+        &pool,
+        &(0..50u128)
+            .map(|n| common::SeedDevice {
+                id: Uuid::from_u128(0xc0_0000 + n),
+                owner,
+                provider: "aws",
+                status: "running",
+                cpu: 2,
+                memory: 2048,
+                created_at: common::at(i64::try_from(n).unwrap()),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    common::derive_device_stats(&pool).await;
+    common::set_checkpoints(&pool, 1).await;
+    let api = Arc::new(query_api_on_replica(&pool).await);
+    let token = common::admin();
+    answered_by_replica(&api, &token).await;
+
+    // Four dashboards poll while the replica goes down and comes back.
+    let polling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let pollers: Vec<_> = (0..4)
+        .map(|_| {
+            let (api, token, polling, answered) = (
+                Arc::clone(&api),
+                token.clone(),
+                Arc::clone(&polling),
+                Arc::clone(&answered),
+            );
+            tokio::spawn(async move {
+                let mut sources = Vec::new();
+                while polling.load(Ordering::Relaxed) {
+                    let answer = api
+                        .query(
+                            &token,
+                            "{ deviceStats { totals { deviceCount } } devices(first: 10) { totalCount nodes { id } } }",
+                            serde_json::json!({}),
+                        )
+                        .await;
+                    // Zero failed queries: every answer is complete and right.
+                    assert_eq!(answer.data()["devices"]["totalCount"], "50", "{answer:?}");
+                    assert_eq!(answer.data()["deviceStats"]["totals"]["deviceCount"], "50");
+                    sources.push(answer.source.unwrap());
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                sources
+            })
+        })
+        .collect();
+    let wait_for = |n: usize| {
+        let answered = Arc::clone(&answered);
+        async move {
+            let target = answered.load(Ordering::Relaxed) + n;
+            while answered.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for(50).await;
+    replica("stop");
+    wait_for(200).await;
+    replica("start");
+    answered_by_replica(&api, &token).await;
+    wait_for(50).await;
+    polling.store(false, Ordering::Relaxed);
+    let mut sources = Vec::new();
+    for poller in pollers {
+        sources.extend(poller.await.unwrap());
+    }
+    assert!(
+        sources.iter().any(|s| s == "primary"),
+        "the primary answered during the outage"
+    );
+    assert!(
+        sources.iter().any(|s| s == "replica"),
+        "the replica answered before and after"
+    );
+    let readiness: serde_json::Value = api
+        .client
+        .get(format!("http://{}/readyz", api.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readiness["replicas"][0]["in_rotation"], true, "{readiness}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_device_created_through_the_command_api_is_seen_by_the_next_query_1000_times_out_of_1000(pool: PgPool) {
+    use command_api::auth::{KeySource, Role};
+    let _ = prepared(&pool).await;
+    let stop = CancellationToken::new();
+    let projectors = spawn_log_projectors(&pool, ProjectorConfig::default(), &stop);
+    let commands = command_api::Application::build(
+        command_api::ApiConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keys: KeySource::Secret(common::SECRET.into()),
+            ..command_api::ApiConfig::default()
+        },
+        pool.clone(),
+        command_api::telemetry::prometheus(),
+    )
+    .await
+    .unwrap();
+    let command_url = format!("http://{}", commands.local_addr());
+    let stop_commands = CancellationToken::new();
+    let command_server = tokio::spawn(commands.run_until_stopped(stop_commands.clone().cancelled_owned()));
+    let api = query_api_on_replica(&pool).await;
+    let client = reqwest::Client::new();
+
+    let users: Vec<(Uuid, String)> = (0..10)
+        .map(|_| {
+            let user = Uuid::now_v7();
+            (user, common::token(user, Role::User))
+        })
+        .collect();
+    for (_, token) in &users {
+        let registered = client
+            .post(format!("{command_url}/v1/users"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"tier": "enterprise", "email": "ryw@example.com", "phone": "+4915112345678"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), 201);
+    }
+    let mut from_replica = 0;
+    for i in 0..1000 {
+        let (user, token) = &users[i % users.len()];
+        let created: serde_json::Value = client
+            .post(format!("{command_url}/v1/devices"))
+            .bearer_auth(token)
+            .json(&serde_json::json!({"provider": "gcp", "cpu_cores": 2, "memory_mb": 2048, "android_version": 14}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (id, position) = (
+            created["id"].as_str().unwrap().to_owned(),
+            created["position"].as_i64().unwrap(),
+        );
+        // Half carry the position as an argument, half as the header.
+        let answer = if i % 2 == 0 {
+            api.query(
+                token,
+                "query($id: UUID!, $p: BigInt) { device(id: $id, minPosition: $p) { id ownerId status } }",
+                serde_json::json!({"id": id, "p": position.to_string()}),
+            )
+            .await
+        } else {
+            api.post_json(
+                Some(token),
+                &serde_json::json!({"query": "query($id: UUID!) { device(id: $id) { id ownerId status } }", "variables": {"id": id}}),
+                &[("x-min-position", &position.to_string())],
+            )
+            .await
+        };
+        let device = &answer.data()["device"];
+        assert_eq!(
+            device["id"],
+            id.as_str(),
+            "iteration {i}: the device is not visible at position {position}"
+        );
+        assert_eq!(device["ownerId"], user.to_string());
+        assert!(answer.position.unwrap() >= position);
+        from_replica += usize::from(answer.source.as_deref() == Some("replica"));
+    }
+    assert!(
+        from_replica > 500,
+        "only {from_replica} of 1000 read-your-writes answers came from the replica"
+    );
+
+    stop_commands.cancel();
+    command_server.await.unwrap().unwrap();
     stop.cancel();
     for task in projectors {
         task.await.unwrap();

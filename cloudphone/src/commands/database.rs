@@ -27,6 +27,21 @@ pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
         .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
 }
 
+/// Connects to the primary (which must exist) with a `statement_timeout` on every connection:
+/// for roles that only read.
+pub async fn connect_with_statement_timeout(
+    args: &DatabaseArgs,
+    timeout: std::time::Duration,
+) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(&args.database_url)
+        .context("CLOUDPHONE_DATABASE_URL / --database-url is not a valid PostgreSQL URL")?
+        .options([("statement_timeout", timeout.as_millis().to_string())]);
+    event_log::pool_options(args.database_max_connections)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

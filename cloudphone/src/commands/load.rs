@@ -32,6 +32,7 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
     match kind {
         LoadKind::Commands(args) => commands(args).await,
         LoadKind::Projections(args) => super::load_projections::run(args).await,
+        LoadKind::Queries(args) => super::load_queries::run(args).await,
     }
 }
 
@@ -149,24 +150,31 @@ async fn commands(args: &LoadCommandsArgs) -> anyhow::Result<()> {
 
 /// A fresh database for one mode, so each starts from the same empty state.
 pub(crate) async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
+    recreate_database(url, LOAD_DATABASE, 32).await
+}
+
+/// Drops and creates the database `name` on the server of `url` (never the database `url`
+/// names), and applies the event log's migrations.
+pub(crate) async fn recreate_database(url: &str, name: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url).context("--database-url")?;
     let mut admin = options
         .clone()
         .database("postgres")
+        .disable_statement_logging()
         .connect()
         .await
         .context("connect to postgres")?;
     admin
         .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {LOAD_DATABASE} WITH (FORCE)"
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         )))
         .await?;
     admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {LOAD_DATABASE}")))
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await?;
     admin.close().await?;
-    let pool = event_log::pool_options(32)
-        .connect_with(options.database(LOAD_DATABASE))
+    let pool = event_log::pool_options(max_connections)
+        .connect_with(options.database(name))
         .await?;
     event_log::migrate(&pool).await?;
     Ok(pool)

@@ -3,6 +3,7 @@
 pub mod database;
 pub mod load;
 pub mod load_projections;
+pub mod load_queries;
 pub mod migrate;
 pub mod partitions;
 pub mod role_endpoints;

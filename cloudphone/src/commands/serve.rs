@@ -11,6 +11,8 @@ use event_log::{EventStore, StoreConfig, SystemClock};
 use projections::Projection;
 use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
+use query_api::graphql::Limits;
+use query_api::{QueryApi, QueryApiConfig, SourcesConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -20,11 +22,11 @@ use crate::commands::{database, role_endpoints};
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Roles {
-    /// Everything: the command API and the projectors (following the log, or with
-    /// `--kafka-brokers` the relay and Kafka projectors). The query API joins when it is built
-    /// (issue #6).
+    /// Everything: the command API, the query API and the projectors (following the log, or
+    /// with `--kafka-brokers` the relay and Kafka projectors).
     All,
     CommandApi,
+    QueryApi,
     Projector,
     Relay,
 }
@@ -40,7 +42,7 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let mut background = match roles {
         Roles::All | Roles::Projector => start_projectors(args, &pool, &stop),
-        Roles::CommandApi | Roles::Relay => Vec::new(),
+        Roles::CommandApi | Roles::QueryApi | Roles::Relay => Vec::new(),
     };
     if matches!(roles, Roles::All | Roles::Relay) {
         match &args.kafka_brokers {
@@ -67,16 +69,75 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         pool.close().await;
         return Ok(());
     }
-    if args.idempotency_retention_hours > 0 {
-        // Capped at a century: longer is "forever" in effect, and keeps the date arithmetic in range.
-        let hours = args.idempotency_retention_hours.min(24 * 365 * 100);
-        let retention = chrono::Duration::hours(i64::try_from(hours).unwrap_or(24));
-        background.push(tokio::spawn(expire_idempotency_keys(
-            pool.clone(),
-            retention,
-            stop.clone(),
-        )));
+    // Any API stopping (a signal, or a failure) stops the process.
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
+    let mut servers = Vec::new();
+    if matches!(roles, Roles::All | Roles::CommandApi) {
+        if args.idempotency_retention_hours > 0 {
+            // Capped at a century: longer is "forever" in effect, and keeps the date arithmetic in range.
+            let hours = args.idempotency_retention_hours.min(24 * 365 * 100);
+            let retention = chrono::Duration::hours(i64::try_from(hours).unwrap_or(24));
+            background.push(tokio::spawn(expire_idempotency_keys(
+                pool.clone(),
+                retention,
+                stop.clone(),
+            )));
+        }
+        let app = command_api(args, &pool, metrics.clone()).await?;
+        tracing::info!(address = %app.local_addr(), ?roles, "command API listening");
+        servers.push((
+            "command API",
+            tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned())),
+        ));
     }
+    if matches!(roles, Roles::All | Roles::QueryApi) {
+        let app = query_api(args, metrics.clone()).await?;
+        tracing::info!(address = %app.local_addr(), replicas = args.replica_urls.len(), "query API listening");
+        servers.push((
+            "query API",
+            tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned())),
+        ));
+    }
+    if roles == Roles::All {
+        let mode = if args.kafka_brokers.is_some() {
+            "relay and Kafka projectors"
+        } else {
+            "projectors following the log"
+        };
+        tracing::info!(mode, "running every role; stop with SIGTERM");
+    }
+    let mut failure = None;
+    for (name, server) in servers {
+        let served = server.await;
+        // The first API to stop stops the others.
+        shutdown.cancel();
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failure = failure.or(Some(anyhow::anyhow!("{name} failed: {error}"))),
+            Err(error) => failure = failure.or(Some(anyhow::anyhow!("{name} crashed: {error}"))),
+        }
+    }
+    // The APIs have answered everything they accepted; the background roles stop after their batch.
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    pool.close().await;
+    failure.map_or(Ok(()), Err)
+}
+
+async fn command_api(
+    args: &PlatformArgs,
+    pool: &PgPool,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<Application> {
     let store = Arc::new(
         EventStore::open(pool.clone(), StoreConfig::default())
             .await
@@ -94,29 +155,48 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         },
         ..ApiConfig::default()
     };
-    let app = Application::with_store(config, store, metrics, Arc::new(SystemClock))
+    Application::with_store(config, store, metrics, Arc::new(SystemClock))
         .await
-        .context("cannot start the command API")?;
-    tracing::info!(address = %app.local_addr(), ?roles, "command API listening");
-    if roles == Roles::All {
-        let mode = if args.kafka_brokers.is_some() {
-            "relay and Kafka projectors"
-        } else {
-            "projectors following the log"
-        };
-        tracing::info!(mode, "the query API is not built yet (issue #6)");
-    }
-    let served = app
-        .run_until_stopped(shutdown_signal())
+        .context("cannot start the command API")
+}
+
+/// The query API on a primary pool of its own (reads never queue behind appends), with
+/// statement timeouts on every source.
+async fn query_api(
+    args: &PlatformArgs,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<QueryApi> {
+    let q = &args.query;
+    let query_timeout = Duration::from_millis(q.query_timeout_ms.max(1));
+    // A statement a little longer than the query: the query's own limit answers first.
+    let statement_timeout = query_timeout + Duration::from_millis(500);
+    let primary = database::connect_with_statement_timeout(&args.database, statement_timeout).await?;
+    let config = QueryApiConfig {
+        listen: args.query_listen,
+        replica_urls: args.replica_urls.clone(),
+        keys: key_source(&args.auth)?,
+        limits: Limits {
+            max_page_size: q.query_max_page_size.max(1),
+            default_page_size: 20.min(q.query_max_page_size.max(1)),
+            max_depth: q.query_max_depth,
+            max_complexity: q.query_max_complexity,
+            ..Limits::default()
+        },
+        query_timeout,
+        cache_max_bytes: q.query_cache_mb.saturating_mul(1024 * 1024),
+        introspection: q.graphql_introspection,
+        graphiql: q.graphiql,
+        sources: SourcesConfig {
+            max_lag_bytes: q.replica_max_lag_bytes,
+            position_wait: Duration::from_millis(q.read_your_writes_wait_ms),
+            statement_timeout: Some(statement_timeout),
+            ..SourcesConfig::default()
+        },
+        ..QueryApiConfig::default()
+    };
+    QueryApi::build(config, primary, metrics)
         .await
-        .context("command API failed");
-    // The API has answered everything it accepted; the background roles stop after their batch.
-    stop.cancel();
-    for task in background {
-        let _ = task.await;
-    }
-    pool.close().await;
-    served
+        .context("cannot start the query API")
 }
 
 /// One projector per projection: following the PostgreSQL log (embedded), or consuming the

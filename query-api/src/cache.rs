@@ -1,0 +1,266 @@
+//! Answers kept in memory (moka), keyed by the normalized query, its operation and variables,
+//! the caller's scope, and the projection checkpoints of the source that answered. A newer
+//! checkpoint is a new key, so an answer is never older than the checkpoints the request was
+//! routed at, and nothing needs invalidating: old entries age out of the bounded cache.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use moka::sync::Cache;
+use sha2::{Digest, Sha256};
+
+/// Names of the cache's metrics.
+pub mod metrics_names {
+    /// Counter: lookups by result (`hit`, `miss`).
+    pub const LOOKUPS_TOTAL: &str = "cloudphone_query_cache_lookups_total";
+    /// Gauge: hits over lookups since start.
+    pub const HIT_RATIO: &str = "cloudphone_query_cache_hit_ratio";
+    /// Gauge: bytes of answers held.
+    pub const SIZE_BYTES: &str = "cloudphone_query_cache_size_bytes";
+}
+use metrics_names as m;
+
+/// What an answer depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheKeyParts<'a> {
+    pub normalized_query: &'a str,
+    pub operation_name: Option<&'a str>,
+    /// The variables as canonical JSON.
+    pub variables: &'a str,
+    pub scope: &'a str,
+    pub checkpoints: &'a [i64],
+}
+
+/// A SHA-256 over the parts, each length-prefixed so no two tuples share an encoding.
+pub type CacheKey = [u8; 32];
+
+pub fn cache_key(parts: &CacheKeyParts<'_>) -> CacheKey {
+    let mut hash = Sha256::new();
+    for part in [
+        parts.normalized_query,
+        parts.operation_name.unwrap_or(""),
+        parts.variables,
+        parts.scope,
+    ] {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    for checkpoint in parts.checkpoints {
+        hash.update(checkpoint.to_le_bytes());
+    }
+    hash.finalize().into()
+}
+
+/// Serialized answers, bounded by their size in bytes.
+#[derive(Debug)]
+pub struct ResponseCache {
+    answers: Cache<CacheKey, Bytes>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl ResponseCache {
+    pub fn new(max_bytes: u64) -> Self {
+        ResponseCache {
+            answers: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, answer: &Bytes| u32::try_from(answer.len() + 96).unwrap_or(u32::MAX))
+                .build(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn get(&self, key: &CacheKey) -> Option<Bytes> {
+        let answer = self.answers.get(key);
+        let (result, counter) = match answer {
+            Some(_) => ("hit", &self.hits),
+            None => ("miss", &self.misses),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::LOOKUPS_TOTAL, "result" => result).increment(1);
+        metrics::gauge!(m::HIT_RATIO).set(self.hit_ratio());
+        answer
+    }
+
+    pub fn insert(&self, key: CacheKey, answer: Bytes) {
+        self.answers.insert(key, answer);
+        metrics::gauge!(m::SIZE_BYTES).set(self.answers.weighted_size() as f64);
+    }
+
+    /// Hits over lookups since start (0 before the first lookup).
+    pub fn hit_ratio(&self) -> f64 {
+        let hits = self.hits.load(Ordering::Relaxed) as f64;
+        let total = hits + self.misses.load(Ordering::Relaxed) as f64;
+        if total == 0.0 { 0.0 } else { hits / total }
+    }
+}
+
+/// A query text with insignificant differences removed: comments, commas (insignificant in
+/// GraphQL), and whitespace except where it separates two names. String literals are kept
+/// as written. Two texts that normalize alike parse alike.
+pub fn normalize_query(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    // A separator is pending between two tokens; written only if both sides are name-like.
+    let mut pending_space = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' || c == '\r' {
+                        break;
+                    }
+                }
+                pending_space = true;
+            }
+            c if c.is_whitespace() || c == ',' || c == '\u{feff}' => pending_space = true,
+            '"' => {
+                flush_space(&mut out, &mut pending_space, c);
+                out.push('"');
+                let block = chars.peek() == Some(&'"') && {
+                    let mut ahead = chars.clone();
+                    ahead.next();
+                    ahead.peek() == Some(&'"')
+                };
+                if block {
+                    out.push_str("\"\"");
+                    chars.next();
+                    chars.next();
+                    let mut quotes = 0;
+                    for c in chars.by_ref() {
+                        out.push(c);
+                        quotes = if c == '"' { quotes + 1 } else { 0 };
+                        if quotes == 3 && !out.ends_with("\\\"\"\"") {
+                            break;
+                        }
+                    }
+                } else {
+                    let mut escaped = false;
+                    for c in chars.by_ref() {
+                        out.push(c);
+                        if escaped {
+                            escaped = false;
+                        } else if c == '\\' {
+                            escaped = true;
+                        } else if c == '"' || c == '\n' {
+                            break;
+                        }
+                    }
+                }
+            }
+            c => {
+                flush_space(&mut out, &mut pending_space, c);
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn flush_space(out: &mut String, pending: &mut bool, next: char) {
+    let name_like = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' || c == '"' || c == '$';
+    if *pending && out.chars().last().is_some_and(name_like) && name_like(next) {
+        out.push(' ');
+    }
+    *pending = false;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn layout_comments_and_commas_do_not_change_the_key() {
+        let a = "query Q($id: UUID!) {\n  device(id: $id) { id, status }  # the device\n}";
+        let b = "query Q($id:UUID!){device(id:$id){id status}}";
+        assert_eq!(normalize_query(a), normalize_query(b));
+        assert_eq!(normalize_query(b), "query Q($id:UUID!){device(id:$id){id status}}");
+    }
+
+    #[test]
+    fn strings_and_separated_names_are_kept() {
+        assert_eq!(normalize_query(r#"{ a(s: "x,  # y") b }"#), r#"{a(s:"x,  # y")b}"#);
+        assert_ne!(normalize_query("{ a b }"), normalize_query("{ ab }"));
+        assert_eq!(normalize_query("{ f(n: -1 x: 2) }"), "{f(n:-1 x:2)}");
+        assert_eq!(normalize_query(r#"{ f(s: """a "" b""") }"#), r#"{f(s:"""a "" b""")}"#);
+    }
+
+    #[test]
+    fn every_part_of_the_key_matters() {
+        let base = CacheKeyParts {
+            normalized_query: "{a}",
+            operation_name: None,
+            variables: "{}",
+            scope: "everyone",
+            checkpoints: &[1, 2],
+        };
+        let key = cache_key(&base);
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyParts {
+                scope: "user:x",
+                ..base
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyParts {
+                checkpoints: &[1, 3],
+                ..base
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyParts {
+                variables: "{\"a\":1}",
+                ..base
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyParts {
+                operation_name: Some("Q"),
+                ..base
+            })
+        );
+        // Length prefixes: moving a boundary between parts changes the key.
+        assert_ne!(
+            cache_key(&CacheKeyParts {
+                normalized_query: "{a}x",
+                scope: "",
+                ..base
+            }),
+            cache_key(&CacheKeyParts {
+                normalized_query: "{a}",
+                scope: "x",
+                ..base
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn normalizing_is_idempotent(text in "[a-z{}()$:!, \\n#\"]{0,60}") {
+            let once = normalize_query(&text);
+            prop_assert_eq!(normalize_query(&once), once);
+        }
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_bytes() {
+        let cache = ResponseCache::new(10_000);
+        for i in 0u64..1000 {
+            let mut key = [0u8; 32];
+            key[..8].copy_from_slice(&i.to_le_bytes());
+            cache.insert(key, Bytes::from(vec![b'x'; 500]));
+        }
+        cache.answers.run_pending_tasks();
+        assert!(
+            cache.answers.weighted_size() <= 10_000,
+            "{}",
+            cache.answers.weighted_size()
+        );
+    }
+}

@@ -1,0 +1,56 @@
+//! What the query API is configured with (the binary fills it from flags and environment).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
+
+use crate::graphql::Limits;
+use crate::sources::SourcesConfig;
+
+#[derive(Debug, Clone)]
+pub struct QueryApiConfig {
+    pub listen: SocketAddr,
+    /// Read replicas; none sends every read to the primary.
+    pub replica_urls: Vec<String>,
+    pub keys: KeySource,
+    pub limits: Limits,
+    /// Longest a query may run before it is answered with a `TIMEOUT` error.
+    pub query_timeout: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Bytes of answers the cache holds; 0 turns the cache off.
+    pub cache_max_bytes: u64,
+    /// Persisted query texts remembered.
+    pub persisted_queries: u64,
+    /// Schema introspection (GraphiQL needs it).
+    pub introspection: bool,
+    /// GraphiQL at `GET /graphql`.
+    pub graphiql: bool,
+    pub sources: SourcesConfig,
+    /// How often replicas are probed for health and lag.
+    pub health_interval: Duration,
+    /// How often each source's projection checkpoints are read (cache keys and
+    /// read-your-writes routing use them).
+    pub watermark_interval: Duration,
+}
+
+impl Default for QueryApiConfig {
+    fn default() -> Self {
+        QueryApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            replica_urls: Vec::new(),
+            keys: KeySource::Secret(DEVELOPMENT_SECRET.to_owned()),
+            limits: Limits::default(),
+            query_timeout: Duration::from_secs(5),
+            max_body_bytes: 64 * 1024,
+            cache_max_bytes: 64 * 1024 * 1024,
+            persisted_queries: 10_000,
+            introspection: true,
+            graphiql: true,
+            sources: SourcesConfig::default(),
+            health_interval: Duration::from_secs(1),
+            watermark_interval: Duration::from_millis(100),
+        }
+    }
+}

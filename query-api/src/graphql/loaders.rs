@@ -1,0 +1,142 @@
+//! Batched loads for nested fields: every `Device.usage`, `User.devices`, ... of one response
+//! level becomes one statement, never one per parent (no N+1 queries).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_graphql::dataloader::Loader;
+use chrono::NaiveDate;
+use event_schema::{DeviceStatus, Provider};
+use projections::fleet::DeviceRow;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::reads::{self, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
+
+/// Loads from the source one request was routed to.
+#[derive(Debug, Clone)]
+pub struct ReadLoader {
+    pub pool: PgPool,
+}
+
+/// A failed batch; shared by every field that waited on it.
+pub type LoadError = Arc<sqlx::Error>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceById(pub Uuid);
+
+/// One page of one owner's devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerPage {
+    pub owner: Uuid,
+    pub status: Option<DeviceStatus>,
+    pub provider: Option<Provider>,
+    pub page: PageRequest,
+}
+
+/// How many devices one owner has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerCount {
+    pub owner: Uuid,
+    pub status: Option<DeviceStatus>,
+    pub provider: Option<Provider>,
+}
+
+/// One user's or one device's usage over a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UsageOf {
+    pub subject: UsageSubject,
+    pub id: Uuid,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub period: Period,
+}
+
+/// One user's `device_stats` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StatsOf(pub Uuid);
+
+/// Groups keys that differ only in their id, so each group is one statement.
+fn grouped<K: Copy, G: Eq + std::hash::Hash>(keys: &[K], group: impl Fn(&K) -> G) -> HashMap<G, Vec<K>> {
+    let mut groups: HashMap<G, Vec<K>> = HashMap::new();
+    for key in keys {
+        groups.entry(group(key)).or_default().push(*key);
+    }
+    groups
+}
+
+impl Loader<DeviceById> for ReadLoader {
+    type Value = DeviceRow;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[DeviceById]) -> Result<HashMap<DeviceById, DeviceRow>, LoadError> {
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let rows = reads::devices_by_id(&self.pool, &ids).await?;
+        Ok(rows.into_iter().map(|row| (DeviceById(row.device_id), row)).collect())
+    }
+}
+
+impl Loader<OwnerPage> for ReadLoader {
+    type Value = Page;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[OwnerPage]) -> Result<HashMap<OwnerPage, Page>, LoadError> {
+        let mut loaded = HashMap::new();
+        for ((status, provider, page), keys) in grouped(keys, |k| (k.status, k.provider, k.page)) {
+            let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
+            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, status, provider, &page).await?;
+            for key in keys {
+                loaded.insert(key, pages.remove(&key.owner).unwrap_or_default());
+            }
+        }
+        Ok(loaded)
+    }
+}
+
+impl Loader<OwnerCount> for ReadLoader {
+    type Value = i64;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[OwnerCount]) -> Result<HashMap<OwnerCount, i64>, LoadError> {
+        let mut loaded = HashMap::new();
+        for ((status, provider), keys) in grouped(keys, |k| (k.status, k.provider)) {
+            let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
+            let counts = reads::count_devices_by_owner(&self.pool, &owners, status, provider).await?;
+            for key in keys {
+                loaded.insert(key, counts.get(&key.owner).copied().unwrap_or(0));
+            }
+        }
+        Ok(loaded)
+    }
+}
+
+impl Loader<UsageOf> for ReadLoader {
+    type Value = Vec<UsageRecord>;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[UsageOf]) -> Result<HashMap<UsageOf, Vec<UsageRecord>>, LoadError> {
+        let mut loaded = HashMap::new();
+        for ((subject, from, to, period), keys) in grouped(keys, |k| (k.subject, k.from, k.to, k.period)) {
+            let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+            let mut usage = reads::usage_by(&self.pool, subject, &ids, from, to, period).await?;
+            for key in keys {
+                loaded.insert(key, usage.remove(&key.id).unwrap_or_default());
+            }
+        }
+        Ok(loaded)
+    }
+}
+
+impl Loader<StatsOf> for ReadLoader {
+    type Value = Vec<StatsRecord>;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[StatsOf]) -> Result<HashMap<StatsOf, Vec<StatsRecord>>, LoadError> {
+        let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let mut stats = reads::stats_rows_by_user(&self.pool, &users).await?;
+        Ok(keys
+            .iter()
+            .map(|key| (*key, stats.remove(&key.0).unwrap_or_default()))
+            .collect())
+    }
+}

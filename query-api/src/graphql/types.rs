@@ -1,0 +1,480 @@
+//! The object types: devices, connections, users, statistics and usage.
+
+use async_graphql::{ComplexObject, Context, Object, SimpleObject};
+use chrono::{DateTime, NaiveDate, Utc};
+use projections::fleet::DeviceRow;
+use uuid::Uuid;
+
+use super::loaders::{OwnerCount, OwnerPage, StatsOf, UsageOf};
+use super::scalars::{BigInt, encode_cursor};
+use super::{
+    DeviceStatus, DevicesOrderBy, Provider, UsageGroupBy, UserDevicesFilter, loader, page_request, read_context,
+    usage_range,
+};
+use crate::reads::{
+    self, DeviceFilter, DeviceKey, Owners, Page, PageRequest, StatsRecord, StatsTotals, UsageRecord, UsageSubject,
+};
+
+/// A virtual device as the fleet projection shows it.
+#[derive(Debug, Clone)]
+pub struct Device(pub DeviceRow);
+
+#[Object]
+impl Device {
+    async fn id(&self) -> Uuid {
+        self.0.device_id
+    }
+
+    async fn owner_id(&self) -> Uuid {
+        self.0.owner_id
+    }
+
+    /// The device's owner (visible to the caller, since the device is).
+    async fn owner(&self) -> User {
+        User(self.0.owner_id)
+    }
+
+    async fn provider(&self) -> Provider {
+        self.0.provider.into()
+    }
+
+    async fn status(&self) -> DeviceStatus {
+        self.0.status.into()
+    }
+
+    async fn cpu_cores(&self) -> i32 {
+        self.0.cpu_cores
+    }
+
+    async fn memory_mb(&self) -> i32 {
+        self.0.memory_mb
+    }
+
+    async fn android_version(&self) -> i32 {
+        i32::from(self.0.android_version)
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+
+    async fn last_started_at(&self) -> Option<DateTime<Utc>> {
+        self.0.last_started_at
+    }
+
+    /// Billed minutes over the device's life.
+    async fn minutes_used(&self) -> BigInt {
+        BigInt(self.0.minutes_used)
+    }
+
+    /// Log position of the last event applied to this device.
+    async fn updated_position(&self) -> BigInt {
+        BigInt(self.0.updated_position)
+    }
+
+    /// This device's usage over a range of UTC days (batched across devices).
+    async fn usage(
+        &self,
+        ctx: &Context<'_>,
+        from: NaiveDate,
+        to: NaiveDate,
+        group_by: Option<UsageGroupBy>,
+    ) -> async_graphql::Result<DailyUsage> {
+        usage_of(
+            ctx,
+            UsageSubject::Device,
+            self.0.device_id,
+            from,
+            to,
+            group_by.unwrap_or_default(),
+        )
+        .await
+    }
+}
+
+async fn usage_of(
+    ctx: &Context<'_>,
+    subject: UsageSubject,
+    id: Uuid,
+    from: NaiveDate,
+    to: NaiveDate,
+    group_by: UsageGroupBy,
+) -> async_graphql::Result<DailyUsage> {
+    let read = read_context(ctx);
+    usage_range(&read.limits, from, to)?;
+    let key = UsageOf {
+        subject,
+        id,
+        from,
+        to,
+        period: group_by.into(),
+    };
+    let records = loader(ctx).load_one(key).await.map_err(|e| read.database_error(&e))?;
+    Ok(DailyUsage::new(records.unwrap_or_default()))
+}
+
+/// A user: their devices, usage and statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct User(pub Uuid);
+
+#[Object]
+impl User {
+    async fn id(&self) -> Uuid {
+        self.0
+    }
+
+    /// The user's devices (batched across users: one statement per page shape).
+    #[graphql(complexity = "first.or(last).unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
+    #[allow(clippy::too_many_arguments)]
+    async fn devices(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<UserDevicesFilter>,
+        order_by: Option<DevicesOrderBy>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> async_graphql::Result<DeviceConnection> {
+        let read = read_context(ctx);
+        let request = page_request(
+            &read.limits,
+            order_by.unwrap_or_default(),
+            first,
+            after.as_deref(),
+            last,
+            before.as_deref(),
+        )?;
+        let filter = filter.unwrap_or_default();
+        let key = OwnerPage {
+            owner: self.0,
+            status: filter.status.map(Into::into),
+            provider: filter.provider.map(Into::into),
+            page: request,
+        };
+        let page = loader(ctx)
+            .load_one(key)
+            .await
+            .map_err(|e| read.database_error(&e))?
+            .unwrap_or_default();
+        Ok(DeviceConnection {
+            filter: DeviceFilter {
+                owners: Owners::Only(self.0),
+                status: key.status,
+                provider: key.provider,
+            },
+            request,
+            page,
+            batched_count: true,
+        })
+    }
+
+    /// The user's usage over a range of UTC days.
+    async fn usage(
+        &self,
+        ctx: &Context<'_>,
+        from: NaiveDate,
+        to: NaiveDate,
+        group_by: Option<UsageGroupBy>,
+    ) -> async_graphql::Result<DailyUsage> {
+        usage_of(ctx, UsageSubject::User, self.0, from, to, group_by.unwrap_or_default()).await
+    }
+
+    /// The user's live devices by status and provider.
+    async fn stats(&self) -> DeviceStats {
+        DeviceStats::of_user(self.0)
+    }
+}
+
+/// A page of devices (Relay connection).
+#[derive(Debug, Clone)]
+pub struct DeviceConnection {
+    filter: DeviceFilter,
+    request: PageRequest,
+    page: Page,
+    /// Nested under a user: the count is batched across users.
+    batched_count: bool,
+}
+
+impl DeviceConnection {
+    pub(crate) fn top_level(filter: DeviceFilter, request: PageRequest, page: Page) -> Self {
+        DeviceConnection {
+            filter,
+            request,
+            page,
+            batched_count: false,
+        }
+    }
+
+    fn cursor(&self, row: &DeviceRow) -> String {
+        encode_cursor(self.request.order, &DeviceKey::from(row))
+    }
+}
+
+/// A device with its cursor.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct DeviceEdge {
+    pub cursor: String,
+    pub node: Device,
+}
+
+/// Where a page sits in its list.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct PageInfo {
+    pub has_next_page: bool,
+    /// For a forward page, whether an `after` cursor was given (rows exist before it).
+    pub has_previous_page: bool,
+    pub start_cursor: Option<String>,
+    pub end_cursor: Option<String>,
+}
+
+#[Object]
+impl DeviceConnection {
+    async fn edges(&self) -> Vec<DeviceEdge> {
+        self.page
+            .rows
+            .iter()
+            .map(|row| DeviceEdge {
+                cursor: self.cursor(row),
+                node: Device(row.clone()),
+            })
+            .collect()
+    }
+
+    async fn nodes(&self) -> Vec<Device> {
+        self.page.rows.iter().cloned().map(Device).collect()
+    }
+
+    async fn page_info(&self) -> PageInfo {
+        let paged_from = self.request.from.is_some();
+        let (has_next_page, has_previous_page) = if self.request.backward {
+            (paged_from, self.page.more)
+        } else {
+            (self.page.more, paged_from)
+        };
+        PageInfo {
+            has_next_page,
+            has_previous_page,
+            start_cursor: self.page.rows.first().map(|row| self.cursor(row)),
+            end_cursor: self.page.rows.last().map(|row| self.cursor(row)),
+        }
+    }
+
+    /// Devices matching the filter, across every page.
+    async fn total_count(&self, ctx: &Context<'_>) -> async_graphql::Result<BigInt> {
+        let read = read_context(ctx);
+        let count = match (self.batched_count, self.filter.owners) {
+            (true, Owners::Only(owner)) => loader(ctx)
+                .load_one(OwnerCount {
+                    owner,
+                    status: self.filter.status,
+                    provider: self.filter.provider,
+                })
+                .await
+                .map_err(|e| read.database_error(&e))?
+                .unwrap_or(0),
+            _ => reads::count_devices(&read.pool, &self.filter)
+                .await
+                .map_err(|e| read.database_error(&e))?,
+        };
+        Ok(BigInt(count))
+    }
+}
+
+/// Live devices by user, status and provider.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceStats {
+    source: StatsSource,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StatsSource {
+    Filter(DeviceFilter),
+    /// One user's rows, batched across users.
+    User(Uuid),
+}
+
+impl DeviceStats {
+    pub(crate) fn filtered(filter: DeviceFilter) -> Self {
+        DeviceStats {
+            source: StatsSource::Filter(filter),
+        }
+    }
+
+    pub(crate) fn of_user(user: Uuid) -> Self {
+        DeviceStats {
+            source: StatsSource::User(user),
+        }
+    }
+
+    async fn user_rows(ctx: &Context<'_>, user: Uuid) -> async_graphql::Result<Vec<StatsRecord>> {
+        let read = read_context(ctx);
+        Ok(loader(ctx)
+            .load_one(StatsOf(user))
+            .await
+            .map_err(|e| read.database_error(&e))?
+            .unwrap_or_default())
+    }
+}
+
+/// One `device_stats` row.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct DeviceStatsRow {
+    pub user_id: Uuid,
+    pub status: DeviceStatus,
+    pub provider: Provider,
+    pub device_count: BigInt,
+    pub cpu_cores: BigInt,
+    pub memory_mb: BigInt,
+    /// Newest creation time among the devices counted.
+    pub last_created_at: DateTime<Utc>,
+}
+
+impl From<StatsRecord> for DeviceStatsRow {
+    fn from(record: StatsRecord) -> Self {
+        DeviceStatsRow {
+            user_id: record.user_id,
+            status: record.status.into(),
+            provider: record.provider.into(),
+            device_count: BigInt(record.device_count),
+            cpu_cores: BigInt(record.cpu_cores),
+            memory_mb: BigInt(record.memory_mb),
+            last_created_at: record.last_created_at,
+        }
+    }
+}
+
+/// Sums over every row the filter matches (not only the rows returned).
+#[derive(SimpleObject, Debug, Clone)]
+pub struct DeviceStatsTotals {
+    pub device_count: BigInt,
+    pub cpu_cores: BigInt,
+    pub memory_mb: BigInt,
+}
+
+impl From<StatsTotals> for DeviceStatsTotals {
+    fn from(totals: StatsTotals) -> Self {
+        DeviceStatsTotals {
+            device_count: BigInt(totals.device_count),
+            cpu_cores: BigInt(totals.cpu_cores),
+            memory_mb: BigInt(totals.memory_mb),
+        }
+    }
+}
+
+#[Object]
+impl DeviceStats {
+    /// Rows ordered by user, status and provider.
+    async fn rows(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 500, validator(minimum = 0, maximum = 5000))] first: i32,
+    ) -> async_graphql::Result<Vec<DeviceStatsRow>> {
+        let read = read_context(ctx);
+        let records = match self.source {
+            StatsSource::Filter(filter) => reads::stats_rows(&read.pool, &filter, i64::from(first))
+                .await
+                .map_err(|e| read.database_error(&e))?,
+            StatsSource::User(user) => {
+                let mut rows = Self::user_rows(ctx, user).await?;
+                rows.truncate(usize::try_from(first).unwrap_or(0));
+                rows
+            }
+        };
+        Ok(records.into_iter().map(Into::into).collect())
+    }
+
+    async fn totals(&self, ctx: &Context<'_>) -> async_graphql::Result<DeviceStatsTotals> {
+        let read = read_context(ctx);
+        let totals = match self.source {
+            StatsSource::Filter(filter) => reads::stats_totals(&read.pool, &filter)
+                .await
+                .map_err(|e| read.database_error(&e))?,
+            StatsSource::User(user) => {
+                Self::user_rows(ctx, user)
+                    .await?
+                    .iter()
+                    .fold(StatsTotals::default(), |sum, row| StatsTotals {
+                        device_count: sum.device_count + row.device_count,
+                        cpu_cores: sum.cpu_cores + row.cpu_cores,
+                        memory_mb: sum.memory_mb + row.memory_mb,
+                    })
+            }
+        };
+        Ok(totals.into())
+    }
+}
+
+/// An amount of money in integer minor units (cents for USD).
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct Money {
+    pub amount_minor: BigInt,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// Usage of one period (day, week or month) in one currency.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct UsagePeriod {
+    /// The first day of the period.
+    pub period: NaiveDate,
+    pub minutes: BigInt,
+    pub cost: Money,
+}
+
+/// Sums over the whole range.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct UsageTotals {
+    pub minutes: BigInt,
+    /// One amount per currency billed in the range.
+    pub costs: Vec<Money>,
+}
+
+/// Usage rows per period with totals over the range.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(complex)]
+pub struct DailyUsage {
+    pub rows: Vec<UsagePeriod>,
+    #[graphql(skip)]
+    records: Vec<UsageRecord>,
+}
+
+impl DailyUsage {
+    pub(crate) fn new(records: Vec<UsageRecord>) -> Self {
+        let rows = records
+            .iter()
+            .map(|record| UsagePeriod {
+                period: record.period,
+                minutes: BigInt(record.minutes),
+                cost: Money {
+                    amount_minor: BigInt(record.cost_minor),
+                    currency: record.currency.clone(),
+                },
+            })
+            .collect();
+        DailyUsage { rows, records }
+    }
+}
+
+#[ComplexObject]
+impl DailyUsage {
+    async fn totals(&self) -> UsageTotals {
+        let mut costs: Vec<Money> = Vec::new();
+        let mut minutes = 0i64;
+        for record in &self.records {
+            minutes += record.minutes;
+            match costs.iter_mut().find(|m| m.currency == record.currency) {
+                Some(money) => money.amount_minor = BigInt(money.amount_minor.0 + record.cost_minor),
+                None => costs.push(Money {
+                    amount_minor: BigInt(record.cost_minor),
+                    currency: record.currency.clone(),
+                }),
+            }
+        }
+        costs.sort_by(|a, b| a.currency.cmp(&b.currency));
+        UsageTotals {
+            minutes: BigInt(minutes),
+            costs,
+        }
+    }
+}

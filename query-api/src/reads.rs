@@ -1,0 +1,425 @@
+//! The read models as the query API reads them: every SQL statement of this crate.
+//!
+//! Filters are built into the statement only when present (bound parameters, never
+//! interpolated values), so each shape gets a plan that uses its index instead of a generic
+//! `$1 IS NULL OR ...` plan that cannot.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use event_schema::{DeviceStatus, Provider};
+use projections::fleet::DeviceRow;
+use projections::stored::device_row;
+use sqlx::{AssertSqlSafe, PgPool, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+const DEVICE_COLUMNS: &str = "device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, \
+     created_at, last_started_at, minutes_used, updated_position";
+
+/// Whose rows a read may return, after the caller's scope is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owners {
+    /// Everyone's (admins, with no user filter).
+    Any,
+    Only(Uuid),
+    /// Nobody's: a user asked for another user's rows.
+    Nobody,
+}
+
+/// Which devices a list or count covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceFilter {
+    pub owners: Owners,
+    pub status: Option<DeviceStatus>,
+    pub provider: Option<Provider>,
+}
+
+/// The order of a device list; ties on the timestamp are broken by device id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceOrder {
+    CreatedAtAsc,
+    CreatedAtDesc,
+}
+
+/// A position in a device list: the sort key of one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    pub created_at: DateTime<Utc>,
+    pub device_id: Uuid,
+}
+
+impl From<&DeviceRow> for DeviceKey {
+    fn from(row: &DeviceRow) -> Self {
+        DeviceKey {
+            created_at: row.created_at,
+            device_id: row.device_id,
+        }
+    }
+}
+
+/// One page of a keyset-paginated device list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRequest {
+    pub order: DeviceOrder,
+    /// Rows wanted (the statement asks for one more to learn whether there are more).
+    pub size: i64,
+    /// `after` for forward pages, `before` for backward ones.
+    pub from: Option<DeviceKey>,
+    pub backward: bool,
+}
+
+/// Rows of a page in list order, and whether more rows follow in the paging direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub rows: Vec<DeviceRow>,
+    pub more: bool,
+}
+
+impl PageRequest {
+    /// The statement reads in ascending key order unless the list is descending, or the page
+    /// walks backward (then it reads the other way and the rows are reversed).
+    fn ascending(&self) -> bool {
+        (self.order == DeviceOrder::CreatedAtAsc) != self.backward
+    }
+
+    fn push_keyset(&self, sql: &mut QueryBuilder<Postgres>) {
+        if let Some(from) = self.from {
+            sql.push(if self.ascending() {
+                " AND (created_at, device_id) > ("
+            } else {
+                " AND (created_at, device_id) < ("
+            });
+            sql.push_bind(from.created_at)
+                .push(", ")
+                .push_bind(from.device_id)
+                .push(")");
+        }
+    }
+
+    fn push_order_and_limit(&self, sql: &mut QueryBuilder<Postgres>) {
+        sql.push(if self.ascending() {
+            " ORDER BY created_at ASC, device_id ASC LIMIT "
+        } else {
+            " ORDER BY created_at DESC, device_id DESC LIMIT "
+        });
+        sql.push_bind(self.size + 1);
+    }
+
+    fn page(&self, mut rows: Vec<DeviceRow>) -> Page {
+        let size = usize::try_from(self.size).unwrap_or(0);
+        let more = rows.len() > size;
+        rows.truncate(size);
+        if self.backward {
+            rows.reverse();
+        }
+        Page { rows, more }
+    }
+}
+
+fn push_device_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
+    if let Owners::Only(owner) = filter.owners {
+        sql.push(" AND owner_id = ").push_bind(owner);
+    }
+    if let Some(status) = filter.status {
+        sql.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(provider) = filter.provider {
+        sql.push(" AND provider = ").push_bind(provider.as_str());
+    }
+}
+
+/// One page of the devices matching `filter`.
+pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageRequest) -> Result<Page, sqlx::Error> {
+    if filter.owners == Owners::Nobody || page.size == 0 {
+        return Ok(Page::default());
+    }
+    let mut sql = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE true"));
+    push_device_filter(&mut sql, filter);
+    page.push_keyset(&mut sql);
+    page.push_order_and_limit(&mut sql);
+    let rows = sql.build().fetch_all(pool).await?;
+    let rows = rows.iter().map(device_row).collect::<Result<Vec<_>, _>>()?;
+    Ok(page.page(rows))
+}
+
+/// The same page of each owner's devices, in one statement (a lateral join per owner).
+pub async fn device_pages_by_owner(
+    pool: &PgPool,
+    owners: &[Uuid],
+    status: Option<DeviceStatus>,
+    provider: Option<Provider>,
+    page: &PageRequest,
+) -> Result<HashMap<Uuid, Page>, sqlx::Error> {
+    let mut sql = QueryBuilder::new("SELECT d.* FROM unnest(");
+    sql.push_bind(owners.to_vec()).push(format!(
+        "::uuid[]) AS o(owner) CROSS JOIN LATERAL (SELECT {DEVICE_COLUMNS} FROM devices WHERE owner_id = o.owner"
+    ));
+    let filter = DeviceFilter {
+        owners: Owners::Any,
+        status,
+        provider,
+    };
+    push_device_filter(&mut sql, &filter);
+    page.push_keyset(&mut sql);
+    page.push_order_and_limit(&mut sql);
+    sql.push(") AS d");
+    let mut by_owner: HashMap<Uuid, Vec<DeviceRow>> = owners.iter().map(|o| (*o, Vec::new())).collect();
+    for row in sql.build().fetch_all(pool).await? {
+        let device = device_row(&row)?;
+        by_owner.entry(device.owner_id).or_default().push(device);
+    }
+    Ok(by_owner
+        .into_iter()
+        .map(|(owner, rows)| (owner, page.page(rows)))
+        .collect())
+}
+
+/// How many devices match `filter`.
+pub async fn count_devices(pool: &PgPool, filter: &DeviceFilter) -> Result<i64, sqlx::Error> {
+    if filter.owners == Owners::Nobody {
+        return Ok(0);
+    }
+    let mut sql = QueryBuilder::new("SELECT count(*) FROM devices WHERE true");
+    push_device_filter(&mut sql, filter);
+    sql.build_query_scalar().fetch_one(pool).await
+}
+
+/// How many devices each owner has (with the same status and provider filter), in one statement.
+pub async fn count_devices_by_owner(
+    pool: &PgPool,
+    owners: &[Uuid],
+    status: Option<DeviceStatus>,
+    provider: Option<Provider>,
+) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
+    let mut sql = QueryBuilder::new("SELECT owner_id, count(*) FROM devices WHERE owner_id = ANY(");
+    sql.push_bind(owners.to_vec()).push(")");
+    push_device_filter(
+        &mut sql,
+        &DeviceFilter {
+            owners: Owners::Any,
+            status,
+            provider,
+        },
+    );
+    sql.push(" GROUP BY owner_id");
+    let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    let mut counts: HashMap<Uuid, i64> = owners.iter().map(|o| (*o, 0)).collect();
+    counts.extend(rows);
+    Ok(counts)
+}
+
+/// The devices with these ids (those that exist).
+pub async fn devices_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ANY($1)"
+    )))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(device_row).collect()
+}
+
+/// A `device_stats` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsRecord {
+    pub user_id: Uuid,
+    pub status: DeviceStatus,
+    pub provider: Provider,
+    pub device_count: i64,
+    pub cpu_cores: i64,
+    pub memory_mb: i64,
+    pub last_created_at: DateTime<Utc>,
+}
+
+/// Sums over `device_stats` rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsTotals {
+    pub device_count: i64,
+    pub cpu_cores: i64,
+    pub memory_mb: i64,
+}
+
+fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
+    if let Owners::Only(owner) = filter.owners {
+        sql.push(" AND user_id = ").push_bind(owner);
+    }
+    if let Some(status) = filter.status {
+        sql.push(" AND status = ").push_bind(status.as_str());
+    }
+    if let Some(provider) = filter.provider {
+        sql.push(" AND provider = ").push_bind(provider.as_str());
+    }
+}
+
+/// `device_stats` rows matching `filter`, ordered by user, status and provider, at most `limit`.
+pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Result<Vec<StatsRecord>, sqlx::Error> {
+    if filter.owners == Owners::Nobody {
+        return Ok(Vec::new());
+    }
+    let mut sql = QueryBuilder::new(
+        "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
+         FROM device_stats WHERE true",
+    );
+    push_stats_filter(&mut sql, filter);
+    sql.push(" ORDER BY user_id, status, provider LIMIT ").push_bind(limit);
+    sql.build().fetch_all(pool).await?.iter().map(stats_record).collect()
+}
+
+/// `device_stats` rows of each of these users, in one statement.
+pub async fn stats_rows_by_user(pool: &PgPool, users: &[Uuid]) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
+         FROM device_stats WHERE user_id = ANY($1) ORDER BY user_id, status, provider",
+    )
+    .bind(users)
+    .fetch_all(pool)
+    .await?;
+    let mut by_user: HashMap<Uuid, Vec<StatsRecord>> = users.iter().map(|u| (*u, Vec::new())).collect();
+    for row in &rows {
+        let record = stats_record(row)?;
+        by_user.entry(record.user_id).or_default().push(record);
+    }
+    Ok(by_user)
+}
+
+fn stats_record(row: &sqlx::postgres::PgRow) -> Result<StatsRecord, sqlx::Error> {
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    Ok(StatsRecord {
+        user_id: row.try_get("user_id")?,
+        status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+        provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+        device_count: row.try_get("device_count")?,
+        cpu_cores: row.try_get("total_cpu_cores")?,
+        memory_mb: row.try_get("total_memory_mb")?,
+        last_created_at: row.try_get("last_created_at")?,
+    })
+}
+
+/// Sums over every `device_stats` row matching `filter`.
+pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsTotals, sqlx::Error> {
+    if filter.owners == Owners::Nobody {
+        return Ok(StatsTotals::default());
+    }
+    let mut sql = QueryBuilder::new(
+        "SELECT coalesce(sum(device_count), 0)::bigint, coalesce(sum(total_cpu_cores), 0)::bigint,
+                coalesce(sum(total_memory_mb), 0)::bigint FROM device_stats WHERE true",
+    );
+    push_stats_filter(&mut sql, filter);
+    let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(pool).await?;
+    Ok(StatsTotals {
+        device_count,
+        cpu_cores,
+        memory_mb,
+    })
+}
+
+/// How usage rows are summed over time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Period {
+    Day,
+    /// ISO weeks, starting on Monday.
+    Week,
+    Month,
+}
+
+impl Period {
+    fn trunc(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+}
+
+/// Which usage rows to sum, and over what.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UsageQuery {
+    pub owners: Owners,
+    pub device: Option<Uuid>,
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    pub period: Period,
+}
+
+/// Minutes and cost of one period in one currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub period: NaiveDate,
+    pub currency: String,
+    pub minutes: i64,
+    pub cost_minor: i64,
+}
+
+/// Usage per period and currency over the query's days (inclusive), in period order.
+pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+    if query.owners == Owners::Nobody {
+        return Ok(Vec::new());
+    }
+    let mut sql = QueryBuilder::new("SELECT date_trunc(");
+    sql.push_bind(query.period.trunc())
+        .push(", day)::date AS period, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM daily_usage WHERE day BETWEEN ")
+        .push_bind(query.from)
+        .push(" AND ")
+        .push_bind(query.to);
+    if let Owners::Only(owner) = query.owners {
+        sql.push(" AND user_id = ").push_bind(owner);
+    }
+    if let Some(device) = query.device {
+        sql.push(" AND device_id = ").push_bind(device);
+    }
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
+    let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(period, currency, minutes, cost_minor)| UsageRecord {
+            period,
+            currency,
+            minutes,
+            cost_minor,
+        })
+        .collect())
+}
+
+/// Which column a batched usage read groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UsageSubject {
+    User,
+    Device,
+}
+
+/// Usage per period and currency for each of these users (or devices), in one statement.
+pub async fn usage_by(
+    pool: &PgPool,
+    subject: UsageSubject,
+    ids: &[Uuid],
+    from: NaiveDate,
+    to: NaiveDate,
+    period: Period,
+) -> Result<HashMap<Uuid, Vec<UsageRecord>>, sqlx::Error> {
+    let column = match subject {
+        UsageSubject::User => "user_id",
+        UsageSubject::Device => "device_id",
+    };
+    let rows: Vec<(Uuid, NaiveDate, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {column}, date_trunc($2, day)::date, currency, sum(minutes)::bigint, sum(cost_minor)::bigint
+         FROM daily_usage WHERE {column} = ANY($1) AND day BETWEEN $3 AND $4
+         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )))
+    .bind(ids)
+    .bind(period.trunc())
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?;
+    let mut by_id: HashMap<Uuid, Vec<UsageRecord>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+    for (id, period, currency, minutes, cost_minor) in rows {
+        by_id.entry(id).or_default().push(UsageRecord {
+            period,
+            currency,
+            minutes,
+            cost_minor,
+        });
+    }
+    Ok(by_id)
+}

@@ -1,0 +1,591 @@
+//! The query API service: `POST /graphql` (and GraphiQL at `GET /graphql`), `/healthz`,
+//! `/readyz`, `/metrics`.
+//!
+//! A request is authenticated, its query resolved (persisted queries), routed to a source
+//! (a replica in rotation, or one that reached the caller's `minPosition`, or the primary),
+//! answered from the cache when the same question was answered at the same checkpoints, and
+//! otherwise executed with a time limit. A replica that fails under a query is taken out of
+//! rotation and the query runs again elsewhere, so one replica dying fails no query.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::{ErrorExtensions, ServerError, Variables};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use command_api::auth::{KeyError, Principal, Role, TokenVerifier, scope};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::cache::{CacheKeyParts, ResponseCache, cache_key, normalize_query};
+use crate::config::QueryApiConfig;
+use crate::graphql::{DashboardSchema, ReadContext, Viewer, build_schema, request_data};
+use crate::persisted::{PersistedQueries, PersistedQuery};
+use crate::sources::{ReadError, ReadSources, Route, Source};
+
+/// Names of the query API's metrics (HTTP metrics are the command API's, by route).
+pub mod metrics_names {
+    /// Counter: GraphQL requests by outcome (`ok`, `error`, `rejected`) and cache result.
+    pub const GRAPHQL_REQUESTS_TOTAL: &str = "cloudphone_graphql_requests_total";
+    /// Histogram: GraphQL request latency by cache result.
+    pub const GRAPHQL_REQUEST_DURATION_SECONDS: &str = "cloudphone_graphql_request_duration_seconds";
+}
+use metrics_names as m;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token keys: {0}")]
+    Keys(#[from] KeyError),
+    #[error("invalid replica URL: {0}")]
+    Replica(#[from] sqlx::Error),
+}
+
+struct Inner {
+    config: QueryApiConfig,
+    schema: DashboardSchema,
+    sources: ReadSources,
+    cache: Option<ResponseCache>,
+    persisted: PersistedQueries,
+    verifier: TokenVerifier,
+    metrics: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryApi")
+            .field("config", &self.config)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+type AppState = Arc<Inner>;
+
+/// The query API, bound and ready to serve.
+#[derive(Debug)]
+pub struct QueryApi {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl QueryApi {
+    /// Binds `config.listen` (port 0 picks a free port; see [`QueryApi::local_addr`]).
+    /// `primary` should be a pool of its own: reads must not queue behind appends.
+    pub async fn build(
+        config: QueryApiConfig,
+        primary: PgPool,
+        metrics: PrometheusHandle,
+    ) -> Result<Self, StartupError> {
+        let verifier = TokenVerifier::new(&config.keys)?;
+        let sources = ReadSources::new(primary, &config.replica_urls, config.sources.clone())?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let state = Arc::new(Inner {
+            schema: build_schema(&config.limits, config.introspection),
+            cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
+            persisted: PersistedQueries::new(config.persisted_queries),
+            sources,
+            verifier,
+            metrics,
+            config,
+        });
+        Ok(QueryApi { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| self.state.config.listen)
+    }
+
+    pub fn sources(&self) -> &ReadSources {
+        &self.state.sources
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight queries.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let QueryApi { listener, state } = self;
+        let stop = CancellationToken::new();
+        // Probe before the first request, so replicas that are up serve from the start.
+        state.sources.check_health().await;
+        state.sources.refresh_watermarks().await;
+        let health = state
+            .sources
+            .spawn_health_checks(state.config.health_interval, stop.clone());
+        let watermarks = state
+            .sources
+            .spawn_watermarks(state.config.watermark_interval, stop.clone());
+        let served = axum::serve(listener, router(state).into_make_service())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        stop.cancel();
+        let _ = tokio::join!(health, watermarks);
+        tracing::info!("query API stopped");
+        served
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route_layer(axum::middleware::from_fn(command_api::telemetry::track_requests))
+        .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json::errors(&[graphql_error("no such route; queries go to POST /graphql", "NOT_FOUND")]),
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json::errors(&[graphql_error("internal error", "INTERNAL_SERVER_ERROR")]),
+            )
+                .into_response()
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id = %request_id,
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// A JSON body with its content type.
+struct Json;
+
+impl Json {
+    fn ok(body: impl Into<axum::body::Body>) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], body.into()).into_response()
+    }
+
+    fn errors(errors: &[ServerError]) -> Response {
+        let body = serde_json::json!({ "errors": errors }).to_string();
+        Self::ok(body)
+    }
+}
+
+fn graphql_error(message: impl Into<String>, code: &'static str) -> ServerError {
+    let mut error = ServerError::new(message, None);
+    error.extensions = async_graphql::Error::new("")
+        .extend_with(|_, e| e.set("code", code))
+        .extensions;
+    error
+}
+
+fn rejected(status: StatusCode, message: impl Into<String>, code: &'static str) -> Response {
+    metrics::counter!(m::GRAPHQL_REQUESTS_TOTAL, "outcome" => "rejected", "cache" => "none").increment(1);
+    (status, Json::errors(&[graphql_error(message, code)])).into_response()
+}
+
+async fn graphiql(State(state): State<AppState>) -> Response {
+    if state.config.graphiql {
+        Html(
+            async_graphql::http::GraphiQLSource::build()
+                .endpoint("/graphql")
+                .title("Cloudphone dashboards")
+                .finish(),
+        )
+        .into_response()
+    } else {
+        rejected(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GraphiQL is turned off here; send queries with POST /graphql",
+            "METHOD_NOT_ALLOWED",
+        )
+    }
+}
+
+/// A GraphQL-over-HTTP request body.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GraphqlBody {
+    query: Option<String>,
+    operation_name: Option<String>,
+    #[serde(default)]
+    variables: Option<serde_json::Value>,
+    #[serde(default)]
+    extensions: Option<BodyExtensions>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BodyExtensions {
+    persisted_query: Option<PersistedQuery>,
+}
+
+fn viewer_of(principal: &Principal) -> Option<Viewer> {
+    match (principal.role, principal.user_id) {
+        (Role::Admin, _) => Some(Viewer::Everyone),
+        (Role::User, Some(user)) => Some(Viewer::User(user)),
+        (Role::Service, _) if principal.has_scope(scope::DASHBOARDS_READ) => Some(Viewer::Everyone),
+        _ => None,
+    }
+}
+
+async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = match state.verifier.verify_header(authorization) {
+        Ok(principal) => principal,
+        Err(error) => {
+            tracing::info!(%error, "query refused: not authenticated");
+            return rejected(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required",
+                "UNAUTHENTICATED",
+            );
+        }
+    };
+    let Some(viewer) = viewer_of(&principal) else {
+        return rejected(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a {} token without the `{}` scope cannot read dashboards",
+                principal.role,
+                scope::DASHBOARDS_READ
+            ),
+            "FORBIDDEN",
+        );
+    };
+    let body: GraphqlBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(error) => {
+            let message = if body.first() == Some(&b'[') {
+                "batched requests are not supported; send one query per request".to_owned()
+            } else {
+                format!("the body is not a GraphQL request (JSON with `query`): {error}")
+            };
+            return rejected(StatusCode::BAD_REQUEST, message, "BAD_REQUEST");
+        }
+    };
+    let persisted = body.extensions.as_ref().and_then(|e| e.persisted_query.as_ref());
+    let query = match state.persisted.resolve(body.query.clone(), persisted) {
+        Ok(query) => query,
+        // Apollo clients expect a 200 with the code, then retry with the full query.
+        Err(error) => {
+            let status = if error.code() == "PERSISTED_QUERY_NOT_FOUND" {
+                StatusCode::OK
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return rejected(status, error.to_string(), error.code());
+        }
+    };
+    let variables = match body.variables {
+        None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+        Some(value @ serde_json::Value::Object(_)) => value,
+        Some(_) => return rejected(StatusCode::BAD_REQUEST, "`variables` must be an object", "BAD_REQUEST"),
+    };
+    let min_position = match min_position(&headers, &query, body.operation_name.as_deref(), &variables) {
+        Ok(position) => position,
+        Err(message) => return rejected(StatusCode::BAD_REQUEST, message, "BAD_USER_INPUT"),
+    };
+    let asked = Asked {
+        normalized: normalize_query(&query),
+        query,
+        operation_name: body.operation_name,
+        variables_key: event_schema::canonical::canonical_json(&variables),
+        variables,
+        viewer,
+        min_position,
+    };
+    let answer = answer(&state, &asked).await;
+    let cache = answer.cache;
+    metrics::counter!(m::GRAPHQL_REQUESTS_TOTAL, "outcome" => answer.outcome, "cache" => cache).increment(1);
+    metrics::histogram!(m::GRAPHQL_REQUEST_DURATION_SECONDS, "cache" => cache).record(started.elapsed().as_secs_f64());
+    answer.into_response()
+}
+
+/// A question, resolved and normalized.
+#[derive(Debug)]
+struct Asked {
+    query: Arc<str>,
+    normalized: String,
+    operation_name: Option<String>,
+    variables: serde_json::Value,
+    variables_key: String,
+    viewer: Viewer,
+    min_position: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+    cache: &'static str,
+    outcome: &'static str,
+    source: Option<Source>,
+    checkpoints: Option<Vec<i64>>,
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json::ok(self.body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert("x-cache", HeaderValue::from_static(self.cache));
+        if let Some(source) = &self.source {
+            headers.insert(
+                "x-read-source",
+                HeaderValue::from_static(match source {
+                    Source::Primary => "primary",
+                    Source::Replica(_) => "replica",
+                }),
+            );
+        }
+        if let Some(checkpoints) = &self.checkpoints
+            && let Some(least) = checkpoints.iter().min()
+            && let Ok(value) = HeaderValue::from_str(&least.to_string())
+        {
+            headers.insert("x-read-position", value);
+        }
+        response
+    }
+}
+
+async fn answer(state: &Inner, asked: &Asked) -> Answer {
+    // One attempt per replica and one for the primary: a failing source leaves rotation.
+    let attempts = state.sources.replica_states().len() + 1;
+    let mut last_failure = None;
+    for _ in 0..attempts {
+        let route = match state.sources.route(asked.min_position).await {
+            Ok(route) => route,
+            Err(error) => return unroutable(&error),
+        };
+        let key = route.checkpoints.as_ref().map(|checkpoints| {
+            cache_key(&CacheKeyParts {
+                normalized_query: &asked.normalized,
+                operation_name: asked.operation_name.as_deref(),
+                variables: &asked.variables_key,
+                scope: &asked.viewer.cache_scope(),
+                checkpoints,
+            })
+        });
+        if let (Some(cache), Some(key)) = (&state.cache, &key)
+            && let Some(body) = cache.get(key)
+        {
+            return Answer {
+                status: StatusCode::OK,
+                body,
+                cache: "hit",
+                outcome: "ok",
+                source: Some(route.source),
+                checkpoints: route.checkpoints,
+            };
+        }
+        match execute(state, asked, &route).await {
+            Executed::Answered { body, cacheable, ok } => {
+                let stored = match (&state.cache, key) {
+                    (Some(cache), Some(key)) if cacheable => {
+                        cache.insert(key, body.clone());
+                        true
+                    }
+                    _ => false,
+                };
+                return Answer {
+                    status: StatusCode::OK,
+                    body,
+                    cache: if stored { "miss" } else { "bypass" },
+                    outcome: if ok { "ok" } else { "error" },
+                    source: Some(route.source),
+                    checkpoints: route.checkpoints,
+                };
+            }
+            Executed::SourceFailed(body) => {
+                if route.source == Source::Primary {
+                    last_failure = Some(body);
+                    break;
+                }
+                state.sources.report_failure(&route.source);
+            }
+        }
+    }
+    Answer {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        body: last_failure.unwrap_or_else(|| {
+            Bytes::from(
+                serde_json::json!({ "errors": [graphql_error("no source could answer; retry shortly", "SOURCE_UNAVAILABLE")] })
+                    .to_string(),
+            )
+        }),
+        cache: "bypass",
+        outcome: "error",
+        source: None,
+        checkpoints: None,
+    }
+}
+
+fn unroutable(error: &ReadError) -> Answer {
+    let (status, code) = match error {
+        // Not a failure of the service: the caller may retry or drop the position.
+        ReadError::NotYetVisible { .. } => (StatusCode::OK, "NOT_YET_VISIBLE"),
+        ReadError::Database(_) => (StatusCode::SERVICE_UNAVAILABLE, "SOURCE_UNAVAILABLE"),
+    };
+    if let ReadError::Database(error) = error {
+        tracing::warn!(%error, "no source to route a query to");
+    }
+    let message = match error {
+        ReadError::NotYetVisible { .. } => error.to_string(),
+        ReadError::Database(_) => "the read models are unavailable right now; retry shortly".to_owned(),
+    };
+    Answer {
+        status,
+        body: Bytes::from(serde_json::json!({ "errors": [graphql_error(message, code)] }).to_string()),
+        cache: "bypass",
+        outcome: "error",
+        source: None,
+        checkpoints: None,
+    }
+}
+
+enum Executed {
+    Answered {
+        body: Bytes,
+        cacheable: bool,
+        ok: bool,
+    },
+    /// The source failed under the query; the body is the error answer if no other is left.
+    SourceFailed(Bytes),
+}
+
+async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
+    let read = Arc::new(ReadContext::new(asked.viewer, route.pool.clone(), state.config.limits));
+    let mut request =
+        async_graphql::Request::new(asked.query.to_string()).variables(Variables::from_json(asked.variables.clone()));
+    if let Some(name) = &asked.operation_name {
+        request = request.operation_name(name.clone());
+    }
+    let request = request_data(request, Arc::clone(&read));
+    let response = match tokio::time::timeout(state.config.query_timeout, state.schema.execute(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let body = serde_json::json!({ "errors": [graphql_error(
+                format!("the query took longer than {:?} and was stopped; ask for less", state.config.query_timeout),
+                "TIMEOUT",
+            )] });
+            return Executed::Answered {
+                body: Bytes::from(body.to_string()),
+                cacheable: false,
+                ok: false,
+            };
+        }
+    };
+    let ok = response.is_ok();
+    let cacheable = ok && response.cache_control.max_age != -1;
+    let body = match serde_json::to_vec(&response) {
+        Ok(body) => Bytes::from(body),
+        Err(error) => {
+            tracing::error!(%error, "cannot serialize a GraphQL response");
+            Bytes::from_static(
+                br#"{"errors":[{"message":"internal error","extensions":{"code":"INTERNAL_SERVER_ERROR"}}]}"#,
+            )
+        }
+    };
+    if read.source_failed() {
+        return Executed::SourceFailed(body);
+    }
+    Executed::Answered { body, cacheable, ok }
+}
+
+/// The position the caller wants to read at: the `X-Min-Position` header or the largest
+/// `minPosition` argument of the operation's root fields.
+fn min_position(
+    headers: &HeaderMap,
+    query: &str,
+    operation_name: Option<&str>,
+    variables: &serde_json::Value,
+) -> Result<Option<i64>, String> {
+    let header = match headers.get("x-min-position") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|p| *p >= 0)
+                .ok_or("X-Min-Position must be a non-negative integer (a command's `position`)")?,
+        ),
+    };
+    // Most queries carry none: skip the parse.
+    let argument = if query.contains("minPosition") {
+        crate::graphql::min_position_argument(query, operation_name, variables)?
+    } else {
+        None
+    };
+    Ok(header.max(argument))
+}
+
+/// Ready when the primary answers; replicas are reported but do not decide readiness (reads
+/// fall back to the primary without them).
+async fn readyz(State(state): State<AppState>) -> Response {
+    let check = sqlx::query("SELECT 1").execute(state.sources.primary());
+    let database = match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("no answer within 2 s".to_owned()),
+    };
+    let replicas: Vec<serde_json::Value> = state
+        .sources
+        .replica_states()
+        .into_iter()
+        .map(|(name, healthy, lag_bytes)| serde_json::json!({"replica": name, "in_rotation": healthy, "lag_bytes": lag_bytes}))
+        .collect();
+    let (status, body) = match database {
+        Ok(()) => (
+            StatusCode::OK,
+            serde_json::json!({"status": "ready", "database": "ok", "replicas": replicas}),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "unavailable", "database": error, "replicas": replicas}),
+        ),
+    };
+    (status, Json::ok(body.to_string())).into_response()
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
