@@ -145,20 +145,7 @@ pub fn router(state: AppState) -> Router {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let request_id = request
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
-            tracing::info_span!(
-                "request",
-                method = %request.method(),
-                path = %request.uri().path(),
-                request_id = %request_id,
-                trace_id = %crate::extract::trace_id(request.headers()),
-            )
-        }))
+        .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }

@@ -59,6 +59,22 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// The span every HTTP request of every API runs in: method, path, request id, trace id.
+pub fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        request_id = %request_id,
+        trace_id = %crate::extract::trace_id(request.headers()),
+    )
+}
+
 /// Records every routed request's count and latency under its route template.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let route = request

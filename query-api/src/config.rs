@@ -33,6 +33,9 @@ pub struct QueryApiConfig {
     /// How often each source's projection checkpoints are read (cache keys and
     /// read-your-writes routing use them).
     pub watermark_interval: Duration,
+    /// Queries per second each client (token subject) may send, with bursts up to `rate_burst`.
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
 }
 
 impl Default for QueryApiConfig {
@@ -51,6 +54,8 @@ impl Default for QueryApiConfig {
             sources: SourcesConfig::default(),
             health_interval: Duration::from_secs(1),
             watermark_interval: Duration::from_millis(100),
+            rate_per_second: 2_000,
+            rate_burst: 4_000,
         }
     }
 }

@@ -116,9 +116,11 @@ impl PageRequest {
     }
 }
 
-fn push_device_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
+/// Appends the filter's conditions; `owner_column` is `owner_id` in `devices` and `user_id`
+/// in `device_stats`.
+fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter, owner_column: &str) {
     if let Owners::Only(owner) = filter.owners {
-        sql.push(" AND owner_id = ").push_bind(owner);
+        sql.push(format_args!(" AND {owner_column} = ")).push_bind(owner);
     }
     if let Some(status) = filter.status {
         sql.push(" AND status = ").push_bind(status.as_str());
@@ -134,7 +136,7 @@ pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageReques
         return Ok(Page::default());
     }
     let mut sql = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE true"));
-    push_device_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, "owner_id");
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
     let rows = sql.build().fetch_all(pool).await?;
@@ -159,7 +161,7 @@ pub async fn device_pages_by_owner(
         status,
         provider,
     };
-    push_device_filter(&mut sql, &filter);
+    push_filter(&mut sql, &filter, "owner_id");
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
     sql.push(") AS d");
@@ -180,7 +182,7 @@ pub async fn count_devices(pool: &PgPool, filter: &DeviceFilter) -> Result<i64, 
         return Ok(0);
     }
     let mut sql = QueryBuilder::new("SELECT count(*) FROM devices WHERE true");
-    push_device_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, "owner_id");
     sql.build_query_scalar().fetch_one(pool).await
 }
 
@@ -193,14 +195,12 @@ pub async fn count_devices_by_owner(
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
     let mut sql = QueryBuilder::new("SELECT owner_id, count(*) FROM devices WHERE owner_id = ANY(");
     sql.push_bind(owners.to_vec()).push(")");
-    push_device_filter(
-        &mut sql,
-        &DeviceFilter {
-            owners: Owners::Any,
-            status,
-            provider,
-        },
-    );
+    let filter = DeviceFilter {
+        owners: Owners::Any,
+        status,
+        provider,
+    };
+    push_filter(&mut sql, &filter, "owner_id");
     sql.push(" GROUP BY owner_id");
     let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(pool).await?;
     let mut counts: HashMap<Uuid, i64> = owners.iter().map(|o| (*o, 0)).collect();
@@ -239,18 +239,6 @@ pub struct StatsTotals {
     pub memory_mb: i64,
 }
 
-fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
-    if let Owners::Only(owner) = filter.owners {
-        sql.push(" AND user_id = ").push_bind(owner);
-    }
-    if let Some(status) = filter.status {
-        sql.push(" AND status = ").push_bind(status.as_str());
-    }
-    if let Some(provider) = filter.provider {
-        sql.push(" AND provider = ").push_bind(provider.as_str());
-    }
-}
-
 /// `device_stats` rows matching `filter`, ordered by user, status and provider, at most `limit`.
 pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Result<Vec<StatsRecord>, sqlx::Error> {
     if filter.owners == Owners::Nobody {
@@ -260,7 +248,7 @@ pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Res
         "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
          FROM device_stats WHERE true",
     );
-    push_stats_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, "user_id");
     sql.push(" ORDER BY user_id, status, provider LIMIT ").push_bind(limit);
     sql.build().fetch_all(pool).await?.iter().map(stats_record).collect()
 }
@@ -304,7 +292,7 @@ pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsT
         "SELECT coalesce(sum(device_count), 0)::bigint, coalesce(sum(total_cpu_cores), 0)::bigint,
                 coalesce(sum(total_memory_mb), 0)::bigint FROM device_stats WHERE true",
     );
-    push_stats_filter(&mut sql, filter);
+    push_filter(&mut sql, filter, "user_id");
     let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(pool).await?;
     Ok(StatsTotals {
         device_count,

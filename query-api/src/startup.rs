@@ -8,6 +8,7 @@
 //! rotation and the query runs again elsewhere, so one replica dying fails no query.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use command_api::auth::{KeyError, Principal, Role, TokenVerifier, scope};
+use command_api::state::ClientLimiter;
+use governor::{Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use sqlx::PgPool;
@@ -64,6 +67,7 @@ struct Inner {
     cache: Option<ResponseCache>,
     persisted: PersistedQueries,
     verifier: TokenVerifier,
+    limiter: ClientLimiter,
     metrics: PrometheusHandle,
 }
 
@@ -101,7 +105,10 @@ impl QueryApi {
                 addr: config.listen,
                 source,
             })?;
+        let per_second = NonZeroU32::new(config.rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.rate_burst).unwrap_or(per_second);
         let state = Arc::new(Inner {
+            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             schema: build_schema(&config.limits, config.introspection),
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
             persisted: PersistedQueries::new(config.persisted_queries),
@@ -137,11 +144,23 @@ impl QueryApi {
         let watermarks = state
             .sources
             .spawn_watermarks(state.config.watermark_interval, stop.clone());
+        let forget_old_clients = {
+            let state = Arc::clone(&state);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_secs(60)) => state.limiter.retain_recent(),
+                    }
+                }
+            })
+        };
         let served = axum::serve(listener, router(state).into_make_service())
             .with_graceful_shutdown(shutdown)
             .await;
         stop.cancel();
-        let _ = tokio::join!(health, watermarks);
+        let _ = tokio::join!(health, watermarks, forget_old_clients);
         tracing::info!("query API stopped");
         served
     }
@@ -171,21 +190,7 @@ fn router(state: AppState) -> Router {
                 .into_response()
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
-                let request_id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                tracing::info_span!(
-                    "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    request_id = %request_id,
-                )
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(command_api::telemetry::request_span))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
 }
@@ -276,6 +281,21 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             );
         }
     };
+    if let Err(not_until) = state.limiter.check_key(&principal.rate_key()) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+        let mut response = rejected(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many queries from this client; retry in {} ms",
+                wait.as_millis().max(1)
+            ),
+            "RATE_LIMITED",
+        );
+        if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return response;
+    }
     let Some(viewer) = viewer_of(&principal) else {
         return rejected(
             StatusCode::FORBIDDEN,

@@ -459,8 +459,10 @@ async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
         assert_eq!(node["owner"]["usage"]["totals"]["minutes"], "50");
     }
     // The page, then one statement each for device usage, owners' pages, owners' counts,
-    // owners' stats and owners' usage: 6, whatever the number of devices and owners.
-    assert_eq!(ran, 6, "statements for 50 devices of 10 owners");
+    // owners' stats and owners' usage: 6, whatever the number of devices and owners. A batch
+    // collects keys for 1 ms; on a machine too busy to enqueue 50 siblings within it, a
+    // level may split in two, so allow that. One statement per parent would be 91 here.
+    assert!((6..=12).contains(&ran), "{ran} statements for 50 devices of 10 owners");
 }
 
 #[sqlx::test(migrations = false)]
@@ -729,6 +731,35 @@ async fn abusive_or_malformed_requests_get_clear_errors_never_a_5xx(pool: PgPool
         .query(&admin, "{ devices { totalCount } }", json!({}))
         .await
         .data();
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_client_over_its_rate_is_told_to_retry_later_and_others_are_not(pool: PgPool) {
+    known_data(&pool).await;
+    let api = start(
+        &pool,
+        query_api::QueryApiConfig {
+            rate_per_second: 1,
+            rate_burst: 3,
+            ..test_config()
+        },
+    )
+    .await;
+    let (greedy, other) = (token(A, Role::User), token(B, Role::User));
+    let query = "{ devices { totalCount } }";
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(api.query(&greedy, query, json!({})).await);
+    }
+    assert!(statuses[..3].iter().all(|a| a.status == 200), "the burst is allowed");
+    let limited = statuses.last().unwrap();
+    assert_eq!(
+        (limited.status.as_u16(), limited.error_code()),
+        (429, "RATE_LIMITED"),
+        "{}",
+        limited.body
+    );
+    api.query(&other, query, json!({})).await.data();
 }
 
 #[sqlx::test(migrations = false)]

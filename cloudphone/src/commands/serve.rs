@@ -183,6 +183,8 @@ async fn query_api(
             ..Limits::default()
         },
         query_timeout,
+        rate_per_second: args.rate_limit,
+        rate_burst: args.rate_limit.saturating_mul(2),
         cache_max_bytes: q.query_cache_mb.saturating_mul(1024 * 1024),
         introspection: q.graphql_introspection,
         graphiql: q.graphiql,
