@@ -279,7 +279,8 @@ pub struct LoadQueriesArgs {
     /// Rows of `daily_usage` (one per device and UTC day with usage).
     #[arg(long, default_value_t = 1_000_000)]
     pub usage_rows: u64,
-    /// Users the devices belong to (a few own many devices, most a handful).
+    /// Users the devices belong to (skewed: a few own hundreds of devices, the median user
+    /// about `--devices / --users`).
     #[arg(long, default_value_t = 5_000)]
     pub users: u64,
     /// Users whose dashboards are being watched: each polls the same five queries (with its

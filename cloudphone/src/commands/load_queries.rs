@@ -17,7 +17,9 @@
 //!    unmeasured pass over every (dashboard, kind): the query API with its cache off
 //!    (every answer from PostgreSQL), the query API with its cache (hit ratio from the
 //!    `x-cache` headers), and PostGraphile (`ops/bench/postgraphile/run.sh`, a child
-//!    process) with the queries of `queries.json`.
+//!    process) with the queries of `queries.json`. With `--advance-checkpoints-ms`, one more
+//!    phase measures the cached API while the projections' checkpoints move (every move is a
+//!    new cache key for every answer, as when projectors apply a stream of events).
 //!
 //! The query API runs in this process; the load generator shares the machine's cores with
 //! it, with PostGraphile and with PostgreSQL.
@@ -188,9 +190,9 @@ struct Target {
     url: String,
     /// Per dashboard, per kind (in `Kind::ALL` order): the JSON request body.
     bodies: Vec<[Vec<u8>; 5]>,
-    /// Per dashboard: the `Authorization` header (none for PostGraphile, which has no auth
-    /// and refuses a bearer token it has no key for).
-    auth: Option<Vec<HeaderValue>>,
+    /// Per dashboard: the `Authorization` header (PostGraphile has no auth and ignores the
+    /// admin token it is sent; it is there so both servers parse the same requests).
+    auth: Vec<HeaderValue>,
     flavor: Flavor,
 }
 
@@ -306,6 +308,7 @@ pub async fn run(args: &LoadQueriesArgs) -> anyhow::Result<()> {
         args.devices, args.usage_rows
     );
     let dashboards = pick_dashboards(&pool, args).await?;
+    wait_for_replicas(&pool).await;
     pool.close().await;
 
     let client = reqwest::Client::builder()
@@ -372,7 +375,7 @@ pub async fn run(args: &LoadQueriesArgs) -> anyhow::Result<()> {
         provisioning_seconds,
         mix_percent: Kind::ALL.iter().map(|k| (*k, k.weight())).collect(),
         tokens: "query API: one Role::User token per watched user (answers scoped and cached per user); \
-                 PostGraphile: no Authorization header (it has no auth)",
+                 PostGraphile: a Role::Admin token (it has no auth and ignores it)",
         postgraphile_workers: args.postgraphile_workers,
         advance_checkpoints_ms: args.advance_checkpoints_ms,
         phases,
@@ -512,6 +515,9 @@ impl OurServer {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             keys: KeySource::Secret(SECRET.into()),
             cache_max_bytes,
+            // A capacity benchmark: the per-client limit (checked on every request) never bites.
+            rate_per_second: 10_000_000,
+            rate_burst: 10_000_000,
             ..QueryApiConfig::default()
         };
         let api = QueryApi::build(config, pool.clone(), command_api::telemetry::prometheus())
@@ -568,7 +574,7 @@ fn ours_target(label: &'static str, url: String, dashboards: &[Dashboard]) -> an
         label,
         url,
         bodies,
-        auth: Some(auth),
+        auth,
         flavor: Flavor::Ours,
     })
 }
@@ -677,7 +683,7 @@ impl PostGraphile {
             &queries,
             dashboards,
         )?);
-        let server = PostGraphile { child, target };
+        let mut server = PostGraphile { child, target };
         server.wait_ready(client, &stderr_tail).await?;
         println!(
             "  PostGraphile v4 answering on 127.0.0.1:{port} (pool {})",
@@ -687,7 +693,7 @@ impl PostGraphile {
     }
 
     /// Polls with the first dashboard's device statistics until an answer with data comes.
-    async fn wait_ready(&self, client: &reqwest::Client, stderr: &Mutex<String>) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, client: &reqwest::Client, stderr: &Mutex<String>) -> anyhow::Result<()> {
         let started = Instant::now();
         let body = self.target.bodies[0][Kind::DeviceStats.index()].clone();
         let mut last = String::from("no answer yet");
@@ -711,21 +717,19 @@ impl PostGraphile {
                 }
                 Err(error) => last = error.to_string(),
             }
-            if let Some(pid) = self.child.id() {
-                // Exited children have no id in tokio once reaped; probe without reaping.
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    child_exited = Some(pid);
-                    break;
-                }
-            } else {
-                child_exited = Some(0);
+            if let Ok(Some(status)) = self.child.try_wait() {
+                child_exited = Some(status);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // Let the stderr reader take in what the child wrote last.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let tail = stderr.lock().map(|t| t.clone()).unwrap_or_default();
         match child_exited {
-            Some(_) => bail!("PostGraphile exited before answering (last: {last}); its stderr:\n{tail}"),
+            Some(status) => {
+                bail!("PostGraphile exited ({status}) before answering (last: {last}); its stderr:\n{tail}")
+            }
             None => bail!(
                 "PostGraphile did not answer a query within {POSTGRAPHILE_START:?} (last: {last}); its stderr:\n{tail}"
             ),
@@ -794,11 +798,20 @@ fn postgraphile_target(url: String, queries: &Value, dashboards: &[Dashboard]) -
             body(Kind::UserOverview)?,
         ]);
     }
+    let admin = mint_token(
+        SECRET,
+        &Uuid::now_v7().to_string(),
+        Role::Admin,
+        &[],
+        Utc::now(),
+        chrono::Duration::hours(6),
+    )?;
+    let admin = HeaderValue::from_str(&format!("Bearer {admin}"))?;
     Ok(Target {
         label: PHASE_POSTGRAPHILE,
         url,
+        auth: vec![admin; bodies.len()],
         bodies,
-        auth: None,
         flavor: Flavor::PostGraphile,
     })
 }
@@ -946,6 +959,40 @@ async fn provision(pool: &PgPool, args: &LoadQueriesArgs) -> anyhow::Result<i64>
     Ok(users_with_devices)
 }
 
+/// Waits (at most two minutes) until streaming replicas of the server have replayed the
+/// provisioning's WAL, so their replay does not compete with the first phase for the cores.
+async fn wait_for_replicas(pool: &PgPool) {
+    let started = Instant::now();
+    loop {
+        let behind: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint FROM pg_stat_replication",
+        )
+        .fetch_one(pool)
+        .await;
+        match behind {
+            Ok(Some(bytes)) if bytes > 0 => {
+                if started.elapsed() > Duration::from_secs(120) {
+                    println!(
+                        "  a streaming replica is still {bytes} bytes of WAL behind after 120 s: measuring anyway"
+                    );
+                    return;
+                }
+            }
+            // Caught up, no replicas, or not allowed to look.
+            _ => {
+                if started.elapsed() > Duration::from_secs(1) {
+                    println!(
+                        "  waited {:.1} s for streaming replicas to replay the provisioning",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// The watched dashboards: users with a live device and usage, drawn with the seed; each
 /// with one of its devices and a 30-day range that holds usage.
 async fn pick_dashboards(pool: &PgPool, args: &LoadQueriesArgs) -> anyhow::Result<Vec<Dashboard>> {
@@ -1016,8 +1063,8 @@ async fn send(client: &reqwest::Client, target: &Target, dashboard: usize, kind:
         .post(&target.url)
         .header(CONTENT_TYPE, "application/json")
         .body(target.bodies[dashboard][kind.index()].clone());
-    if let Some(auth) = &target.auth {
-        request = request.header(AUTHORIZATION, auth[dashboard].clone());
+    if let Some(auth) = target.auth.get(dashboard) {
+        request = request.header(AUTHORIZATION, auth.clone());
     }
     let started = Instant::now();
     let response = request.send().await;
@@ -1397,6 +1444,39 @@ impl PhaseReport {
         }
         for (error, count) in &self.errors {
             println!("      error: {count} x {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_database_replaces_only_the_database_of_the_url() {
+        let url = |u| database_url_of(u, "cloudphone_load_queries").unwrap();
+        assert_eq!(
+            url("postgres://postgres@127.0.0.1:5432/cloudphone"),
+            "postgres://postgres@127.0.0.1:5432/cloudphone_load_queries"
+        );
+        assert_eq!(
+            url("postgres://u:p@db:5433/x?sslmode=disable"),
+            "postgres://u:p@db:5433/cloudphone_load_queries?sslmode=disable"
+        );
+        assert_eq!(url("postgresql://h"), "postgresql://h/cloudphone_load_queries");
+        assert!(database_url_of("not a url", "x").is_err());
+    }
+
+    #[test]
+    fn the_mix_has_its_weights() {
+        assert_eq!(Kind::ALL.iter().map(|k| k.weight()).sum::<u32>(), 100);
+        let mut counts = BTreeMap::new();
+        for roll in 0..100 {
+            *counts.entry(Kind::pick(roll)).or_insert(0u32) += 1;
+        }
+        for kind in Kind::ALL {
+            assert_eq!(counts[&kind], kind.weight(), "{kind:?}");
+            assert_eq!(Kind::ALL[kind.index()], kind);
         }
     }
 }
