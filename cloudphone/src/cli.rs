@@ -113,6 +113,11 @@ pub struct QueryArgs {
     /// Megabytes of answers the query cache holds (0 turns it off).
     #[arg(long, env = "CLOUDPHONE_QUERY_CACHE_MB", default_value_t = 64)]
     pub query_cache_mb: u64,
+    /// Milliseconds a cached answer may lag the newest checkpoint for a query that names no
+    /// position (answers are recomputed at most this often while projections move; 0: at
+    /// every projected batch).
+    #[arg(long, env = "CLOUDPHONE_QUERY_CACHE_STALENESS_MS", default_value_t = 1000)]
+    pub query_cache_staleness_ms: u64,
     /// Milliseconds a query may run before it is stopped with a TIMEOUT error.
     #[arg(long, env = "CLOUDPHONE_QUERY_TIMEOUT_MS", default_value_t = 5000)]
     pub query_timeout_ms: u64,

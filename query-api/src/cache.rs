@@ -96,6 +96,57 @@ impl ResponseCache {
     }
 }
 
+/// The checkpoints answers are keyed by: an epoch that moves forward at most once per
+/// `window`, so that while projections apply a steady stream (checkpoints moving every few
+/// milliseconds) an answer is computed once per window instead of once per checkpoint.
+///
+/// An answer is stored under the epoch only when it was read at or after it, so it is never
+/// older than its key. The epoch was the newest checkpoint seen at most `window` ago, which
+/// bounds how stale an answer is for callers that named no position; a caller whose
+/// `minPosition` the epoch has not reached gets an answer keyed by the exact checkpoints.
+/// A zero window keys every answer by the exact checkpoints it was read at.
+#[derive(Debug)]
+pub struct CacheEpoch {
+    window: std::time::Duration,
+    current: std::sync::Mutex<Option<(std::time::Instant, Vec<i64>)>>,
+}
+
+impl CacheEpoch {
+    pub fn new(window: std::time::Duration) -> Self {
+        CacheEpoch {
+            window,
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The checkpoints to key an answer with, for a source known to have reached `seen`.
+    pub fn key_for(&self, seen: &[i64], min_position: Option<i64>) -> Vec<i64> {
+        if self.window.is_zero() {
+            return seen.to_vec();
+        }
+        let Ok(mut current) = self.current.lock() else {
+            return seen.to_vec();
+        };
+        let reached = |epoch: &[i64]| epoch.len() == seen.len() && seen.iter().zip(epoch).all(|(s, e)| s >= e);
+        match current.as_ref() {
+            Some((since, epoch)) if since.elapsed() < self.window => {
+                let wanted = min_position.is_none_or(|p| epoch.iter().all(|&c| c >= p));
+                if reached(epoch) && wanted {
+                    return epoch.clone();
+                }
+                seen.to_vec()
+            }
+            // The window is over: the epoch moves to what this source has, if that is ahead
+            // (a lagging replica never moves it back).
+            Some((_, epoch)) if !reached(epoch) => seen.to_vec(),
+            _ => {
+                *current = Some((std::time::Instant::now(), seen.to_vec()));
+                seen.to_vec()
+            }
+        }
+    }
+}
+
 /// A query text with insignificant differences removed: comments, commas (insignificant in
 /// GraphQL), and whitespace except where it separates two names. String literals are kept
 /// as written. Two texts that normalize alike parse alike.
@@ -246,6 +297,30 @@ mod tests {
             let once = normalize_query(&text);
             prop_assert_eq!(normalize_query(&once), once);
         }
+    }
+
+    #[test]
+    fn the_epoch_holds_for_its_window_and_never_keys_an_answer_older_than_it() {
+        let epoch = CacheEpoch::new(std::time::Duration::from_secs(3600));
+        assert_eq!(epoch.key_for(&[10, 10], None), vec![10, 10]);
+        // Newer reads share the epoch's key while the window lasts.
+        assert_eq!(epoch.key_for(&[12, 15], None), vec![10, 10]);
+        // A lagging source keys by what it has; a position past the epoch by the exact read.
+        assert_eq!(epoch.key_for(&[9, 12], None), vec![9, 12]);
+        assert_eq!(epoch.key_for(&[14, 14], Some(11)), vec![14, 14]);
+        assert_eq!(epoch.key_for(&[14, 14], Some(10)), vec![10, 10]);
+
+        let exact = CacheEpoch::new(std::time::Duration::ZERO);
+        assert_eq!(exact.key_for(&[1, 2], None), vec![1, 2]);
+        assert_eq!(exact.key_for(&[3, 4], None), vec![3, 4]);
+
+        let short = CacheEpoch::new(std::time::Duration::from_millis(200));
+        short.key_for(&[5, 5], None);
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        // After the window the epoch moves forward, never back.
+        assert_eq!(short.key_for(&[4, 9], None), vec![4, 9]);
+        assert_eq!(short.key_for(&[6, 6], None), vec![6, 6]);
+        assert_eq!(short.key_for(&[7, 7], None), vec![6, 6]);
     }
 
     #[test]

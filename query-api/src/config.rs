@@ -21,6 +21,10 @@ pub struct QueryApiConfig {
     pub max_body_bytes: usize,
     /// Bytes of answers the cache holds; 0 turns the cache off.
     pub cache_max_bytes: u64,
+    /// How stale a cached answer may be for a caller that names no position: answers are
+    /// keyed by an epoch of the checkpoints that moves at most this often. Zero keys by the
+    /// exact checkpoints (every projected batch is a new key).
+    pub cache_staleness: Duration,
     /// Persisted query texts remembered.
     pub persisted_queries: u64,
     /// Schema introspection (GraphiQL needs it).
@@ -48,6 +52,7 @@ impl Default for QueryApiConfig {
             query_timeout: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,
             cache_max_bytes: 64 * 1024 * 1024,
+            cache_staleness: Duration::from_secs(1),
             persisted_queries: 10_000,
             introspection: true,
             graphiql: true,

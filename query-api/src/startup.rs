@@ -31,7 +31,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::cache::{CacheKeyParts, ResponseCache, cache_key, normalize_query};
+use crate::cache::{CacheEpoch, CacheKeyParts, ResponseCache, cache_key, normalize_query};
 use crate::config::QueryApiConfig;
 use crate::graphql::{DashboardSchema, ReadContext, Viewer, build_schema, request_data};
 use crate::persisted::{PersistedQueries, PersistedQuery};
@@ -65,6 +65,7 @@ struct Inner {
     schema: DashboardSchema,
     sources: ReadSources,
     cache: Option<ResponseCache>,
+    epoch: CacheEpoch,
     persisted: PersistedQueries,
     verifier: TokenVerifier,
     limiter: ClientLimiter,
@@ -111,6 +112,7 @@ impl QueryApi {
             limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
             schema: build_schema(&config.limits, config.introspection),
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
+            epoch: CacheEpoch::new(config.cache_staleness),
             persisted: PersistedQueries::new(config.persisted_queries),
             sources,
             verifier,
@@ -411,13 +413,13 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
             Ok(route) => route,
             Err(error) => return unroutable(&error),
         };
-        let key = route.checkpoints.as_ref().map(|checkpoints| {
+        let key = route.checkpoints.as_ref().map(|seen| {
             cache_key(&CacheKeyParts {
                 normalized_query: &asked.normalized,
                 operation_name: asked.operation_name.as_deref(),
                 variables: &asked.variables_key,
                 scope: &asked.viewer.cache_scope(),
-                checkpoints,
+                checkpoints: &state.epoch.key_for(seen, asked.min_position),
             })
         });
         if let (Some(cache), Some(key)) = (&state.cache, &key)

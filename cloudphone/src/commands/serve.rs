@@ -186,6 +186,7 @@ async fn query_api(
         rate_per_second: args.rate_limit,
         rate_burst: args.rate_limit.saturating_mul(2),
         cache_max_bytes: q.query_cache_mb.saturating_mul(1024 * 1024),
+        cache_staleness: Duration::from_millis(q.query_cache_staleness_ms),
         introspection: q.graphql_introspection,
         graphiql: q.graphiql,
         sources: SourcesConfig {

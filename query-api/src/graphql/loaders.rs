@@ -7,7 +7,6 @@ use std::sync::Arc;
 use async_graphql::dataloader::Loader;
 use chrono::NaiveDate;
 use event_schema::{DeviceStatus, Provider};
-use projections::fleet::DeviceRow;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -21,9 +20,6 @@ pub struct ReadLoader {
 
 /// A failed batch; shared by every field that waited on it.
 pub type LoadError = Arc<sqlx::Error>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceById(pub Uuid);
 
 /// One page of one owner's devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,17 +59,6 @@ fn grouped<K: Copy, G: Eq + std::hash::Hash>(keys: &[K], group: impl Fn(&K) -> G
         groups.entry(group(key)).or_default().push(*key);
     }
     groups
-}
-
-impl Loader<DeviceById> for ReadLoader {
-    type Value = DeviceRow;
-    type Error = LoadError;
-
-    async fn load(&self, keys: &[DeviceById]) -> Result<HashMap<DeviceById, DeviceRow>, LoadError> {
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-        let rows = reads::devices_by_id(&self.pool, &ids).await?;
-        Ok(rows.into_iter().map(|row| (DeviceById(row.device_id), row)).collect())
-    }
 }
 
 impl Loader<OwnerPage> for ReadLoader {
