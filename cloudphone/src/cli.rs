@@ -317,9 +317,13 @@ pub struct LoadQueriesArgs {
     pub postgraphile_workers: Option<u32>,
     /// Also measure the cached query API while the projections' checkpoints advance every
     /// this many milliseconds, as projectors applying a stream of events would (each advance
-    /// the API sees is a new cache key for every answer) [default: not measured].
+    /// the API sees moves the cache's epoch at most once per `--cache-staleness-ms`)
+    /// [default: not measured].
     #[arg(long)]
     pub advance_checkpoints_ms: Option<u64>,
+    /// The cached API's staleness window (`--query-cache-staleness-ms` of the query API).
+    #[arg(long, default_value_t = 1000)]
+    pub cache_staleness_ms: u64,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

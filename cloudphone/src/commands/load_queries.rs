@@ -431,7 +431,7 @@ async fn phases(
 
     // The query API without its cache: its answers are the reference both other phases must
     // give, and its first pass also checks them.
-    let server = OurServer::start(&pool, 0).await?;
+    let server = OurServer::start(&pool, 0, Duration::ZERO).await?;
     let target = ours(PHASE_UNCACHED, server.url.clone())?;
     let reference = pass(client, &target, args.clients).await?;
     check_answers(&reference, dashboards)?;
@@ -453,7 +453,12 @@ async fn phases(
     reports.push(report);
     server.stop().await?;
 
-    let server = OurServer::start(&pool, QueryApiConfig::default().cache_max_bytes).await?;
+    let server = OurServer::start(
+        &pool,
+        QueryApiConfig::default().cache_max_bytes,
+        Duration::from_millis(args.cache_staleness_ms),
+    )
+    .await?;
     let target = ours(PHASE_WARM, server.url.clone())?;
     // The warm-up: every (dashboard, kind) once, which fills the cache.
     let answers = pass(client, &target, args.clients).await?;
@@ -475,8 +480,9 @@ async fn phases(
         let report = report?;
         report.print();
         println!(
-            "      (checkpoints advanced {advances} times, every {every} ms; the API reads them every {:?})",
-            QueryApiConfig::default().watermark_interval
+            "      (checkpoints advanced {advances} times, every {every} ms; the API reads them every {:?} and keys answers by an epoch that moves at most every {} ms)",
+            QueryApiConfig::default().watermark_interval,
+            args.cache_staleness_ms
         );
         reports.push(report);
     }
@@ -510,11 +516,12 @@ struct OurServer {
 }
 
 impl OurServer {
-    async fn start(pool: &PgPool, cache_max_bytes: u64) -> anyhow::Result<Self> {
+    async fn start(pool: &PgPool, cache_max_bytes: u64, cache_staleness: Duration) -> anyhow::Result<Self> {
         let config = QueryApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             keys: KeySource::Secret(SECRET.into()),
             cache_max_bytes,
+            cache_staleness,
             // A capacity benchmark: the per-client limit (checked on every request) never bites.
             rate_per_second: 10_000_000,
             rate_burst: 10_000_000,
