@@ -429,3 +429,126 @@ async fn a_device_created_through_the_command_api_is_seen_by_the_next_query_1000
         task.await.unwrap();
     }
 }
+
+/// Resumes WAL replay on the shared replica when dropped, so a failing test cannot leave it paused.
+struct ReplayPaused {
+    url: String,
+}
+
+impl ReplayPaused {
+    async fn pause(url: &str) -> Self {
+        let replica = PgPool::connect(url).await.unwrap();
+        sqlx::query("SELECT pg_wal_replay_pause()")
+            .execute(&replica)
+            .await
+            .unwrap();
+        replica.close().await;
+        ReplayPaused { url: url.to_owned() }
+    }
+}
+
+impl Drop for ReplayPaused {
+    fn drop(&mut self) {
+        let resumed = Command::new("psql")
+            .args([self.url.as_str(), "-Atqc", "SELECT pg_wal_replay_resume()"])
+            .status();
+        assert!(
+            resumed.is_ok_and(|s| s.success()),
+            "could not resume replay on the replica"
+        );
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_lagging_replica_leaves_rotation_and_rejoins_once_it_has_caught_up(pool: PgPool) {
+    let _ = prepared(&pool).await;
+    common::set_checkpoints(&pool, 1).await;
+    let url = replica_url(&pool).await;
+    let config = query_api::QueryApiConfig {
+        replica_urls: vec![url.clone()],
+        sources: SourcesConfig {
+            max_lag_bytes: 256 * 1024,
+            position_wait: Duration::from_millis(300),
+            ..SourcesConfig::default()
+        },
+        health_interval: Duration::from_millis(50),
+        ..common::test_config()
+    };
+    let api = common::start(&pool, config).await;
+    let token = common::admin();
+    answered_by_replica(&api, &token).await;
+
+    // Replay stops on the replica while the primary keeps writing: its lag grows past 256 KiB.
+    let paused = ReplayPaused::pause(&url).await;
+    let owner = Uuid::from_u128(0x1a9);
+    let devices: Vec<common::SeedDevice> = (0..3_000u128)
+        .map(|n| common::SeedDevice {
+            id: Uuid::from_u128(0x1a90_0000 + n),
+            owner,
+            provider: "azure",
+            status: "running",
+            cpu: 1,
+            memory: 512,
+            created_at: common::at(i64::try_from(n).unwrap()),
+        })
+        .collect();
+    common::insert_devices(&pool, &devices).await;
+    common::set_checkpoints(&pool, 2).await;
+    sqlx::query("SELECT pg_switch_wal()").execute(&pool).await.unwrap();
+
+    // Out of rotation: every answer now comes from the primary, and is fresh.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = api
+            .post_json(
+                Some(&token),
+                &serde_json::json!({"query": "{ devices { totalCount } }"}),
+                &[],
+            )
+            .await;
+        if answer.source.as_deref() == Some("primary") && answer.data()["devices"]["totalCount"] == "3000" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lagging replica stayed in rotation: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let readiness: serde_json::Value = api
+        .client
+        .get(format!("http://{}/readyz", api.addr))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        readiness["status"], "ready",
+        "reads fall back to the primary: still ready"
+    );
+    assert_eq!(readiness["replicas"][0]["in_rotation"], false, "{readiness}");
+    // Read-your-writes at the new position is answered (by the primary), not refused.
+    let answer = api
+        .post_json(
+            Some(&token),
+            &serde_json::json!({"query": "{ devices { totalCount } }"}),
+            &[("x-min-position", "2")],
+        )
+        .await;
+    assert_eq!(answer.data()["devices"]["totalCount"], "3000");
+    assert_eq!(answer.source.as_deref(), Some("primary"));
+
+    // Replay resumes: the replica catches up and serves again.
+    drop(paused);
+    answered_by_replica(&api, &token).await;
+    let answer = api
+        .post_json(
+            Some(&token),
+            &serde_json::json!({"query": "{ devices { totalCount } }"}),
+            &[],
+        )
+        .await;
+    assert_eq!(answer.data()["devices"]["totalCount"], "3000");
+}
