@@ -443,8 +443,11 @@ pub fn is_source_failure(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57: operator intervention (shutdown, recovery
-            // conflict cancels); 53: insufficient resources; 40001: recovery conflict.
-            code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "40001"
+            // conflict cancels); 53: insufficient resources; 40001: recovery conflict. But
+            // 57014 is a statement cancelled by its own statement_timeout: the query's fault,
+            // and running it again elsewhere would only double the load.
+            (code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "40001")
+                && code != "57014"
         }),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)

@@ -143,6 +143,29 @@ async fn reads_go_to_the_replica_survive_its_outage_and_return_when_it_is_back(p
         .unwrap_err();
     assert!(matches!(error, ReadError::Database(_)), "{error}");
     assert!(sources.replica_states().iter().all(|(_, healthy, _)| *healthy));
+    // Nor is a statement stopped by its statement_timeout: it is not run again elsewhere.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let error = sources
+        .read(|pool| {
+            let runs = Arc::clone(&runs);
+            async move {
+                runs.fetch_add(1, Ordering::Relaxed);
+                let mut tx = pool.begin().await?;
+                sqlx::query("SET LOCAL statement_timeout = 10")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SELECT pg_sleep(1)").execute(&mut *tx).await
+            }
+        })
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("statement timeout"), "{error}");
+    assert_eq!(
+        runs.load(Ordering::Relaxed),
+        1,
+        "a timed-out statement was retried on the primary"
+    );
+    assert!(sources.replica_states().iter().all(|(_, healthy, _)| *healthy));
 }
 
 #[sqlx::test(migrations = false)]
