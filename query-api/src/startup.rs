@@ -321,7 +321,7 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         }
     };
     let persisted = body.extensions.as_ref().and_then(|e| e.persisted_query.as_ref());
-    let query = match state.persisted.resolve(body.query.clone(), persisted) {
+    let query = match state.persisted.resolve(body.query, persisted) {
         Ok(query) => query,
         // Apollo clients expect a 200 with the code, then retry with the full query.
         Err(error) => {
