@@ -346,15 +346,7 @@ async fn graphql_queries_never_fail_while_the_replica_stops_and_use_it_again_whe
         sources.iter().any(|s| s == "replica"),
         "the replica answered before and after"
     );
-    let readiness: serde_json::Value = api
-        .client
-        .get(format!("http://{}/readyz", api.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readiness = api.readiness().await;
     assert_eq!(readiness["replicas"][0]["in_rotation"], true, "{readiness}");
 }
 
@@ -538,15 +530,7 @@ async fn a_lagging_replica_leaves_rotation_and_rejoins_once_it_has_caught_up(poo
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let readiness: serde_json::Value = api
-        .client
-        .get(format!("http://{}/readyz", api.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readiness = api.readiness().await;
     assert_eq!(
         readiness["status"], "ready",
         "reads fall back to the primary: still ready"

@@ -1195,20 +1195,7 @@ fn facts_ours(kind: Kind, data: &Value) -> anyhow::Result<Facts> {
         }
         Kind::DailyUsage => usage_ours(&data["dailyUsage"])?,
         Kind::DevicesPage => page_ours(&data["devices"])?,
-        Kind::Device => {
-            let device = &data["device"];
-            if device.is_null() {
-                bail!("no device");
-            }
-            json!({
-                "id": device["id"],
-                "owner": device["ownerId"],
-                "status": device["status"].as_str().unwrap_or_default().to_lowercase(),
-                "provider": device["provider"].as_str().unwrap_or_default().to_lowercase(),
-                "cpu": int(&device["cpuCores"])?,
-                "minutes": int(&device["minutesUsed"])?,
-            })
-        }
+        Kind::Device => device_facts(&data["device"], "id")?,
         Kind::UserOverview => {
             let user = &data["user"];
             if user.is_null() {
@@ -1217,6 +1204,21 @@ fn facts_ours(kind: Kind, data: &Value) -> anyhow::Result<Facts> {
             json!({"devices": page_ours(&user["devices"])?, "usage": usage_ours(&user["usage"])?})
         }
     })
+}
+
+/// A device's facts; the two servers differ only in the name of its id field.
+fn device_facts(device: &Value, id_field: &str) -> anyhow::Result<Facts> {
+    if device.is_null() {
+        bail!("no device");
+    }
+    Ok(json!({
+        "id": device[id_field],
+        "owner": device["ownerId"],
+        "status": device["status"].as_str().unwrap_or_default().to_lowercase(),
+        "provider": device["provider"].as_str().unwrap_or_default().to_lowercase(),
+        "cpu": int(&device["cpuCores"])?,
+        "minutes": int(&device["minutesUsed"])?,
+    }))
 }
 
 fn usage_ours(usage: &Value) -> anyhow::Result<Facts> {
@@ -1252,20 +1254,7 @@ fn facts_postgraphile(kind: Kind, data: &Value) -> anyhow::Result<Facts> {
         }
         Kind::DailyUsage => usage_postgraphile(&data["allDailyUsages"])?,
         Kind::DevicesPage => page_postgraphile(&data["allDevices"])?,
-        Kind::Device => {
-            let device = &data["deviceByDeviceId"];
-            if device.is_null() {
-                bail!("no device");
-            }
-            json!({
-                "id": device["deviceId"],
-                "owner": device["ownerId"],
-                "status": device["status"].as_str().unwrap_or_default().to_lowercase(),
-                "provider": device["provider"].as_str().unwrap_or_default().to_lowercase(),
-                "cpu": int(&device["cpuCores"])?,
-                "minutes": int(&device["minutesUsed"])?,
-            })
-        }
+        Kind::Device => device_facts(&data["deviceByDeviceId"], "deviceId")?,
         Kind::UserOverview => json!({
             "devices": page_postgraphile(&data["devices"])?,
             "usage": usage_postgraphile(&data["usage"])?,

@@ -123,6 +123,18 @@ impl TestApi {
             .await
     }
 
+    /// The `/readyz` document.
+    pub async fn readiness(&self) -> Value {
+        self.client
+            .get(format!("http://{}/readyz", self.addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn metrics(&self) -> String {
         self.client
             .get(format!("http://{}/metrics", self.addr))
