@@ -188,8 +188,8 @@ pub enum Command {
         #[command(subcommand)]
         action: PartitionsAction,
     },
-    /// Rebuild a projection from the whole history beside the live one.
-    Replay(NotBuiltArgs),
+    /// Rebuild a projection from the whole history beside the live one, then swap it in.
+    Replay(ReplayArgs),
     /// Export event history as NDJSON or CSV.
     Export(NotBuiltArgs),
     /// Recompute the hash chain over the log and report the first position where it breaks.
@@ -245,6 +245,76 @@ pub enum PartitionsAction {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProjectionArg {
+    /// `devices` and `device_stats`.
+    Fleet,
+    /// `daily_usage` (and, from version 2, `daily_usage_by_provider`).
+    DailyUsage,
+}
+
+impl From<ProjectionArg> for projections::Projection {
+    fn from(arg: ProjectionArg) -> Self {
+        match arg {
+            ProjectionArg::Fleet => projections::Projection::Fleet,
+            ProjectionArg::DailyUsage => projections::Projection::DailyUsage,
+        }
+    }
+}
+
+/// `cloudphone replay <projection> [--version N]`, or one of the housekeeping actions.
+///
+/// The rebuild goes into its own schema while the live version keeps serving and keeps up;
+/// near the head it is swapped in atomically. A replay that is stopped or killed resumes
+/// from its last checkpoint when run again with the same version.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The projection to rebuild.
+    #[arg(value_enum, required_unless_present_any = ["drop_old", "status"])]
+    pub projection: Option<ProjectionArg>,
+    /// The version to build [default: the newest this binary knows].
+    #[arg(long)]
+    pub version: Option<i32>,
+    /// Drop the tables that swaps replaced (of the projection given, or of all), then exit.
+    #[arg(long, conflicts_with_all = ["version", "abandon"])]
+    pub drop_old: bool,
+    /// Give up the projection's rebuild in progress (drops its schema), then exit.
+    #[arg(long, requires = "projection", conflicts_with = "version")]
+    pub abandon: bool,
+    /// List rebuilds (in progress, live, superseded) and exit.
+    #[arg(long)]
+    pub status: bool,
+    /// After a swap, keep this many replaced versions per projection and drop older ones
+    /// [default: keep all until --drop-old].
+    #[arg(long, env = "CLOUDPHONE_REPLAY_KEEP_OLD")]
+    pub keep_old: Option<usize>,
+    /// Longest time between two checkpoints of the bulk phase (what a kill can lose).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_CHECKPOINT_EVERY_MS", default_value_t = 60_000)]
+    pub checkpoint_every_ms: u64,
+    /// Folded rows held in memory before a checkpoint writes them out (about 120 bytes
+    /// each). A rebuild that fits writes its tables straight from memory.
+    #[arg(long, env = "CLOUDPHONE_REPLAY_MAX_BUFFERED_ROWS", default_value_t = 10_000_000)]
+    pub max_buffered_rows: usize,
+    /// Events read per page in the bulk phase.
+    #[arg(long, env = "CLOUDPHONE_REPLAY_PAGE_EVENTS", default_value_t = 20_000)]
+    pub page_events: i64,
+    /// Swap once the rebuild is at most this many events behind the head.
+    #[arg(long, env = "CLOUDPHONE_REPLAY_SWAP_LAG_EVENTS", default_value_t = 1_000)]
+    pub swap_lag_events: i64,
+    /// How long the swap may wait for the live tables' locks before retrying (queries on
+    /// those tables wait behind it meanwhile).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_LOCK_TIMEOUT_MS", default_value_t = 2_000)]
+    pub lock_timeout_ms: u64,
+    /// Serve /metrics, /healthz and /readyz here while the replay runs [default: not served].
+    #[arg(long, env = "CLOUDPHONE_REPLAY_OPS_LISTEN")]
+    pub ops_listen: Option<std::net::SocketAddr>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
@@ -270,6 +340,33 @@ pub enum LoadKind {
     /// cache, against a PostGraphile v4 server over the same read-model tables (the
     /// generic GraphQL-over-PostgreSQL baseline), in the same run on the same data.
     Queries(LoadQueriesArgs),
+    /// Replays: each projection rebuilt from a generated history (bulk rate, swap, effect on
+    /// append latency), against `REFRESH MATERIALIZED VIEW` of equivalent views on the same
+    /// data.
+    Replay(LoadReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadReplayArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_replay`,
+    /// recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Events of generated history to replay.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub events: u64,
+    /// Single-event appends per second while append latency is measured.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Seconds of the quiet (no replay) append-latency phase.
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// Seed of the generated history.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -23,7 +23,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::QueryApi(args) => commands::serve::run(args, commands::serve::Roles::QueryApi).await,
         Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
         Command::Relay(args) => commands::serve::run(args, commands::serve::Roles::Relay).await,
-        Command::Replay(_) => not_built("replay", "#7"),
+        Command::Replay(args) => commands::replay::run(args).await,
         Command::Export(_) => not_built("export", "#8"),
         Command::Load { kind } => commands::load::run(kind).await,
         Command::Token(args) => commands::token::run(args),

@@ -54,7 +54,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use migrate::{
     DEFAULT_PARTITIONS_AHEAD, MigrateError, PARTITIONS_SQL, create_database_if_missing, migrate, migrator, pool_options,
 };
-pub use read::{ChainReport, LogHead, LogReader, ReadError, StreamInfo};
+pub use read::{ChainReport, LogHead, LogReader, LoggedPayload, ReadError, StreamInfo};
 pub use tail::{LogTail, NOTIFY_CHANNEL, TailConfig};
 pub use writer::{EventStore, StoreConfig};
 

@@ -127,6 +127,18 @@ fn envelopes(rows: Vec<EventRow>) -> Result<Vec<EventEnvelope>, ReadError> {
     rows.into_iter().map(EventEnvelope::try_from).collect()
 }
 
+/// One stored event as a fold reads it (see [`LogReader::read_payloads`]).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LoggedPayload {
+    pub position: i64,
+    pub stream_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i16,
+    pub recorded_at: DateTime<Utc>,
+    /// The payload's JSON text, at the version it was stored with.
+    pub payload: String,
+}
+
 /// The earliest `recorded_at` a read needs to consider when it knows nothing better.
 pub(crate) fn epoch() -> DateTime<Utc> {
     DateTime::<Utc>::UNIX_EPOCH
@@ -232,6 +244,32 @@ impl LogReader {
         .fetch_all(&mut *self.conn().await?)
         .await?;
         envelopes(rows)
+    }
+
+    /// Up to `limit` events of `stream_type` in positions `(after, to]`, in position order,
+    /// with only what a fold needs and the payload as JSON text: the replay fast path, which
+    /// reads the whole history (`user_events_all`: archived months too) and decodes each
+    /// payload straight into its type.
+    pub async fn read_payloads(
+        &self,
+        stream_type: StreamType,
+        after: i64,
+        to: i64,
+        limit: i64,
+    ) -> Result<Vec<LoggedPayload>, ReadError> {
+        let rows: Vec<LoggedPayload> = sqlx::query_as(
+            "SELECT position, stream_id, event_type, schema_version, recorded_at, payload::text AS payload
+             FROM user_events_all
+             WHERE position > $1 AND position <= $2 AND stream_type = $3
+             ORDER BY position LIMIT $4",
+        )
+        .bind(after)
+        .bind(to)
+        .bind(stream_type.as_str())
+        .bind(limit)
+        .fetch_all(&mut *self.conn().await?)
+        .await?;
+        Ok(rows)
     }
 
     /// Up to `limit` events after global position `after`, in position order.

@@ -125,6 +125,33 @@ mod tests {
     }
 
     #[test]
+    fn decoding_from_text_gives_the_same_event_as_from_a_value() {
+        // v1 goes through the upcaster, v2 (current) straight into the type.
+        let v1 = v1_payload();
+        let from_text = Event::decode_text("DeviceCreated", 1, &v1.to_string());
+        assert_eq!(from_text.ok(), Event::decode("DeviceCreated", 1, v1.clone()).ok());
+        let Ok(current) = Event::decode("DeviceCreated", 1, v1) else {
+            panic!("v1 payload did not decode");
+        };
+        let Ok(encoded) = (match &current {
+            Event::Device(event) => event.encode(),
+            Event::User(event) => event.encode(),
+        }) else {
+            panic!("could not encode {current:?}");
+        };
+        let text = encoded.payload.to_string();
+        assert_eq!(Event::decode_text("DeviceCreated", 2, &text).ok(), Some(current));
+        let err = Event::decode_text("DeviceCreated", 2, "{\"device_id\": 1}").unwrap_err();
+        assert!(matches!(err, SchemaError::MalformedPayload { .. }), "{err:?}");
+        let err = Event::decode_text("DeviceCreated", 1, "not json").unwrap_err();
+        assert!(matches!(err, SchemaError::MalformedPayload { .. }), "{err:?}");
+        let err = Event::decode_text("DeviceCreated", 3, &text).unwrap_err();
+        assert!(matches!(err, SchemaError::UnsupportedVersion { .. }), "{err:?}");
+        let err = Event::decode_text("DeviceTeleported", 1, "{}").unwrap_err();
+        assert!(matches!(err, SchemaError::UnknownEventType { .. }), "{err:?}");
+    }
+
+    #[test]
     fn an_unknown_event_type_is_a_typed_error() {
         let err = Event::decode("DeviceTeleported", 1, json!({})).unwrap_err();
         assert!(matches!(err, SchemaError::UnknownEventType { .. }), "{err:?}");

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashSet};
 
 use event_schema::{DeviceEvent, Event, EventEnvelope, SchemaError, StreamType};
-use sqlx::PgConnection;
+use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use crate::fleet::{DeviceRow, FleetFold};
 use crate::stored::device_row;
-use crate::usage::{UsageDelta, UsageKey, fold_usage};
+use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_usage, fold_usage_by_provider};
+use crate::versions::TableLayout;
 use crate::{Projection, metrics_names as m};
 
 /// What a batch did.
@@ -52,8 +53,6 @@ fn decode<'a>(
     decoded
 }
 
-/// Applies `events` (in position order) to `projection`'s tables on `conn`, inside the
-/// caller's transaction.
 /// Batches at least this large are catching up, not tailing: see [`begin_batch`].
 const CATCH_UP_BATCH: usize = 1_000;
 
@@ -77,17 +76,20 @@ pub async fn begin_batch(
     Ok(tx)
 }
 
+/// Applies `events` (in position order) to the tables of `layout` that `conn`'s search path
+/// resolves (the live ones, or a replay's shadow schema), inside the caller's transaction.
 pub async fn apply_events(
     conn: &mut PgConnection,
-    projection: Projection,
+    layout: TableLayout,
     events: &[EventEnvelope],
 ) -> Result<Applied, sqlx::Error> {
+    let projection = layout.projection;
     let mut applied = Applied::default();
     let mut dead = Vec::new();
     let decoded = decode(events, &mut applied, &mut dead);
     match projection {
         Projection::Fleet => apply_fleet(conn, &decoded, &mut applied, &mut dead).await?,
-        Projection::DailyUsage => apply_usage(conn, &decoded, &mut applied).await?,
+        Projection::DailyUsage => apply_usage(conn, layout, &decoded, &mut applied).await?,
     }
     for letter in &dead {
         park(conn, projection, letter).await?;
@@ -263,40 +265,77 @@ async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(),
 
 async fn apply_usage(
     conn: &mut PgConnection,
+    layout: TableLayout,
     decoded: &[(&EventEnvelope, Event)],
     applied: &mut Applied,
 ) -> Result<(), sqlx::Error> {
     let mut deltas: BTreeMap<(UsageKey, String), UsageDelta> = BTreeMap::new();
+    let mut by_provider = BTreeMap::new();
     for (_, event) in decoded {
         if let Event::Device(DeviceEvent::UsageRecorded(usage)) = event {
             fold_usage(&mut deltas, usage);
+            if layout.has_provider_breakdown() {
+                fold_usage_by_provider(&mut by_provider, usage);
+            }
             applied.applied += 1;
         }
     }
-    write_usage(conn, &deltas).await
+    write_usage(conn, layout, &deltas).await?;
+    write_usage_by_provider(conn, &by_provider).await
 }
 
 /// Adds per-key usage to `daily_usage`.
 pub async fn write_usage(
     conn: &mut PgConnection,
+    layout: TableLayout,
     deltas: &BTreeMap<(UsageKey, String), UsageDelta>,
 ) -> Result<(), sqlx::Error> {
     if deltas.is_empty() {
         return Ok(());
     }
-    sqlx::query(
+    let statement = format!(
         "INSERT INTO daily_usage (day, user_id, device_id, minutes, cost_minor, currency)
          SELECT * FROM UNNEST($1::date[], $2::uuid[], $3::uuid[], $4::bigint[], $5::bigint[], $6::text[])
-         ON CONFLICT (day, user_id, device_id) DO UPDATE SET
+         ON CONFLICT {} DO UPDATE SET
              minutes = daily_usage.minutes + EXCLUDED.minutes,
              cost_minor = daily_usage.cost_minor + EXCLUDED.cost_minor",
+        layout.usage_conflict_target()
+    );
+    sqlx::query(AssertSqlSafe(statement))
+        .bind(deltas.keys().map(|(k, _)| k.day).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|(k, _)| k.user_id).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|(k, _)| k.device_id).collect::<Vec<_>>())
+        .bind(deltas.values().map(|d| d.minutes).collect::<Vec<_>>())
+        .bind(deltas.values().map(|d| d.cost_minor).collect::<Vec<_>>())
+        .bind(deltas.keys().map(|(_, currency)| currency.as_str()).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds per-provider usage to `daily_usage_by_provider` (version 2 of `daily_usage`).
+pub async fn write_usage_by_provider(
+    conn: &mut PgConnection,
+    deltas: &BTreeMap<ProviderDayKey, ProviderUsage>,
+) -> Result<(), sqlx::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO daily_usage_by_provider (user_id, day, provider, currency, minutes, cost_minor, sessions)
+         SELECT * FROM UNNEST($1::uuid[], $2::date[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[])
+         ON CONFLICT (user_id, day, provider, currency) DO UPDATE SET
+             minutes = daily_usage_by_provider.minutes + EXCLUDED.minutes,
+             cost_minor = daily_usage_by_provider.cost_minor + EXCLUDED.cost_minor,
+             sessions = daily_usage_by_provider.sessions + EXCLUDED.sessions",
     )
-    .bind(deltas.keys().map(|(k, _)| k.day).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|(k, _)| k.user_id).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|(k, _)| k.device_id).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.user_id).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.day).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.provider.as_str()).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.currency.as_str()).collect::<Vec<_>>())
     .bind(deltas.values().map(|d| d.minutes).collect::<Vec<_>>())
     .bind(deltas.values().map(|d| d.cost_minor).collect::<Vec<_>>())
-    .bind(deltas.keys().map(|(_, currency)| currency.as_str()).collect::<Vec<_>>())
+    .bind(deltas.values().map(|d| d.sessions).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -10,6 +10,8 @@ use crate::Projection;
 pub struct ProjectionCheckpoint {
     pub position: i64,
     pub last_recorded_at: Option<DateTime<Utc>>,
+    /// The live version of the projection's tables (see [`crate::versions`]).
+    pub version: i32,
 }
 
 /// The checkpoint moved while this batch was being applied: another projector instance is
@@ -26,19 +28,21 @@ pub async fn load(conn: &mut PgConnection, projection: Projection) -> Result<Pro
         .bind(projection.name())
         .execute(&mut *conn)
         .await?;
-    let (position, last_recorded_at): (i64, Option<DateTime<Utc>>) =
-        sqlx::query_as("SELECT position, last_recorded_at FROM projection_checkpoints WHERE projection = $1")
+    let (position, last_recorded_at, version): (i64, Option<DateTime<Utc>>, i32) =
+        sqlx::query_as("SELECT position, last_recorded_at, version FROM projection_checkpoints WHERE projection = $1")
             .bind(projection.name())
             .fetch_one(conn)
             .await?;
     Ok(ProjectionCheckpoint {
         position,
         last_recorded_at,
+        version,
     })
 }
 
 /// Moves the checkpoint from `from` to `to`, inside the caller's transaction. Returns false
-/// when it was not at `from` (another instance moved it).
+/// when it was not at `from` at version `to.version` (another instance moved it, or a replay
+/// swapped another version in: the caller's batch was folded for tables that are not live).
 pub async fn advance(
     conn: &mut PgConnection,
     projection: Projection,
@@ -47,12 +51,13 @@ pub async fn advance(
 ) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "UPDATE projection_checkpoints SET position = $3, last_recorded_at = $4, updated_at = now()
-         WHERE projection = $1 AND position = $2",
+         WHERE projection = $1 AND position = $2 AND version = $5",
     )
     .bind(projection.name())
     .bind(from)
     .bind(to.position)
     .bind(to.last_recorded_at)
+    .bind(to.version)
     .execute(conn)
     .await?;
     Ok(result.rows_affected() == 1)

@@ -114,6 +114,16 @@ impl FleetFold {
         self.changed.iter().filter_map(|id| self.devices.get(id))
     }
 
+    /// How many rows changed since the fold started or [`FleetFold::clear_changed`].
+    pub fn changed_count(&self) -> usize {
+        self.changed.len()
+    }
+
+    /// Forgets which rows changed (a replay wrote them to its checkpoint).
+    pub fn clear_changed(&mut self) {
+        self.changed.clear();
+    }
+
     /// Every row the fold holds (a rebuild holds the whole fleet).
     pub fn rows(&self) -> impl Iterator<Item = &DeviceRow> {
         self.devices.values()

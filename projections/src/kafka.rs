@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{apply_events, park_unreadable};
 use crate::runner::ProjectorError;
+use crate::versions::TableLayout;
 use crate::{Projection, metrics_names as m};
 
 #[derive(Debug, Clone)]
@@ -214,8 +215,12 @@ async fn consume_with(
 ) -> Result<(), ProjectorError> {
     let consumer = Arc::clone(consumer);
     let mut conn = pool.acquire().await?;
-    crate::checkpoint::load(&mut conn, projection).await?;
+    let version = crate::checkpoint::load(&mut conn, projection).await?.version;
     drop(conn);
+    let layout = projection.layout(version).ok_or(ProjectorError::UnknownVersion {
+        projection: projection.name(),
+        version,
+    })?;
     let mut partitions: HashMap<i32, PartitionState> = HashMap::new();
     let mut last_watermark = Instant::now();
     let mut last_broker_commit = Instant::now();
@@ -282,7 +287,7 @@ async fn consume_with(
         }
         let committed = !batch.touched.is_empty();
         if committed {
-            commit_batch(pool, projection, config, &mut partitions, batch).await?;
+            commit_batch(pool, layout, config, &mut partitions, batch).await?;
         }
         // Other partitions' progress (and the relay's) moves the checkpoint too, so it is
         // also recomputed while idle.
@@ -447,17 +452,18 @@ async fn admit(
 
 async fn commit_batch(
     pool: &PgPool,
-    projection: Projection,
+    layout: TableLayout,
     config: &KafkaProjectorConfig,
     partitions: &mut HashMap<i32, PartitionState>,
     batch: Batch,
 ) -> Result<(), ProjectorError> {
+    let projection = layout.projection;
     let started = Instant::now();
     // A durable commit (unlike the embedded projector's): the offsets are upserted without
     // checking what PostgreSQL holds, so a commit lost in a server crash would go unnoticed
     // by this process's in-memory offsets.
     let mut tx = pool.begin().await?;
-    let applied = apply_events(&mut tx, projection, &batch.events).await?;
+    let applied = apply_events(&mut tx, layout, &batch.events).await?;
     for (position, error, raw) in &batch.unreadable {
         park_unreadable(&mut tx, projection, *position, error, raw).await?;
     }

@@ -5,6 +5,8 @@
 //! - [`usage`]: `daily_usage` (per UTC day, user and device; sessions over midnight split).
 //! - [`apply`]: a batch of events applied to a projection; [`checkpoint`] moves in the same
 //!   transaction, so a crash or a redelivery never counts an event twice.
+//! - [`versions`]: each projection's table layouts by version; [`replay`]: rebuilding a
+//!   version from the whole log beside the live one and swapping it in (`cloudphone replay`).
 //! - [`runner`]: the embedded projector that follows the PostgreSQL log directly;
 //!   [`kafka`]: the scale-out projector consuming the relay's topic in a consumer group.
 //!
@@ -16,10 +18,12 @@ pub mod checkpoint;
 pub mod fleet;
 pub mod kafka;
 pub mod rebuild;
+pub mod replay;
 pub mod runner;
 pub mod status;
 pub mod stored;
 pub mod usage;
+pub mod versions;
 
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -70,6 +74,18 @@ pub mod metrics_names {
     pub const PROJECTION_SKIPPED_TOTAL: &str = "cloudphone_projection_skipped_total";
     /// Counter: events parked in the dead-letter table.
     pub const PROJECTION_DEAD_LETTERS_TOTAL: &str = "cloudphone_projection_dead_letters_total";
+    /// Gauge: position a replay's rebuild has reached, per projection.
+    pub const REPLAY_POSITION: &str = "cloudphone_replay_position";
+    /// Gauge: position a replay is heading for (the head at its start; the head while tailing).
+    pub const REPLAY_TARGET_POSITION: &str = "cloudphone_replay_target_position";
+    /// Counter: events a replay's bulk phase read.
+    pub const REPLAY_EVENTS_TOTAL: &str = "cloudphone_replay_events_total";
+    /// Gauge: log positions per second a replay's bulk phase folds.
+    pub const REPLAY_EVENTS_PER_SECOND: &str = "cloudphone_replay_events_per_second";
+    /// Counter: versions swapped in.
+    pub const REPLAY_SWAPS_TOTAL: &str = "cloudphone_replay_swaps_total";
+    /// Histogram: seconds a swap transaction took (live tables locked meanwhile).
+    pub const REPLAY_SWAP_SECONDS: &str = "cloudphone_replay_swap_seconds";
     /// Counter: errors the Kafka consumer reported (broker unreachable, ...), retried.
     pub const PROJECTION_CONSUMER_ERRORS_TOTAL: &str = "cloudphone_projection_consumer_errors_total";
 }

@@ -7,7 +7,7 @@ use event_log::{LogReader, ReadError};
 use event_schema::{DeviceEvent, Event, StreamType};
 
 use crate::fleet::{DeviceRow, FleetFold, StatsKey, StatsRow, stats_of};
-use crate::usage::{UsageDelta, UsageKey, fold_usage};
+use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_usage, fold_usage_by_provider};
 
 /// Every read model, as the full history defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -15,6 +15,17 @@ pub struct ReadModels {
     pub devices: BTreeMap<uuid::Uuid, DeviceRow>,
     pub device_stats: BTreeMap<StatsKey, StatsRow>,
     pub daily_usage: BTreeMap<(UsageKey, String), UsageDelta>,
+    /// `daily_usage_by_provider` (version 2 of `daily_usage`; empty when the version live
+    /// has no such table).
+    pub usage_by_provider: BTreeMap<ProviderDayKey, ProviderUsage>,
+}
+
+impl ReadModels {
+    /// These models as version 1 of `daily_usage` holds them (no per-provider breakdown).
+    pub fn without_provider_breakdown(mut self) -> Self {
+        self.usage_by_provider.clear();
+        self
+    }
 }
 
 /// Folds the log from the start up to `to` (inclusive) into read models, reading `page`
@@ -22,6 +33,7 @@ pub struct ReadModels {
 pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadModels, ReadError> {
     let mut fleet = FleetFold::default();
     let mut usage = BTreeMap::new();
+    let mut by_provider = BTreeMap::new();
     let mut after = 0;
     while after < to {
         let events = reader.read_all(after, page.min(to - after)).await?;
@@ -38,6 +50,7 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
             }
             if let DeviceEvent::UsageRecorded(recorded) = &event {
                 fold_usage(&mut usage, recorded);
+                fold_usage_by_provider(&mut by_provider, recorded);
             }
             let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
         }
@@ -47,5 +60,6 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
         device_stats: stats_of(devices.values()),
         devices,
         daily_usage: usage,
+        usage_by_provider: by_provider,
     })
 }

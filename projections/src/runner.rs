@@ -41,6 +41,12 @@ pub enum ProjectorError {
     Read(#[from] event_log::ReadError),
     #[error(transparent)]
     CheckpointMoved(#[from] CheckpointMoved),
+    /// The live version was built by newer code (a replay run by a newer binary).
+    #[error(
+        "projection `{projection}` is live at version {version}, which this code does not know: \
+         run the binary that built it, or replay a version this one knows"
+    )]
+    UnknownVersion { projection: &'static str, version: i32 },
     #[error("Kafka: {0}")]
     Kafka(String),
     /// Kafka mode: a partition's stored offset moved under this worker (it lost the
@@ -80,16 +86,27 @@ pub async fn run_log_projector(pool: PgPool, projection: Projection, config: Pro
         match follow(&pool, projection, config, &stop).await {
             Ok(()) => break,
             Err(error) => {
-                if matches!(error, ProjectorError::AheadInKafkaMode { .. }) {
+                // A replay swapping a version in moves the checkpoint: resume at once (no
+                // doubling) from what PostgreSQL holds.
+                let moved = matches!(error, ProjectorError::CheckpointMoved(_));
+                if matches!(
+                    error,
+                    ProjectorError::AheadInKafkaMode { .. } | ProjectorError::UnknownVersion { .. }
+                ) {
                     tracing::error!(projection = projection.name(), %error, "projector cannot start");
+                } else if moved {
+                    tracing::info!(projection = projection.name(), %error, "projector resuming from its checkpoint");
                 } else {
                     tracing::warn!(projection = projection.name(), %error, ?backoff, "projector restarting from its checkpoint");
                 }
+                let delay = if moved { Duration::from_millis(10) } else { backoff };
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if !moved {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
             }
         }
     }
@@ -105,6 +122,10 @@ async fn follow(
     let mut conn = pool.acquire().await?;
     let mut at = resume_point(&mut conn, projection).await?;
     drop(conn);
+    let layout = projection.layout(at.version).ok_or(ProjectorError::UnknownVersion {
+        projection: projection.name(),
+        version: at.version,
+    })?;
     let reader = LogReader::new(pool.clone());
     let tail_config = TailConfig {
         batch_size: config.batch_size,
@@ -116,6 +137,7 @@ async fn follow(
     tracing::info!(
         projection = projection.name(),
         position = at.position,
+        version = at.version,
         "projector following the log"
     );
     loop {
@@ -129,10 +151,11 @@ async fn follow(
         let next = ProjectionCheckpoint {
             position: last.position,
             last_recorded_at: Some(last.recorded_at),
+            version: at.version,
         };
         let started = Instant::now();
         let mut tx = begin_batch(pool, events.len()).await?;
-        let applied = apply_events(&mut tx, projection, &events).await?;
+        let applied = apply_events(&mut tx, layout, &events).await?;
         if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
             return Err(CheckpointMoved {
                 projection: projection.name(),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::ReadModels;
 use crate::fleet::{DeviceRow, StatsKey, StatsRow};
-use crate::usage::{UsageDelta, UsageKey};
+use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 
 /// One `devices` row, selected with every column.
 pub fn device_row(row: &PgRow) -> Result<DeviceRow, sqlx::Error> {
@@ -29,7 +29,7 @@ pub fn device_row(row: &PgRow) -> Result<DeviceRow, sqlx::Error> {
     })
 }
 
-/// Reads every row of every read model.
+/// Reads every row of every read model, from the tables `pool`'s search path resolves.
 pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> {
     let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
     let mut devices = BTreeMap::new();
@@ -81,9 +81,37 @@ pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> 
             },
         );
     }
+    let mut usage_by_provider = BTreeMap::new();
+    let has_breakdown: bool = sqlx::query_scalar("SELECT to_regclass('daily_usage_by_provider') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if has_breakdown {
+        for row in sqlx::query(
+            "SELECT user_id, day, provider, currency, minutes, cost_minor, sessions FROM daily_usage_by_provider",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let key = ProviderDayKey {
+                user_id: row.try_get("user_id")?,
+                day: row.try_get("day")?,
+                provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+                currency: row.try_get("currency")?,
+            };
+            usage_by_provider.insert(
+                key,
+                ProviderUsage {
+                    minutes: row.try_get("minutes")?,
+                    cost_minor: row.try_get("cost_minor")?,
+                    sessions: row.try_get("sessions")?,
+                },
+            );
+        }
+    }
     Ok(ReadModels {
         devices,
         device_stats,
         daily_usage,
+        usage_by_provider,
     })
 }

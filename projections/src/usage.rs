@@ -8,7 +8,7 @@
 //! had time for, rounded up.
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use event_schema::UsageRecorded;
+use event_schema::{Provider, UsageRecorded};
 use uuid::Uuid;
 
 /// One day's share of a session.
@@ -141,6 +141,70 @@ pub fn fold_usage(deltas: &mut std::collections::BTreeMap<(UsageKey, String), Us
         let delta = deltas.entry((key, usage.cost.currency.to_string())).or_default();
         delta.minutes += share.minutes;
         delta.cost_minor += share.cost_minor;
+    }
+}
+
+/// The key of `daily_usage_by_provider` (version 2 of `daily_usage`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProviderDayKey {
+    pub user_id: Uuid,
+    pub day: NaiveDate,
+    pub provider: Provider,
+    pub currency: String,
+}
+
+/// A `daily_usage_by_provider` row's values: `sessions` counts the sessions that touched the
+/// day (a session over midnight counts on both days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProviderUsage {
+    pub minutes: i64,
+    pub cost_minor: i64,
+    pub sessions: i64,
+}
+
+/// Adds a usage event to per-provider deltas, split by day exactly as [`fold_usage`] splits it.
+pub fn fold_usage_by_provider(
+    deltas: &mut std::collections::BTreeMap<ProviderDayKey, ProviderUsage>,
+    usage: &UsageRecorded,
+) {
+    fold_provider_shares(usage, |key, share| {
+        let delta = deltas.entry(key).or_default();
+        *delta = delta.plus(share);
+    });
+}
+
+/// Calls `add` with each day's share of `usage` under its per-provider key.
+pub fn fold_provider_shares(usage: &UsageRecorded, mut add: impl FnMut(ProviderDayKey, ProviderUsage)) {
+    let shares = split_by_day(
+        usage.started_at,
+        usage.ended_at,
+        i64::from(usage.minutes),
+        usage.cost.amount_minor,
+    );
+    for share in shares {
+        add(
+            ProviderDayKey {
+                user_id: usage.owner_id,
+                day: share.day,
+                provider: usage.provider,
+                currency: usage.cost.currency.to_string(),
+            },
+            ProviderUsage {
+                minutes: share.minutes,
+                cost_minor: share.cost_minor,
+                sessions: 1,
+            },
+        );
+    }
+}
+
+impl ProviderUsage {
+    pub fn plus(self, other: ProviderUsage) -> ProviderUsage {
+        ProviderUsage {
+            minutes: self.minutes + other.minutes,
+            cost_minor: self.cost_minor + other.cost_minor,
+            sessions: self.sessions + other.sessions,
+        }
     }
 }
 

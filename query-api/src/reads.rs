@@ -369,6 +369,53 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>
         .collect())
 }
 
+/// Usage per period, provider and currency (`daily_usage_by_provider`, version 2 of the
+/// `daily_usage` projection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderUsageRecord {
+    pub period: NaiveDate,
+    pub provider: String,
+    pub currency: String,
+    pub minutes: i64,
+    pub cost_minor: i64,
+    pub sessions: i64,
+}
+
+/// Usage per period, provider and currency over the query's days (its `device` must be
+/// `None`: the breakdown is per user), in period order.
+pub async fn usage_by_provider(pool: &PgPool, query: &UsageQuery) -> Result<Vec<ProviderUsageRecord>, sqlx::Error> {
+    if query.owners == Owners::Nobody {
+        return Ok(Vec::new());
+    }
+    let mut sql = QueryBuilder::new("SELECT date_trunc(");
+    sql.push_bind(query.period.trunc())
+        .push(
+            ", day)::date AS period, provider, currency, sum(minutes)::bigint, sum(cost_minor)::bigint, \
+             sum(sessions)::bigint FROM daily_usage_by_provider WHERE day BETWEEN ",
+        )
+        .push_bind(query.from)
+        .push(" AND ")
+        .push_bind(query.to);
+    if let Owners::Only(owner) = query.owners {
+        sql.push(" AND user_id = ").push_bind(owner);
+    }
+    sql.push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
+    let rows: Vec<(NaiveDate, String, String, i64, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(period, provider, currency, minutes, cost_minor, sessions)| ProviderUsageRecord {
+                period,
+                provider,
+                currency,
+                minutes,
+                cost_minor,
+                sessions,
+            },
+        )
+        .collect())
+}
+
 /// Which column a batched usage read groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UsageSubject {

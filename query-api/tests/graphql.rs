@@ -926,3 +926,56 @@ async fn the_cache_answers_repeats_and_never_serves_an_answer_older_than_the_che
     );
     assert!(metrics.contains("cloudphone_graphql_requests_total"));
 }
+
+#[sqlx::test(migrations = false)]
+async fn usage_by_provider_answers_once_daily_usage_v2_is_swapped_in_with_no_restart(pool: PgPool) {
+    known_data(&pool).await;
+    let api = start(&pool, test_config()).await;
+    let admin = admin();
+    let query = "query($f: ProviderUsageFilter!) { usageByProvider(filter: $f, groupBy: MONTH) {
+        period provider minutes sessions cost { amountMinor currency } } }";
+    let filter = json!({"f": {"userId": A, "from": "2026-01-01", "to": "2026-12-31"}});
+    // Version 1 is live: a clear error, not a 5xx, and the rest of the API is unaffected.
+    let answer = api.query(&admin, query, filter.clone()).await;
+    assert_eq!(answer.error_code(), "PROJECTION_VERSION", "{answer:?}");
+    assert!(answer.status.is_success());
+
+    // A replay swaps version 2 in (the log is empty here: the tables come up empty), then
+    // rows arrive; the running API answers from them.
+    let summary = projections::replay::replay(
+        &pool,
+        projections::Projection::DailyUsage,
+        Some(2),
+        projections::replay::ReplayConfig::default(),
+        &projections::replay::Unobserved,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.version, 2);
+    sqlx::query(
+        "INSERT INTO daily_usage_by_provider (user_id, day, provider, currency, minutes, cost_minor, sessions) VALUES
+             ($1, '2026-03-01', 'aws', 'USD', 30, 60, 2), ($1, '2026-03-02', 'aws', 'USD', 10, 20, 1),
+             ($1, '2026-03-02', 'gcp', 'EUR', 5, 7, 1), ($2, '2026-03-02', 'gcp', 'EUR', 99, 99, 9)",
+    )
+    .bind(A)
+    .bind(B)
+    .execute(&pool)
+    .await
+    .unwrap();
+    set_checkpoints(&pool, 1_000_000).await;
+    let answer = api.query(&admin, query, filter.clone()).await;
+    assert_eq!(
+        answer.data()["usageByProvider"],
+        json!([
+            {"period": "2026-03-01", "provider": "AWS", "minutes": "40", "sessions": "3",
+             "cost": {"amountMinor": "80", "currency": "USD"}},
+            {"period": "2026-03-01", "provider": "GCP", "minutes": "5", "sessions": "1",
+             "cost": {"amountMinor": "7", "currency": "EUR"}},
+        ]),
+        "{answer:?}"
+    );
+    // A user token sees its own breakdown only.
+    let answer = api.query(&token(B, Role::User), query, filter).await;
+    assert_eq!(answer.data()["usageByProvider"], json!([]), "{answer:?}");
+}

@@ -33,6 +33,7 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Commands(args) => commands(args).await,
         LoadKind::Projections(args) => super::load_projections::run(args).await,
         LoadKind::Queries(args) => super::load_queries::run(args).await,
+        LoadKind::Replay(args) => super::load_replay::run(args).await,
     }
 }
 

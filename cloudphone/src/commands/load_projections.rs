@@ -315,7 +315,7 @@ fn device_history(rng: &mut StdRng, owner: Uuid, now: DateTime<Utc>) -> anyhow::
 }
 
 /// Appends `events` events of device histories in bulk (two appends in flight).
-async fn write_history(pool: &PgPool, events: u64, seed: u64) -> anyhow::Result<()> {
+pub(crate) async fn write_history(pool: &PgPool, events: u64, seed: u64) -> anyhow::Result<()> {
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await?);
     let mut rng = StdRng::seed_from_u64(seed);
     let owners: Vec<Uuid> = (0..(events / 100).max(1)).map(|_| Uuid::now_v7()).collect();
@@ -441,7 +441,7 @@ async fn projections_to_head(pool: &PgPool) -> anyhow::Result<()> {
 
 /// What autovacuum and the checkpointer would have done long since in a live system, done
 /// now, so the bulk-loaded history does not skew the latency phases.
-async fn settle_database(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn settle_database(pool: &PgPool) -> anyhow::Result<()> {
     pool.execute("VACUUM ANALYZE").await.context("VACUUM ANALYZE")?;
     pool.execute("CHECKPOINT").await.context("CHECKPOINT")?;
     Ok(())
@@ -715,7 +715,7 @@ async fn kafka_latency(
 }
 
 /// The roadmap's design: each read model a materialized view over the log.
-const VIEWS: &str = r"
+pub(crate) const VIEWS: &str = r"
 CREATE MATERIALIZED VIEW mv_device_stats AS
 WITH created AS (
     SELECT stream_id AS device_id, owner_id, payload->>'provider' AS provider,

@@ -4,4 +4,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
 mod embedded;
+mod replay;
 mod support;

@@ -1,0 +1,220 @@
+//! `cloudphone replay`: rebuild a projection beside the live one and swap it in; list,
+//! drop or abandon rebuilds.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use projections::Projection;
+use projections::replay::{self, ReplayConfig, ReplayObserver, ReplayPhase};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::ReplayArgs;
+use crate::commands::{database, role_endpoints};
+use crate::progress::Progress;
+
+pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
+    let pool = database::connect(&args.database).await?;
+    event_log::migrate(&pool).await.context("migration failed")?;
+    projections::migrate(&pool)
+        .await
+        .context("read model migration failed")?;
+    let projection = args.projection.map(Projection::from);
+    if args.status {
+        return print_status(&pool).await;
+    }
+    if args.drop_old {
+        let dropped = replay::drop_replaced(&pool, projection, 0).await?;
+        println!("dropped {} replaced version(s): {}", dropped.len(), dropped.join(", "));
+        return Ok(());
+    }
+    let Some(projection) = projection else {
+        anyhow::bail!("name the projection to replay: fleet or daily-usage");
+    };
+    if args.abandon {
+        match replay::abandon(&pool, projection).await? {
+            Some(id) => println!("abandoned rebuild {id} of {}", projection.name()),
+            None => println!("no rebuild of {} in progress", projection.name()),
+        }
+        return Ok(());
+    }
+    let stop = CancellationToken::new();
+    let endpoints = match args.ops_listen {
+        Some(listen) => {
+            Some(role_endpoints::serve(listen, pool.clone(), command_api::telemetry::prometheus(), stop.clone()).await?)
+        }
+        None => {
+            command_api::telemetry::prometheus();
+            None
+        }
+    };
+    let config = ReplayConfig {
+        page_events: args.page_events.max(1),
+        checkpoint_every: Duration::from_millis(args.checkpoint_every_ms),
+        max_buffered_rows: args.max_buffered_rows.max(1),
+        swap_lag_events: args.swap_lag_events.max(0),
+        lock_timeout: Duration::from_millis(args.lock_timeout_ms.max(1)),
+        keep_old: args.keep_old,
+        ..ReplayConfig::default()
+    };
+    let observer = BarObserver::default();
+    let interrupted = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted: stopping at the next page (the replay resumes when run again)");
+            interrupted.cancel();
+        }
+    });
+    let outcome = replay::replay(&pool, projection, args.version, config, &observer, &stop).await;
+    observer.finish();
+    stop.cancel();
+    if let Some(endpoints) = endpoints {
+        let _ = endpoints.await;
+    }
+    let summary = outcome?;
+    if args.json {
+        let json = serde_json::json!({
+            "projection": summary.projection.name(),
+            "version": summary.version,
+            "rebuild_id": summary.rebuild_id,
+            "resumed": summary.resumed,
+            "bulk_positions": summary.bulk_positions,
+            "bulk_events": summary.bulk_events,
+            "bulk_seconds": summary.bulk_seconds,
+            "bulk_positions_per_second": rate(summary.bulk_positions, summary.bulk_seconds),
+            "not_applicable": summary.not_applicable,
+            "finish_seconds": summary.finish_seconds,
+            "tail_events": summary.tail_events,
+            "swap_seconds": summary.swap_seconds,
+            "live_position": summary.live_position,
+            "replaced_version": summary.replaced_version,
+            "replaced_schema": summary.replaced_schema,
+            "total_seconds": summary.total_seconds,
+        });
+        println!("{json}");
+    } else {
+        println!(
+            "{} v{} is live at position {} (rebuild {}{})",
+            summary.projection.name(),
+            summary.version,
+            summary.live_position,
+            summary.rebuild_id,
+            if summary.resumed { ", resumed" } else { "" }
+        );
+        println!(
+            "  bulk: {} positions ({} device events) in {:.1} s = {:.0} events/s; {} not applicable",
+            summary.bulk_positions,
+            summary.bulk_events,
+            summary.bulk_seconds,
+            rate(summary.bulk_positions, summary.bulk_seconds),
+            summary.not_applicable
+        );
+        println!(
+            "  keys and indexes {:.1} s; tailing {} events; swap {:.0} ms; total {:.1} s",
+            summary.finish_seconds,
+            summary.tail_events,
+            summary.swap_seconds * 1000.0,
+            summary.total_seconds
+        );
+        match &summary.replaced_schema {
+            Some(schema) => println!(
+                "  v{} kept in schema {schema} (drop with `cloudphone replay --drop-old`)",
+                summary.replaced_version
+            ),
+            None => println!("  v{} dropped (--keep-old)", summary.replaced_version),
+        }
+    }
+    Ok(())
+}
+
+fn rate(positions: i64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        (positions as f64 / seconds).round()
+    } else {
+        0.0
+    }
+}
+
+async fn print_status(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let rebuilds = replay::rebuilds(pool).await?;
+    println!(
+        "{:>4} {:<12} {:>3} {:<10} {:>12} {:>12} {:<20} replaced",
+        "id", "projection", "v", "state", "position", "target", "swapped at"
+    );
+    for r in rebuilds {
+        println!(
+            "{:>4} {:<12} {:>3} {:<10} {:>12} {:>12} {:<20} {}",
+            r.id,
+            r.projection,
+            r.version,
+            r.state,
+            r.position,
+            r.target_position,
+            r.swapped_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            match (&r.replaced_schema, r.replaced_dropped) {
+                (Some(schema), false) => schema.clone(),
+                (Some(schema), true) => format!("{schema} (dropped)"),
+                (None, _) => String::new(),
+            }
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar (or structured progress lines) per phase.
+#[derive(Default)]
+pub(crate) struct BarObserver {
+    bar: Mutex<Option<Progress>>,
+}
+
+impl BarObserver {
+    pub(crate) fn finish(&self) {
+        if let Ok(mut bar) = self.bar.lock()
+            && let Some(bar) = bar.take()
+        {
+            bar.finish();
+        }
+    }
+}
+
+impl ReplayObserver for BarObserver {
+    fn phase(&self, phase: ReplayPhase) {
+        self.finish();
+        let Ok(mut bar) = self.bar.lock() else {
+            return;
+        };
+        match phase {
+            ReplayPhase::Bulk { resumed_at, target } => {
+                let (done, total) = (
+                    u64::try_from(resumed_at).unwrap_or(0),
+                    u64::try_from(target).unwrap_or(0),
+                );
+                if done > 0 {
+                    tracing::info!(
+                        position = resumed_at,
+                        target,
+                        "resuming the rebuild from its checkpoint"
+                    );
+                }
+                *bar = Some(Progress::resumed("replay", total, done));
+            }
+            ReplayPhase::Finishing => tracing::info!("bulk phase done: writing tables, keys and indexes"),
+            ReplayPhase::Tailing => {
+                tracing::info!("following the head until close enough to swap");
+                *bar = Some(Progress::new("tail", 0));
+            }
+            ReplayPhase::Swapped { position } => tracing::info!(position, "swapped in"),
+        }
+    }
+
+    fn progress(&self, position: i64, target: i64) {
+        if let Ok(mut bar) = self.bar.lock()
+            && let Some(bar) = bar.as_mut()
+        {
+            bar.set_total(u64::try_from(target).unwrap_or(0));
+            bar.set(u64::try_from(position).unwrap_or(0));
+        }
+    }
+}
