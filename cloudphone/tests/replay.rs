@@ -244,7 +244,7 @@ async fn a_replay_process_killed_mid_rebuild_resumes_to_the_same_result(pool: Pg
     event_log::migrate(&pool).await.unwrap();
     projections::migrate(&pool).await.unwrap();
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
-    history(&pool, &store, 6_000, 3).await;
+    history(&pool, &store, 3_000, 3).await;
     let stop = CancellationToken::new();
     let projectors = spawn_log_projectors(&pool, ProjectorConfig::default(), &stop);
     projections_reach(&pool, head(&pool).await, Duration::from_secs(60)).await;

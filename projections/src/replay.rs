@@ -726,8 +726,25 @@ async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Folded) -> Re
             )))
             .fetch_one(&mut *tx)
             .await?;
-            // Version 1's key has no currency, so its rows always go through the sum below.
-            if !checkpointed && layout.usage_keyed_by_currency() {
+            if !checkpointed && !layout.usage_keyed_by_currency() {
+                // Version 1's key has no currency: rows of one device and day add up (as its
+                // incremental upsert adds them), under the first currency in order.
+                let mut usage: Vec<_> = buffer.usage.iter().collect();
+                usage.sort_unstable_by(|((a, ac), _), ((b, bc), _)| {
+                    (a.day, a.user_id, a.device_id, ac).cmp(&(b.day, b.user_id, b.device_id, bc))
+                });
+                let mut merged: Vec<((UsageKey, String), UsageDelta)> = Vec::with_capacity(usage.len());
+                for ((key, currency), delta) in usage {
+                    match merged.last_mut() {
+                        Some(((last, _), sum)) if last == key => {
+                            sum.minutes += delta.minutes;
+                            sum.cost_minor += delta.cost_minor;
+                        }
+                        _ => merged.push(((*key, currency.clone()), *delta)),
+                    }
+                }
+                copy_usage(&mut tx, &format!("{s}.daily_usage"), merged.iter().map(|(k, v)| (k, v))).await?;
+            } else if !checkpointed {
                 // Everything is in memory, one row per key: straight into the tables, in
                 // key order (PostgreSQL's sort finds the input presorted when it builds the
                 // keys, and the table is clustered the way a user's days are read).
