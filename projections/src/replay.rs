@@ -39,7 +39,7 @@ use uuid::Uuid;
 use crate::apply::apply_events;
 use crate::fleet::{DeviceRow, FleetFold, stats_of};
 use crate::stored::device_row;
-use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_provider_shares, split_by_day};
+use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_provider_shares, fold_usage_shares};
 use crate::versions::{TableLayout, quote_ident};
 use crate::{Projection, metrics_names as m};
 
@@ -595,22 +595,11 @@ async fn bulk(
 }
 
 fn buffer_usage(buffer: &mut UsageBuffer, layout: TableLayout, usage: &event_schema::UsageRecorded) {
-    let currency = usage.cost.currency.to_string();
-    for share in split_by_day(
-        usage.started_at,
-        usage.ended_at,
-        i64::from(usage.minutes),
-        usage.cost.amount_minor,
-    ) {
-        let key = UsageKey {
-            day: share.day,
-            user_id: usage.owner_id,
-            device_id: usage.device_id,
-        };
-        let delta = buffer.usage.entry((key, currency.clone())).or_default();
+    fold_usage_shares(usage, |key, share| {
+        let delta = buffer.usage.entry(key).or_default();
         delta.minutes += share.minutes;
         delta.cost_minor += share.cost_minor;
-    }
+    });
     if layout.has_provider_breakdown() {
         fold_provider_shares(usage, |key, share| {
             let delta = buffer.by_provider.entry(key).or_default();

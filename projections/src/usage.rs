@@ -126,6 +126,16 @@ pub struct UsageDelta {
 
 /// Adds a usage event to per-key deltas.
 pub fn fold_usage(deltas: &mut std::collections::BTreeMap<(UsageKey, String), UsageDelta>, usage: &UsageRecorded) {
+    fold_usage_shares(usage, |key, share| {
+        let delta = deltas.entry(key).or_default();
+        delta.minutes += share.minutes;
+        delta.cost_minor += share.cost_minor;
+    });
+}
+
+/// Calls `add` with each day's share of `usage` under its `daily_usage` key and currency.
+pub fn fold_usage_shares(usage: &UsageRecorded, mut add: impl FnMut((UsageKey, String), UsageDelta)) {
+    let currency = usage.cost.currency.to_string();
     let shares = split_by_day(
         usage.started_at,
         usage.ended_at,
@@ -138,9 +148,13 @@ pub fn fold_usage(deltas: &mut std::collections::BTreeMap<(UsageKey, String), Us
             user_id: usage.owner_id,
             device_id: usage.device_id,
         };
-        let delta = deltas.entry((key, usage.cost.currency.to_string())).or_default();
-        delta.minutes += share.minutes;
-        delta.cost_minor += share.cost_minor;
+        add(
+            (key, currency.clone()),
+            UsageDelta {
+                minutes: share.minutes,
+                cost_minor: share.cost_minor,
+            },
+        );
     }
 }
 
