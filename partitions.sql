@@ -58,6 +58,25 @@ CREATE OR REPLACE VIEW user_events_all AS
     UNION ALL
     SELECT * FROM user_events_archive;
 
+-- The log is append-only: the triggers that call this (on user_events and
+-- user_events_archive, cloned to every partition, and a TRUNCATE trigger on each partition;
+-- see event-log/migrations/0005_append_only_log.sql) refuse UPDATE, DELETE and TRUNCATE of
+-- stored events. Defined here rather than in that migration because partitions.sql runs
+-- before the versioned migrations and ensure_user_event_partitions below attaches it to every
+-- partition it creates. SQLSTATE 42501 (insufficient_privilege): the statement is well formed
+-- but no role of the application may do it; the refusal is permanent, not one to retry, and
+-- not a 23xxx integrity error (the writer inspects 23514 for a missing partition).
+CREATE OR REPLACE FUNCTION refuse_event_log_change()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION 'user_events is append-only: % refused on %', TG_OP, TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Stored events are never changed or removed; append a compensating event instead.';
+END;
+$$;
+
 -- Creates the monthly partitions (UTC months) for the month holding `at` and the
 -- `months_ahead` months after it; returns how many it created.
 --
@@ -66,7 +85,10 @@ CREATE OR REPLACE VIEW user_events_all AS
 -- created standalone and then ATTACHed, which takes only SHARE UPDATE EXCLUSIVE on
 -- user_events (CREATE TABLE ... PARTITION OF would take ACCESS EXCLUSIVE and queue every
 -- append behind any long-running reader). The CHECK constraint matching the bounds lets the
--- ATTACH (and a later move to the archive) skip the validation scan.
+-- ATTACH (and a later move to the archive) skip the validation scan. The partition's own
+-- TRUNCATE trigger (a TRUNCATE naming the partition does not fire the parent's statement
+-- trigger) is created while the table is still standalone, so it locks nothing anyone uses;
+-- the ATTACH clones user_events' row trigger to it.
 CREATE OR REPLACE FUNCTION ensure_user_event_partitions(
     at timestamptz DEFAULT now(),
     months_ahead integer DEFAULT 3
@@ -98,6 +120,10 @@ BEGIN
             'ALTER TABLE %I ADD CONSTRAINT %I CHECK (recorded_at >= %L AND recorded_at < %L)',
             part_name, part_name || '_bounds', month_start, month_end);
         EXECUTE format(
+            'CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON %I '
+            'FOR EACH STATEMENT EXECUTE FUNCTION refuse_event_log_change()',
+            part_name);
+        EXECUTE format(
             'ALTER TABLE user_events ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
             part_name, month_start, month_end);
         created := created + 1;
@@ -112,6 +138,9 @@ $$;
 -- could still land in it. Detach and attach happen in the caller's one transaction, so no
 -- reader of user_events_all ever sees the month missing; the DETACH needs a brief ACCESS
 -- EXCLUSIVE lock on user_events, bounded by lock_timeout so it never queues appends for long.
+-- The month stays append-only throughout: the DETACH drops the row trigger cloned from
+-- user_events, the ATTACH clones user_events_archive's, and the partition keeps its own
+-- TRUNCATE trigger.
 CREATE OR REPLACE FUNCTION archive_user_event_partition(month date)
 RETURNS text
 LANGUAGE plpgsql

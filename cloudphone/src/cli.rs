@@ -90,6 +90,8 @@ pub struct PlatformArgs {
     #[command(flatten)]
     pub auth: AuthArgs,
     #[command(flatten)]
+    pub master_keys: MasterKeyArgs,
+    #[command(flatten)]
     pub query: QueryArgs,
     /// Requests per second each client (token subject) may send.
     #[arg(long, env = "CLOUDPHONE_RATE_LIMIT", default_value_t = 2000)]
@@ -167,6 +169,39 @@ pub struct AuthArgs {
     pub jwks_file: Option<std::path::PathBuf>,
 }
 
+/// The master keys that wrap each user's personal-data key.
+#[derive(Debug, Clone, Args)]
+pub struct MasterKeyArgs {
+    /// The active master key, `<id>:<base64 of 32 bytes>` (`cloudphone keys generate` makes
+    /// one). New data keys are wrapped with it [default: a development key from the source
+    /// code, with a warning].
+    #[arg(long, env = "CLOUDPHONE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Earlier master keys, comma-separated, still accepted for unwrapping until
+    /// `cloudphone keys rotate` has rewrapped everything under the active one.
+    #[arg(
+        long,
+        env = "CLOUDPHONE_PREVIOUS_MASTER_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub previous_master_keys: Vec<String>,
+}
+
+impl MasterKeyArgs {
+    pub fn keyring(&self) -> anyhow::Result<std::sync::Arc<event_log::personal::MasterKeyring>> {
+        let keyring =
+            event_log::personal::MasterKeyring::from_config(self.master_key.as_deref(), &self.previous_master_keys)?;
+        if keyring.is_development() {
+            tracing::warn!(
+                "NO MASTER KEY CONFIGURED: personal data is encrypted under the built-in development \
+                 master key. Set CLOUDPHONE_MASTER_KEY (cloudphone keys generate) in production."
+            );
+        }
+        Ok(std::sync::Arc::new(keyring))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run every role in one process: the embedded default.
@@ -190,8 +225,13 @@ pub enum Command {
     },
     /// Rebuild a projection from the whole history beside the live one, then swap it in.
     Replay(ReplayArgs),
-    /// Export event history as NDJSON or CSV.
-    Export(NotBuiltArgs),
+    /// Export event history as NDJSON or CSV (with a trailer that `verify --file` checks).
+    Export(ExportArgs),
+    /// Master keys of personal data: generate one, rotate data keys to the active one, status.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Recompute the hash chain over the log and report the first position where it breaks.
     Verify(VerifyArgs),
     /// Drive the platform with a realistic load and report.
@@ -208,6 +248,8 @@ pub enum RoleArg {
     User,
     Admin,
     Service,
+    /// May export and verify the event history, nothing else.
+    Auditor,
 }
 
 #[derive(Debug, Args)]
@@ -315,16 +357,117 @@ pub struct ReplayArgs {
     pub json: bool,
 }
 
+/// `cloudphone verify`: the log's hash chain, or an export file's.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// First position to verify (its predecessor's stored hash is trusted as the anchor).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with = "file")]
     pub from: i64,
     /// Last position to verify [default: the head of the log].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     pub to: Option<i64>,
+    /// Verify this export file (NDJSON or CSV, from `cloudphone export` or
+    /// `GET /v1/audit/events`) instead of the log: every hash, the links between
+    /// consecutive positions, and the trailer (a truncated file has none). `-` is stdin.
+    #[arg(long)]
+    pub file: Option<std::path::PathBuf>,
+    /// With --file: the file's format [default: from its extension or first bytes].
+    #[arg(long, value_enum, requires = "file")]
+    pub format: Option<ExportFormatArg>,
+    /// With --file: also compare the file's first and last hashes with the log's at those
+    /// positions, proving the file is the log's history and not a chain made up anew.
+    #[arg(long, requires = "file")]
+    pub against_log: bool,
+}
+
+/// `cloudphone export`: the same filters as `GET /v1/audit/events`, streamed in constant
+/// memory from the log (archived months included) to a file or stdout.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub master_keys: MasterKeyArgs,
+    /// Only events owned by this user (their own and their devices').
+    #[arg(long = "user")]
+    pub user_id: Option<uuid::Uuid>,
+    /// Only events of this stream (a user or a device).
+    #[arg(long = "stream")]
+    pub stream_id: Option<uuid::Uuid>,
+    /// Only events of this type (e.g. UserRegistered).
+    #[arg(long)]
+    pub event_type: Option<String>,
+    /// Events recorded at or after this time (RFC 3339).
+    #[arg(long)]
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Events recorded before this time (RFC 3339).
+    #[arg(long)]
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Resume after this position (the last one a partial file holds).
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// Stop at this position [default: the head when the export starts].
+    #[arg(long)]
+    pub until: Option<i64>,
+    /// File format [default: from the output's extension, else ndjson].
+    #[arg(long, value_enum)]
+    pub format: Option<ExportFormatArg>,
+    /// Write here; `-` is stdout.
+    #[arg(long, short = 'o', default_value = "-")]
+    pub output: std::path::PathBuf,
+    /// `decrypt`: personal fields shown decrypted (or as erased) beside the stored ciphertext;
+    /// `omit`: ciphertext only (no master key needed).
+    #[arg(long, value_enum, default_value = "decrypt")]
+    pub personal: PersonalArg,
+    /// Events read per query.
+    #[arg(long, env = "CLOUDPHONE_EXPORT_PAGE_EVENTS", default_value_t = 10_000)]
+    pub page_events: i64,
+    /// Print the summary as JSON (on stderr when the export goes to stdout).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormatArg {
+    Ndjson,
+    Csv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PersonalArg {
+    Decrypt,
+    Omit,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Print a new random master key (`<id>:<base64>`) for CLOUDPHONE_MASTER_KEY.
+    Generate {
+        /// The key's id, recorded beside every data key it wraps [default: a dated id].
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Rewrap every data key under the active master key. Run it after making a new key
+    /// active (and the old one a previous key) on every role; the roles keep serving
+    /// throughout, and a stopped rotation is finished by running it again.
+    Rotate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        master_keys: MasterKeyArgs,
+        /// Data keys rewrapped per transaction.
+        #[arg(long, default_value_t = 1_000)]
+        batch: i64,
+    },
+    /// How many data keys each master key wraps, and how many users are erased.
+    Status {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        master_keys: MasterKeyArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +487,38 @@ pub enum LoadKind {
     /// append latency), against `REFRESH MATERIALIZED VIEW` of equivalent views on the same
     /// data.
     Replay(LoadReplayArgs),
+    /// The audit export: `cloudphone export` (NDJSON, CSV, personal data decrypted or
+    /// omitted) and `verify --file` over a generated history, child processes of this binary
+    /// (rate, peak RSS), against PostgreSQL's `COPY ... TO STDOUT` of the same columns.
+    Export(LoadExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadExportArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_export`,
+    /// recreated unless `--reuse` (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The master keys the users' personal data is encrypted under (and the exports decrypt
+    /// with).
+    #[command(flatten)]
+    pub master_keys: MasterKeyArgs,
+    /// Events of generated history (device lifecycles and the owners' registrations).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Keep the database if it already holds at least `--events` events (and export all of
+    /// them) instead of writing the history again.
+    #[arg(long)]
+    pub reuse: bool,
+    /// Events each export reads per query (`cloudphone export --page-events`).
+    #[arg(long, default_value_t = 10_000)]
+    pub page_events: i64,
+    /// Seed of the generated history.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -480,11 +655,4 @@ pub struct LoadCommandsArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
-}
-
-/// Accepts anything, for verbs that are not built yet.
-#[derive(Debug, Args)]
-pub struct NotBuiltArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
 }

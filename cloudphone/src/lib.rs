@@ -8,8 +8,6 @@ pub mod commands;
 pub mod progress;
 pub mod telemetry;
 
-use anyhow::bail;
-
 use crate::cli::{Cli, Command};
 
 /// Runs the verb the command line asks for.
@@ -24,12 +22,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
         Command::Relay(args) => commands::serve::run(args, commands::serve::Roles::Relay).await,
         Command::Replay(args) => commands::replay::run(args).await,
-        Command::Export(_) => not_built("export", "#8"),
+        Command::Export(args) => commands::export::run(args).await,
+        Command::Keys { action } => commands::keys::run(action).await,
         Command::Load { kind } => commands::load::run(kind).await,
         Command::Token(args) => commands::token::run(args),
     }
-}
-
-fn not_built(verb: &str, issue: &str) -> anyhow::Result<()> {
-    bail!("`cloudphone {verb}` is not built yet (issue {issue})")
 }

@@ -24,6 +24,8 @@ pub enum Role {
     User,
     Admin,
     Service,
+    /// Reads and exports the event history (`GET /v1/audit/events`); runs no command.
+    Auditor,
 }
 
 impl fmt::Display for Role {
@@ -32,6 +34,7 @@ impl fmt::Display for Role {
             Role::User => "user",
             Role::Admin => "admin",
             Role::Service => "service",
+            Role::Auditor => "auditor",
         })
     }
 }
@@ -76,6 +79,11 @@ impl Principal {
         self.role == Role::Admin
     }
 
+    /// May read the whole event history (admins and auditors).
+    pub fn may_audit(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::Auditor)
+    }
+
     pub fn has_scope(&self, scope: &str) -> bool {
         self.role == Role::Service && self.scopes.iter().any(|s| s == scope)
     }
@@ -91,7 +99,9 @@ impl Principal {
             role: match self.role {
                 Role::User => ActorRole::User,
                 Role::Admin => ActorRole::Admin,
-                Role::Service => ActorRole::Service,
+                // Auditors are refused every command, so no event names one; should that ever
+                // change, `service` (a non-person principal named by its subject) is closest.
+                Role::Service | Role::Auditor => ActorRole::Service,
             },
             subject: self.subject.clone(),
         }
@@ -256,7 +266,7 @@ impl TokenVerifier {
             Role::User | Role::Admin => {
                 Some(Uuid::parse_str(&claims.sub).map_err(|_| AuthError::BadSubject(claims.sub.clone()))?)
             }
-            Role::Service => None,
+            Role::Service | Role::Auditor => None,
         };
         Ok(Principal {
             role: claims.role,

@@ -90,6 +90,19 @@ pub async fn run_user_command(
     with_retries(state, ctx, user_id, || user_attempt(state, ctx, user_id, &command)).await
 }
 
+/// Erases a user: destroys their data key first, then appends `UserErased`. In this order a
+/// failure in between leaves the data unreadable with the event still to be written (the
+/// retry writes it), never the event written with the data still readable.
+pub async fn erase_user(state: &AppState, ctx: &CommandContext, user_id: Uuid) -> Result<CommandAccepted, ApiError> {
+    let command = UserCommand::Erase;
+    authorize_user_command(&ctx.principal, user_id, &command)?;
+    if state.personal.erase(user_id, state.clock.now()).await? {
+        metrics::counter!(crate::telemetry::PERSONAL_DATA_KEYS_DESTROYED_TOTAL).increment(1);
+        tracing::info!(%user_id, "personal data key destroyed");
+    }
+    with_retries(state, ctx, user_id, || user_attempt(state, ctx, user_id, &command)).await
+}
+
 /// Runs a device command on `device_id`.
 pub async fn run_device_command(
     state: &AppState,
@@ -184,16 +197,32 @@ fn expected(version: i64) -> ExpectedVersion {
     }
 }
 
-fn encode(
+/// The events as the log stores them: personal fields (those an event type lists in
+/// `PERSONAL_FIELDS`) encrypted with the owner's data key, created on first use.
+async fn encode(
+    state: &AppState,
     ctx: &CommandContext,
+    owner_id: Uuid,
     events: &[Event],
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<NewEvent>, ApiError> {
     let metadata = ctx.metadata();
-    events
-        .iter()
-        .map(|event| NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string())))
-        .collect()
+    let mut encoded = Vec::with_capacity(events.len());
+    let mut data_key = None;
+    for event in events {
+        let mut new_event =
+            NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let personal_fields = event_schema::kind_of(event.event_type()).map_or(&[][..], |kind| kind.personal_fields);
+        if !personal_fields.is_empty() {
+            let key = match &data_key {
+                Some(key) => key,
+                None => data_key.insert(state.personal.key_for_writing(owner_id, now).await?),
+            };
+            event_log::personal::seal_fields(key, owner_id, personal_fields, &mut new_event.payload);
+        }
+        encoded.push(new_event);
+    }
+    Ok(encoded)
 }
 
 fn batch(ctx: &CommandContext, streams: Vec<StreamAppend>) -> AppendBatch {
@@ -231,7 +260,7 @@ async fn user_attempt(
         stream_type: StreamType::User,
         owner_id: user_id,
         expected: expected(loaded.version),
-        events: encode(ctx, &events, now)?,
+        events: encode(state, ctx, user_id, &events, now).await?,
     };
     match state.append(batch(ctx, vec![stream])).await {
         Ok(outcome) => {
@@ -308,7 +337,7 @@ async fn device_attempt(
         stream_type: StreamType::Device,
         owner_id,
         expected: expected(device.version),
-        events: encode(ctx, &device_events, now)?,
+        events: encode(state, ctx, owner_id, &device_events, now).await?,
     }];
     if !owner_events.is_empty() {
         streams.push(StreamAppend {
@@ -322,7 +351,7 @@ async fn device_attempt(
             } else {
                 ExpectedVersion::Any
             },
-            events: encode(ctx, &owner_events, now)?,
+            events: encode(state, ctx, owner_id, &owner_events, now).await?,
         });
     }
     match state.append(batch(ctx, streams)).await {

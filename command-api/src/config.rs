@@ -1,7 +1,10 @@
 //! What the command API is configured with (the binary fills it from flags and environment).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use event_log::personal::MasterKeyring;
 
 use crate::auth::KeySource;
 
@@ -31,6 +34,8 @@ pub struct ApiConfig {
     /// Aggregates kept in memory.
     pub cached_aggregates: u64,
     pub append_mode: AppendMode,
+    /// Master keys that wrap the per-user keys of personal data.
+    pub master_keys: Arc<MasterKeyring>,
 }
 
 impl Default for ApiConfig {
@@ -45,6 +50,7 @@ impl Default for ApiConfig {
             max_attempts: 20,
             cached_aggregates: 200_000,
             append_mode: AppendMode::GroupCommit,
+            master_keys: Arc::new(MasterKeyring::development()),
         }
     }
 }

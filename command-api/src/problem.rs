@@ -7,6 +7,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use domain::{DomainError, ErrorKind};
+use event_log::personal::PersonalDataError;
 use event_log::{AppendError, ReadError};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -208,6 +209,18 @@ impl From<AppendError> for ApiError {
             error if error.is_unavailable() => ApiError::Unavailable(error.to_string()),
             // Everything else means the domain produced something the log refuses: a bug.
             error => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<PersonalDataError> for ApiError {
+    fn from(error: PersonalDataError) -> Self {
+        match error {
+            PersonalDataError::Erased(_) => ApiError::Domain(DomainError::UserErased),
+            PersonalDataError::Database(e) if event_log::db_error::is_connection_error(&e) => {
+                ApiError::Unavailable(format!("personal data keys: {e}"))
+            }
+            other => ApiError::Internal(other.to_string()),
         }
     }
 }

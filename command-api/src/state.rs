@@ -6,6 +6,7 @@ use std::sync::Arc;
 use domain::PricingTable;
 use domain::device::DeviceState;
 use domain::user::UserState;
+use event_log::personal::PersonalDataKeys;
 use event_log::{AppendBatch, AppendError, AppendOutcome, Clock, EventStore, LogReader};
 use governor::clock::DefaultClock;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -26,6 +27,8 @@ pub struct Inner {
     pub config: ApiConfig,
     pub store: Arc<EventStore>,
     pub reader: LogReader,
+    /// Per-user data keys: personal fields are encrypted before they reach the log.
+    pub personal: PersonalDataKeys,
     pub users: Slots<UserState>,
     pub devices: Slots<DeviceState>,
     pub pricing: PricingTable,
@@ -55,6 +58,7 @@ impl Inner {
         let burst = NonZeroU32::new(config.rate_burst).unwrap_or(per_second);
         Inner {
             reader: LogReader::new(store.pool().clone()),
+            personal: PersonalDataKeys::new(store.pool().clone(), config.master_keys.clone()),
             users: Slots::new(config.cached_aggregates),
             devices: Slots::new(config.cached_aggregates),
             pricing: PricingTable::standard(),

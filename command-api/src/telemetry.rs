@@ -16,6 +16,8 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "cloudphone_http_request_duratio
 pub const COMMAND_RETRIES_TOTAL: &str = "cloudphone_command_retries_total";
 /// Counter: requests answered from a stored outcome of the same Idempotency-Key.
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "cloudphone_http_idempotent_replays_total";
+/// Counter: users whose personal data key was destroyed (erasures).
+pub const PERSONAL_DATA_KEYS_DESTROYED_TOTAL: &str = "cloudphone_personal_data_keys_destroyed_total";
 
 /// Latency buckets (seconds) for every `_seconds` histogram.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -52,6 +54,14 @@ pub fn prometheus() -> PrometheusHandle {
                 "Commands decided again after a concurrent change"
             );
             metrics::describe_counter!(IDEMPOTENT_REPLAYS_TOTAL, "Requests answered from an earlier outcome");
+            metrics::describe_counter!(
+                PERSONAL_DATA_KEYS_DESTROYED_TOTAL,
+                "Users whose personal data key was destroyed (erasures)"
+            );
+            metrics::describe_counter!(
+                event_log::metrics_names::EXPORT_EVENTS_TOTAL,
+                "Events written into audit exports"
+            );
             let build = env!("CARGO_PKG_VERSION");
             metrics::gauge!("cloudphone_build_info", "version" => build).set(1.0);
             handle

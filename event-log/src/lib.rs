@@ -6,7 +6,11 @@
 //! - [`LogReader`] reads by stream, by global position, by owner and time range, and verifies
 //!   the hash chain; it works on the primary or a replica. [`LogTail`] follows the log.
 //! - [`migrate()`] applies `partitions.sql` and the migrations; [`partitions`] keeps monthly
-//!   partitions ahead and archives sealed months.
+//!   partitions ahead and archives sealed months. Stored events are append-only: triggers
+//!   refuse UPDATE, DELETE and TRUNCATE (`event-log/migrations/0005_append_only_log.sql`).
+//! - [`history`] streams the history out for auditors in the [`export`] file format, which
+//!   [`export::verify_export`] checks; [`personal`] keeps per-user data keys so personal
+//!   fields are stored encrypted and a user can be erased by destroying their key.
 //!
 //! # Why no reader ever skips an event
 //!
@@ -37,9 +41,12 @@ mod append;
 pub mod chain;
 pub mod clock;
 pub mod db_error;
+pub mod export;
+pub mod history;
 pub mod idempotency;
 mod migrate;
 pub mod partitions;
+pub mod personal;
 mod read;
 pub mod relay;
 mod tail;
@@ -70,6 +77,8 @@ pub mod metrics_names {
     pub const APPEND_CONFLICTS_TOTAL: &str = "cloudphone_append_conflicts_total";
     /// Counter: appends answered from a stored idempotency outcome.
     pub const APPEND_IDEMPOTENT_REPLAYS_TOTAL: &str = "cloudphone_append_idempotent_replays_total";
+    /// Counter: events written into audit exports (HTTP and `cloudphone export`).
+    pub const EXPORT_EVENTS_TOTAL: &str = "cloudphone_export_events_total";
     /// Counter: idempotency keys deleted after their retention.
     pub const IDEMPOTENCY_KEYS_EXPIRED_TOTAL: &str = "cloudphone_idempotency_keys_expired_total";
 }

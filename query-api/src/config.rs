@@ -1,9 +1,11 @@
 //! What the query API is configured with (the binary fills it from flags and environment).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
+use event_log::personal::MasterKeyring;
 
 use crate::graphql::Limits;
 use crate::sources::SourcesConfig;
@@ -14,6 +16,8 @@ pub struct QueryApiConfig {
     /// Read replicas; none sends every read to the primary.
     pub replica_urls: Vec<String>,
     pub keys: KeySource,
+    /// Master keys that unwrap users' data keys, to show personal data in audit exports.
+    pub master_keys: Arc<MasterKeyring>,
     pub limits: Limits,
     /// Longest a query may run before it is answered with a `TIMEOUT` error.
     pub query_timeout: Duration,
@@ -48,6 +52,7 @@ impl Default for QueryApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             replica_urls: Vec::new(),
             keys: KeySource::Secret(DEVELOPMENT_SECRET.to_owned()),
+            master_keys: Arc::new(MasterKeyring::development()),
             limits: Limits::default(),
             query_timeout: Duration::from_secs(5),
             max_body_bytes: 64 * 1024,

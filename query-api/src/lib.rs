@@ -11,6 +11,7 @@
 //!
 //! This crate must never write: not the log, not the read models.
 
+pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod graphql;

@@ -36,6 +36,7 @@ use crate::config::QueryApiConfig;
 use crate::graphql::{DashboardSchema, ReadContext, Viewer, build_schema, request_data};
 use crate::persisted::{PersistedQueries, PersistedQuery};
 use crate::sources::{ReadError, ReadSources, Route, Source};
+use event_log::personal::MasterKeyring;
 
 /// Names of the query API's metrics (HTTP metrics are the command API's, by route).
 pub mod metrics_names {
@@ -60,15 +61,16 @@ pub enum StartupError {
     Replica(#[from] sqlx::Error),
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: QueryApiConfig,
     schema: DashboardSchema,
-    sources: ReadSources,
+    pub(crate) sources: ReadSources,
+    pub(crate) master_keys: Arc<MasterKeyring>,
     cache: Option<ResponseCache>,
     epoch: CacheEpoch,
     persisted: PersistedQueries,
-    verifier: TokenVerifier,
-    limiter: ClientLimiter,
+    pub(crate) verifier: TokenVerifier,
+    pub(crate) limiter: ClientLimiter,
     metrics: PrometheusHandle,
 }
 
@@ -81,7 +83,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-type AppState = Arc<Inner>;
+pub(crate) type AppState = Arc<Inner>;
 
 /// The query API, bound and ready to serve.
 #[derive(Debug)]
@@ -114,6 +116,7 @@ impl QueryApi {
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
             epoch: CacheEpoch::new(config.cache_staleness),
             persisted: PersistedQueries::new(config.persisted_queries),
+            master_keys: Arc::clone(&config.master_keys),
             sources,
             verifier,
             metrics,
@@ -173,6 +176,7 @@ fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
+        .route("/v1/audit/events", get(crate::audit::audit_events))
         .route_layer(axum::middleware::from_fn(command_api::telemetry::track_requests))
         .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
         .route("/readyz", get(readyz))

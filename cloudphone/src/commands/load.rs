@@ -34,6 +34,7 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Projections(args) => super::load_projections::run(args).await,
         LoadKind::Queries(args) => super::load_queries::run(args).await,
         LoadKind::Replay(args) => super::load_replay::run(args).await,
+        LoadKind::Export(args) => super::load_export::run(args).await,
     }
 }
 

@@ -1,7 +1,10 @@
 //! One module per verb.
 
 pub mod database;
+pub mod export;
+pub mod keys;
 pub mod load;
+pub mod load_export;
 pub mod load_projections;
 pub mod load_queries;
 pub mod load_replay;

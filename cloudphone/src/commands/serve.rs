@@ -153,6 +153,7 @@ async fn command_api(
             AppendModeArg::Group => AppendMode::GroupCommit,
             AppendModeArg::Unbatched => AppendMode::Unbatched,
         },
+        master_keys: args.master_keys.keyring()?,
         ..ApiConfig::default()
     };
     Application::with_store(config, store, metrics, Arc::new(SystemClock))
@@ -175,6 +176,7 @@ async fn query_api(
         listen: args.query_listen,
         replica_urls: args.replica_urls.clone(),
         keys: key_source(&args.auth)?,
+        master_keys: args.master_keys.keyring()?,
         limits: Limits {
             max_page_size: q.query_max_page_size.max(1),
             default_page_size: 20.min(q.query_max_page_size.max(1)),

@@ -11,6 +11,7 @@ pub fn run(args: &TokenArgs) -> anyhow::Result<()> {
         RoleArg::User => Role::User,
         RoleArg::Admin => Role::Admin,
         RoleArg::Service => Role::Service,
+        RoleArg::Auditor => Role::Auditor,
     };
     if role != Role::Service && uuid::Uuid::parse_str(&args.user).is_err() {
         bail!("--user must be a UUID for user and admin tokens, got `{}`", args.user);

@@ -178,3 +178,19 @@ pub async fn assert_read_models_equal_a_rebuild(pool: &PgPool) {
         "daily_usage differs from a rebuild"
     );
 }
+
+/// Runs `statement` (an UPDATE, DELETE or TRUNCATE of stored events) past the log's
+/// append-only triggers, as an operator with superuser rights deliberately could: in its own
+/// transaction with `SET LOCAL session_replication_role = replica` (see
+/// event-log/migrations/0005_append_only_log.sql). Tests connect as a superuser. Returns the
+/// rows affected.
+pub async fn tamper(pool: &PgPool, statement: &'static str) -> u64 {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let done = sqlx::query(statement).execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    done.rows_affected()
+}

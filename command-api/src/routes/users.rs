@@ -10,7 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::commands::{CommandAccepted, CommandContext, run_user_command};
+use crate::commands::{CommandAccepted, CommandContext, erase_user, run_user_command};
 use crate::extract::{Caller, IdParam, JsonBody, RequestMeta};
 use crate::openapi::CommandErrors;
 use crate::problem::ApiError;
@@ -135,7 +135,9 @@ pub async fn change_tier(
     Ok(Json(run_user_command(&state, &ctx, user_id, command).await?))
 }
 
-/// Erase a user's personal data (the user themselves or an admin).
+/// Erase a user's personal data (the user themselves or an admin): their data key is
+/// destroyed, so the personal fields of their events can never be decrypted again, and
+/// `UserErased` is appended. Repeating it is harmless.
 #[utoipa::path(delete, path = "/v1/users/{id}", tag = "users",
     params(("id" = Uuid, Path, description = "User id")),
     responses((status = 200, description = "Erased", body = CommandAccepted), CommandErrors),
@@ -147,5 +149,5 @@ pub async fn erase(
     meta: RequestMeta,
 ) -> Result<Json<CommandAccepted>, ApiError> {
     let ctx = CommandContext::new(principal, meta, b"");
-    Ok(Json(run_user_command(&state, &ctx, user_id, UserCommand::Erase).await?))
+    Ok(Json(erase_user(&state, &ctx, user_id).await?))
 }

@@ -4,8 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
 mod append;
+mod append_only;
 mod bad_input;
 mod chain;
+mod export;
 mod ordering;
 mod partitions;
 mod support;

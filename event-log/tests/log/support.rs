@@ -8,7 +8,7 @@ use event_log::{
     AppendBatch, Clock, EventStore, ExpectedVersion, LogReader, ManualClock, NewEvent, StoreConfig, StreamAppend,
 };
 use event_schema::*;
-use sqlx::PgPool;
+use sqlx::{Acquire, PgPool, Postgres};
 use uuid::Uuid;
 
 pub async fn migrated(pool: &PgPool) {
@@ -162,4 +162,23 @@ pub async fn count_events(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
+}
+
+/// Runs `statement` (an UPDATE, DELETE or TRUNCATE of stored events) past the log's
+/// append-only triggers, as an operator with superuser rights deliberately could: in its own
+/// transaction with `SET LOCAL session_replication_role = replica` (see
+/// event-log/migrations/0005_append_only_log.sql). Tests connect as a superuser. Returns the
+/// rows affected; the setting ends with the transaction.
+pub async fn tamper<'c>(conn: impl Acquire<'c, Database = Postgres>, statement: &'static str) -> u64 {
+    let mut tx = conn.begin().await.unwrap_or_else(|e| panic!("begin: {e}"));
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("bypass the triggers: {e}"));
+    let done = sqlx::query(statement)
+        .execute(&mut *tx)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    tx.commit().await.unwrap_or_else(|e| panic!("commit: {e}"));
+    done.rows_affected()
 }
