@@ -39,6 +39,19 @@ pub struct TelemetryArgs {
     /// Which logs to show, in `RUST_LOG` syntax (e.g. `info,event_log=debug`).
     #[arg(long = "log", env = "CLOUDPHONE_LOG", default_value = "info", global = true)]
     pub log_filter: String,
+    /// Export traces to this OpenTelemetry collector, OTLP over HTTP/protobuf (e.g.
+    /// `http://otel-collector:4318`; `/v1/traces` is appended). Request spans continue the
+    /// caller's `traceparent` [default: off].
+    #[arg(long, env = "CLOUDPHONE_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` exported traces carry (e.g. the role: `cloudphone-command-api`).
+    #[arg(
+        long,
+        env = "CLOUDPHONE_OTLP_SERVICE_NAME",
+        default_value = "cloudphone",
+        global = true
+    )]
+    pub otlp_service_name: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -55,6 +68,11 @@ pub struct DatabaseArgs {
 pub struct PlatformArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Apply the migrations at start (idempotent, serialised by an advisory lock). Turn off
+    /// for a role that connects through PgBouncer in transaction mode, where a session lock
+    /// would outlive its client; run `cloudphone migrate` directly on the primary instead.
+    #[arg(long, env = "CLOUDPHONE_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
     /// Read replicas, comma-separated [default: none; reads go to the primary].
     #[arg(long, env = "CLOUDPHONE_REPLICA_URLS", value_delimiter = ',')]
     pub replica_urls: Vec<String>,
@@ -103,6 +121,31 @@ pub struct PlatformArgs {
     /// same key is a new request. 0 keeps keys forever.
     #[arg(long, env = "CLOUDPHONE_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
     pub idempotency_retention_hours: u64,
+    /// Months after the current one that always have a partition of the log. The command
+    /// API (and `serve`) checks at start and every --partition-maintenance-interval-secs, and
+    /// recreates a missing month.
+    #[arg(
+        long,
+        env = "CLOUDPHONE_PARTITIONS_AHEAD",
+        default_value_t = event_log::DEFAULT_PARTITIONS_AHEAD,
+        value_parser = clap::value_parser!(u32).range(0..=120)
+    )]
+    pub partitions_ahead: u32,
+    /// Seconds between two partition maintenance passes (months ahead created, months past
+    /// --partition-retention-months archived). Hourly checks keep the months ahead with
+    /// plenty of margin and recover quickly from a failed pass.
+    #[arg(
+        long,
+        env = "CLOUDPHONE_PARTITION_MAINTENANCE_INTERVAL_SECS",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub partition_maintenance_interval_secs: u64,
+    /// Move a month of the log to the archive (`user_events_archive`, still read by stream
+    /// reads, exports, verify and replays) once it ended more than this many months ago and
+    /// the log has moved past it [default: never archive].
+    #[arg(long, env = "CLOUDPHONE_PARTITION_RETENTION_MONTHS")]
+    pub partition_retention_months: Option<u32>,
     /// How commands reach the log: `group` (group commit) or `unbatched` (one transaction per
     /// command: the benchmark baseline).
     #[arg(long, env = "CLOUDPHONE_APPEND_MODE", value_enum, default_value = "group")]
@@ -491,6 +534,59 @@ pub enum LoadKind {
     /// omitted) and `verify --file` over a generated history, child processes of this binary
     /// (rate, peak RSS), against PostgreSQL's `COPY ... TO STDOUT` of the same columns.
     Export(LoadExportArgs),
+    /// The whole platform: a generated world (users with quotas, a fleet, months of history
+    /// across partitions), the command API, a projector and the query API as separate
+    /// processes, driven at `--rate` operations/s by portal commands and dashboard queries
+    /// (read-your-writes after a command), with audit exports and a replay in the background.
+    /// Reports throughput and p50/p99/p999 per operation, projection lag, the query cache's
+    /// hit ratio, errors by kind, CPU and RSS per role; fails on any 5xx or transport error.
+    Platform(LoadPlatformArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadPlatformArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_platform`,
+    /// recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// The master keys the world's personal data is encrypted under (the roles get them too).
+    #[command(flatten)]
+    pub master_keys: MasterKeyArgs,
+    /// Events of the generated world's history, recorded over the last `--history-months`.
+    #[arg(long, default_value_t = 200_000)]
+    pub history_events: u64,
+    /// Months the world's history spans (each a partition of the log).
+    #[arg(long, default_value_t = 6)]
+    pub history_months: u32,
+    /// Users of the world the portals and dashboards act for (their quotas are raised by an
+    /// admin first, as support would for a busy customer).
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// Operations per second, started on schedule whatever the answers' latency (open loop;
+    /// latency counts from the scheduled start, so a stall is not hidden).
+    #[arg(long, default_value_t = 300)]
+    pub rate: u64,
+    /// Percent of operations that are portal commands; the rest are dashboard queries.
+    #[arg(long, default_value_t = 40)]
+    pub command_percent: u32,
+    /// Most operations in flight; a scheduled operation finding none free is counted as shed.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// Seconds between two audit exports of a user's history (0: none).
+    #[arg(long, default_value_t = 10)]
+    pub export_every: u64,
+    /// Skip the replay of `daily_usage` that starts a third of the way into the load.
+    #[arg(long)]
+    pub no_replay: bool,
+    /// Seed of the world, the users chosen and the operation mix.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

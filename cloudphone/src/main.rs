@@ -5,7 +5,13 @@ use cloudphone::cli::Cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cloudphone::telemetry::init(&cli.telemetry);
+    let telemetry = match cloudphone::telemetry::init(&cli.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -13,7 +19,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cloudphone::run(cli)) {
+    let outcome = runtime.block_on(cloudphone::run(cli));
+    telemetry.shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -9,8 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use chrono::Utc;
-use command_api::auth::{DEVELOPMENT_SECRET, Role, mint_token};
+use command_api::auth::Role;
 use event_log::chain::chain_hash;
 use event_log::personal::MasterKey;
 use event_schema::EventEnvelope;
@@ -20,19 +19,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod common;
-use common::{KillOnDrop, url_of};
-
-fn token(subject: &str, role: Role) -> String {
-    mint_token(
-        DEVELOPMENT_SECRET,
-        subject,
-        role,
-        &[],
-        Utc::now(),
-        chrono::Duration::hours(1),
-    )
-    .unwrap()
-}
+use common::{KillOnDrop, token, url_of};
 
 /// Runs a `cloudphone` verb against `url` with the master key; returns its output.
 fn cloudphone(url: &str, master_key: &str, args: &[&str]) -> Output {

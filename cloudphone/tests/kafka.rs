@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 mod common;
 use common::{
-    KillOnDrop, assert_read_models_equal_a_rebuild, init_test_logs, projections_reach, url_of, write_history,
+    KillOnDrop, assert_read_models_equal_a_rebuild, init_test_logs, projections_reach, relay_reaches, url_of,
+    write_history,
 };
 
 const BROKERS: &str = "127.0.0.1:9092";
@@ -82,22 +83,6 @@ fn start_projectors_in_process(
         )));
     }
     tasks
-}
-
-async fn relay_reaches(pool: &PgPool, topic: &str, head: i64, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE relay = $1")
-            .bind(topic)
-            .fetch_optional(pool)
-            .await
-            .unwrap();
-        if position.is_some_and(|p| p >= head) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "relay stuck at {position:?}, head {head}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `cloudphone serve` in Kafka mode: commands over HTTP reach the read models through the

@@ -98,17 +98,25 @@ fn request_id(headers: &HeaderMap) -> Uuid {
         .unwrap_or_else(Uuid::now_v7)
 }
 
-/// The trace id of a valid W3C `traceparent`, else a new one.
+/// The trace id of a valid W3C `traceparent`, else a new one. Behind the API's
+/// `ensure_trace_context` layer every request has a valid one, so the request span, the
+/// events' metadata and the response all carry the same id.
 pub fn trace_id(headers: &HeaderMap) -> String {
-    let from_header = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(|v| {
-        let mut parts = v.split('-');
-        let (_version, trace, _span) = (parts.next()?, parts.next()?, parts.next()?);
-        let valid = trace.len() == 32
-            && trace.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            && trace.bytes().any(|b| b != b'0');
-        valid.then(|| trace.to_owned())
-    });
-    from_header.unwrap_or_else(|| Uuid::new_v4().simple().to_string())
+    trace_parent(headers).map_or_else(|| Uuid::new_v4().simple().to_string(), |(trace, _)| trace.to_owned())
+}
+
+/// The trace id and parent span id of a valid W3C `traceparent` header (version 00 layout:
+/// 32 and 16 lower-case hex digits, neither all zeros).
+pub fn trace_parent(headers: &HeaderMap) -> Option<(&str, &str)> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
+    let valid = |id: &str, len: usize| {
+        id.len() == len
+            && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            && id.bytes().any(|b| b != b'0')
+    };
+    (valid(trace, 32) && valid(span, 16)).then_some((trace, span))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

@@ -13,6 +13,7 @@
 
 pub mod aggregates;
 pub mod auth;
+pub mod body;
 pub mod commands;
 pub mod config;
 pub mod extract;

@@ -19,6 +19,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{KeyError, TokenVerifier};
+use crate::body::{self, BodyError};
 use crate::config::ApiConfig;
 use crate::problem::ApiError;
 use crate::routes::{self, system};
@@ -140,14 +141,31 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(body_limit, read_whole_body))
         .layer(middleware::from_fn_with_state(timeout, time_limit))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
+        .layer(middleware::from_fn(telemetry::ensure_trace_context))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// Reads the body before routing (see [`crate::body`]).
+async fn read_whole_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    match body::read_whole_body(request, limit).await {
+        Ok(request) => next.run(request).await,
+        Err(BodyError::TooLarge { .. }) => body::closing(ApiError::PayloadTooLarge.into_response()),
+        Err(error @ BodyError::Unreadable(_)) => body::closing(
+            ApiError::BadRequest {
+                code: "unreadable_body",
+                detail: error.to_string(),
+            }
+            .into_response(),
+        ),
+    }
 }
 
 /// Answers 503 when a request takes longer than the limit. Its append may still commit;

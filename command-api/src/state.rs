@@ -72,9 +72,20 @@ impl Inner {
     }
 
     pub async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, AppendError> {
-        match self.config.append_mode {
+        let events: usize = batch.streams.iter().map(|s| s.events.len()).sum();
+        let outcome = match self.config.append_mode {
             AppendMode::GroupCommit => self.store.append(batch).await,
             AppendMode::Unbatched => self.store.append_unbatched(batch).await,
+        };
+        // In the request's span: its trace id leads from here to the relay and the projectors.
+        if let Ok(outcome) = &outcome {
+            tracing::debug!(
+                events,
+                last_position = outcome.last_position,
+                replayed = outcome.replayed,
+                "events appended"
+            );
         }
+        outcome
     }
 }

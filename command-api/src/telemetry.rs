@@ -4,9 +4,15 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use uuid::Uuid;
+
+use crate::extract::trace_parent;
 
 /// Counter: HTTP requests by route, method and status.
 pub const HTTP_REQUESTS_TOTAL: &str = "cloudphone_http_requests_total";
@@ -69,20 +75,56 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// The response header that tells a client which trace id its request ran under.
+pub const TRACE_ID_HEADER: &str = "x-trace-id";
+
+/// Gives every request a valid W3C `traceparent` (a new trace when the client sent none or a
+/// malformed one) before anything reads it, so the request span, the events' metadata, the
+/// Kafka headers and the projectors' logs all carry one id; answers it in `x-trace-id`.
+pub async fn ensure_trace_context(mut request: Request, next: Next) -> Response {
+    let trace_id = match trace_parent(request.headers()) {
+        Some((trace, _)) => trace.to_owned(),
+        None => {
+            let trace = Uuid::new_v4().simple().to_string();
+            let span = &Uuid::new_v4().simple().to_string()[..16];
+            // Hex digits only: always a valid header value.
+            if let Ok(value) = HeaderValue::from_str(&format!("00-{trace}-{span}-01")) {
+                request.headers_mut().insert("traceparent", value);
+            }
+            trace
+        }
+    };
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&trace_id) {
+        response.headers_mut().insert(TRACE_ID_HEADER, value);
+    }
+    response
+}
+
 /// The span every HTTP request of every API runs in: method, path, request id, trace id.
+/// With OpenTelemetry export on, the span continues the caller's trace (its `traceparent`).
 pub fn request_span(request: &Request) -> tracing::Span {
     let request_id = request
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!(
+    let parent = trace_parent(request.headers());
+    let span = tracing::info_span!(
         "request",
         method = %request.method(),
         path = %request.uri().path(),
         request_id = %request_id,
-        trace_id = %crate::extract::trace_id(request.headers()),
-    )
+        trace_id = parent.map_or("", |(trace, _)| trace),
+    );
+    if let Some((trace, parent_span)) = parent
+        && let (Ok(trace), Ok(parent_span)) = (TraceId::from_hex(trace), SpanId::from_hex(parent_span))
+    {
+        let remote = SpanContext::new(trace, parent_span, TraceFlags::SAMPLED, true, TraceState::default());
+        // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    span
 }
 
 /// Records every routed request's count and latency under its route template.

@@ -196,28 +196,56 @@ fn spawn_page_reader(
     received
 }
 
-/// Data keys looked up during one export, so each owner's key is read once. Bounded: when
-/// full it starts over (an export by time range touches many owners, in runs).
+/// Data keys looked up during one export: read a page's worth at a time in one query, each
+/// owner's key once while it stays cached. Bounded (keys are secrets and memory must not grow
+/// with the number of users): when full it starts over.
 #[derive(Debug)]
 struct KeyCache {
     keys: PersonalDataKeys,
     cached: HashMap<Uuid, Option<Arc<DataKey>>>,
 }
 
-const KEY_CACHE_ENTRIES: usize = 50_000;
+const KEY_CACHE_ENTRIES: usize = 1_024;
+/// Rows whose owners' keys one query reads (at most this many keys, below the cache's bound).
+const KEY_PREFETCH_ROWS: usize = 512;
 
 impl KeyCache {
+    /// Reads the keys of the owners of `rows` whose events hold personal data and that are
+    /// not cached yet.
+    async fn prefetch(&mut self, rows: &[ExportRow]) -> Result<(), PersonalDataError> {
+        let mut wanted: Vec<Uuid> = rows
+            .iter()
+            .filter(|row| has_personal_fields(&row.event_type) && !self.cached.contains_key(&row.owner_id))
+            .map(|row| row.owner_id)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        wanted.sort_unstable();
+        wanted.dedup();
+        if self.cached.len() + wanted.len() > KEY_CACHE_ENTRIES {
+            self.cached.clear();
+        }
+        let mut found = self.keys.keys_for_reading(&wanted).await?;
+        for owner_id in wanted {
+            let key = found.remove(&owner_id).map(Arc::new);
+            self.cached.insert(owner_id, key);
+        }
+        Ok(())
+    }
+
     async fn get(&mut self, owner_id: Uuid) -> Result<Option<Arc<DataKey>>, PersonalDataError> {
         if let Some(key) = self.cached.get(&owner_id) {
             return Ok(key.clone());
-        }
-        if self.cached.len() >= KEY_CACHE_ENTRIES {
-            self.cached.clear();
         }
         let key = self.keys.key_for_reading(owner_id).await?.map(Arc::new);
         self.cached.insert(owner_id, key.clone());
         Ok(key)
     }
+}
+
+fn has_personal_fields(event_type: &str) -> bool {
+    event_schema::kind_of(event_type).is_ok_and(|kind| !kind.personal_fields.is_empty())
 }
 
 /// The head position an export of `filter` stops at.
@@ -295,12 +323,19 @@ impl HistoryExport {
     }
 
     async fn encode_page(&mut self, rows: &[ExportRow]) -> Result<(), ExportError> {
-        for row in rows {
-            let personal = match &mut self.keys {
-                Some(keys) => reveal(keys, row).await?,
-                None => None,
-            };
-            self.encoder.encode(row, personal.as_ref(), &mut self.buffer)?;
+        // Keys are fetched for a slice of the page at a time, so no more than a slice's
+        // worth of owners' keys is ever held at once, whatever the page size.
+        for slice in rows.chunks(KEY_PREFETCH_ROWS) {
+            if let Some(keys) = &mut self.keys {
+                keys.prefetch(slice).await?;
+            }
+            for row in slice {
+                let personal = match &mut self.keys {
+                    Some(keys) => reveal(keys, row).await?,
+                    None => None,
+                };
+                self.encoder.encode(row, personal.as_ref(), &mut self.buffer)?;
+            }
         }
         metrics::counter!(crate::metrics_names::EXPORT_EVENTS_TOTAL).increment(rows.len() as u64);
         Ok(())

@@ -81,5 +81,18 @@ pub mod metrics_names {
     pub const EXPORT_EVENTS_TOTAL: &str = "cloudphone_export_events_total";
     /// Counter: idempotency keys deleted after their retention.
     pub const IDEMPOTENCY_KEYS_EXPIRED_TOTAL: &str = "cloudphone_idempotency_keys_expired_total";
+    /// Gauge: consecutive months after the current one with a live partition (alert below 1).
+    pub const PARTITION_MONTHS_AHEAD: &str = "cloudphone_partition_months_ahead";
+    /// Gauge: partitions of the log, by `state` (`live` or `archived`).
+    pub const PARTITIONS: &str = "cloudphone_partitions";
+    /// Counter: partition maintenance passes, by `outcome` (`ok` or `error`).
+    pub const PARTITION_MAINTENANCE_RUNS_TOTAL: &str = "cloudphone_partition_maintenance_runs_total";
+    /// Gauge: unix seconds of the last successful partition maintenance pass.
+    pub const PARTITION_MAINTENANCE_LAST_SUCCESS_TIMESTAMP_SECONDS: &str =
+        "cloudphone_partition_maintenance_last_success_timestamp_seconds";
+    /// Counter: partitions created by maintenance.
+    pub const PARTITIONS_CREATED_TOTAL: &str = "cloudphone_partitions_created_total";
+    /// Counter: partitions moved to the archive by maintenance.
+    pub const PARTITIONS_ARCHIVED_TOTAL: &str = "cloudphone_partitions_archived_total";
 }
 use metrics_names as m;

@@ -17,6 +17,7 @@
 //! Nonces are random (96 bits): a data key encrypts a handful of fields per user, far from
 //! the 2^32 messages where random nonces would need care.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -358,6 +359,27 @@ impl PersonalDataKeys {
     /// The user's data key for reading: `None` when erased or never created.
     pub async fn key_for_reading(&self, user_id: Uuid) -> Result<Option<DataKey>, PersonalDataError> {
         Ok(self.stored_key(user_id).await?.flatten())
+    }
+
+    /// The readable keys of `user_ids` in one query (an export reads a page's worth at a
+    /// time); users without a key, or erased, are absent from the map.
+    pub async fn keys_for_reading(&self, user_ids: &[Uuid]) -> Result<HashMap<Uuid, DataKey>, PersonalDataError> {
+        let rows: Vec<(Uuid, Vec<u8>, String)> = sqlx::query_as(
+            "SELECT user_id, wrapped_key, master_key_id FROM personal_data_keys \
+             WHERE user_id = ANY($1) AND wrapped_key IS NOT NULL AND master_key_id IS NOT NULL",
+        )
+        .bind(user_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys = HashMap::with_capacity(rows.len());
+        for (user_id, wrapped, key_id) in rows {
+            let master = self
+                .keyring
+                .by_id(&key_id)
+                .ok_or(PersonalDataError::UnknownMasterKey { user_id, key_id })?;
+            keys.insert(user_id, master.unwrap_key(user_id, &wrapped)?);
+        }
+        Ok(keys)
     }
 
     /// `None`: no row; `Some(None)`: erased; `Some(Some(key))`: the key.

@@ -208,6 +208,8 @@ impl LogReader {
         let row: Option<(Vec<u8>, Value)> =
             sqlx::query_as("SELECT request_hash, outcome FROM append_idempotency WHERE key = $1")
                 .bind(key)
+                // Planned each time, never as a cached generic plan (see the writer's probe).
+                .persistent(false)
                 .fetch_optional(&mut *self.conn().await?)
                 .await?;
         row.map(|(hash, outcome)| {

@@ -339,6 +339,15 @@ async fn send_all(
                     .entry(delivery.partition)
                     .or_insert((delivery.offset, event.position));
                 *entry = (entry.0.max(delivery.offset), entry.1.max(event.position));
+                tracing::debug!(
+                    position = event.position,
+                    event_id = %event.event_id,
+                    event_type = %event.event_type,
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    trace_id = event.metadata.trace_id.as_deref().unwrap_or_default(),
+                    "event published"
+                );
             }
             Ok(Err((error, _))) => return Err(RelayError::Kafka(error)),
             // The producer was dropped before reporting: treat as a failed round.
@@ -358,6 +367,46 @@ async fn topic_partitions(producer: &FutureProducer, topic: &str) -> Result<i32,
     .await
     .map_err(|_| RelayError::Kafka(rdkafka::error::KafkaError::Canceled))??;
     Ok(i32::try_from(count).unwrap_or(i32::MAX))
+}
+
+/// A client kept for readiness probes of the Kafka roles: asks the brokers for the topic's
+/// metadata. Made once (a librdkafka client starts threads); each probe is one request.
+#[derive(Clone)]
+pub struct BrokerProbe {
+    client: std::sync::Arc<rdkafka::producer::BaseProducer>,
+    topic: String,
+}
+
+impl std::fmt::Debug for BrokerProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerProbe")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerProbe {
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, RelayError> {
+        let client: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("broker.address.family", "v4")
+            .create()?;
+        Ok(BrokerProbe {
+            client: std::sync::Arc::new(client),
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Ok when a broker answers with the topic's metadata within `timeout`.
+    pub async fn check(&self, timeout: Duration) -> Result<(), RelayError> {
+        let (client, topic) = (self.client.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            client.client().fetch_metadata(Some(&topic), timeout)?;
+            Ok::<_, RelayError>(())
+        })
+        .await
+        .map_err(|_| RelayError::Kafka(rdkafka::error::KafkaError::Canceled))?
+    }
 }
 
 /// Creates the topic if it does not exist (a topic that exists is left as it is).

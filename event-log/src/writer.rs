@@ -401,8 +401,14 @@ impl Inner {
             .collect();
         let mut known_keys = HashMap::new();
         if !keys.is_empty() {
+            // Not a prepared statement: a connection's cached generic plan is costed once, and
+            // one made while the table was nearly empty (a new deployment, the first minute
+            // before autovacuum's ANALYZE) is a sequential scan that the connection would keep
+            // while the table grows. Planned with its keys each time, it is always an index probe
+            // (measured in a 45 s `load platform` run: 66.8M rows read by seq scans before, 9,289 after).
             let rows = sqlx::query("SELECT key, request_hash, outcome FROM append_idempotency WHERE key = ANY($1)")
                 .bind(&keys)
+                .persistent(false)
                 .fetch_all(&mut *conn)
                 .await
                 .map_err(classify)?;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian machine it first installs and starts what the tests
-# need (PostgreSQL, a Kafka-protocol broker, a streaming replica), then
+# need (PostgreSQL, a Kafka-protocol broker, a streaming replica), checks ops/ (ops/check.sh), then
 # runs every test of the workspace with cargo-nextest against those real services.
 #
 # Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
@@ -21,11 +21,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
 
+# The operators' files (Prometheus config, alert rules and their unit tests, dashboards,
+# the deploy topology): static checks, with promtool and docker-compose from Debian.
+if [ "$#" -eq 0 ]; then
+    ops/check.sh
+fi
+
 # A run that finds no tests must not pass: nextest fails on an empty run by default, and the
 # whole workspace must hold at least this many (raise it as tests are added).
 if [ "$#" -eq 0 ]; then
     count=$(cargo nextest list --workspace --message-format oneline | grep -c .)
-    minimum=228
+    minimum=249
     if [ "$count" -lt "$minimum" ]; then
         echo "test.sh: only $count tests found, expected at least $minimum" >&2
         exit 1

@@ -87,6 +87,19 @@ pub async fn apply_events(
     let mut applied = Applied::default();
     let mut dead = Vec::new();
     let decoded = decode(events, &mut applied, &mut dead);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        // Commits with the batch; a failed commit is logged by the caller and retried.
+        for (envelope, _) in &decoded {
+            tracing::debug!(
+                projection = projection.name(),
+                position = envelope.position,
+                event_id = %envelope.event_id,
+                event_type = %envelope.event_type,
+                trace_id = envelope.metadata.trace_id.as_deref().unwrap_or_default(),
+                "event projected"
+            );
+        }
+    }
     match projection {
         Projection::Fleet => apply_fleet(conn, &decoded, &mut applied, &mut dead).await?,
         Projection::DailyUsage => apply_usage(conn, layout, &decoded, &mut applied).await?,

@@ -25,6 +25,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
@@ -78,11 +79,80 @@ enum Assignment {
 
 #[derive(Debug)]
 struct ProjectorContext {
+    projection: Projection,
     topic: String,
     notices: mpsc::UnboundedSender<Assignment>,
+    /// Partitions whose lag gauge this consumer has set, to zero once it loses them.
+    lag_reported: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
-impl ClientContext for ProjectorContext {}
+impl ClientContext for ProjectorContext {
+    /// librdkafka's statistics, every `statistics.interval.ms`: the lag of each partition
+    /// this consumer is assigned (high watermark minus the offset committed to the broker,
+    /// which follows PostgreSQL's offsets by at most [`BROKER_COMMIT_INTERVAL`]).
+    fn stats(&self, statistics: Statistics) {
+        let lags: HashMap<i32, i64> = statistics
+            .topics
+            .get(&self.topic)
+            .map(|topic| {
+                topic
+                    .partitions
+                    .values()
+                    // -1 is librdkafka's internal "unassigned" partition; a lag of -1 is unknown
+                    // (not assigned here, or nothing committed or fetched yet).
+                    .filter(|p| p.partition >= 0)
+                    .inspect(|p| {
+                        tracing::trace!(
+                            partition = p.partition,
+                            consumer_lag = p.consumer_lag,
+                            hi_offset = p.hi_offset,
+                            ls_offset = p.ls_offset,
+                            app_offset = p.app_offset,
+                            committed_offset = p.committed_offset,
+                            "consumer statistics"
+                        );
+                    })
+                    .filter_map(|p| {
+                        // Brokers that leave the committed offset unknown to librdkafka's
+                        // statistics (-1) still report the high watermark: lag behind what this
+                        // worker has applied.
+                        let lag = if p.consumer_lag >= 0 {
+                            p.consumer_lag
+                        } else if p.hi_offset >= 0 && p.app_offset >= 0 {
+                            (p.hi_offset - p.app_offset).max(0)
+                        } else if p.hi_offset >= 0 && p.committed_offset < 0 {
+                            // Nothing read or committed here yet: all of it is still to come.
+                            (p.hi_offset - p.lo_offset.max(0)).max(0)
+                        } else {
+                            return None;
+                        };
+                        Some((p.partition, lag))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut reported = self
+            .lag_reported
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let projection = self.projection.name();
+        for (partition, lag) in &lags {
+            metrics::gauge!(m::KAFKA_CONSUMER_LAG_MESSAGES, "projection" => projection, "partition" => partition.to_string())
+                .set(*lag as f64);
+            reported.insert(*partition);
+        }
+        // A partition that moved to another worker is that worker's to report: a stale lag
+        // here would keep an alert firing.
+        reported.retain(|partition| {
+            let kept = lags.contains_key(partition);
+            if !kept {
+                metrics::gauge!(m::KAFKA_CONSUMER_LAG_MESSAGES, "projection" => projection, "partition" => partition.to_string())
+                    .set(0.0);
+            }
+            kept
+        });
+    }
+}
 
 impl ConsumerContext for ProjectorContext {
     fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -160,7 +230,7 @@ async fn consume(
     config: &KafkaProjectorConfig,
     stop: &CancellationToken,
 ) -> Result<(), ProjectorError> {
-    let (consumer, assignments) = connect(config)?;
+    let (consumer, assignments) = connect(projection, config)?;
     let result = consume_with(pool, projection, config, stop, &consumer, assignments).await;
     // Closing a consumer leaves the group and may block on the broker: not on async workers.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
@@ -170,12 +240,15 @@ async fn consume(
 type ProjectorConsumer = Arc<StreamConsumer<ProjectorContext>>;
 
 fn connect(
+    projection: Projection,
     config: &KafkaProjectorConfig,
 ) -> Result<(ProjectorConsumer, mpsc::UnboundedReceiver<Assignment>), ProjectorError> {
     let (notices, assignments) = mpsc::unbounded_channel();
     let context = ProjectorContext {
+        projection,
         topic: config.topic.clone(),
         notices,
+        lag_reported: std::sync::Mutex::default(),
     };
     let mut client_config = ClientConfig::new();
     if let Some(instance_id) = &config.instance_id {
@@ -198,6 +271,8 @@ fn connect(
             // seconds, not librdkafka's default five minutes.
             .set("topic.metadata.refresh.interval.ms", "5000")
             .set("broker.address.family", "v4")
+            // Consumer lag per partition, for cloudphone_kafka_consumer_lag_messages.
+            .set("statistics.interval.ms", STATISTICS_INTERVAL.as_millis().to_string())
             .create_with_context(context)
             .map_err(kafka)?,
     );
@@ -301,6 +376,9 @@ async fn consume_with(
         }
     }
 }
+
+/// How often librdkafka reports statistics (the consumer lag gauge's resolution).
+const STATISTICS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How often offsets are also committed to the broker. They only feed Kafka tooling's view
 /// of consumer lag (PostgreSQL holds the offsets that count), so they need not be fresh, and

@@ -88,6 +88,9 @@ pub mod metrics_names {
     pub const REPLAY_SWAP_SECONDS: &str = "cloudphone_replay_swap_seconds";
     /// Counter: errors the Kafka consumer reported (broker unreachable, ...), retried.
     pub const PROJECTION_CONSUMER_ERRORS_TOTAL: &str = "cloudphone_projection_consumer_errors_total";
+    /// Gauge: messages of a topic partition not yet committed by a Kafka projector, per
+    /// projection and partition (librdkafka's `consumer_lag`, every 5 s).
+    pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "cloudphone_kafka_consumer_lag_messages";
 }
 
 pub use rebuild::{ReadModels, fold_log};

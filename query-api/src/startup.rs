@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use command_api::auth::{KeyError, Principal, Role, TokenVerifier, scope};
+use command_api::body::{self, BodyError};
 use command_api::state::ClientLimiter;
 use governor::{Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -188,6 +189,7 @@ fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(body_limit, read_whole_body))
         .layer(CatchPanicLayer::custom(|_| {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -197,8 +199,28 @@ fn router(state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(command_api::telemetry::request_span))
+        .layer(axum::middleware::from_fn(command_api::telemetry::ensure_trace_context))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
+}
+
+/// Reads the body before routing, as the command API does (see [`command_api::body`]).
+async fn read_whole_body(
+    State(limit): State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match command_api::body::read_whole_body(request, limit).await {
+        Ok(request) => next.run(request).await,
+        Err(error @ BodyError::TooLarge { .. }) => body::closing(rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error.to_string(),
+            "PAYLOAD_TOO_LARGE",
+        )),
+        Err(error @ BodyError::Unreadable(_)) => {
+            body::closing(rejected(StatusCode::BAD_REQUEST, error.to_string(), "BAD_REQUEST"))
+        }
+    }
 }
 
 /// A JSON body with its content type.

@@ -695,6 +695,9 @@ async fn abusive_or_malformed_requests_get_clear_errors_never_a_5xx(pool: PgPool
             .await
             .unwrap();
         assert_eq!(response.status().as_u16(), status, "{name}");
+        // Only the body left unread closes the connection, and the answer says so.
+        let closing = response.headers().get("connection").is_some_and(|v| v == "close");
+        assert_eq!(closing, status == 413, "{name}");
     }
     let answer = api
         .post_json(

@@ -35,6 +35,7 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Queries(args) => super::load_queries::run(args).await,
         LoadKind::Replay(args) => super::load_replay::run(args).await,
         LoadKind::Export(args) => super::load_export::run(args).await,
+        LoadKind::Platform(args) => super::load_platform::run(args).await,
     }
 }
 

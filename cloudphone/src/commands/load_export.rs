@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use super::load::recreate_database;
 use super::load_projections::{settle_database, write_history};
-use crate::cli::LoadExportArgs;
+use crate::cli::{LoadExportArgs, MasterKeyArgs};
 use crate::progress::Progress;
 
 const DATABASE: &str = "cloudphone_load_export";
@@ -272,7 +272,7 @@ async fn prepare(args: &LoadExportArgs) -> anyhow::Result<(PgPool, History)> {
     let device_events = args.events - args.events * 2 / 102;
     write_history(&pool, device_events, args.seed).await?;
     let written = LogReader::new(pool.clone()).head().await?.position;
-    register_owners(&pool, args, wanted - written).await?;
+    register_owners(&pool, &args.master_keys, wanted - written).await?;
     let head = LogReader::new(pool.clone()).head().await?.position;
     if head != wanted {
         eprintln!("note: the log's head is {head}, not {wanted} (a gap in positions?)");
@@ -288,7 +288,7 @@ async fn prepare(args: &LoadExportArgs) -> anyhow::Result<(PgPool, History)> {
 /// and phone encrypted under the owner's new data key, then `QuotaChanged`. `remaining` events
 /// are spread over them (two each when there are enough; past two, each further one is an
 /// admin's `QuotaChanged`; with fewer, fewer users, some with `UserRegistered` only).
-async fn register_owners(pool: &PgPool, args: &LoadExportArgs, remaining: i64) -> anyhow::Result<()> {
+pub(crate) async fn register_owners(pool: &PgPool, master_keys: &MasterKeyArgs, remaining: i64) -> anyhow::Result<()> {
     let owners: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT owner_id FROM user_events ORDER BY owner_id")
         .fetch_all(pool)
         .await
@@ -300,7 +300,7 @@ async fn register_owners(pool: &PgPool, args: &LoadExportArgs, remaining: i64) -
         .len()
         .min(usize::try_from((remaining + 1) / 2).unwrap_or(usize::MAX));
     let (base, extra) = (remaining / registrations as i64, remaining % registrations as i64);
-    let keys = PersonalDataKeys::new(pool.clone(), args.master_keys.keyring()?);
+    let keys = PersonalDataKeys::new(pool.clone(), master_keys.keyring()?);
     let store = EventStore::open(pool.clone(), StoreConfig::default()).await?;
     let registered_at = Utc::now() - chrono::Duration::days(200);
     let mut progress = Progress::new("users", registrations as u64);
@@ -544,7 +544,7 @@ async fn run_child(args: &LoadExportArgs, verb: &[&str]) -> anyhow::Result<Child
     })
 }
 
-fn vm_hwm_mib(pid: u32) -> Option<f64> {
+pub(crate) fn vm_hwm_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -316,17 +316,62 @@ fn device_history(rng: &mut StdRng, owner: Uuid, now: DateTime<Utc>) -> anyhow::
 
 /// Appends `events` events of device histories in bulk (two appends in flight).
 pub(crate) async fn write_history(pool: &PgPool, events: u64, seed: u64) -> anyhow::Result<()> {
-    let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await?);
+    write_history_since(pool, events, seed, None).await
+}
+
+/// A clock for writing a history that spans months: the log records each batch at
+/// `since + (now - since) * written / total`, so the events fill the monthly partitions from
+/// `since` to now in order (the log's times never go backwards).
+#[derive(Debug)]
+struct HistoryClock {
+    since: chrono::DateTime<Utc>,
+    span: chrono::Duration,
+    total: u64,
+    written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl event_log::Clock for HistoryClock {
+    fn now(&self) -> chrono::DateTime<Utc> {
+        let written = self.written.load(std::sync::atomic::Ordering::Relaxed).min(self.total);
+        let fraction = written as f64 / self.total.max(1) as f64;
+        let offset = chrono::Duration::milliseconds((self.span.num_milliseconds() as f64 * fraction) as i64);
+        self.since + offset
+    }
+}
+
+/// [`write_history`], recorded from `since` to now when given (else at the time of writing).
+pub(crate) async fn write_history_since(
+    pool: &PgPool,
+    events: u64,
+    seed: u64,
+    since: Option<chrono::DateTime<Utc>>,
+) -> anyhow::Result<()> {
+    let written_so_far = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let clock: Arc<dyn event_log::Clock> = match since {
+        Some(since) => Arc::new(HistoryClock {
+            since,
+            span: Utc::now() - since,
+            total: events,
+            written: Arc::clone(&written_so_far),
+        }),
+        None => Arc::new(event_log::SystemClock),
+    };
+    let store = Arc::new(EventStore::open_with_clock(pool.clone(), StoreConfig::default(), clock).await?);
     let mut rng = StdRng::seed_from_u64(seed);
     let owners: Vec<Uuid> = (0..(events / 100).max(1)).map(|_| Uuid::now_v7()).collect();
     let now = Utc::now();
     let mut progress = Progress::new("history", events);
+    // A history spread over months needs many batches, or its first batch's time is all of it.
+    let batch_events = match since {
+        Some(_) => HISTORY_BATCH_EVENTS.min(usize::try_from(events / 256).unwrap_or(usize::MAX).max(1)),
+        None => HISTORY_BATCH_EVENTS,
+    };
     let mut written = 0u64;
     let mut in_flight = tokio::task::JoinSet::new();
     while written < events {
         let mut streams = Vec::new();
         let mut count = 0usize;
-        while count < HISTORY_BATCH_EVENTS && written + (count as u64) < events {
+        while count < batch_events && written + (count as u64) < events {
             let owner = owners[rng.random_range(0..owners.len())];
             let mut stream = device_history(&mut rng, owner, now)?;
             let room = usize::try_from(events - written).unwrap_or(usize::MAX) - count;
@@ -346,6 +391,7 @@ pub(crate) async fn write_history(pool: &PgPool, events: u64, seed: u64) -> anyh
         let store = Arc::clone(&store);
         in_flight.spawn(async move { store.append(batch).await.map(|_| ()) });
         written += count as u64;
+        written_so_far.store(written, std::sync::atomic::Ordering::Relaxed);
         progress.set(written);
     }
     while let Some(done) = in_flight.join_next().await {

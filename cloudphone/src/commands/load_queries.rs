@@ -67,7 +67,7 @@ const POSTGRAPHILE_START: Duration = Duration::from_secs(180);
 /// What a dashboard asks, with the weight of each in the mix (percent).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-enum Kind {
+pub(crate) enum Kind {
     DeviceStats,
     DailyUsage,
     DevicesPage,
@@ -76,7 +76,7 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    pub(crate) const ALL: [Kind; 5] = [
         Kind::DeviceStats,
         Kind::DailyUsage,
         Kind::DevicesPage,
@@ -85,7 +85,7 @@ impl Kind {
     ];
 
     /// Its key in `queries.json`.
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::DeviceStats => "device_stats",
             Kind::DailyUsage => "daily_usage",
@@ -104,7 +104,7 @@ impl Kind {
     }
 
     /// The kind a roll in 0..100 lands on.
-    fn pick(roll: u32) -> Kind {
+    pub(crate) fn pick(roll: u32) -> Kind {
         let mut below = 0;
         for kind in Kind::ALL {
             below += kind.weight();
@@ -120,7 +120,7 @@ impl Kind {
     }
 
     /// The query API's equivalent of the `queries.json` query.
-    fn ours(self) -> &'static str {
+    pub(crate) fn ours(self) -> &'static str {
         match self {
             Kind::DeviceStats => {
                 "query DeviceStats($userId: UUID!) {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
 use command_api::{ApiConfig, AppendMode, Application};
+use event_log::partitions::{PartitionPolicy, run_partition_maintenance};
 use event_log::relay::{RelayConfig, run_relay};
 use event_log::{EventStore, StoreConfig, SystemClock};
 use projections::Projection;
@@ -17,7 +18,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{AppendModeArg, AuthArgs, PlatformArgs};
-use crate::commands::{database, role_endpoints};
+use crate::commands::{database, role_endpoints, sampler};
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,12 +34,15 @@ pub enum Roles {
 
 pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     let pool = database::connect(&args.database).await?;
-    // Idempotent and safe while other instances run: a fresh machine needs nothing else.
-    event_log::migrate(&pool).await.context("migration failed")?;
-    projections::migrate(&pool)
-        .await
-        .context("read model migration failed")?;
+    if args.migrate_on_start {
+        // Idempotent and safe while other instances run: a fresh machine needs nothing else.
+        event_log::migrate(&pool).await.context("migration failed")?;
+        projections::migrate(&pool)
+            .await
+            .context("read model migration failed")?;
+    }
     let metrics = command_api::telemetry::prometheus();
+    register_role_metrics(roles, args.kafka_brokers.is_some());
     let stop = CancellationToken::new();
     let mut background = match roles {
         Roles::All | Roles::Projector => start_projectors(args, &pool, &stop),
@@ -58,7 +62,16 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         }
     }
     if matches!(roles, Roles::Projector | Roles::Relay) {
-        let endpoints = role_endpoints::serve(args.ops_listen, pool.clone(), metrics, stop.clone()).await?;
+        // Also samples the process and the pool's connections.
+        let broker = match &args.kafka_brokers {
+            Some(brokers) => Some(
+                event_log::relay::BrokerProbe::new(brokers, &args.kafka_topic)
+                    .context("invalid Kafka client configuration")?,
+            ),
+            None => None,
+        };
+        let endpoints =
+            role_endpoints::serve_with_broker(args.ops_listen, pool.clone(), metrics, broker, stop.clone()).await?;
         tracing::info!(?roles, "running; stop with SIGTERM");
         shutdown_signal().await;
         stop.cancel();
@@ -79,6 +92,7 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         }
     });
     let mut servers = Vec::new();
+    let mut pools = vec![("primary", pool.clone())];
     if matches!(roles, Roles::All | Roles::CommandApi) {
         if args.idempotency_retention_hours > 0 {
             // Capped at a century: longer is "forever" in effect, and keeps the date arithmetic in range.
@@ -90,6 +104,16 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
                 stop.clone(),
             )));
         }
+        // Every command API instance maintains the partitions; they coordinate in PostgreSQL.
+        let maintenance = run_partition_maintenance(
+            pool.clone(),
+            partition_policy(args),
+            Duration::from_secs(args.partition_maintenance_interval_secs.max(1)),
+            stop.clone(),
+        );
+        background.push(tokio::spawn(async move {
+            maintenance.await;
+        }));
         let app = command_api(args, &pool, metrics.clone()).await?;
         tracing::info!(address = %app.local_addr(), ?roles, "command API listening");
         servers.push((
@@ -98,13 +122,15 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         ));
     }
     if matches!(roles, Roles::All | Roles::QueryApi) {
-        let app = query_api(args, metrics.clone()).await?;
+        let (app, query_pool) = query_api(args, metrics.clone()).await?;
+        pools.push(("query", query_pool));
         tracing::info!(address = %app.local_addr(), replicas = args.replica_urls.len(), "query API listening");
         servers.push((
             "query API",
             tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned())),
         ));
     }
+    background.push(sampler::spawn(pools, stop.clone()));
     if roles == Roles::All {
         let mode = if args.kafka_brokers.is_some() {
             "relay and Kafka projectors"
@@ -139,9 +165,15 @@ async fn command_api(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<Application> {
     let store = Arc::new(
-        EventStore::open(pool.clone(), StoreConfig::default())
-            .await
-            .context("cannot open the event log")?,
+        EventStore::open(
+            pool.clone(),
+            StoreConfig {
+                partitions_ahead: args.partitions_ahead,
+                ..StoreConfig::default()
+            },
+        )
+        .await
+        .context("cannot open the event log")?,
     );
     let config = ApiConfig {
         listen: args.command_listen,
@@ -162,11 +194,11 @@ async fn command_api(
 }
 
 /// The query API on a primary pool of its own (reads never queue behind appends), with
-/// statement timeouts on every source.
+/// statement timeouts on every source; returns that pool too, for the connection gauges.
 async fn query_api(
     args: &PlatformArgs,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-) -> anyhow::Result<QueryApi> {
+) -> anyhow::Result<(QueryApi, PgPool)> {
     let q = &args.query;
     let query_timeout = Duration::from_millis(q.query_timeout_ms.max(1));
     // A statement a little longer than the query: the query's own limit answers first.
@@ -199,9 +231,10 @@ async fn query_api(
         },
         ..QueryApiConfig::default()
     };
-    QueryApi::build(config, primary, metrics)
+    let api = QueryApi::build(config, primary.clone(), metrics)
         .await
-        .context("cannot start the query API")
+        .context("cannot start the query API")?;
+    Ok((api, primary))
 }
 
 /// One projector per projection: following the PostgreSQL log (embedded), or consuming the
@@ -240,6 +273,64 @@ async fn expire_idempotency_keys(pool: PgPool, retention: chrono::Duration, stop
             () = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(600)) => {}
         }
+    }
+}
+
+fn partition_policy(args: &PlatformArgs) -> PartitionPolicy {
+    PartitionPolicy {
+        months_ahead: args.partitions_ahead,
+        retention_months: args.partition_retention_months,
+    }
+}
+
+/// Sets every counter of the roles this process runs to 0 at start (and each labelled one
+/// for every label value it will have), so a counter's first increment is an increase that
+/// `increase()` and `rate()` see, and a dashboard shows 0 rather than no data.
+fn register_role_metrics(roles: Roles, kafka: bool) {
+    let zero = |name: &'static str| metrics::counter!(name).increment(0);
+    if matches!(roles, Roles::All | Roles::Projector) {
+        use projections::metrics_names as p;
+        for projection in Projection::ALL.map(Projection::name) {
+            metrics::counter!(p::PROJECTION_EVENTS_TOTAL, "projection" => projection).increment(0);
+            metrics::counter!(p::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection).increment(0);
+            if kafka {
+                metrics::counter!(p::PROJECTION_CONSUMER_ERRORS_TOTAL, "projection" => projection).increment(0);
+            }
+        }
+    }
+    if roles == Roles::Relay || (roles == Roles::All && kafka) {
+        use event_log::relay::metrics_names as r;
+        zero(r::RELAY_PUBLISHED_TOTAL);
+        zero(r::RELAY_ERRORS_TOTAL);
+    }
+    if matches!(roles, Roles::All | Roles::CommandApi) {
+        use command_api::telemetry as c;
+        use event_log::metrics_names as e;
+        for name in [
+            e::APPEND_EVENTS_TOTAL,
+            e::APPEND_CONFLICTS_TOTAL,
+            e::APPEND_IDEMPOTENT_REPLAYS_TOTAL,
+            e::IDEMPOTENCY_KEYS_EXPIRED_TOTAL,
+            e::PARTITIONS_CREATED_TOTAL,
+            e::PARTITIONS_ARCHIVED_TOTAL,
+            c::COMMAND_RETRIES_TOTAL,
+            c::IDEMPOTENT_REPLAYS_TOTAL,
+            c::PERSONAL_DATA_KEYS_DESTROYED_TOTAL,
+        ] {
+            zero(name);
+        }
+        for outcome in ["ok", "error"] {
+            metrics::counter!(e::PARTITION_MAINTENANCE_RUNS_TOTAL, "outcome" => outcome).increment(0);
+        }
+    }
+    if matches!(roles, Roles::All | Roles::QueryApi) {
+        use query_api::audit::metrics_names as a;
+        use query_api::sources::metrics_names as s;
+        for reason in ["no_replica", "replica_failed", "replica_behind"] {
+            metrics::counter!(s::READ_FALLBACKS_TOTAL, "reason" => reason).increment(0);
+        }
+        zero(a::AUDIT_EXPORT_FAILURES_TOTAL);
+        zero(event_log::metrics_names::EXPORT_EVENTS_TOTAL);
     }
 }
 

@@ -36,6 +36,19 @@ pub fn init_test_logs() {
     }
 }
 
+/// A bearer token for `subject`, signed with the development secret, valid for an hour.
+pub fn token(subject: &str, role: command_api::auth::Role) -> String {
+    command_api::auth::mint_token(
+        command_api::auth::DEVELOPMENT_SECRET,
+        subject,
+        role,
+        &[],
+        Utc::now(),
+        chrono::Duration::hours(1),
+    )
+    .unwrap()
+}
+
 /// A URL for the test's own database on the server of `DATABASE_URL`.
 pub async fn url_of(pool: &PgPool) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()")
@@ -193,4 +206,21 @@ pub async fn tamper(pool: &PgPool, statement: &'static str) -> u64 {
     let done = sqlx::query(statement).execute(&mut *tx).await.unwrap();
     tx.commit().await.unwrap();
     done.rows_affected()
+}
+
+/// Waits until the relay named `relay` has published the log up to `head`.
+pub async fn relay_reaches(pool: &PgPool, relay: &str, head: i64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM relay_checkpoints WHERE relay = $1")
+            .bind(relay)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+        if position.is_some_and(|p| p >= head) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "relay stuck at {position:?}, head {head}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -239,6 +239,20 @@ async fn a_body_over_the_limit_is_413_and_not_json_is_415(pool: PgPool) {
         )
         .await;
     assert_problem(&huge, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    // Its body was left unread, so the server closes the connection and says so: a keep-alive
+    // client must not send its next request on it.
+    assert_eq!(huge.headers["connection"], "close");
+    // A refused request whose body fits is read whole: the connection stays usable.
+    let refused = app
+        .client
+        .put(app.url("/v1/devices"))
+        .bearer_auth(&token)
+        .json(&json!({"provider": "aws"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(refused.headers().get("connection").is_none());
     let text = app
         .client
         .post(app.url("/v1/devices"))

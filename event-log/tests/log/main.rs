@@ -8,6 +8,8 @@ mod append_only;
 mod bad_input;
 mod chain;
 mod export;
+mod maintenance;
 mod ordering;
 mod partitions;
 mod support;
+mod under_load;

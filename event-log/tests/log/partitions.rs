@@ -140,25 +140,6 @@ async fn migrating_twice_and_concurrently_is_harmless(pool: PgPool) {
     assert_eq!(head, 1);
 }
 
-/// Writes one device's events in January and March 2034 and moves the log past January.
-async fn history_across_months(pool: &PgPool) -> (Uuid, Uuid) {
-    let clock = manual_clock(utc(2034, 1, 10, 8, 0, 0));
-    let log = store_with(pool, StoreConfig::default(), clock.clone()).await;
-    let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
-    log.append(create_device(device, owner))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    log.append(starts(device, owner, ExpectedVersion::Exact(1), 2))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    clock.set(utc(2034, 3, 5, 8, 0, 0));
-    log.append(starts(device, owner, ExpectedVersion::Exact(3), 2))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(clock.now().format("%Y-%m").to_string(), "2034-03");
-    (device, owner)
-}
-
 #[sqlx::test(migrations = false)]
 async fn an_archived_month_is_still_read_and_still_verifies(pool: PgPool) {
     let (device, owner) = history_across_months(&pool).await;
