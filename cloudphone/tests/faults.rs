@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 mod common;
-use common::{KillOnDrop, assert_read_models_equal_a_rebuild, projections_reach, relay_reaches, token, url_of};
+use common::{RoleProcess, assert_read_models_equal_a_rebuild, projections_reach, relay_reaches, token, url_of};
 
 const BROKERS: &str = "127.0.0.1:9092";
 
@@ -47,80 +47,6 @@ async fn run_script(name: &'static str, args: Vec<String>) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // Processes
-
-/// A `cloudphone` role as a child process (killed when dropped), its JSON log in a file.
-struct RoleProcess {
-    child: KillOnDrop,
-    log: PathBuf,
-}
-
-impl RoleProcess {
-    fn start(verb: &str, url: &str, env: &[(&str, &str)], dir: &Path) -> Self {
-        let log = dir.join(format!("{verb}-{}.log", Uuid::now_v7().simple()));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cloudphone"));
-        command
-            .arg(verb)
-            .env("CLOUDPHONE_DATABASE_URL", url)
-            .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
-            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
-            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
-            .env("CLOUDPHONE_LOG_FORMAT", "json")
-            .env("CLOUDPHONE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        RoleProcess {
-            child: KillOnDrop(command.spawn().unwrap()),
-            log,
-        }
-    }
-
-    fn entries(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
-
-    /// Panics (with its log) when the process has exited.
-    fn assert_alive(&mut self) {
-        if let Some(status) = self.child.0.try_wait().unwrap() {
-            panic!(
-                "{} exited ({status}):\n{}",
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-
-    /// Waits until the role logs an entry that `matches`; returns it.
-    async fn logged(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(entry) = self.entries().into_iter().find(&matches) {
-                return entry;
-            }
-            self.assert_alive();
-            assert!(
-                Instant::now() < deadline,
-                "{} never logged {what}:\n{}",
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The base URL of the listener the role announced with `message`.
-    async fn address(&mut self, message: &str) -> String {
-        let entry = self.logged(message, |e| e["message"] == message).await;
-        format!("http://{}", entry["address"].as_str().unwrap())
-    }
-}
 
 /// A PostgreSQL cluster of this test's own on a free port (ops/dev/scratch-postgres.sh),
 /// destroyed when dropped.

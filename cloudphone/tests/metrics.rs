@@ -5,53 +5,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, url_of};
+use common::{RoleProcess, url_of};
 use sqlx::PgPool;
 
-/// Starts `cloudphone <verb>` with `env`, and returns it with the `address` of the first log
-/// line whose message is `listening`.
-fn start(verb: &str, url: &str, env: &[(&str, &str)], listening: &str) -> (KillOnDrop, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cloudphone"));
-    child
-        .arg(verb)
-        .env("CLOUDPHONE_DATABASE_URL", url)
-        .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_LOG_FORMAT", "json")
-        .env("CLOUDPHONE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (name, value) in env {
-        child.env(name, value);
-    }
-    let mut child = KillOnDrop(child.spawn().unwrap());
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("{verb} exited before listening"))
-            .unwrap();
-        let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if entry["message"] == listening {
-            break entry["address"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep reading so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    (child, address)
-}
-
-/// Scrapes `/metrics` at `address` until every one of `expected` appears (the first
+/// Scrapes `/metrics` at `address` (a base URL) until every one of `expected` appears (the first
 /// maintenance pass and the first sample run right after the listener is up).
 async fn scrape_until(address: &str, expected: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let text = match reqwest::get(format!("http://{address}/metrics")).await {
+        let text = match reqwest::get(format!("{address}/metrics")).await {
             Ok(response) => response.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
@@ -75,15 +40,17 @@ fn value(metrics: &str, series: &str) -> f64 {
 #[sqlx::test(migrations = false)]
 async fn serve_exports_partition_connection_and_process_metrics_and_counters_from_zero(pool: PgPool) {
     let url = url_of(&pool).await;
-    let (_serve, address) = start(
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = RoleProcess::start(
         "serve",
         &url,
         &[
             ("CLOUDPHONE_PARTITIONS_AHEAD", "5"),
             ("CLOUDPHONE_PARTITION_RETENTION_MONTHS", "12"),
         ],
-        "command API listening",
+        dir.path(),
     );
+    let address = serve.address("command API listening").await;
     let metrics = scrape_until(
         &address,
         &[
@@ -169,7 +136,9 @@ async fn serve_exports_partition_connection_and_process_metrics_and_counters_fro
 #[sqlx::test(migrations = false)]
 async fn a_projector_samples_its_process_and_pool_on_its_ops_listener(pool: PgPool) {
     let url = url_of(&pool).await;
-    let (_projector, address) = start("projector", &url, &[], "health, readiness and metrics listening");
+    let dir = tempfile::tempdir().unwrap();
+    let mut projector = RoleProcess::start("projector", &url, &[], dir.path());
+    let address = projector.address("health, readiness and metrics listening").await;
     let metrics = scrape_until(
         &address,
         &[

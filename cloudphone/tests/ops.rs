@@ -20,7 +20,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod common;
-use common::{KillOnDrop, token, url_of};
+use common::{RoleProcess, token, url_of};
 
 const BROKERS: &str = "127.0.0.1:9092";
 const REPLICA_PORT: u16 = 5433;
@@ -32,67 +32,6 @@ fn unique_topic() -> String {
 /// The workspace's `ops/` directory.
 fn ops_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
-}
-
-/// A `cloudphone` role as a child process, its JSON log written to a file.
-struct RoleProcess {
-    _child: KillOnDrop,
-    log: PathBuf,
-}
-
-fn start_role(verb: &str, url: &str, env: &[(&str, &str)], dir: &Path) -> RoleProcess {
-    let log = dir.join(format!("{verb}-{}.log", Uuid::now_v7().simple()));
-    let file = std::fs::File::create(&log).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_cloudphone"));
-    command
-        .arg(verb)
-        .env("CLOUDPHONE_DATABASE_URL", url)
-        .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
-        .env("CLOUDPHONE_LOG_FORMAT", "json")
-        .env("CLOUDPHONE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file);
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    RoleProcess {
-        _child: KillOnDrop(command.spawn().unwrap()),
-        log,
-    }
-}
-
-fn log_entries(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
-}
-
-/// Waits until `log` holds an entry that `matches`; returns it.
-async fn await_log(log: &Path, what: &str, limit: Duration, matches: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(entry) = log_entries(log).into_iter().find(&matches) {
-            return entry;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never logged {what}:\n{}",
-            log.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The address a role logged with `message` (its listener).
-async fn address(role: &RoleProcess, message: &str) -> String {
-    let entry = await_log(&role.log, message, Duration::from_secs(60), |e| e["message"] == message).await;
-    format!("http://{}", entry["address"].as_str().unwrap())
 }
 
 /// One scrape of `/metrics`: every sample, keyed by name and labels as written.
@@ -220,24 +159,24 @@ async fn every_role_exports_the_metrics_that_dashboards_and_alerts_use(pool: PgP
         ("CLOUDPHONE_KAFKA_PARTITIONS", "2"),
     ];
     // The command API migrates the database; the others start once it listens.
-    let command_api = start_role("command-api", &url, &[], dir.path());
-    let command = address(&command_api, "command API listening").await;
+    let mut command_api = RoleProcess::start("command-api", &url, &[], dir.path());
+    let command = command_api.address("command API listening").await;
     let client = reqwest::Client::new();
     // A replay's metrics, from a replay of the first events (before the Kafka projectors
     // own the projections: a replay refuses to rebuild a projection they consume).
     register_with_device(&client, &command, Uuid::now_v7(), None).await;
     let replay_names = replay_metric_names(&pool).await;
-    let query_api = start_role(
+    let mut query_api = RoleProcess::start(
         "query-api",
         &url,
         &[("CLOUDPHONE_REPLICA_URLS", replica.as_str())],
         dir.path(),
     );
-    let relay = start_role("relay", &url, &kafka, dir.path());
-    let projector = start_role("projector", &url, &kafka, dir.path());
-    let query = address(&query_api, "query API listening").await;
-    let relay_ops = address(&relay, "health, readiness and metrics listening").await;
-    let projector_ops = address(&projector, "health, readiness and metrics listening").await;
+    let mut relay = RoleProcess::start("relay", &url, &kafka, dir.path());
+    let mut projector = RoleProcess::start("projector", &url, &kafka, dir.path());
+    let query = query_api.address("query API listening").await;
+    let relay_ops = relay.address("health, readiness and metrics listening").await;
+    let projector_ops = projector.address("health, readiness and metrics listening").await;
 
     for base in [&command, &query, &relay_ops, &projector_ops] {
         healthy_and_ready(&client, base).await;
@@ -460,7 +399,7 @@ async fn one_trace_id_leads_from_a_request_to_its_projection(pool: PgPool) {
     let url = url_of(&pool).await;
     let topic = unique_topic();
     let dir = tempfile::tempdir().unwrap();
-    let serve = start_role(
+    let mut serve = RoleProcess::start(
         "serve",
         &url,
         &[
@@ -474,7 +413,7 @@ async fn one_trace_id_leads_from_a_request_to_its_projection(pool: PgPool) {
         ],
         dir.path(),
     );
-    let command = address(&serve, "command API listening").await;
+    let command = serve.address("command API listening").await;
     let client = reqwest::Client::new();
 
     // The client's trace: its id is followed.
@@ -505,28 +444,32 @@ async fn one_trace_id_leads_from_a_request_to_its_projection(pool: PgPool) {
     let limit = Duration::from_secs(60);
     for id in [&trace, &made] {
         let in_request = |e: &Value| e["span"]["trace_id"] == id.as_str() && e["span"]["name"] == "request";
-        let appended = await_log(&serve.log, "the append in the request's span", limit, |e| {
-            e["message"] == "events appended" && in_request(e)
-        })
-        .await;
+        let appended = serve
+            .logged_within("the append in the request's span", limit, |e| {
+                e["message"] == "events appended" && in_request(e)
+            })
+            .await;
         assert!(
             !appended["span"]["request_id"].as_str().unwrap_or_default().is_empty(),
             "{appended}"
         );
-        await_log(&serve.log, "the request's response", limit, |e| {
-            e["message"] == "finished processing request" && in_request(e)
-        })
-        .await;
-        await_log(&serve.log, "the event's publication", limit, |e| {
-            e["message"] == "event published" && e["trace_id"] == id.as_str()
-        })
-        .await;
+        serve
+            .logged_within("the request's response", limit, |e| {
+                e["message"] == "finished processing request" && in_request(e)
+            })
+            .await;
+        serve
+            .logged_within("the event's publication", limit, |e| {
+                e["message"] == "event published" && e["trace_id"] == id.as_str()
+            })
+            .await;
     }
     for projection in ["fleet", "daily_usage"] {
-        await_log(&serve.log, "the device's projection", limit, |e| {
-            e["message"] == "event projected" && e["trace_id"] == made.as_str() && e["projection"] == projection
-        })
-        .await;
+        serve
+            .logged_within("the device's projection", limit, |e| {
+                e["message"] == "event projected" && e["trace_id"] == made.as_str() && e["projection"] == projection
+            })
+            .await;
     }
     // Every line is JSON with a timestamp, a level and a target.
     let text = std::fs::read_to_string(&serve.log).unwrap();
@@ -571,7 +514,7 @@ async fn traces_are_exported_over_otlp_under_the_callers_trace_id(pool: PgPool) 
 
     let url = url_of(&pool).await;
     let dir = tempfile::tempdir().unwrap();
-    let serve = start_role(
+    let mut serve = RoleProcess::start(
         "command-api",
         &url,
         &[
@@ -582,7 +525,7 @@ async fn traces_are_exported_over_otlp_under_the_callers_trace_id(pool: PgPool) 
         ],
         dir.path(),
     );
-    let command = address(&serve, "command API listening").await;
+    let command = serve.address("command API listening").await;
     let trace = Uuid::new_v4();
     let traceparent = format!("00-{}-00f067aa0ba902b7-01", trace.simple());
     let user = Uuid::now_v7();
@@ -618,7 +561,7 @@ async fn a_kafka_role_is_not_ready_while_its_broker_is_unreachable(pool: PgPool)
     let url = url_of(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     // Port 1 on loopback: nothing listens there.
-    let dead = start_role(
+    let mut dead = RoleProcess::start(
         "projector",
         &url,
         &[
@@ -627,7 +570,7 @@ async fn a_kafka_role_is_not_ready_while_its_broker_is_unreachable(pool: PgPool)
         ],
         dir.path(),
     );
-    let ops = address(&dead, "health, readiness and metrics listening").await;
+    let ops = dead.address("health, readiness and metrics listening").await;
     let client = reqwest::Client::new();
     assert_eq!(client.get(format!("{ops}/healthz")).send().await.unwrap().status(), 200);
     let ready = client.get(format!("{ops}/readyz")).send().await.unwrap();
@@ -637,7 +580,7 @@ async fn a_kafka_role_is_not_ready_while_its_broker_is_unreachable(pool: PgPool)
     assert_ne!(body["broker"], "ok", "{body}");
 
     let topic = unique_topic();
-    let live = start_role(
+    let mut live = RoleProcess::start(
         "projector",
         &url,
         &[
@@ -646,7 +589,7 @@ async fn a_kafka_role_is_not_ready_while_its_broker_is_unreachable(pool: PgPool)
         ],
         dir.path(),
     );
-    let ops = address(&live, "health, readiness and metrics listening").await;
+    let ops = live.address("health, readiness and metrics listening").await;
     healthy_and_ready(&client, &ops).await;
     let body: Value = client
         .get(format!("{ops}/readyz"))
@@ -686,12 +629,12 @@ async fn a_role_told_not_to_migrate_leaves_the_schema_alone(pool: PgPool) {
 
     assert!(run(&["migrate"]).status.success());
     let dir = tempfile::tempdir().unwrap();
-    let api = start_role(
+    let mut api = RoleProcess::start(
         "command-api",
         &url,
         &[("CLOUDPHONE_MIGRATE_ON_START", "false")],
         dir.path(),
     );
-    let command = address(&api, "command API listening").await;
+    let command = api.address("command API listening").await;
     healthy_and_ready(&reqwest::Client::new(), &command).await;
 }

@@ -1,5 +1,6 @@
 //! `GET /v1/audit/events`: the event history as an NDJSON or CSV file, streamed from a replica
-//! (the primary when none is in rotation), for admins and auditors.
+//! (the primary when none is in rotation), for admins and auditors. With `X-Min-Position` it
+//! reads from a source whose log holds that position, so a just-acknowledged command is in it.
 //!
 //! The body is chunked and ends with a trailer record (see `event_log::export`); a download
 //! that stops early lacks it, and `after=<last position received>` resumes. Errors before
@@ -20,7 +21,7 @@ use futures::StreamExt as _;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::startup::AppState;
+use crate::startup::{AppState, min_position_header};
 
 pub mod metrics_names {
     /// Counter: exports started, by format.
@@ -159,11 +160,16 @@ async fn start_export(
     let Query(params) = params.map_err(|rejection| bad("invalid_parameter", rejection.body_text()))?;
     let filter = params.filter()?;
     let format = params.format(headers)?;
-    let route = state
-        .sources
-        .route(None)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let min_position = min_position_header(headers).map_err(|detail| bad("invalid_parameter", detail))?;
+    let route = match min_position {
+        // Read-your-writes: a source whose log holds the caller's position.
+        Some(position) => state.sources.route_holding(position),
+        None => state
+            .sources
+            .route(None)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+    };
     let mut options = ExportOptions::new(format);
     if params.decrypt()? {
         options.personal = Some(PersonalDataKeys::new(
@@ -183,9 +189,10 @@ async fn start_export(
             }
         })?;
     tracing::info!(
-        subject = %principal.subject, role = %principal.role, %format, after,
+        subject = %principal.subject, role = %principal.role, %format, after, min_position,
         source = ?route.source, "audit export started"
     );
+    let source = route.source.kind();
     metrics::counter!(m::AUDIT_EXPORTS_TOTAL, "format" => format.as_str()).increment(1);
     let body = export.into_stream().map(move |chunk| match chunk {
         Ok(bytes) => Ok(Bytes::from(bytes)),
@@ -203,6 +210,7 @@ async fn start_export(
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("x-read-source", HeaderValue::from_static(source));
     if let Ok(value) = HeaderValue::from_str(&filename) {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }

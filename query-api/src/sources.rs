@@ -84,6 +84,16 @@ pub enum Source {
     Replica(String),
 }
 
+impl Source {
+    /// `primary` or `replica`, as the `x-read-source` response header says.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Primary => "primary",
+            Source::Replica(_) => "replica",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("database error: {0}")]
@@ -267,6 +277,30 @@ impl ReadSources {
             });
         }
         self.source_at(wanted).await
+    }
+
+    /// Where to read the log so that it holds `position`: a replica in rotation whose recent
+    /// watermark covers it (its projections applied the position, so its WAL replay has
+    /// passed the event's commit), else the primary, which holds every acknowledged event.
+    /// Unlike [`ReadSources::route`] it never waits and never fails: the log, not the read
+    /// models, has to be there.
+    pub fn route_holding(&self, position: i64) -> Route {
+        let fresh = self.config.watermark_max_age;
+        for replica in self.rotation() {
+            if let Some(at) = replica.watermark.get(fresh)
+                && least(&at) >= position
+            {
+                return Route {
+                    pool: replica.pool.clone(),
+                    source: Source::Replica(replica.name.clone()),
+                    checkpoints: Some(at),
+                };
+            }
+        }
+        if !self.replicas.is_empty() {
+            metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_behind").increment(1);
+        }
+        self.primary_route()
     }
 
     /// The primary, with its last known checkpoints.

@@ -412,13 +412,7 @@ impl IntoResponse for Answer {
         let headers = response.headers_mut();
         headers.insert("x-cache", HeaderValue::from_static(self.cache));
         if let Some(source) = &self.source {
-            headers.insert(
-                "x-read-source",
-                HeaderValue::from_static(match source {
-                    Source::Primary => "primary",
-                    Source::Replica(_) => "replica",
-                }),
-            );
+            headers.insert("x-read-source", HeaderValue::from_static(source.kind()));
         }
         if let Some(checkpoints) = &self.checkpoints
             && let Some(least) = checkpoints.iter().min()
@@ -574,6 +568,20 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
     Executed::Answered { body, cacheable, ok }
 }
 
+/// The `X-Min-Position` header: a position the answer must include (a command's `position`).
+pub(crate) fn min_position_header(headers: &HeaderMap) -> Result<Option<i64>, &'static str> {
+    match headers.get("x-min-position") {
+        None => Ok(None),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|p| *p >= 0)
+            .map(Some)
+            .ok_or("X-Min-Position must be a non-negative integer (a command's `position`)"),
+    }
+}
+
 /// The position the caller wants to read at: the `X-Min-Position` header or the largest
 /// `minPosition` argument of the operation's root fields.
 fn min_position(
@@ -582,17 +590,7 @@ fn min_position(
     operation_name: Option<&str>,
     variables: &serde_json::Value,
 ) -> Result<Option<i64>, String> {
-    let header = match headers.get("x-min-position") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .filter(|p| *p >= 0)
-                .ok_or("X-Min-Position must be a non-negative integer (a command's `position`)")?,
-        ),
-    };
+    let header = min_position_header(headers)?;
     // Most queries carry none: skip the parse.
     let argument = if query.contains("minPosition") {
         crate::graphql::min_position_argument(query, operation_name, variables)?

@@ -1,6 +1,6 @@
 //! Read routing against a real streaming replica (ops/dev/replica.sh): reads go to the
 //! replica while it is well, survive it stopping, come back when it restarts; a read with a
-//! position sees that write every time.
+//! position sees that write every time, and so does an audit export with one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
@@ -168,6 +168,32 @@ async fn reads_go_to_the_replica_survive_its_outage_and_return_when_it_is_back(p
     assert!(sources.replica_states().iter().all(|(_, healthy, _)| *healthy));
 }
 
+/// Appends a new device's `DeviceCreated` for `owner`; returns the device and the position.
+async fn append_device_created(store: &EventStore, owner: Uuid) -> (Uuid, i64) {
+    let device = Uuid::now_v7();
+    let created: Event = DeviceCreated {
+        device_id: device,
+        owner_id: owner,
+        provider: Provider::Aws,
+        cpu_cores: 2,
+        memory_mb: 2048,
+        android_version: 14,
+        created_at: Utc::now(),
+    }
+    .into();
+    let outcome = store
+        .append(AppendBatch::single(StreamAppend {
+            stream_id: device,
+            stream_type: StreamType::Device,
+            owner_id: owner,
+            expected: ExpectedVersion::NoStream,
+            events: vec![NewEvent::from_event(&created, EventMetadata::default(), Utc::now()).unwrap()],
+        }))
+        .await
+        .unwrap();
+    (device, outcome.last_position)
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_read_with_a_position_sees_that_write_every_time(pool: PgPool) {
     let sources = prepared(&pool).await;
@@ -177,28 +203,8 @@ async fn a_read_with_a_position_sees_that_write_every_time(pool: PgPool) {
     let owner = Uuid::now_v7();
     let mut from_replica = 0;
     for _ in 0..1000 {
-        let device = Uuid::now_v7();
-        let created: Event = DeviceCreated {
-            device_id: device,
-            owner_id: owner,
-            provider: Provider::Aws,
-            cpu_cores: 2,
-            memory_mb: 2048,
-            android_version: 14,
-            created_at: Utc::now(),
-        }
-        .into();
-        let outcome = store
-            .append(AppendBatch::single(StreamAppend {
-                stream_id: device,
-                stream_type: StreamType::Device,
-                owner_id: owner,
-                expected: ExpectedVersion::NoStream,
-                events: vec![NewEvent::from_event(&created, EventMetadata::default(), Utc::now()).unwrap()],
-            }))
-            .await
-            .unwrap();
-        let route = sources.source_at(outcome.last_position).await.unwrap();
+        let (device, position) = append_device_created(&store, owner).await;
+        let route = sources.source_at(position).await.unwrap();
         let (source_pool, source) = (route.pool, route.source);
         let seen: Option<Uuid> = sqlx::query_scalar("SELECT device_id FROM devices WHERE device_id = $1")
             .bind(device)
@@ -558,4 +564,79 @@ async fn a_lagging_replica_leaves_rotation_and_rejoins_once_it_has_caught_up(poo
         )
         .await;
     assert_eq!(answer.data()["devices"]["totalCount"], "3000");
+}
+
+/// `GET /v1/audit/events` as an admin, with `headers`: status, `x-read-source` and the body.
+async fn export(api: &common::TestApi, headers: &[(&str, &str)]) -> (reqwest::StatusCode, Option<String>, String) {
+    let mut request = api
+        .client
+        .get(format!("http://{}/v1/audit/events", api.addr))
+        .bearer_auth(common::admin());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let source = response
+        .headers()
+        .get("x-read-source")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (response.status(), source, response.text().await.unwrap())
+}
+
+/// The `last_position` of an NDJSON export's trailer.
+fn exported_up_to(body: &str) -> Option<i64> {
+    let trailer: serde_json::Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    trailer["trailer"]["last_position"].as_i64()
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_export_with_a_position_holds_that_event_while_the_replica_is_behind(pool: PgPool) {
+    let _ = prepared(&pool).await;
+    let url = replica_url(&pool).await;
+    let config = query_api::QueryApiConfig {
+        replica_urls: vec![url.clone()],
+        health_interval: Duration::from_millis(50),
+        ..common::test_config()
+    };
+    let api = common::start(&pool, config).await;
+    answered_by_replica(&api, &common::admin()).await;
+
+    // Replay stops on the replica (within its lag limit, so it stays in rotation); a command's
+    // event is then acknowledged on the primary and the projections apply it there.
+    let paused = ReplayPaused::pause(&url).await;
+    let store = EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap();
+    let (device, position) = append_device_created(&store, Uuid::now_v7()).await;
+    common::set_checkpoints(&pool, position).await;
+
+    // Without a position the replica answers, and its log does not have the event yet.
+    let (status, source, body) = export(&api, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(source.as_deref(), Some("replica"));
+    assert!(exported_up_to(&body) < Some(position), "{body}");
+    // With the command's position the export holds it, read from the primary.
+    let wanted = position.to_string();
+    let (status, source, body) = export(&api, &[("x-min-position", &wanted)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(source.as_deref(), Some("primary"));
+    assert_eq!(exported_up_to(&body), Some(position), "{body}");
+    assert!(body.contains(&device.to_string()), "{body}");
+    // A malformed position is refused before any byte of history.
+    let (status, _, body) = export(&api, &[("x-min-position", "soon")]).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("X-Min-Position"), "{body}");
+
+    // Once the replica has replayed the position it serves such exports again.
+    drop(paused);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, source, body) = export(&api, &[("x-min-position", &wanted)]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(exported_up_to(&body), Some(position), "{body}");
+        if source.as_deref() == Some("replica") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica never served the position again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

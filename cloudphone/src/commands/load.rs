@@ -25,7 +25,8 @@ use uuid::Uuid;
 use crate::cli::{LoadCommandsArgs, LoadKind};
 use crate::progress::Progress;
 
-const SECRET: &str = "cloudphone-load-secret";
+/// The secret every load run's servers check tokens with, and `load_token` signs with.
+pub(crate) const SECRET: &str = "cloudphone-load-secret";
 const LOAD_DATABASE: &str = "cloudphone_load";
 
 pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
@@ -39,9 +40,10 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
     }
 }
 
+/// A portal command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
-enum Operation {
+pub(crate) enum Operation {
     Create,
     Start,
     Stop,
@@ -256,6 +258,18 @@ async fn run_mode(args: &LoadCommandsArgs, mode: AppendMode, label: &'static str
     })
 }
 
+/// A token for `subject` in `role`, signed with [`SECRET`] and valid longer than any run.
+pub(crate) fn load_token(subject: &str, role: Role) -> anyhow::Result<String> {
+    Ok(mint_token(
+        SECRET,
+        subject,
+        role,
+        &[],
+        Utc::now(),
+        chrono::Duration::hours(12),
+    )?)
+}
+
 #[allow(clippy::expect_used)] // constant bounds, checked by every run
 pub(crate) fn histogram() -> Histogram<u64> {
     // 1 µs .. 60 s, 3 significant digits.
@@ -268,25 +282,11 @@ struct LoadUser {
 
 /// Registers `count` enterprise users with room for a large fleet each.
 async fn provision(client: &reqwest::Client, base: &str, count: usize) -> anyhow::Result<Vec<LoadUser>> {
-    let admin = mint_token(
-        SECRET,
-        &Uuid::now_v7().to_string(),
-        Role::Admin,
-        &[],
-        Utc::now(),
-        chrono::Duration::hours(2),
-    )?;
+    let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
     let mut users = Vec::with_capacity(count);
     for _ in 0..count {
         let id = Uuid::now_v7();
-        let token = mint_token(
-            SECRET,
-            &id.to_string(),
-            Role::User,
-            &[],
-            Utc::now(),
-            chrono::Duration::hours(2),
-        )?;
+        let token = load_token(&id.to_string(), Role::User)?;
         let registered = client
             .post(format!("{base}/v1/users"))
             .bearer_auth(&token)
@@ -315,10 +315,76 @@ struct ClientOutcome {
     errors: BTreeMap<String, u64>,
 }
 
+/// A device a portal client knows of, and whether it last saw it running.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Device {
+    pub(crate) id: Uuid,
+    pub(crate) running: bool,
+}
+
+/// The portal command a client sends next, chosen to fit what it knows of the user's fleet.
 #[derive(Clone, Copy)]
-struct Device {
-    id: Uuid,
-    running: bool,
+pub(crate) struct PortalCommand {
+    pub(crate) operation: Operation,
+    /// Which of the fleet's devices the command is about; `None` for a create.
+    device: Option<usize>,
+}
+
+impl PortalCommand {
+    /// About 15 % creates, 35 % starts, 35 % stops, 8 % resizes, 7 % deletes once the user has
+    /// two devices; a create before that. Returns the command and its request, without auth.
+    pub(crate) fn choose(
+        rng: &mut StdRng,
+        client: &reqwest::Client,
+        base: &str,
+        fleet: &[Device],
+    ) -> (Self, reqwest::RequestBuilder) {
+        let roll = rng.random_range(0..100);
+        if fleet.len() < 2 || roll < 15 {
+            let body = json!({"provider": "aws", "cpu_cores": 2, "memory_mb": 2048, "android_version": 14});
+            let command = PortalCommand {
+                operation: Operation::Create,
+                device: None,
+            };
+            return (command, client.post(format!("{base}/v1/devices")).json(&body));
+        }
+        let index = rng.random_range(0..fleet.len());
+        let Device { id, running } = fleet[index];
+        let (operation, request) = match (running, roll) {
+            (_, 15..=21) => (Operation::Delete, client.delete(format!("{base}/v1/devices/{id}"))),
+            (true, _) => (Operation::Stop, client.post(format!("{base}/v1/devices/{id}/stop"))),
+            (false, 22..=29) => {
+                let cores = [2, 4][rng.random_range(0..2)];
+                let body = json!({"cpu_cores": cores, "memory_mb": cores * 1024});
+                let request = client.post(format!("{base}/v1/devices/{id}/resize")).json(&body);
+                (Operation::Resize, request)
+            }
+            (false, _) => (Operation::Start, client.post(format!("{base}/v1/devices/{id}/start"))),
+        };
+        let command = PortalCommand {
+            operation,
+            device: Some(index),
+        };
+        (command, request)
+    }
+
+    /// Brings the client's picture of the fleet up to date once the command succeeded with
+    /// `body` as its answer.
+    pub(crate) fn succeeded(self, fleet: &mut Vec<Device>, body: &serde_json::Value) {
+        match (self.operation, self.device) {
+            (Operation::Create, _) => {
+                if let Some(id) = body["id"].as_str().and_then(|s| s.parse().ok()) {
+                    fleet.push(Device { id, running: false });
+                }
+            }
+            (Operation::Delete, Some(i)) => {
+                fleet.swap_remove(i);
+            }
+            (Operation::Start, Some(i)) => fleet[i].running = true,
+            (Operation::Stop, Some(i)) => fleet[i].running = false,
+            _ => {}
+        }
+    }
 }
 
 /// One portal client: picks one of its users and a command that fits what it knows of that
@@ -339,69 +405,19 @@ async fn drive(
         let slot = rng.random_range(0..own.len());
         let user = &users[own[slot]];
         let fleet = &mut fleets[slot];
-        let roll = rng.random_range(0..100);
-        let (operation, request, device_index) = if fleet.len() < 2 || roll < 15 {
-            let body = json!({"provider": "aws", "cpu_cores": 2, "memory_mb": 2048, "android_version": 14});
-            (
-                Operation::Create,
-                client.post(format!("{base}/v1/devices")).json(&body),
-                None,
-            )
-        } else {
-            let index = rng.random_range(0..fleet.len());
-            let device = fleet[index];
-            let id = device.id;
-            match (device.running, roll) {
-                (_, 15..=21) => (
-                    Operation::Delete,
-                    client.delete(format!("{base}/v1/devices/{id}")),
-                    Some(index),
-                ),
-                (true, _) => (
-                    Operation::Stop,
-                    client.post(format!("{base}/v1/devices/{id}/stop")),
-                    Some(index),
-                ),
-                (false, 22..=29) => {
-                    let cores = [2, 4][rng.random_range(0..2)];
-                    let body = json!({"cpu_cores": cores, "memory_mb": cores * 1024});
-                    (
-                        Operation::Resize,
-                        client.post(format!("{base}/v1/devices/{id}/resize")).json(&body),
-                        Some(index),
-                    )
-                }
-                (false, _) => (
-                    Operation::Start,
-                    client.post(format!("{base}/v1/devices/{id}/start")),
-                    Some(index),
-                ),
-            }
-        };
+        let (command, request) = PortalCommand::choose(&mut rng, &client, &base, fleet);
         let started = Instant::now();
         let response = request.bearer_auth(&user.token).send().await;
         let elapsed = started.elapsed();
         match response {
             Ok(response) if response.status().is_success() => {
                 latencies
-                    .entry(operation)
+                    .entry(command.operation)
                     .or_insert_with(histogram)
                     .record(elapsed.as_micros() as u64)
                     .ok();
                 let body: serde_json::Value = response.json().await.unwrap_or_default();
-                match (operation, device_index) {
-                    (Operation::Create, _) => {
-                        if let Some(id) = body["id"].as_str().and_then(|s| s.parse().ok()) {
-                            fleet.push(Device { id, running: false });
-                        }
-                    }
-                    (Operation::Delete, Some(i)) => {
-                        fleet.swap_remove(i);
-                    }
-                    (Operation::Start, Some(i)) => fleet[i].running = true,
-                    (Operation::Stop, Some(i)) => fleet[i].running = false,
-                    _ => {}
-                }
+                command.succeeded(fleet, &body);
             }
             Ok(response) => {
                 let status = response.status().as_u16();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::Utc;
-use command_api::auth::{Role, mint_token};
+use command_api::auth::Role;
 use event_log::LogReader;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
@@ -33,7 +33,7 @@ use sqlx::PgPool;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 use uuid::Uuid;
 
-use super::load::{Latency, histogram, recreate_database};
+use super::load::{Device, Latency, Operation, PortalCommand, SECRET, histogram, load_token, recreate_database};
 use super::load_export::{register_owners, vm_hwm_mib};
 use super::load_projections::{settle_database, write_history_since};
 use super::load_queries::Kind;
@@ -41,7 +41,6 @@ use crate::cli::LoadPlatformArgs;
 use crate::progress::Progress;
 
 const DATABASE: &str = "cloudphone_load_platform";
-const SECRET: &str = "cloudphone-load-secret";
 /// Longest a role may take to answer /readyz, and the projector to catch up afterwards.
 const START_LIMIT: Duration = Duration::from_secs(120);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(600);
@@ -63,6 +62,18 @@ enum Op {
     DashboardAfterWrite,
     /// A whole audit export of one user's history, downloaded.
     Export,
+}
+
+impl From<Operation> for Op {
+    fn from(operation: Operation) -> Self {
+        match operation {
+            Operation::Create => Op::Create,
+            Operation::Start => Op::Start,
+            Operation::Stop => Op::Stop,
+            Operation::Resize => Op::Resize,
+            Operation::Delete => Op::Delete,
+        }
+    }
 }
 
 /// What one operation ended with.
@@ -619,12 +630,6 @@ struct PortalUser {
     last_read: AtomicI64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Device {
-    id: Uuid,
-    running: bool,
-}
-
 /// `--users` owners of the world with devices, their quotas raised by an admin through the
 /// command API, and their fleets as the read models show them.
 async fn portal_users(
@@ -645,14 +650,7 @@ async fn portal_users(
     if owners.is_empty() {
         bail!("the world has no owner with a device: raise --history-events");
     }
-    let admin = mint_token(
-        SECRET,
-        &Uuid::now_v7().to_string(),
-        Role::Admin,
-        &[],
-        Utc::now(),
-        chrono::Duration::hours(12),
-    )?;
+    let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
     let mut users = Vec::with_capacity(owners.len());
     for owner in owners {
         let raised = client
@@ -677,14 +675,7 @@ async fn portal_users(
         let watched_device = fleet.first().map(|(id, _)| *id).unwrap_or(owner);
         users.push(PortalUser {
             id: owner,
-            token: mint_token(
-                SECRET,
-                &owner.to_string(),
-                Role::User,
-                &[],
-                Utc::now(),
-                chrono::Duration::hours(12),
-            )?,
+            token: load_token(&owner.to_string(), Role::User)?,
             fleet: Mutex::new(
                 fleet
                     .into_iter()
@@ -738,40 +729,7 @@ async fn portal_command(
         let user = &users[rng.random_range(0..users.len())];
         user.fleet.try_lock().ok().map(|fleet| (user, fleet))
     })?;
-    let roll = rng.random_range(0..100);
-    let (op, request, index) = if fleet.len() < 2 || roll < 15 {
-        let body = json!({"provider": "aws", "cpu_cores": 2, "memory_mb": 2048, "android_version": 14});
-        (Op::Create, client.post(format!("{base}/v1/devices")).json(&body), None)
-    } else {
-        let index = rng.random_range(0..fleet.len());
-        let Device { id, running } = fleet[index];
-        match (running, roll) {
-            (_, 15..=21) => (
-                Op::Delete,
-                client.delete(format!("{base}/v1/devices/{id}")),
-                Some(index),
-            ),
-            (true, _) => (
-                Op::Stop,
-                client.post(format!("{base}/v1/devices/{id}/stop")),
-                Some(index),
-            ),
-            (false, 22..=29) => {
-                let cores = [2, 4][rng.random_range(0..2)];
-                let body = json!({"cpu_cores": cores, "memory_mb": cores * 1024});
-                (
-                    Op::Resize,
-                    client.post(format!("{base}/v1/devices/{id}/resize")).json(&body),
-                    Some(index),
-                )
-            }
-            (false, _) => (
-                Op::Start,
-                client.post(format!("{base}/v1/devices/{id}/start")),
-                Some(index),
-            ),
-        }
-    };
+    let (command, request) = PortalCommand::choose(&mut rng, client, base, &fleet);
     let answer = request
         .bearer_auth(&user.token)
         .header("idempotency-key", Uuid::now_v7().to_string())
@@ -785,19 +743,7 @@ async fn portal_command(
                 if let Some(position) = body["position"].as_i64() {
                     user.last_write.fetch_max(position, Ordering::Relaxed);
                 }
-                match (op, index) {
-                    (Op::Create, _) => {
-                        if let Some(id) = body["id"].as_str().and_then(|s| s.parse().ok()) {
-                            fleet.push(Device { id, running: false });
-                        }
-                    }
-                    (Op::Delete, Some(i)) => {
-                        fleet.swap_remove(i);
-                    }
-                    (Op::Start, Some(i)) => fleet[i].running = true,
-                    (Op::Stop, Some(i)) => fleet[i].running = false,
-                    _ => {}
-                }
+                command.succeeded(&mut fleet, &body);
                 (None, false)
             } else {
                 let (kind, fatal) = failure(status, &body);
@@ -807,7 +753,7 @@ async fn portal_command(
         Err(error) => (Some(transport(&error)), true),
     };
     Some(Outcome {
-        op,
+        op: command.operation.into(),
         micros: micros_since(scheduled),
         error,
         fatal,
@@ -882,15 +828,7 @@ async fn export_loop(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x0e7b_0e7b);
-    let token = mint_token(
-        SECRET,
-        "load-auditor",
-        Role::Auditor,
-        &[],
-        Utc::now(),
-        chrono::Duration::hours(12),
-    );
-    let Ok(token) = token else {
+    let Ok(token) = load_token("load-auditor", Role::Auditor) else {
         return;
     };
     let mut ticks = tokio::time::interval(every);

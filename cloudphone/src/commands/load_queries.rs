@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use chrono::{NaiveDate, Utc};
-use command_api::auth::{KeySource, Role, mint_token};
+use command_api::auth::{KeySource, Role};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use query_api::{QueryApi, QueryApiConfig};
@@ -51,11 +51,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::load::{Latency, histogram, recreate_database};
+use super::load::{Latency, SECRET, histogram, load_token, recreate_database};
 use crate::cli::LoadQueriesArgs;
 use crate::progress::Progress;
 
-const SECRET: &str = "cloudphone-load-secret";
 const LOAD_DATABASE: &str = "cloudphone_load_queries";
 /// Days of history the generated devices and usage cover.
 const HISTORY_DAYS: i64 = 180;
@@ -546,7 +545,6 @@ impl OurServer {
 }
 
 fn ours_target(label: &'static str, url: String, dashboards: &[Dashboard]) -> anyhow::Result<Target> {
-    let now = Utc::now();
     let mut bodies = Vec::with_capacity(dashboards.len());
     let mut auth = Vec::with_capacity(dashboards.len());
     for dashboard in dashboards {
@@ -567,14 +565,7 @@ fn ours_target(label: &'static str, url: String, dashboards: &[Dashboard]) -> an
             body(Kind::Device)?,
             body(Kind::UserOverview)?,
         ]);
-        let token = mint_token(
-            SECRET,
-            &dashboard.user.to_string(),
-            Role::User,
-            &[],
-            now,
-            chrono::Duration::hours(6),
-        )?;
+        let token = load_token(&dashboard.user.to_string(), Role::User)?;
         auth.push(HeaderValue::from_str(&format!("Bearer {token}"))?);
     }
     Ok(Target {
@@ -805,14 +796,7 @@ fn postgraphile_target(url: String, queries: &Value, dashboards: &[Dashboard]) -
             body(Kind::UserOverview)?,
         ]);
     }
-    let admin = mint_token(
-        SECRET,
-        &Uuid::now_v7().to_string(),
-        Role::Admin,
-        &[],
-        Utc::now(),
-        chrono::Duration::hours(6),
-    )?;
+    let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
     let admin = HeaderValue::from_str(&format!("Bearer {admin}"))?;
     Ok(Target {
         label: PHASE_POSTGRAPHILE,

@@ -1,8 +1,11 @@
-//! Shared by the process-level tests: the test database's URL, a stream of realistic device
-//! histories, and the check that read models equal a rebuild from the log.
+//! Shared by the process-level tests: the test database's URL, roles as child processes with
+//! JSON logs, a stream of realistic device histories, and the check that read models equal a
+//! rebuild from the log.
 
 #![allow(dead_code)] // each test binary uses a part
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +16,7 @@ use event_schema::*;
 use projections::stored::load_read_models;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -23,6 +27,86 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A `cloudphone` role as a child process (killed when dropped), its JSON log in a file.
+pub struct RoleProcess {
+    child: KillOnDrop,
+    pub log: PathBuf,
+}
+
+impl RoleProcess {
+    pub fn start(verb: &str, url: &str, env: &[(&str, &str)], dir: &Path) -> Self {
+        let log = dir.join(format!("{verb}-{}.log", Uuid::now_v7().simple()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cloudphone"));
+        command
+            .arg(verb)
+            .env("CLOUDPHONE_DATABASE_URL", url)
+            .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_LOG_FORMAT", "json")
+            .env("CLOUDPHONE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        RoleProcess {
+            child: KillOnDrop(command.spawn().unwrap()),
+            log,
+        }
+    }
+
+    pub fn entries(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// Panics (with its log) when the process has exited.
+    pub fn assert_alive(&mut self) {
+        if let Some(status) = self.child.0.try_wait().unwrap() {
+            panic!(
+                "{} exited ({status}):\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Waits up to 90 s until the role logs an entry that `matches`; returns it.
+    pub async fn logged(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        self.logged_within(what, Duration::from_secs(90), matches).await
+    }
+
+    /// Waits up to `limit` until the role logs an entry that `matches`; returns it. Panics,
+    /// with the log, when the time is up or the role has exited.
+    pub async fn logged_within(&mut self, what: &str, limit: Duration, matches: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(entry) = self.entries().into_iter().find(&matches) {
+                return entry;
+            }
+            self.assert_alive();
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {what}:\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The base URL of the listener the role announced with `message`.
+    pub async fn address(&mut self, message: &str) -> String {
+        let entry = self.logged(message, |e| e["message"] == message).await;
+        format!("http://{}", entry["address"].as_str().unwrap())
     }
 }
 

@@ -148,19 +148,7 @@ async fn truncate_of_the_log_or_of_any_partition_is_refused(pool: PgPool) {
 
 /// January and March 2034 (4 + 2 events), January moved to the archive.
 async fn january_archived(pool: &PgPool) -> (EventStore, Arc<ManualClock>, Uuid, Uuid) {
-    let clock = manual_clock(utc(2034, 1, 10, 8, 0, 0));
-    let log = store_with(pool, StoreConfig::default(), clock.clone()).await;
-    let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
-    log.append(create_device(device, owner))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    log.append(starts(device, owner, ExpectedVersion::Exact(1), 2))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    clock.set(utc(2034, 3, 5, 8, 0, 0));
-    log.append(starts(device, owner, ExpectedVersion::Exact(3), 2))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (log, clock, device, owner) = log_across_months(pool).await;
     let january = chrono::NaiveDate::from_ymd_opt(2034, 1, 1).unwrap_or_default();
     let name = partitions::archive_partition(pool, january)
         .await

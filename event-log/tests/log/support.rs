@@ -185,6 +185,12 @@ pub async fn tamper<'c>(conn: impl Acquire<'c, Database = Postgres>, statement: 
 
 /// Writes one device's events in January and March 2034 and moves the log past January.
 pub async fn history_across_months(pool: &PgPool) -> (Uuid, Uuid) {
+    let (_, _, device, owner) = log_across_months(pool).await;
+    (device, owner)
+}
+
+/// As `history_across_months`, and returns the log and its clock (in March 2034) too.
+pub async fn log_across_months(pool: &PgPool) -> (EventStore, Arc<ManualClock>, Uuid, Uuid) {
     let clock = manual_clock(utc(2034, 1, 10, 8, 0, 0));
     let log = store_with(pool, StoreConfig::default(), clock.clone()).await;
     let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
@@ -199,5 +205,5 @@ pub async fn history_across_months(pool: &PgPool) -> (Uuid, Uuid) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(clock.now().format("%Y-%m").to_string(), "2034-03");
-    (device, owner)
+    (log, clock, device, owner)
 }
