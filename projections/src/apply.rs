@@ -253,7 +253,9 @@ async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(),
         return Ok(());
     }
     // One statement, one scan of the owners' devices: upsert the buckets that have live
-    // devices, delete those that have none any more (the two touch disjoint rows).
+    // devices, delete those that have none any more (the two touch disjoint rows). A bucket
+    // whose sums did not change is left alone: a write would only leave a dead row version
+    // and WAL for the replicas (most events change one or two of an owner's buckets).
     sqlx::query(
         "WITH fresh AS (
              SELECT owner_id, status, provider, count(*) AS device_count, sum(cpu_cores) AS total_cpu_cores,
@@ -266,6 +268,10 @@ async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(),
              ON CONFLICT (user_id, status, provider) DO UPDATE SET
                  device_count = EXCLUDED.device_count, total_cpu_cores = EXCLUDED.total_cpu_cores,
                  total_memory_mb = EXCLUDED.total_memory_mb, last_created_at = EXCLUDED.last_created_at
+             WHERE (device_stats.device_count, device_stats.total_cpu_cores, device_stats.total_memory_mb,
+                    device_stats.last_created_at)
+                 IS DISTINCT FROM (EXCLUDED.device_count, EXCLUDED.total_cpu_cores, EXCLUDED.total_memory_mb,
+                    EXCLUDED.last_created_at)
          )
          DELETE FROM device_stats s WHERE s.user_id = ANY($1) AND NOT EXISTS (
              SELECT 1 FROM fresh f WHERE f.owner_id = s.user_id AND f.status = s.status AND f.provider = s.provider)",

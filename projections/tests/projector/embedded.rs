@@ -68,7 +68,7 @@ async fn stats_and_usage_hold_the_expected_values(pool: PgPool) {
         .unwrap();
     // One device, started 23:50 and stopped 00:10 the next day.
     let device = Uuid::now_v7();
-    append_session_over_midnight(&world, device, owner).await;
+    append_session_over_midnight(&world, device, owner, "gcp").await;
     caught_up(&pool).await;
     stop.cancel();
     for task in tasks {
@@ -116,8 +116,8 @@ async fn stats_and_usage_hold_the_expected_values(pool: PgPool) {
     assert_eq!(stored.devices[&device].minutes_used, 20);
 }
 
-/// Creates `device` for `owner` at 23:50, starts it, stops it 20 minutes later.
-async fn append_session_over_midnight(world: &World, device: Uuid, owner: Uuid) {
+/// Creates `device` on `provider` for `owner` at 23:50, starts it, stops it 20 minutes later.
+async fn append_session_over_midnight(world: &World, device: Uuid, owner: Uuid, provider: &str) {
     use domain::device::{self, DeviceCommand, DeviceContext, DeviceState};
     use event_log::{AppendBatch, ExpectedVersion, NewEvent, StreamAppend};
     use event_schema::{Event, EventMetadata, StreamType};
@@ -145,7 +145,7 @@ async fn append_session_over_midnight(world: &World, device: Uuid, owner: Uuid) 
         DeviceCommand::Create {
             device_id: device,
             owner_id: owner,
-            provider: "gcp".into(),
+            provider: provider.into(),
             cpu_cores: 4,
             memory_mb: 4096,
             android_version: 14,
@@ -221,6 +221,44 @@ async fn append_session_over_midnight(world: &World, device: Uuid, owner: Uuid) 
             }
         }
     }
+}
+
+/// The row version (`xmin`) of each of `owner`'s `device_stats` buckets, by status and provider.
+async fn stats_row_versions(pool: &PgPool, owner: Uuid) -> Vec<(String, String, String)> {
+    sqlx::query_as("SELECT status, provider, xmin::text FROM device_stats WHERE user_id = $1 ORDER BY 1, 2")
+        .bind(owner)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_owner_bucket_the_batch_did_not_change_is_not_rewritten(pool: PgPool) {
+    let world = World::new(&pool, 1, 1).await;
+    let (stop, tasks) = start_projectors(&pool);
+    let owner: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'user'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    append_session_over_midnight(&world, Uuid::now_v7(), owner, "gcp").await;
+    caught_up(&pool).await;
+    let before = stats_row_versions(&pool, owner).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!((before[0].0.as_str(), before[0].1.as_str()), ("stopped", "gcp"));
+
+    // The owner's next device is on another provider: its events touch the owner, and the
+    // gcp bucket's sums stay the same, so its row keeps its version.
+    append_session_over_midnight(&world, Uuid::now_v7(), owner, "aws").await;
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let after = stats_row_versions(&pool, owner).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!((after[0].0.as_str(), after[0].1.as_str()), ("stopped", "aws"));
+    assert_eq!(after[1], before[0], "the unchanged gcp bucket was rewritten");
+    assert_equals_rebuild(&pool).await;
 }
 
 #[sqlx::test(migrations = false)]
