@@ -77,7 +77,7 @@ impl TableLayout {
                  CREATE TABLE {s}.device_stats (
                      user_id uuid NOT NULL, status text NOT NULL, provider text NOT NULL, device_count bigint NOT NULL,
                      total_cpu_cores bigint NOT NULL, total_memory_mb bigint NOT NULL,
-                     last_created_at timestamptz NOT NULL);"
+                     last_created_at timestamptz NOT NULL) WITH (fillfactor = 70);"
             ),
             Projection::DailyUsage => {
                 let mut ddl = format!(

@@ -190,6 +190,13 @@ async fn a_rebuild_equals_the_incremental_models_row_for_row(pool: PgPool) {
             "round {round}: incremental after the swap"
         );
     }
+    // The rebuilt device_stats swapped in keeps the page room of migration 1004.
+    let options: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'device_stats'::regclass")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(options, Some(vec!["fillfactor=70".to_owned()]));
     // Every swap kept the version it replaced, until dropped.
     let kept: i64 =
         sqlx::query_scalar("SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'retired\\_%'")
