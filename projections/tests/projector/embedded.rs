@@ -62,10 +62,7 @@ async fn read_models_follow_the_log_and_equal_a_rebuild(pool: PgPool) {
 async fn stats_and_usage_hold_the_expected_values(pool: PgPool) {
     let world = World::new(&pool, 1, 1).await;
     let (stop, tasks) = start_projectors(&pool);
-    let owner: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'user'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let owner = world.user_id(0);
     // One device, started 23:50 and stopped 00:10 the next day.
     let device = Uuid::now_v7();
     append_session_over_midnight(&world, device, owner, "gcp").await;
@@ -236,10 +233,7 @@ async fn stats_row_versions(pool: &PgPool, owner: Uuid) -> Vec<(String, String, 
 async fn an_owner_bucket_the_batch_did_not_change_is_not_rewritten(pool: PgPool) {
     let world = World::new(&pool, 1, 1).await;
     let (stop, tasks) = start_projectors(&pool);
-    let owner: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'user'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let owner = world.user_id(0);
     append_session_over_midnight(&world, Uuid::now_v7(), owner, "gcp").await;
     caught_up(&pool).await;
     let before = stats_row_versions(&pool, owner).await;

@@ -44,10 +44,7 @@ async fn history(pool: &PgPool, seed: u64, steps: usize) -> World {
     let mut world = World::new(pool, 6, seed).await;
     world.run(steps / 2).await;
     let old_device = Uuid::now_v7();
-    let owner: Uuid = sqlx::query_scalar("SELECT stream_id FROM streams WHERE stream_type = 'user' LIMIT 1")
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let owner = world.user_id(0);
     let v1 = json!({"device_id": old_device, "owner_id": owner, "provider": "aws", "cpu_cores": 2,
                     "memory_mb": 1024, "created_at": "2031-03-30T20:00:00Z"});
     append_raw(pool, old_device, "DeviceCreated", 1, v1).await;

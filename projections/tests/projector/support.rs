@@ -113,6 +113,11 @@ impl World {
         world
     }
 
+    /// The id of the `n`th user registered by [`World::new`].
+    pub fn user_id(&self, n: usize) -> Uuid {
+        self.users[n].0
+    }
+
     async fn append(&self, streams: Vec<(Uuid, StreamType, Uuid, ExpectedVersion, Vec<Event>)>) -> Vec<i64> {
         let now = self.clock.now_utc();
         let batch = AppendBatch {
