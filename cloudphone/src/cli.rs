@@ -114,9 +114,24 @@ pub struct PlatformArgs {
     /// Requests per second each client (token subject) may send.
     #[arg(long, env = "CLOUDPHONE_RATE_LIMIT", default_value_t = 2000)]
     pub rate_limit: u32,
-    /// Seconds a request may take before it is answered 503.
+    /// Seconds a request may take before it is answered 503 (counted once its body is in).
     #[arg(long, env = "CLOUDPHONE_REQUEST_TIMEOUT", default_value_t = 10)]
     pub request_timeout: u64,
+    /// Connections each API listener keeps open at once; past it a new connection is answered
+    /// 503 `too_many_connections` and closed [default: 30000, or less to fit the
+    /// file-descriptor limit, which start-up raises as far as it may].
+    #[arg(long, env = "CLOUDPHONE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers, counted from when the connection
+    /// is ready for a request; a connection that trickles them is closed.
+    #[arg(long, env = "CLOUDPHONE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request body may take to arrive once its headers have; then 408.
+    #[arg(long, env = "CLOUDPHONE_BODY_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle (no request, no bytes) before it is closed.
+    #[arg(long, env = "CLOUDPHONE_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_alive_timeout_secs: u64,
     /// Hours an idempotency key answers retries with its original outcome; after that the
     /// same key is a new request. 0 keeps keys forever.
     #[arg(long, env = "CLOUDPHONE_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
@@ -152,6 +167,19 @@ pub struct PlatformArgs {
     pub append_mode: AppendModeArg,
 }
 
+impl PlatformArgs {
+    /// The API listeners' connection limits.
+    pub fn connection_limits(&self) -> command_api::connections::ConnectionLimits {
+        let defaults = command_api::connections::ConnectionLimits::default();
+        command_api::connections::ConnectionLimits {
+            max_connections: self.max_connections.unwrap_or(defaults.max_connections).max(1),
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
+            body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout_secs),
+            keep_alive_timeout: std::time::Duration::from_secs(self.keep_alive_timeout_secs),
+        }
+    }
+}
+
 /// The query API's limits, cache and replica routing.
 #[derive(Debug, Clone, Args)]
 pub struct QueryArgs {
@@ -169,12 +197,30 @@ pub struct QueryArgs {
     /// Largest `first` / `last` of a connection.
     #[arg(long, env = "CLOUDPHONE_QUERY_MAX_PAGE_SIZE", default_value_t = 100)]
     pub query_max_page_size: i32,
-    /// Deepest nesting of a query.
+    /// Deepest nesting of fields in a query (introspection has its own limit of 20).
     #[arg(long, env = "CLOUDPHONE_QUERY_MAX_DEPTH", default_value_t = 12)]
     pub query_max_depth: usize,
     /// Largest complexity of a query (fields, multiplied by page sizes of connections).
     #[arg(long, env = "CLOUDPHONE_QUERY_MAX_COMPLEXITY", default_value_t = 5000)]
     pub query_max_complexity: usize,
+    /// Most fields a document may select once its fragments are expanded (measured without
+    /// expanding them, before validation).
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_SELECTIONS", default_value_t = 5000)]
+    pub query_max_selections: u64,
+    /// Most lexical tokens in a document.
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_TOKENS", default_value_t = 4000)]
+    pub query_max_tokens: usize,
+    /// Most aliases in a document.
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_ALIASES", default_value_t = 64)]
+    pub query_max_aliases: usize,
+    /// Most fragment definitions in a document.
+    #[arg(long, env = "CLOUDPHONE_QUERY_MAX_FRAGMENTS", default_value_t = 64)]
+    pub query_max_fragments: usize,
+    /// Run only the documents of this file (an Apollo persisted query manifest, or a JSON
+    /// map of ids to documents); every other document is refused with DOCUMENT_NOT_ALLOWED
+    /// [default: any document within the limits runs].
+    #[arg(long, env = "CLOUDPHONE_GRAPHQL_SAFELIST")]
+    pub graphql_safelist: Option<std::path::PathBuf>,
     /// Serve GraphiQL at GET /graphql (turn off in production if dashboards do not need it).
     #[arg(long, env = "CLOUDPHONE_GRAPHIQL", default_value_t = true, action = clap::ArgAction::Set)]
     pub graphiql: bool,
@@ -210,6 +256,17 @@ pub struct AuthArgs {
     /// Verify tokens with the keys of this JWKS file (chosen by the token's `kid`).
     #[arg(long, env = "CLOUDPHONE_JWKS_FILE")]
     pub jwks_file: Option<std::path::PathBuf>,
+    /// Longest lifetime (`exp` minus `iat`) of a token accepted, in seconds; 0 accepts any.
+    /// `nbf` and `iat` are checked too, with 30 s of leeway for clock skew.
+    #[arg(long, env = "CLOUDPHONE_MAX_TOKEN_LIFETIME_SECS", default_value_t = 86_400)]
+    pub max_token_lifetime_secs: u64,
+}
+
+impl AuthArgs {
+    /// The token lifetime limit, `None` for no limit.
+    pub fn max_token_lifetime(&self) -> Option<std::time::Duration> {
+        (self.max_token_lifetime_secs > 0).then(|| std::time::Duration::from_secs(self.max_token_lifetime_secs))
+    }
 }
 
 /// The master keys that wrap each user's personal-data key.

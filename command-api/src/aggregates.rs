@@ -71,9 +71,24 @@ impl<S: Aggregate> std::fmt::Debug for Slots<S> {
 }
 
 /// Exclusive use of one stream's slot while a command decides and appends.
+///
+/// Between [`SlotGuard::appending`] and the outcome ([`SlotGuard::advance`] or
+/// [`SlotGuard::clear`]) the cached state may be about to fall behind the log. A guard dropped
+/// in that window (its request timed out, or the client went away, while the append waited
+/// in the writer's queue, which still commits it) clears the slot, so the next command reloads
+/// from the log instead of deciding on the state before that append.
 pub struct SlotGuard<S> {
     stream_id: Uuid,
     guard: OwnedMutexGuard<Option<Loaded<S>>>,
+    appending: bool,
+}
+
+impl<S> Drop for SlotGuard<S> {
+    fn drop(&mut self) {
+        if self.appending {
+            *self.guard = None;
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for SlotGuard<S> {
@@ -94,6 +109,7 @@ impl<S: Aggregate> Slots<S> {
         SlotGuard {
             stream_id,
             guard: slot.lock_owned().await,
+            appending: false,
         }
     }
 
@@ -101,6 +117,11 @@ impl<S: Aggregate> Slots<S> {
     pub async fn snapshot(&self, stream_id: Uuid, reader: &LogReader) -> Result<Loaded<S>, ReadError> {
         let mut guard = self.lock(stream_id).await;
         guard.load(reader).await.cloned()
+    }
+
+    /// Forgets a stream's cached state.
+    pub async fn forget(&self, stream_id: Uuid) {
+        self.lock(stream_id).await.clear();
     }
 
     /// Records events appended without holding the slot: applied if they follow the cached
@@ -123,8 +144,15 @@ impl<S: Aggregate> SlotGuard<S> {
         })
     }
 
+    /// Marks the start of an append to this stream: until its outcome is recorded, dropping
+    /// the guard forgets the cached state.
+    pub fn appending(&mut self) {
+        self.appending = true;
+    }
+
     /// Applies events this command appended, reaching `version` at `last_position`.
     pub fn advance(&mut self, events: &[Event], version: i64, last_position: i64) {
+        self.appending = false;
         let next = match self.guard.take() {
             Some(loaded) if loaded.version + events.len() as i64 == version => {
                 let state = events
@@ -141,8 +169,10 @@ impl<S: Aggregate> SlotGuard<S> {
         *self.guard = next;
     }
 
-    /// Forgets the cached state (after a conflict: someone else wrote the stream).
+    /// Forgets the cached state (after a conflict: someone else wrote the stream; or an
+    /// append whose outcome is not known).
     pub fn clear(&mut self) {
+        self.appending = false;
         *self.guard = None;
     }
 }

@@ -61,7 +61,12 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
     pub exp: i64,
+    /// Issued at: never in the future (beyond the leeway), and at most the configured lifetime
+    /// before `exp`.
     pub iat: i64,
+    /// Not before: the token is refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
 
 /// The authenticated caller of one request.
@@ -126,6 +131,10 @@ pub enum AuthError {
     BadSubject(String),
     #[error("no key for key id {0:?}")]
     UnknownKey(Option<String>),
+    #[error("token issued in the future (iat {iat}, now {now})")]
+    IssuedInFuture { iat: i64, now: i64 },
+    #[error("token lives {lifetime} s, longer than the {limit} s allowed")]
+    LivesTooLong { lifetime: i64, limit: i64 },
 }
 
 /// Where verification keys come from.
@@ -183,10 +192,19 @@ impl KeySource {
     }
 }
 
+/// Clock skew tolerated between the token issuer and us, for `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECONDS: u64 = 30;
+
+/// The longest a token may live (`exp - iat`) unless configured otherwise: a day, what
+/// `cloudphone token` mints by default.
+pub const DEFAULT_MAX_TOKEN_LIFETIME: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Verifies bearer tokens.
 #[derive(Clone)]
 pub struct TokenVerifier {
     keys: VerifierKeys,
+    /// Longest `exp - iat` accepted; `None` accepts any lifetime.
+    max_lifetime: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -200,17 +218,20 @@ enum VerifierKeys {
 
 impl fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.keys {
-            VerifierKeys::Single { .. } => "TokenVerifier(single key)",
-            VerifierKeys::Jwks(_) => "TokenVerifier(JWKS)",
-        })
+        let keys = match self.keys {
+            VerifierKeys::Single { .. } => "single key",
+            VerifierKeys::Jwks(_) => "JWKS",
+        };
+        write!(f, "TokenVerifier({keys}, max lifetime {:?} s)", self.max_lifetime)
     }
 }
 
 fn validation(algorithm: Algorithm) -> Validation {
     let mut validation = Validation::new(algorithm);
+    // `iat` is required too: [`Claims`] has no default for it.
     validation.set_required_spec_claims(&["exp", "sub"]);
-    validation.leeway = 30;
+    validation.validate_nbf = true;
+    validation.leeway = LEEWAY_SECONDS;
     validation
 }
 
@@ -230,7 +251,16 @@ impl TokenVerifier {
             },
             KeySource::Jwks(set) => VerifierKeys::Jwks(set.clone()),
         };
-        Ok(TokenVerifier { keys })
+        Ok(TokenVerifier {
+            keys,
+            max_lifetime: Some(DEFAULT_MAX_TOKEN_LIFETIME.as_secs() as i64),
+        })
+    }
+
+    /// Refuses tokens whose `exp - iat` is longer than `limit` (`None`: any lifetime).
+    pub fn with_max_lifetime(mut self, limit: Option<std::time::Duration>) -> Self {
+        self.max_lifetime = limit.map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self
     }
 
     /// Verifies an `Authorization` header value.
@@ -262,6 +292,17 @@ impl TokenVerifier {
                 jsonwebtoken::decode::<Claims>(token, &key, &validation(algorithm))?.claims
             }
         };
+        // jsonwebtoken checks `exp` and `nbf`; `iat` and the lifetime are ours.
+        let now = Utc::now().timestamp();
+        if claims.iat > now.saturating_add(LEEWAY_SECONDS as i64) {
+            return Err(AuthError::IssuedInFuture { iat: claims.iat, now });
+        }
+        if let Some(limit) = self.max_lifetime {
+            let lifetime = claims.exp.saturating_sub(claims.iat);
+            if lifetime > limit {
+                return Err(AuthError::LivesTooLong { lifetime, limit });
+            }
+        }
         let user_id = match claims.role {
             Role::User | Role::Admin => {
                 Some(Uuid::parse_str(&claims.sub).map_err(|_| AuthError::BadSubject(claims.sub.clone()))?)
@@ -292,6 +333,7 @@ pub fn mint_token(
         scope: scopes.join(" "),
         iat: now.timestamp(),
         exp: (now + ttl).timestamp(),
+        nbf: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -384,6 +426,7 @@ mod tests {
             scope: String::new(),
             iat: Utc::now().timestamp(),
             exp: Utc::now().timestamp() + 3600,
+            nbf: None,
         };
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
@@ -392,5 +435,65 @@ mod tests {
         )
         .unwrap();
         assert!(verifier().verify(&token).is_err());
+    }
+
+    fn signed(claims: &Claims) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap()
+    }
+
+    fn claims_at(iat: i64, exp: i64, nbf: Option<i64>) -> Claims {
+        Claims {
+            sub: Uuid::now_v7().to_string(),
+            role: Role::User,
+            scope: String::new(),
+            iat,
+            exp,
+            nbf,
+        }
+    }
+
+    #[test]
+    fn not_before_issued_at_and_lifetime_are_checked_with_the_leeway() {
+        let now = Utc::now().timestamp();
+        let leeway = LEEWAY_SECONDS as i64;
+        let verifier = verifier();
+        // Not yet valid, beyond the leeway; and within it.
+        let early = signed(&claims_at(now, now + 600, Some(now + 120)));
+        assert!(verifier.verify(&early).is_err(), "a token before its nbf was accepted");
+        let almost = signed(&claims_at(now, now + 600, Some(now + leeway / 2)));
+        assert!(verifier.verify(&almost).is_ok());
+        // Issued in the future.
+        let future = signed(&claims_at(now + 120, now + 600, None));
+        assert!(matches!(
+            verifier.verify(&future),
+            Err(AuthError::IssuedInFuture { .. })
+        ));
+        let skewed = signed(&claims_at(now + leeway / 2, now + 600, None));
+        assert!(verifier.verify(&skewed).is_ok());
+        // Lives longer than the default day; and forever.
+        let long = signed(&claims_at(now, now + 2 * 86_400, None));
+        assert!(matches!(verifier.verify(&long), Err(AuthError::LivesTooLong { .. })));
+        let forever = signed(&claims_at(now, i64::MAX, None));
+        assert!(verifier.verify(&forever).is_err());
+        // A configured limit, and none.
+        let hour = verifier
+            .clone()
+            .with_max_lifetime(Some(std::time::Duration::from_secs(3600)));
+        let two_hours = signed(&claims_at(now, now + 7200, None));
+        assert!(hour.verify(&two_hours).is_err());
+        assert!(verifier.clone().with_max_lifetime(None).verify(&long).is_ok());
+        // No iat at all.
+        let no_iat = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": Uuid::now_v7().to_string(), "role": "user", "exp": now + 600}),
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert!(verifier.verify(&no_iat).is_err());
     }
 }

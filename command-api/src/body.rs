@@ -19,15 +19,23 @@ pub enum BodyError {
     TooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
     Unreadable(axum::Error),
+    /// The client stopped sending its body: its fault, answered 408 (not the server's 503).
+    #[error("the request body did not arrive within {0:?}")]
+    TimedOut(std::time::Duration),
 }
 
-/// The request with its body read into memory, up to `limit` bytes.
-pub async fn read_whole_body(request: Request, limit: usize) -> Result<Request, BodyError> {
+/// The request with its body read into memory, up to `limit` bytes, within `timeout`.
+pub async fn read_whole_body(
+    request: Request,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Request, BodyError> {
     let (parts, body) = request.into_parts();
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(Request::from_parts(parts, Body::from(bytes))),
-        Err(error) if is_over_limit(&error) => Err(BodyError::TooLarge { limit }),
-        Err(error) => Err(BodyError::Unreadable(error)),
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(error)) if is_over_limit(&error) => Err(BodyError::TooLarge { limit }),
+        Ok(Err(error)) => Err(BodyError::Unreadable(error)),
+        Err(_) => Err(BodyError::TimedOut(timeout)),
     }
 }
 

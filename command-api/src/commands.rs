@@ -51,13 +51,15 @@ impl CommandContext {
         }
     }
 
-    /// A context for one item of a batch: its own idempotency key and hash.
+    /// A context for one item of a batch: its own idempotency key and hash. The item's key
+    /// holds a space, which a client's key never does (visible ASCII only), so no single
+    /// request's key can name a batch item's outcome, or the other way round.
     pub fn for_item(&self, index: usize, item_body: &[u8]) -> Self {
         let mut item = self.clone();
         item.idempotency = self
             .idempotency
             .as_ref()
-            .map(|(key, _)| (format!("{key}#{index}"), self.meta.request_hash(item_body)));
+            .map(|(key, _)| (batch_item_key(key, index), self.meta.request_hash(item_body)));
         item
     }
 
@@ -71,6 +73,11 @@ impl CommandContext {
             extra: Default::default(),
         }
     }
+}
+
+/// The stored idempotency key of item `index` of a batch sent with the (caller-scoped) `key`.
+pub fn batch_item_key(key: &str, index: usize) -> String {
+    format!("{key} batch-item {index}")
 }
 
 /// One attempt's result: done, or decide again on fresh state.
@@ -110,6 +117,7 @@ pub async fn run_device_command(
     device_id: Uuid,
     command: DeviceCommand,
 ) -> Result<CommandAccepted, ApiError> {
+    authorize_device_command(&ctx.principal, &command)?;
     with_retries(state, ctx, device_id, || {
         device_attempt(state, ctx, device_id, &command)
     })
@@ -245,16 +253,19 @@ async fn user_attempt(
     let mut slot = state.users.lock(user_id).await;
     let loaded = slot.load(&state.reader).await?.clone();
     let events: Vec<Event> = match user::decide(command, &loaded.state, now) {
-        Ok(events) => events.into_iter().map(Event::User).collect(),
-        Err(error) => return Ok(Attempt::Done(Err(error.into()))),
+        Ok(events) if !events.is_empty() => events.into_iter().map(Event::User).collect(),
+        decided => {
+            if !cached_states_current(state, &[(user_id, loaded.version)]).await? {
+                slot.clear();
+                return Ok(Attempt::Retry);
+            }
+            return Ok(Attempt::Done(decided.map_err(Into::into).map(|_| CommandAccepted {
+                id: user_id,
+                stream_version: loaded.version,
+                position: loaded.last_position,
+            })));
+        }
     };
-    if events.is_empty() {
-        return Ok(Attempt::Done(Ok(CommandAccepted {
-            id: user_id,
-            stream_version: loaded.version,
-            position: loaded.last_position,
-        })));
-    }
     let stream = StreamAppend {
         stream_id: user_id,
         stream_type: StreamType::User,
@@ -262,6 +273,7 @@ async fn user_attempt(
         expected: expected(loaded.version),
         events: encode(state, ctx, user_id, &events, now).await?,
     };
+    slot.appending();
     match state.append(batch(ctx, vec![stream])).await {
         Ok(outcome) => {
             if outcome.replayed {
@@ -275,7 +287,11 @@ async fn user_attempt(
             slot.clear();
             Ok(Attempt::Retry)
         }
-        Err(error) => Err(error.into()),
+        Err(error) => {
+            // Its outcome may be unknown (a broken commit): reload before the next decision.
+            slot.clear();
+            Err(error.into())
+        }
     }
 }
 
@@ -289,14 +305,21 @@ async fn device_attempt(
     // Lock order is always device, then owner: no deadlock between commands.
     let mut device_slot = state.devices.lock(device_id).await;
     let device = device_slot.load(&state.reader).await?.clone();
+    // Another tenant's device is answered exactly as a missing one: nobody learns from us
+    // whether an id they do not own exists.
     let owner_id = match command {
         DeviceCommand::Create { owner_id, .. } => *owner_id,
         _ => match device.state.device() {
-            Some(d) => d.owner_id,
-            None => return Ok(Attempt::Done(Err(DomainError::DeviceNotFound.into()))),
+            Some(d) if may_touch_devices_of(&ctx.principal, d.owner_id) => d.owner_id,
+            _ => {
+                if !cached_states_current(state, &[(device_id, device.version)]).await? {
+                    device_slot.clear();
+                    return Ok(Attempt::Retry);
+                }
+                return Ok(Attempt::Done(Err(DomainError::DeviceNotFound.into())));
+            }
         },
     };
-    authorize_device_command(&ctx.principal, owner_id, command)?;
 
     // Commands that reserve quota hold the owner's slot and check its version: two creates
     // racing for the last unit of quota cannot both win. The others only read the owner.
@@ -320,16 +343,28 @@ async fn device_attempt(
         now,
     );
     let events = match decision {
-        Ok(events) => events,
-        Err(error) => return Ok(Attempt::Done(Err(error.into()))),
+        Ok(events) if !events.is_empty() => events,
+        decided => {
+            // Nothing to append, so no version check will catch a stale cache: a refusal (or
+            // a no-op) is only answered once the states it rests on are the log's.
+            if !cached_states_current(state, &[(device_id, device.version), (owner_id, owner.version)]).await? {
+                device_slot.clear();
+                match &mut owner_slot {
+                    Some(slot) => slot.clear(),
+                    None => {
+                        drop(device_slot);
+                        state.users.forget(owner_id).await;
+                    }
+                }
+                return Ok(Attempt::Retry);
+            }
+            return Ok(Attempt::Done(decided.map_err(Into::into).map(|_| CommandAccepted {
+                id: device_id,
+                stream_version: device.version,
+                position: device.last_position,
+            })));
+        }
     };
-    if events.is_empty() {
-        return Ok(Attempt::Done(Ok(CommandAccepted {
-            id: device_id,
-            stream_version: device.version,
-            position: device.last_position,
-        })));
-    }
     let (device_events, owner_events): (Vec<Event>, Vec<Event>) =
         events.into_iter().partition(|e| e.stream_type() == StreamType::Device);
     let mut streams = vec![StreamAppend {
@@ -353,6 +388,10 @@ async fn device_attempt(
             },
             events: encode(state, ctx, owner_id, &owner_events, now).await?,
         });
+    }
+    device_slot.appending();
+    if let Some(slot) = &mut owner_slot {
+        slot.appending();
     }
     match state.append(batch(ctx, streams)).await {
         Ok(outcome) => {
@@ -378,16 +417,40 @@ async fn device_attempt(
             }
             Ok(Attempt::Done(Ok(accepted(device_id, &outcome))))
         }
-        Err(AppendError::WrongExpectedVersion { stream_id, .. }) => {
-            if stream_id == device_id {
-                device_slot.clear();
-            } else if let Some(slot) = &mut owner_slot {
+        Err(AppendError::WrongExpectedVersion { .. }) => {
+            device_slot.clear();
+            if let Some(slot) = &mut owner_slot {
                 slot.clear();
             }
             Ok(Attempt::Retry)
         }
-        Err(error) => Err(error.into()),
+        Err(error) => {
+            // Its outcome may be unknown (a broken commit): reload before the next decision.
+            device_slot.clear();
+            if let Some(slot) = &mut owner_slot {
+                slot.clear();
+            }
+            Err(error.into())
+        }
     }
+}
+
+/// True when every `(stream, version)` a decision read from the cache is the log's current
+/// version (0: no such stream). A cache can only fall behind the log (another process wrote
+/// the stream, or an append whose caller gave up committed later); appends catch that with
+/// their expected versions, and decisions that append nothing are checked here.
+async fn cached_states_current(state: &AppState, cached: &[(Uuid, i64)]) -> Result<bool, ApiError> {
+    let ids: Vec<Uuid> = cached.iter().map(|(id, _)| *id).collect();
+    let current = state.reader.stream_versions(&ids).await?;
+    let stale = cached.iter().any(|(id, version)| {
+        let logged = current.iter().find(|(stream, _)| stream == id).map_or(0, |(_, v)| *v);
+        logged != *version
+    });
+    if stale {
+        metrics::counter!(crate::telemetry::COMMAND_STALE_DECISIONS_TOTAL).increment(1);
+        tracing::info!(?cached, ?current, "cached aggregate behind the log; deciding again");
+    }
+    Ok(!stale)
 }
 
 fn forbidden(what: &str) -> ApiError {
@@ -410,15 +473,26 @@ fn authorize_user_command(principal: &Principal, user_id: Uuid, command: &UserCo
     }
 }
 
-/// Who may run which device command on a device of `owner_id`.
-fn authorize_device_command(principal: &Principal, owner_id: Uuid, command: &DeviceCommand) -> Result<(), ApiError> {
+/// Who may run a device command at all: decided from the token and the request alone, so a
+/// refusal (403) says nothing about any device.
+fn authorize_device_command(principal: &Principal, command: &DeviceCommand) -> Result<(), ApiError> {
     let allowed = principal.is_admin()
-        || principal.is_user(owner_id)
+        || principal.role == crate::auth::Role::User
         || principal.has_scope(scope::DEVICES_WRITE)
         || (matches!(command, DeviceCommand::ReportFailure { .. }) && principal.has_scope(scope::DEVICES_REPORT));
-    if allowed {
-        Ok(())
-    } else {
-        Err(forbidden("act on this device"))
+    if !allowed {
+        return Err(forbidden("act on devices"));
     }
+    match command {
+        DeviceCommand::Create { owner_id, .. } if !may_touch_devices_of(principal, *owner_id) => {
+            Err(forbidden("create devices for another user"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether the caller (already allowed the command) may touch devices of `owner_id`: a user
+/// only their own; admins and scoped services every user's.
+fn may_touch_devices_of(principal: &Principal, owner_id: Uuid) -> bool {
+    principal.role != crate::auth::Role::User || principal.is_user(owner_id)
 }

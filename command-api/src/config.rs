@@ -21,6 +21,8 @@ pub enum AppendMode {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub keys: KeySource,
+    /// Longest lifetime (`exp - iat`) of a token accepted; `None` accepts any.
+    pub max_token_lifetime: Option<Duration>,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Requests per second each client (token subject) may send, with bursts up to `rate_burst`.
@@ -36,6 +38,8 @@ pub struct ApiConfig {
     pub append_mode: AppendMode,
     /// Master keys that wrap the per-user keys of personal data.
     pub master_keys: Arc<MasterKeyring>,
+    /// Connection limit and header, body and keep-alive timeouts of the listener.
+    pub connections: crate::connections::ConnectionLimits,
 }
 
 impl Default for ApiConfig {
@@ -43,6 +47,7 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             keys: KeySource::Secret(crate::auth::DEVELOPMENT_SECRET.to_owned()),
+            max_token_lifetime: Some(crate::auth::DEFAULT_MAX_TOKEN_LIFETIME),
             max_body_bytes: 256 * 1024,
             rate_per_second: 2_000,
             rate_burst: 4_000,
@@ -51,6 +56,7 @@ impl Default for ApiConfig {
             cached_aggregates: 200_000,
             append_mode: AppendMode::GroupCommit,
             master_keys: Arc::new(MasterKeyring::development()),
+            connections: crate::connections::ConnectionLimits::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod body;
 pub mod commands;
 pub mod config;
+pub mod connections;
 pub mod extract;
 pub mod openapi;
 pub mod problem;

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// 405: the route exists, not with this method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 408: the request body stopped arriving.
+    #[error("{0}")]
+    BodyTimeout(String),
     /// 413: the body is over the limit.
     #[error("the request body is larger than the limit")]
     PayloadTooLarge,
@@ -92,6 +95,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::NoRoute => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -111,6 +115,7 @@ impl ApiError {
             ApiError::Domain(error) => error.code(),
             ApiError::NoRoute => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BodyTimeout(_) => "body_timeout",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::RateLimited { .. } => "rate_limited",

@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{KeyError, TokenVerifier};
 use crate::body::{self, BodyError};
 use crate::config::ApiConfig;
+use crate::connections;
 use crate::problem::ApiError;
 use crate::routes::{self, system};
 use crate::state::{AppState, Inner};
@@ -72,13 +73,11 @@ impl Application {
         metrics: PrometheusHandle,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
-        let verifier = TokenVerifier::new(&config.keys)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let verifier = TokenVerifier::new(&config.keys)?.with_max_lifetime(config.max_token_lifetime);
+        let listener = connections::bind(config.listen).map_err(|source| StartupError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let state = AppState(Arc::new(Inner::new(config, store, verifier, metrics, clock)));
         Ok(Application {
             router: router(state.clone()),
@@ -111,9 +110,7 @@ impl Application {
                 }
             })
         };
-        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = connections::serve(listener, router, state.config.connections, "command", shutdown).await;
         forget_old_clients.abort();
         // Every request is answered; the writer drains whatever it still holds.
         let store = Arc::clone(&state.store);
@@ -130,7 +127,10 @@ impl Application {
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let timeout = state.config.request_timeout;
-    let body_limit = state.config.max_body_bytes;
+    let body = BodyLimits {
+        max_bytes: state.config.max_body_bytes,
+        timeout: state.config.connections.body_read_timeout,
+    };
     Router::new()
         .merge(routes::router())
         .route_layer(middleware::from_fn(telemetry::track_requests))
@@ -140,9 +140,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(system::openapi))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(body_limit, read_whole_body))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
+        // The handler's time limit starts once the body is in: a slow body is the client's
+        // (408, by the body read timeout), a slow answer the server's (503).
         .layer(middleware::from_fn_with_state(timeout, time_limit))
+        .layer(middleware::from_fn_with_state(body, read_whole_body))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal("handler panicked".into()).into_response()
         }))
@@ -153,11 +155,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How much of a body is read, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
 /// Reads the body before routing (see [`crate::body`]).
-async fn read_whole_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
-    match body::read_whole_body(request, limit).await {
+async fn read_whole_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
+    match body::read_whole_body(request, limits.max_bytes, limits.timeout).await {
         Ok(request) => next.run(request).await,
         Err(BodyError::TooLarge { .. }) => body::closing(ApiError::PayloadTooLarge.into_response()),
+        Err(error @ BodyError::TimedOut(_)) => body::closing(ApiError::BodyTimeout(error.to_string()).into_response()),
         Err(error @ BodyError::Unreadable(_)) => body::closing(
             ApiError::BadRequest {
                 code: "unreadable_body",

@@ -20,6 +20,9 @@ pub const HTTP_REQUESTS_TOTAL: &str = "cloudphone_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "cloudphone_http_request_duration_seconds";
 /// Counter: commands decided again after a concurrent change to their streams.
 pub const COMMAND_RETRIES_TOTAL: &str = "cloudphone_command_retries_total";
+/// Counter: decisions that would have written nothing (a refusal or a no-op) made on a cached
+/// aggregate found behind the log, and so decided again on the log's state.
+pub const COMMAND_STALE_DECISIONS_TOTAL: &str = "cloudphone_command_stale_decisions_total";
 /// Counter: requests answered from a stored outcome of the same Idempotency-Key.
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "cloudphone_http_idempotent_replays_total";
 /// Counter: users whose personal data key was destroyed (erasures).
@@ -58,6 +61,10 @@ pub fn prometheus() -> PrometheusHandle {
             metrics::describe_counter!(
                 COMMAND_RETRIES_TOTAL,
                 "Commands decided again after a concurrent change"
+            );
+            metrics::describe_counter!(
+                COMMAND_STALE_DECISIONS_TOTAL,
+                "Refusals or no-ops decided on a cached aggregate behind the log, decided again"
             );
             metrics::describe_counter!(IDEMPOTENT_REPLAYS_TOTAL, "Requests answered from an earlier outcome");
             metrics::describe_counter!(

@@ -62,6 +62,8 @@ pub enum DomainError {
     UnsupportedAndroidVersion { requested: u8, min: u8, max: u8 },
     #[error("failure reason must be 1 to {max} characters")]
     InvalidFailureReason { max: usize },
+    #[error("a device reference must be 1 to {max} visible ASCII characters")]
+    InvalidDeviceReference { max: usize },
     #[error("device already exists")]
     DeviceAlreadyExists,
     #[error("device not found")]
@@ -97,6 +99,7 @@ impl DomainError {
             DomainError::MemoryOutOfRange { .. } => "memory_out_of_range",
             DomainError::UnsupportedAndroidVersion { .. } => "unsupported_android_version",
             DomainError::InvalidFailureReason { .. } => "invalid_failure_reason",
+            DomainError::InvalidDeviceReference { .. } => "invalid_device_reference",
             DomainError::DeviceAlreadyExists => "device_already_exists",
             DomainError::DeviceNotFound => "device_not_found",
             DomainError::DeviceDeleted => "device_deleted",
@@ -125,6 +128,7 @@ impl DomainError {
             | DomainError::MemoryOutOfRange { .. }
             | DomainError::UnsupportedAndroidVersion { .. }
             | DomainError::InvalidFailureReason { .. }
+            | DomainError::InvalidDeviceReference { .. }
             | DomainError::QuotaExceeded { .. } => ErrorKind::Invalid,
         }
     }

@@ -13,6 +13,7 @@
 
 pub mod device;
 mod error;
+pub mod ids;
 pub mod limits;
 pub mod pricing;
 pub mod user;

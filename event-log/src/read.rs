@@ -203,6 +203,18 @@ impl LogReader {
         .transpose()
     }
 
+    /// The current version of each of `stream_ids` that exists (one index probe each): what
+    /// a cached aggregate is checked against before a decision that writes nothing is
+    /// answered.
+    pub async fn stream_versions(&self, stream_ids: &[Uuid]) -> Result<Vec<(Uuid, i64)>, ReadError> {
+        Ok(
+            sqlx::query_as("SELECT stream_id, version FROM streams WHERE stream_id = ANY($1)")
+                .bind(stream_ids)
+                .fetch_all(&mut *self.conn().await?)
+                .await?,
+        )
+    }
+
     /// The stored outcome and request hash of an append made with idempotency `key`.
     pub async fn idempotent_outcome(&self, key: &str) -> Result<Option<(Vec<u8>, AppendOutcome)>, ReadError> {
         let row: Option<(Vec<u8>, Value)> =

@@ -51,10 +51,21 @@ pub fn cache_key(parts: &CacheKeyParts<'_>) -> CacheKey {
     hash.finalize().into()
 }
 
-/// Serialized answers, bounded by their size in bytes.
+/// A serialized answer and the log position it reflects (every projection had applied at
+/// least this much when it was read): what `x-read-position` reports when it is served.
+#[derive(Debug, Clone)]
+pub struct CachedAnswer {
+    pub body: Bytes,
+    pub position: Option<i64>,
+}
+
+/// Serialized answers, bounded by their size in bytes; one answer may take at most a
+/// sixty-fourth of the cache (between 64 KiB and 1 MiB), so a few huge answers cannot push
+/// out everything else.
 #[derive(Debug)]
 pub struct ResponseCache {
-    answers: Cache<CacheKey, Bytes>,
+    answers: Cache<CacheKey, CachedAnswer>,
+    max_entry_bytes: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -64,14 +75,22 @@ impl ResponseCache {
         ResponseCache {
             answers: Cache::builder()
                 .max_capacity(max_bytes)
-                .weigher(|_, answer: &Bytes| u32::try_from(answer.len() + 96).unwrap_or(u32::MAX))
+                .weigher(|_, answer: &CachedAnswer| u32::try_from(answer.body.len() + 96).unwrap_or(u32::MAX))
                 .build(),
+            max_entry_bytes: usize::try_from(max_bytes / 64)
+                .unwrap_or(usize::MAX)
+                .clamp(64 * 1024, 1024 * 1024),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
     }
 
-    pub fn get(&self, key: &CacheKey) -> Option<Bytes> {
+    /// The largest answer kept.
+    pub fn max_entry_bytes(&self) -> usize {
+        self.max_entry_bytes
+    }
+
+    pub fn get(&self, key: &CacheKey) -> Option<CachedAnswer> {
         let answer = self.answers.get(key);
         let (result, counter) = match answer {
             Some(_) => ("hit", &self.hits),
@@ -83,9 +102,14 @@ impl ResponseCache {
         answer
     }
 
-    pub fn insert(&self, key: CacheKey, answer: Bytes) {
+    /// Keeps `answer` unless it is over the per-answer limit; true when kept.
+    pub fn insert(&self, key: CacheKey, answer: CachedAnswer) -> bool {
+        if answer.body.len() > self.max_entry_bytes {
+            return false;
+        }
         self.answers.insert(key, answer);
         metrics::gauge!(m::SIZE_BYTES).set(self.answers.weighted_size() as f64);
+        true
     }
 
     /// Hits over lookups since start (0 before the first lookup).
@@ -329,7 +353,13 @@ mod tests {
         for i in 0u64..1000 {
             let mut key = [0u8; 32];
             key[..8].copy_from_slice(&i.to_le_bytes());
-            cache.insert(key, Bytes::from(vec![b'x'; 500]));
+            cache.insert(
+                key,
+                CachedAnswer {
+                    body: Bytes::from(vec![b'x'; 500]),
+                    position: Some(1),
+                },
+            );
         }
         cache.answers.run_pending_tasks();
         assert!(
@@ -337,5 +367,21 @@ mod tests {
             "{}",
             cache.answers.weighted_size()
         );
+    }
+
+    #[test]
+    fn one_answer_takes_at_most_a_sixty_fourth_of_the_cache() {
+        let cache = ResponseCache::new(64 * 1024 * 1024);
+        assert_eq!(cache.max_entry_bytes(), 1024 * 1024);
+        let answer = |bytes: usize| CachedAnswer {
+            body: Bytes::from(vec![b'x'; bytes]),
+            position: None,
+        };
+        assert!(!cache.insert([1; 32], answer(1024 * 1024 + 1)));
+        assert!(cache.get(&[1; 32]).is_none());
+        assert!(cache.insert([2; 32], answer(1024 * 1024)));
+        assert!(cache.get(&[2; 32]).is_some());
+        // Small caches still keep ordinary answers.
+        assert_eq!(ResponseCache::new(1024 * 1024).max_entry_bytes(), 64 * 1024);
     }
 }

@@ -16,6 +16,8 @@ pub struct QueryApiConfig {
     /// Read replicas; none sends every read to the primary.
     pub replica_urls: Vec<String>,
     pub keys: KeySource,
+    /// Longest lifetime (`exp - iat`) of a token accepted; `None` accepts any.
+    pub max_token_lifetime: Option<Duration>,
     /// Master keys that unwrap users' data keys, to show personal data in audit exports.
     pub master_keys: Arc<MasterKeyring>,
     pub limits: Limits,
@@ -31,6 +33,8 @@ pub struct QueryApiConfig {
     pub cache_staleness: Duration,
     /// Persisted query texts remembered.
     pub persisted_queries: u64,
+    /// When set, only these documents run.
+    pub safelist: Option<Arc<crate::safelist::Safelist>>,
     /// Schema introspection (GraphiQL needs it).
     pub introspection: bool,
     /// GraphiQL at `GET /graphql`.
@@ -44,6 +48,8 @@ pub struct QueryApiConfig {
     /// Queries per second each client (token subject) may send, with bursts up to `rate_burst`.
     pub rate_per_second: u32,
     pub rate_burst: u32,
+    /// Connection limit and header, body and keep-alive timeouts of the listener.
+    pub connections: command_api::connections::ConnectionLimits,
 }
 
 impl Default for QueryApiConfig {
@@ -52,6 +58,7 @@ impl Default for QueryApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             replica_urls: Vec::new(),
             keys: KeySource::Secret(DEVELOPMENT_SECRET.to_owned()),
+            max_token_lifetime: Some(command_api::auth::DEFAULT_MAX_TOKEN_LIFETIME),
             master_keys: Arc::new(MasterKeyring::development()),
             limits: Limits::default(),
             query_timeout: Duration::from_secs(5),
@@ -59,6 +66,7 @@ impl Default for QueryApiConfig {
             cache_max_bytes: 64 * 1024 * 1024,
             cache_staleness: Duration::from_secs(1),
             persisted_queries: 10_000,
+            safelist: None,
             introspection: true,
             graphiql: true,
             sources: SourcesConfig::default(),
@@ -66,6 +74,7 @@ impl Default for QueryApiConfig {
             watermark_interval: Duration::from_millis(100),
             rate_per_second: 2_000,
             rate_burst: 4_000,
+            connections: command_api::connections::ConnectionLimits::default(),
         }
     }
 }

@@ -32,11 +32,15 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::cache::{CacheEpoch, CacheKeyParts, ResponseCache, cache_key, normalize_query};
+use crate::cache::{CacheEpoch, CacheKeyParts, CachedAnswer, ResponseCache, cache_key, normalize_query};
 use crate::config::QueryApiConfig;
+use crate::executor::Executor;
+use crate::graphql::document::check_document;
 use crate::graphql::{DashboardSchema, ReadContext, Viewer, build_schema, request_data};
 use crate::persisted::{PersistedQueries, PersistedQuery};
+use crate::safelist::Safelist;
 use crate::sources::{ReadError, ReadSources, Route, Source};
+use async_graphql::parser::types::ExecutableDocument;
 use event_log::personal::MasterKeyring;
 
 /// Names of the query API's metrics (HTTP metrics are the command API's, by route).
@@ -60,6 +64,8 @@ pub enum StartupError {
     Keys(#[from] KeyError),
     #[error("invalid replica URL: {0}")]
     Replica(#[from] sqlx::Error),
+    #[error("cannot start the GraphQL executor's threads: {0}")]
+    Executor(#[source] std::io::Error),
 }
 
 pub(crate) struct Inner {
@@ -70,6 +76,9 @@ pub(crate) struct Inner {
     cache: Option<ResponseCache>,
     epoch: CacheEpoch,
     persisted: PersistedQueries,
+    /// With a safelist only its documents run (and persisted queries are not registered).
+    safelist: Option<Arc<Safelist>>,
+    executor: Executor,
     pub(crate) verifier: TokenVerifier,
     pub(crate) limiter: ClientLimiter,
     metrics: PrometheusHandle,
@@ -101,14 +110,12 @@ impl QueryApi {
         primary: PgPool,
         metrics: PrometheusHandle,
     ) -> Result<Self, StartupError> {
-        let verifier = TokenVerifier::new(&config.keys)?;
+        let verifier = TokenVerifier::new(&config.keys)?.with_max_lifetime(config.max_token_lifetime);
         let sources = ReadSources::new(primary, &config.replica_urls, config.sources.clone())?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartupError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = command_api::connections::bind(config.listen).map_err(|source| StartupError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let per_second = NonZeroU32::new(config.rate_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_burst).unwrap_or(per_second);
         let state = Arc::new(Inner {
@@ -117,6 +124,8 @@ impl QueryApi {
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
             epoch: CacheEpoch::new(config.cache_staleness),
             persisted: PersistedQueries::new(config.persisted_queries),
+            safelist: config.safelist.clone(),
+            executor: Executor::for_this_machine().map_err(StartupError::Executor)?,
             master_keys: Arc::clone(&config.master_keys),
             sources,
             verifier,
@@ -162,9 +171,8 @@ impl QueryApi {
                 }
             })
         };
-        let served = axum::serve(listener, router(state).into_make_service())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let limits = state.config.connections;
+        let served = command_api::connections::serve(listener, router(state), limits, "query", shutdown).await;
         stop.cancel();
         let _ = tokio::join!(health, watermarks, forget_old_clients);
         tracing::info!("query API stopped");
@@ -175,6 +183,10 @@ impl QueryApi {
 fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let body_limit = state.config.max_body_bytes;
+    let body = command_api::startup::BodyLimits {
+        max_bytes: body_limit,
+        timeout: state.config.connections.body_read_timeout,
+    };
     Router::new()
         .route("/graphql", get(graphiql).post(graphql))
         .route("/v1/audit/events", get(crate::audit::audit_events))
@@ -189,7 +201,7 @@ fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(body_limit, read_whole_body))
+        .layer(axum::middleware::from_fn_with_state(body, read_whole_body))
         .layer(CatchPanicLayer::custom(|_| {
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -206,12 +218,17 @@ fn router(state: AppState) -> Router {
 
 /// Reads the body before routing, as the command API does (see [`command_api::body`]).
 async fn read_whole_body(
-    State(limit): State<usize>,
+    State(limits): State<command_api::startup::BodyLimits>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match command_api::body::read_whole_body(request, limit).await {
+    match command_api::body::read_whole_body(request, limits.max_bytes, limits.timeout).await {
         Ok(request) => next.run(request).await,
+        Err(error @ BodyError::TimedOut(_)) => body::closing(rejected(
+            StatusCode::REQUEST_TIMEOUT,
+            error.to_string(),
+            "REQUEST_TIMEOUT",
+        )),
         Err(error @ BodyError::TooLarge { .. }) => body::closing(rejected(
             StatusCode::PAYLOAD_TOO_LARGE,
             error.to_string(),
@@ -278,6 +295,9 @@ struct GraphqlBody {
     variables: Option<serde_json::Value>,
     #[serde(default)]
     extensions: Option<BodyExtensions>,
+    /// A registered document's id (Relay, the GraphQL-over-HTTP draft): with a safelist.
+    #[serde(default, alias = "id")]
+    document_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +317,8 @@ fn viewer_of(principal: &Principal) -> Option<Viewer> {
 
 async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
+    // Everything from here on, parsing and validation included, counts against the limit.
+    let deadline = tokio::time::Instant::now() + state.config.query_timeout;
     let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let principal = match state.verifier.verify_header(authorization) {
         Ok(principal) => principal,
@@ -347,35 +369,65 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         }
     };
     let persisted = body.extensions.as_ref().and_then(|e| e.persisted_query.as_ref());
-    let query = match state.persisted.resolve(body.query, persisted) {
-        Ok(query) => query,
-        // Apollo clients expect a 200 with the code, then retry with the full query.
-        Err(error) => {
-            let status = if error.code() == "PERSISTED_QUERY_NOT_FOUND" {
-                StatusCode::OK
-            } else {
-                StatusCode::BAD_REQUEST
+    let query = match &state.safelist {
+        Some(safelist) => {
+            let registered = match (&body.query, persisted, &body.document_id) {
+                (_, _, Some(id)) => safelist.by_id(id),
+                (_, Some(persisted), None) => safelist.by_id(&persisted.sha256_hash),
+                (Some(text), None, None) => safelist.by_text(text),
+                (None, None, None) => None,
             };
-            return rejected(status, error.to_string(), error.code());
+            match registered {
+                Some(query) => query,
+                None => {
+                    return rejected(
+                        StatusCode::FORBIDDEN,
+                        "only registered documents run here (the server has a safelist); send a registered document or its id",
+                        "DOCUMENT_NOT_ALLOWED",
+                    );
+                }
+            }
         }
+        None => match state.persisted.resolve(body.query, persisted) {
+            Ok(query) => query,
+            // Apollo clients expect a 200 with the code, then retry with the full query.
+            Err(error) => {
+                let status = if error.code() == "PERSISTED_QUERY_NOT_FOUND" {
+                    StatusCode::OK
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return rejected(status, error.to_string(), error.code());
+            }
+        },
     };
     let variables = match body.variables {
         None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => value,
         Some(_) => return rejected(StatusCode::BAD_REQUEST, "`variables` must be an object", "BAD_REQUEST"),
     };
-    let min_position = match min_position(&headers, &query, body.operation_name.as_deref(), &variables) {
+    // Measured before anything expands it: a document over a limit costs microseconds.
+    let checked = match check_document(&query, &state.config.limits.document) {
+        Ok(checked) => checked,
+        Err(error) => {
+            tracing::info!(%error, "query refused before validation");
+            return rejected(StatusCode::OK, error.to_string(), error.code());
+        }
+    };
+    let min_position = match min_position(&headers, &checked.document, body.operation_name.as_deref(), &variables) {
         Ok(position) => position,
         Err(message) => return rejected(StatusCode::BAD_REQUEST, message, "BAD_USER_INPUT"),
     };
     let asked = Asked {
         normalized: normalize_query(&query),
         query,
+        document: checked.document,
         operation_name: body.operation_name,
         variables_key: event_schema::canonical::canonical_json(&variables),
         variables,
         viewer,
         min_position,
+        deadline,
     };
     let answer = answer(&state, &asked).await;
     let cache = answer.cache;
@@ -384,16 +436,18 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
     answer.into_response()
 }
 
-/// A question, resolved and normalized.
+/// A question, resolved, parsed and normalized.
 #[derive(Debug)]
 struct Asked {
     query: Arc<str>,
+    document: ExecutableDocument,
     normalized: String,
     operation_name: Option<String>,
     variables: serde_json::Value,
     variables_key: String,
     viewer: Viewer,
     min_position: Option<i64>,
+    deadline: tokio::time::Instant,
 }
 
 #[derive(Debug)]
@@ -403,7 +457,8 @@ struct Answer {
     cache: &'static str,
     outcome: &'static str,
     source: Option<Source>,
-    checkpoints: Option<Vec<i64>>,
+    /// The log position the answer reflects at least.
+    position: Option<i64>,
 }
 
 impl IntoResponse for Answer {
@@ -414,9 +469,8 @@ impl IntoResponse for Answer {
         if let Some(source) = &self.source {
             headers.insert("x-read-source", HeaderValue::from_static(source.kind()));
         }
-        if let Some(checkpoints) = &self.checkpoints
-            && let Some(least) = checkpoints.iter().min()
-            && let Ok(value) = HeaderValue::from_str(&least.to_string())
+        if let Some(position) = self.position
+            && let Ok(value) = HeaderValue::from_str(&position.to_string())
         {
             headers.insert("x-read-position", value);
         }
@@ -433,6 +487,8 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
             Ok(route) => route,
             Err(error) => return unroutable(&error),
         };
+        // The source had applied at least this much before the query read it.
+        let read_at = route.checkpoints.as_ref().and_then(|c| c.iter().min().copied());
         let key = route.checkpoints.as_ref().map(|seen| {
             cache_key(&CacheKeyParts {
                 normalized_query: &asked.normalized,
@@ -443,24 +499,28 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
             })
         });
         if let (Some(cache), Some(key)) = (&state.cache, &key)
-            && let Some(body) = cache.get(key)
+            && let Some(cached) = cache.get(key)
         {
+            // What the answer reflects is where it was read, not where the source is now.
             return Answer {
                 status: StatusCode::OK,
-                body,
+                body: cached.body,
                 cache: "hit",
                 outcome: "ok",
                 source: Some(route.source),
-                checkpoints: route.checkpoints,
+                position: cached.position,
             };
         }
         match execute(state, asked, &route).await {
             Executed::Answered { body, cacheable, ok } => {
                 let stored = match (&state.cache, key) {
-                    (Some(cache), Some(key)) if cacheable => {
-                        cache.insert(key, body.clone());
-                        true
-                    }
+                    (Some(cache), Some(key)) if cacheable => cache.insert(
+                        key,
+                        CachedAnswer {
+                            body: body.clone(),
+                            position: read_at,
+                        },
+                    ),
                     _ => false,
                 };
                 return Answer {
@@ -469,7 +529,7 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
                     cache: if stored { "miss" } else { "bypass" },
                     outcome: if ok { "ok" } else { "error" },
                     source: Some(route.source),
-                    checkpoints: route.checkpoints,
+                    position: read_at,
                 };
             }
             Executed::SourceFailed(body) => {
@@ -492,7 +552,7 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
         cache: "bypass",
         outcome: "error",
         source: None,
-        checkpoints: None,
+        position: None,
     }
 }
 
@@ -515,7 +575,7 @@ fn unroutable(error: &ReadError) -> Answer {
         cache: "bypass",
         outcome: "error",
         source: None,
-        checkpoints: None,
+        position: None,
     }
 }
 
@@ -529,19 +589,49 @@ enum Executed {
     SourceFailed(Bytes),
 }
 
+/// Validates and executes on the executor's threads (see [`crate::executor`]), by the
+/// request's deadline.
 async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
     let read = Arc::new(ReadContext::new(asked.viewer, route.pool.clone(), state.config.limits));
     let mut request =
         async_graphql::Request::new(asked.query.to_string()).variables(Variables::from_json(asked.variables.clone()));
+    request.set_parsed_query(asked.document.clone());
     if let Some(name) = &asked.operation_name {
         request = request.operation_name(name.clone());
     }
     let request = request_data(request, Arc::clone(&read));
-    let response = match tokio::time::timeout(state.config.query_timeout, state.schema.execute(request)).await {
-        Ok(response) => response,
+    let schema = state.schema.clone();
+    let work = async move {
+        let mut response = schema.execute(request).await;
+        let ok = response.is_ok();
+        let cacheable = ok && response.cache_control.max_age != -1;
+        with_error_codes(&mut response.errors);
+        let body = match serde_json::to_vec(&response) {
+            Ok(body) => Bytes::from(body),
+            Err(error) => {
+                tracing::error!(%error, "cannot serialize a GraphQL response");
+                Bytes::from_static(
+                    br#"{"errors":[{"message":"internal error","extensions":{"code":"INTERNAL_SERVER_ERROR"}}]}"#,
+                )
+            }
+        };
+        (body, ok, cacheable)
+    };
+    let timeout = state.config.query_timeout;
+    let (body, ok, cacheable) = match tokio::time::timeout_at(asked.deadline, state.executor.run(work)).await {
+        Ok(Ok(executed)) => executed,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "query execution failed");
+            let body = serde_json::json!({ "errors": [graphql_error("internal error", "INTERNAL_SERVER_ERROR")] });
+            return Executed::Answered {
+                body: Bytes::from(body.to_string()),
+                cacheable: false,
+                ok: false,
+            };
+        }
         Err(_) => {
             let body = serde_json::json!({ "errors": [graphql_error(
-                format!("the query took longer than {:?} and was stopped; ask for less", state.config.query_timeout),
+                format!("the query took longer than {timeout:?} and was stopped; ask for less"),
                 "TIMEOUT",
             )] });
             return Executed::Answered {
@@ -551,21 +641,33 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
             };
         }
     };
-    let ok = response.is_ok();
-    let cacheable = ok && response.cache_control.max_age != -1;
-    let body = match serde_json::to_vec(&response) {
-        Ok(body) => Bytes::from(body),
-        Err(error) => {
-            tracing::error!(%error, "cannot serialize a GraphQL response");
-            Bytes::from_static(
-                br#"{"errors":[{"message":"internal error","extensions":{"code":"INTERNAL_SERVER_ERROR"}}]}"#,
-            )
-        }
-    };
     if read.source_failed() {
         return Executed::SourceFailed(body);
     }
     Executed::Answered { body, cacheable, ok }
+}
+
+/// Gives every error a code. Ours carry one; async-graphql's own do not: those without a
+/// path are the request's (validation, or the complexity limit), those with one a value the
+/// client sent (a variable or literal that does not parse as its scalar). All are the
+/// client's doing.
+fn with_error_codes(errors: &mut [ServerError]) {
+    for error in errors {
+        let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
+        if has_code {
+            continue;
+        }
+        let code = if !error.path.is_empty() {
+            "BAD_USER_INPUT"
+        } else if error.message.starts_with("Query is too complex")
+            || error.message.starts_with("Query is nested too deep")
+        {
+            "QUERY_TOO_COMPLEX"
+        } else {
+            "GRAPHQL_VALIDATION_FAILED"
+        };
+        error.extensions.get_or_insert_with(Default::default).set("code", code);
+    }
 }
 
 /// The `X-Min-Position` header: a position the answer must include (a command's `position`).
@@ -586,17 +688,12 @@ pub(crate) fn min_position_header(headers: &HeaderMap) -> Result<Option<i64>, &'
 /// `minPosition` argument of the operation's root fields.
 fn min_position(
     headers: &HeaderMap,
-    query: &str,
+    document: &ExecutableDocument,
     operation_name: Option<&str>,
     variables: &serde_json::Value,
 ) -> Result<Option<i64>, String> {
     let header = min_position_header(headers)?;
-    // Most queries carry none: skip the parse.
-    let argument = if query.contains("minPosition") {
-        crate::graphql::min_position_argument(query, operation_name, variables)?
-    } else {
-        None
-    };
+    let argument = crate::graphql::min_position_argument(document, operation_name, variables)?;
     Ok(header.max(argument))
 }
 

@@ -13,6 +13,8 @@ use projections::Projection;
 use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::graphql::Limits;
+use query_api::graphql::document::DocumentLimits;
+use query_api::safelist::Safelist;
 use query_api::{QueryApi, QueryApiConfig, SourcesConfig};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -178,6 +180,7 @@ async fn command_api(
     let config = ApiConfig {
         listen: args.command_listen,
         keys: key_source(&args.auth)?,
+        max_token_lifetime: args.auth.max_token_lifetime(),
         rate_per_second: args.rate_limit,
         rate_burst: args.rate_limit.saturating_mul(2),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
@@ -186,6 +189,7 @@ async fn command_api(
             AppendModeArg::Unbatched => AppendMode::Unbatched,
         },
         master_keys: args.master_keys.keyring()?,
+        connections: args.connection_limits(),
         ..ApiConfig::default()
     };
     Application::with_store(config, store, metrics, Arc::new(SystemClock))
@@ -208,13 +212,29 @@ async fn query_api(
         listen: args.query_listen,
         replica_urls: args.replica_urls.clone(),
         keys: key_source(&args.auth)?,
+        max_token_lifetime: args.auth.max_token_lifetime(),
         master_keys: args.master_keys.keyring()?,
         limits: Limits {
             max_page_size: q.query_max_page_size.max(1),
             default_page_size: 20.min(q.query_max_page_size.max(1)),
-            max_depth: q.query_max_depth,
             max_complexity: q.query_max_complexity,
+            document: DocumentLimits {
+                max_depth: q.query_max_depth,
+                max_selections: q.query_max_selections,
+                max_tokens: q.query_max_tokens,
+                max_aliases: q.query_max_aliases,
+                max_fragments: q.query_max_fragments,
+                ..DocumentLimits::default()
+            },
             ..Limits::default()
+        },
+        safelist: match &q.graphql_safelist {
+            Some(path) => {
+                let safelist = Safelist::from_file(path)?;
+                tracing::info!(documents = safelist.len(), path = %path.display(), "only safelisted documents run");
+                Some(Arc::new(safelist))
+            }
+            None => None,
         },
         query_timeout,
         rate_per_second: args.rate_limit,
@@ -229,6 +249,7 @@ async fn query_api(
             statement_timeout: Some(statement_timeout),
             ..SourcesConfig::default()
         },
+        connections: args.connection_limits(),
         ..QueryApiConfig::default()
     };
     let api = QueryApi::build(config, primary.clone(), metrics)

@@ -29,9 +29,18 @@ pub fn router() -> axum::Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDevice {
-    /// The device's id; generated when absent (send one to make retries safe without an
-    /// Idempotency-Key).
-    pub device_id: Option<Uuid>,
+    /// Your own name for the device, 1 to 128 visible ASCII characters, unique per owner.
+    /// Device ids are chosen by the server: with a reference, the id is derived from the
+    /// owner and the reference, so a create retried with it (even without an
+    /// Idempotency-Key) answers 409 `device_already_exists` instead of making a second
+    /// device; without one, every create makes a new device.
+    #[schema(
+        example = "order-4711/phone-1",
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[!-~]+$"
+    )]
+    pub reference: Option<String>,
     /// The owner; defaults to the caller for a `user` token.
     pub owner_id: Option<Uuid>,
     /// The cloud that hosts the device.
@@ -79,7 +88,13 @@ pub async fn create(
             detail: "owner_id is required when creating a device for someone else".into(),
         });
     };
-    let device_id = body.value.device_id.unwrap_or_else(Uuid::now_v7);
+    let device_id = match &body.value.reference {
+        Some(reference) => domain::ids::device_id_for_reference(
+            owner_id,
+            domain::ids::check_device_reference(reference).map_err(ApiError::Domain)?,
+        ),
+        None => Uuid::now_v7(),
+    };
     // The domain checks the range; a value past a byte is out of it just the same.
     let android_version = u8::try_from(body.value.android_version).unwrap_or(u8::MAX);
     let ctx = CommandContext::new(principal, meta, &body.raw);

@@ -106,3 +106,89 @@ async fn concurrent_duplicates_write_once(pool: PgPool) {
     );
     assert_eq!(app.event_count().await, events + 1);
 }
+
+/// A single request's key and a batch's items live in separate key spaces: `k#0`, `k 0`,
+/// `k batch-item 0` and friends sent alone never name item 0 of a batch sent with `k`, and
+/// the other way round.
+#[sqlx::test(migrations = false)]
+async fn a_single_key_never_collides_with_a_batch_item(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let token = app.register(Uuid::now_v7(), "enterprise").await;
+    let (first, second) = (app.create_device(&token).await, app.create_device(&token).await);
+    // The batch first: item 0 starts `first` under key `k`.
+    let batch = app
+        .send(
+            Method::POST,
+            "/v1/devices/batch",
+            Some(&token),
+            Some(json!({"operations": [{"op": "start", "device_id": first}]})),
+            &[("idempotency-key", "k")],
+        )
+        .await;
+    assert_eq!(batch.body["results"][0]["status"], 200, "{batch:?}");
+    // Single requests whose keys look like item 0's run as themselves: start `second`, once
+    // each key (a collision would answer "reused" or replay the batch item's outcome).
+    for key in ["k#0", "k-0", "k:0", "k_batch-item_0", "k%20batch-item%200"] {
+        let single = app
+            .send(
+                Method::POST,
+                &format!("/v1/devices/{second}/stop"),
+                Some(&token),
+                None,
+                &[("idempotency-key", key)],
+            )
+            .await;
+        assert_eq!(
+            (single.status, single.code()),
+            (StatusCode::CONFLICT, "device_not_running"),
+            "key {key}: {single:?}"
+        );
+    }
+    let single = app
+        .send(
+            Method::POST,
+            &format!("/v1/devices/{second}/start"),
+            Some(&token),
+            None,
+            &[("idempotency-key", "k#0")],
+        )
+        .await;
+    assert_eq!(single.status, StatusCode::OK, "{single:?}");
+    assert_eq!(single.body["id"], json!(second));
+    // And a batch after a single key: item 0 of `j` is not the single `j#0`.
+    let single = app
+        .send(
+            Method::POST,
+            &format!("/v1/devices/{first}/stop"),
+            Some(&token),
+            None,
+            &[("idempotency-key", "j#0")],
+        )
+        .await;
+    assert_eq!(single.status, StatusCode::OK, "{single:?}");
+    let batch = app
+        .send(
+            Method::POST,
+            "/v1/devices/batch",
+            Some(&token),
+            Some(json!({"operations": [{"op": "stop", "device_id": second}]})),
+            &[("idempotency-key", "j")],
+        )
+        .await;
+    assert_eq!(batch.body["results"][0]["status"], 200, "{batch:?}");
+    assert_eq!(batch.body["results"][0]["result"]["id"], json!(second), "{batch:?}");
+    // Keys with a space never get this far: a client's key is visible ASCII.
+    let spaced = app
+        .send(
+            Method::POST,
+            &format!("/v1/devices/{first}/start"),
+            Some(&token),
+            None,
+            &[("idempotency-key", "k batch-item 0")],
+        )
+        .await;
+    assert_eq!(
+        (spaced.status, spaced.code()),
+        (StatusCode::BAD_REQUEST, "invalid_idempotency_key")
+    );
+}

@@ -8,6 +8,7 @@ mod endpoints;
 mod errors;
 mod fuzz;
 mod idempotency;
+mod ids;
 mod quota;
 mod scoping;
 mod support;

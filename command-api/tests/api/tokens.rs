@@ -22,6 +22,7 @@ fn sign(algorithm: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
         scope: String::new(),
         iat: Utc::now().timestamp(),
         exp: Utc::now().timestamp() + 600,
+        nbf: None,
     };
     jsonwebtoken::encode(&header, &claims, key).unwrap()
 }

@@ -6,6 +6,7 @@
 //! integer minor units with a currency; dates as ISO strings. A `user` caller only ever sees
 //! its own rows, whatever filter it passes: scoping happens here, before any SQL is built.
 
+pub mod document;
 pub mod loaders;
 pub mod scalars;
 mod types;
@@ -39,8 +40,10 @@ pub struct Limits {
     pub max_page_size: i32,
     /// Longest range of `dailyUsage` and `usage`, in days.
     pub max_usage_days: i64,
-    pub max_depth: usize,
+    /// Complexity: fields, with each connection's page size multiplying what it holds.
     pub max_complexity: usize,
+    /// What a document may be before it is validated (its depth limit included).
+    pub document: document::DocumentLimits,
 }
 
 impl Default for Limits {
@@ -49,8 +52,8 @@ impl Default for Limits {
             default_page_size: 20,
             max_page_size: 100,
             max_usage_days: 366,
-            max_depth: 12,
             max_complexity: 5_000,
+            document: document::DocumentLimits::default(),
         }
     }
 }
@@ -124,6 +127,11 @@ impl ReadContext {
             tracing::warn!(%error, "read model source failed");
             async_graphql::Error::new("the read models are unavailable right now; retry shortly")
                 .extend_with(|_, e| e.set("code", "SOURCE_UNAVAILABLE"))
+        } else if is_data_exception(error) {
+            // A value PostgreSQL cannot hold (a date or number out of its range): the
+            // arguments' fault, whatever check let it through.
+            tracing::info!(%error, "read model query refused a value");
+            bad_input("a value in the query is out of the range the read models can hold")
         } else {
             tracing::error!(%error, "read model query failed");
             async_graphql::Error::new("the read models could not be read")
@@ -260,6 +268,14 @@ pub struct ProviderUsage {
     pub cost: Money,
 }
 
+/// SQLSTATE class 22, data exception: a value out of range, an invalid date.
+fn is_data_exception(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code.starts_with("22"))
+}
+
 /// The statement named a table this source does not have (a projection version not live).
 fn is_undefined_table(error: &sqlx::Error) -> bool {
     error
@@ -268,8 +284,16 @@ fn is_undefined_table(error: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "42P01")
 }
 
-/// Checks a usage range against the limits.
+/// Checks a usage range against the limits. Dates are years 1 to 9999 (what ISO 8601 and
+/// every dashboard writes; PostgreSQL refuses some dates chrono parses).
 pub(crate) fn usage_range(limits: &Limits, from: NaiveDate, to: NaiveDate) -> async_graphql::Result<()> {
+    for (name, date) in [("from", from), ("to", to)] {
+        if !(1..=9999).contains(&chrono::Datelike::year(&date)) {
+            return Err(bad_input(format!(
+                "`{name}` ({date}) must be a date of the years 1 to 9999"
+            )));
+        }
+    }
     if from > to {
         return Err(bad_input(format!("`from` ({from}) is after `to` ({to})")));
     }
@@ -529,10 +553,10 @@ pub struct ProjectionState {
     pub last_recorded_at: Option<DateTime<Utc>>,
 }
 
-/// Builds the schema with its limits. Introspection is off unless asked for.
+/// Builds the schema with its limits. Introspection is off unless asked for. The depth limit
+/// is [`document::check_document`]'s, which lets introspection nest deeper than data.
 pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
     let builder = Schema::build(Query, EmptyMutation, EmptySubscription)
-        .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(32)
         .limit_directives(8);
@@ -557,10 +581,9 @@ pub fn request_data(request: async_graphql::Request, read: Arc<ReadContext>) -> 
 }
 
 /// The largest `minPosition` argument among the root fields of the operation that will run
-/// (read before execution, since the position decides which source answers). A query that
-/// does not parse is left for execution to report.
+/// (read before execution, since the position decides which source answers).
 pub fn min_position_argument(
-    query: &str,
+    document: &async_graphql::parser::types::ExecutableDocument,
     operation_name: Option<&str>,
     variables: &serde_json::Value,
 ) -> Result<Option<i64>, String> {
@@ -568,9 +591,6 @@ pub fn min_position_argument(
     use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection, SelectionSet};
     use async_graphql_value::Value;
 
-    let Ok(document) = async_graphql::parser::parse_query(query) else {
-        return Ok(None);
-    };
     let operation = match (&document.operations, operation_name) {
         (DocumentOperations::Single(operation), _) => operation,
         (DocumentOperations::Multiple(operations), Some(name)) => match operations.get(&Name::new(name)) {
@@ -650,12 +670,21 @@ pub fn min_position_argument(
         }
         Ok(largest)
     }
-    walk(&operation.node.selection_set.node, &document, 0, &position)
+    walk(&operation.node.selection_set.node, document, 0, &position)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn min_position_argument(
+        query: &str,
+        operation_name: Option<&str>,
+        variables: &serde_json::Value,
+    ) -> Result<Option<i64>, String> {
+        let document = async_graphql::parser::parse_query(query).unwrap();
+        super::min_position_argument(&document, operation_name, variables)
+    }
 
     #[test]
     fn min_position_comes_from_literals_variables_and_defaults() {
