@@ -216,6 +216,11 @@ pub struct QueryArgs {
     /// Most fragment definitions in a document.
     #[arg(long, env = "CLOUDPHONE_QUERY_MAX_FRAGMENTS", default_value_t = 64)]
     pub query_max_fragments: usize,
+    /// Nice value (0 to 19) of the threads GraphQL documents are validated and executed on:
+    /// above the rest of the process's, so that when the CPU is short, health checks, portal
+    /// commands and projections get it first.
+    #[arg(long, env = "CLOUDPHONE_QUERY_EXECUTOR_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub query_executor_nice: i32,
     /// Run only the documents of this file (an Apollo persisted query manifest, or a JSON
     /// map of ids to documents); every other document is refused with DOCUMENT_NOT_ALLOWED
     /// [default: any document within the limits runs].
@@ -598,6 +603,83 @@ pub enum LoadKind {
     /// Reports throughput and p50/p99/p999 per operation, projection lag, the query cache's
     /// hit ratio, errors by kind, CPU and RSS per role; fails on any 5xx or transport error.
     Platform(LoadPlatformArgs),
+    /// Hostile clients: `cloudphone serve` as a child process, quiet and then attacked by
+    /// `--connections` sockets trickling header lines and `--document-clients` clients
+    /// sending the worst GraphQL documents known (fragment bombs, nesting, alias and token
+    /// floods, introspection abuse, the heaviest allowed); reports `/healthz` and portal
+    /// command p99 in both phases and each document kind's p99.
+    Hostile(LoadHostileArgs),
+    /// A history checker under faults (issue #20): the roles as separate processes on a
+    /// PostgreSQL cluster of the run's own behind a TCP proxy, portal clients recording every
+    /// operation's invocation and outcome while faults come on a schedule (primary restarted,
+    /// `kill -9` of each role, the network to PostgreSQL cut or blackholed, with `--kafka` the
+    /// broker killed); then the log is checked against the history (acknowledged exactly once,
+    /// nothing from refusals, every refusal justified by the stream's state) and the read
+    /// models against a rebuild. Fails on any violation.
+    History(LoadHistoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadHistoryArgs {
+    /// Seconds of load with faults (longer if the first round of every fault kind needs it).
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_DURATION", default_value_t = 120)]
+    pub duration: u64,
+    /// Concurrent portal clients, each acting for two users, one operation at a time.
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_CLIENTS", default_value_t = 16)]
+    pub clients: usize,
+    /// Seed of the operations and of the fault schedule.
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Seconds between the starts of two faults (each heals before the next).
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_FAULT_EVERY", default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+    pub fault_every: u64,
+    /// Scale-out mode: the relay and two Kafka projector workers on a broker of the run's own
+    /// (ops/dev/broker.sh on a free port), which the faults kill too.
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_KAFKA")]
+    pub kafka: bool,
+    /// Operations per second over all clients at most [default: as fast as answered; 40
+    /// with --kafka, which the development broker carries].
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_RATE")]
+    pub rate: Option<u64>,
+    /// The command API's `--request-timeout` (s): short, so requests time out during faults
+    /// while their appends wait in the group-commit writer's queue.
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_REQUEST_TIMEOUT", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, env = "CLOUDPHONE_LOAD_HISTORY_JSON")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LoadHostileArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_hostile`,
+    /// recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Sockets trickling header lines during the attack, split between the two APIs.
+    #[arg(long, default_value_t = 20_000)]
+    pub connections: usize,
+    /// Clients sending hostile GraphQL documents during the attack.
+    #[arg(long, default_value_t = 16)]
+    pub document_clients: usize,
+    /// Portal clients sending commands in both phases.
+    #[arg(long, default_value_t = 8)]
+    pub command_clients: usize,
+    /// The document clients also send the costliest documents the limits let through (seven
+    /// full device pages, the standard introspection query): legitimate load at full speed,
+    /// beside the attack.
+    #[arg(long)]
+    pub with_allowed: bool,
+    /// Seconds of each phase.
+    #[arg(long, default_value_t = 30)]
+    pub duration: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// Internal: only trickle `--connections` sockets at these `host:port`s until killed (the
+    /// attack runs in several such processes, each within its file-descriptor limit).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub trickle_at: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -80,9 +80,11 @@ pub fn batch_item_key(key: &str, index: usize) -> String {
     format!("{key} batch-item {index}")
 }
 
-/// One attempt's result: done, or decide again on fresh state.
+/// One attempt's result: done, done without writing (the state already was what the
+/// command asks), or decide again on fresh state.
 enum Attempt {
     Done(Result<CommandAccepted, ApiError>),
+    Unchanged(CommandAccepted),
     Retry,
 }
 
@@ -148,6 +150,12 @@ where
                     return Ok(accepted);
                 }
                 return result;
+            }
+            // Likewise a duplicate that finds the state its twin created already what it asks
+            // (a resize to the size the twin set): the twin's answer, not a no-op's, whose
+            // position would be the stream's last event rather than the twin's last event.
+            Ok(Attempt::Unchanged(unchanged)) => {
+                return Ok(replay_idempotent(state, ctx, id).await?.unwrap_or(unchanged));
             }
             Ok(Attempt::Retry) => {
                 metrics::counter!(crate::telemetry::COMMAND_RETRIES_TOTAL).increment(1);
@@ -259,11 +267,14 @@ async fn user_attempt(
                 slot.clear();
                 return Ok(Attempt::Retry);
             }
-            return Ok(Attempt::Done(decided.map_err(Into::into).map(|_| CommandAccepted {
-                id: user_id,
-                stream_version: loaded.version,
-                position: loaded.last_position,
-            })));
+            return Ok(match decided {
+                Ok(_) => Attempt::Unchanged(CommandAccepted {
+                    id: user_id,
+                    stream_version: loaded.version,
+                    position: loaded.last_position,
+                }),
+                Err(error) => Attempt::Done(Err(error.into())),
+            });
         }
     };
     let stream = StreamAppend {
@@ -358,11 +369,14 @@ async fn device_attempt(
                 }
                 return Ok(Attempt::Retry);
             }
-            return Ok(Attempt::Done(decided.map_err(Into::into).map(|_| CommandAccepted {
-                id: device_id,
-                stream_version: device.version,
-                position: device.last_position,
-            })));
+            return Ok(match decided {
+                Ok(_) => Attempt::Unchanged(CommandAccepted {
+                    id: device_id,
+                    stream_version: device.version,
+                    position: device.last_position,
+                }),
+                Err(error) => Attempt::Done(Err(error.into())),
+            });
         }
     };
     let (device_events, owner_events): (Vec<Event>, Vec<Event>) =

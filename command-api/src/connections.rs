@@ -7,8 +7,11 @@
 //! - **Keep-alive timeout**: a connection with no request in flight and no bytes moving for
 //!   this long is closed.
 //! - **Body read timeout**: see [`crate::body`]; a body that stalls is the client's fault, 408.
-//! - **A connection limit per listener**: past it a new connection gets a 503 problem document
-//!   with `Connection: close` and is closed at once, so it costs a file descriptor for
+//! - **A connection limit per listener**: at the limit, the connection that has waited longest
+//!   (at least a second) without sending a complete request head is closed to make room, so
+//!   sockets that trickle headers cannot keep clients that send whole requests out; when no
+//!   connection is waiting like that, the new one gets a 503 problem document with
+//!   `Connection: close` and is closed at once, so it costs a file descriptor for
 //!   microseconds, never the whole process's supply.
 //! - **Metrics**: open connections, accepted and refused ones, per listener.
 //! - **Graceful shutdown**: stop accepting, close idle connections, finish answering the rest.
@@ -44,6 +47,9 @@ pub mod metrics_names {
     pub const REFUSED_TOTAL: &str = "cloudphone_http_connections_refused_total";
     /// Counter: connections closed for idling past the keep-alive timeout.
     pub const IDLE_CLOSED_TOTAL: &str = "cloudphone_http_connections_idle_closed_total";
+    /// Counter: connections closed at the limit to make room, for having sent no complete
+    /// request head for a second or more.
+    pub const EVICTED_TOTAL: &str = "cloudphone_http_connections_evicted_total";
 }
 use metrics_names as m;
 
@@ -126,9 +132,18 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
+    let mut tracked = Connections::default();
     let closing = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
     metrics::gauge!(m::OPEN, "listener" => name).set(0.0);
+    for counter in [
+        m::ACCEPTED_TOTAL,
+        m::REFUSED_TOTAL,
+        m::IDLE_CLOSED_TOTAL,
+        m::EVICTED_TOTAL,
+    ] {
+        metrics::counter!(counter, "listener" => name).increment(0);
+    }
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -145,20 +160,29 @@ pub async fn serve(
             },
         };
         if open.load(Ordering::Relaxed) >= limits.max_connections {
-            metrics::counter!(m::REFUSED_TOTAL, "listener" => name).increment(1);
-            tasks.spawn(refuse(stream));
-            continue;
+            if tracked.evict_one() {
+                metrics::counter!(m::EVICTED_TOTAL, "listener" => name).increment(1);
+            } else {
+                metrics::counter!(m::REFUSED_TOTAL, "listener" => name).increment(1);
+                tasks.spawn(refuse(stream));
+                continue;
+            }
         }
         let _ = stream.set_nodelay(true);
         metrics::counter!(m::ACCEPTED_TOTAL, "listener" => name).increment(1);
-        let guard = OpenConnection::new(Arc::clone(&open), name);
+        let connection = Arc::new(Tracked {
+            activity: Activity::new(),
+            evict: CancellationToken::new(),
+            place: OpenConnection::new(Arc::clone(&open), name),
+        });
+        tracked.push(Arc::clone(&connection), limits.max_connections);
         tasks.spawn(serve_connection(
             stream,
             peer,
             router.clone(),
             limits,
             closing.clone(),
-            guard,
+            connection,
         ));
     }
     drop(listener);
@@ -168,24 +192,84 @@ pub async fn serve(
     Ok(())
 }
 
-/// Counts a connection open while it lives.
+/// A served connection as the accept loop sees it.
+struct Tracked {
+    activity: Arc<Activity>,
+    /// Cancelled to close the connection at once, to make room for a new one.
+    evict: CancellationToken,
+    /// Its place in the listener's count, given up when it is evicted or ends, whichever
+    /// comes first (an evicted connection's task may run a little later, under load).
+    place: OpenConnection,
+}
+
+/// The listener's connections in the order they were accepted (finished ones are dropped as
+/// they are met).
+#[derive(Default)]
+struct Connections {
+    queue: std::collections::VecDeque<Arc<Tracked>>,
+}
+
+/// How long a connection must have gone without a complete request head to be closed for a
+/// new one.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+
+impl Connections {
+    fn push(&mut self, connection: Arc<Tracked>, limit: usize) {
+        // Below the limit nothing is evicted, so finished connections pile up unless dropped.
+        if self.queue.len() >= limit.saturating_mul(2).max(64) {
+            self.queue.retain(|c| !c.activity.finished.load(Ordering::Relaxed));
+        }
+        self.queue.push_back(connection);
+    }
+
+    /// Closes the oldest connection that is waiting for a request head (looking at a bounded
+    /// number); true when one was closed.
+    fn evict_one(&mut self) -> bool {
+        // Finished connections are dropped as they are met and do not count against the look.
+        let mut looked = 0;
+        while looked < self.queue.len().min(256) {
+            let Some(connection) = self.queue.pop_front() else {
+                return false;
+            };
+            if connection.activity.finished.load(Ordering::Relaxed) {
+                continue;
+            }
+            looked += 1;
+            if connection.activity.waiting_for_head() >= EVICTABLE_AFTER {
+                connection.evict.cancel();
+                connection.place.release();
+                return true;
+            }
+            // Busy: it keeps its place, at the back.
+            self.queue.push_back(connection);
+        }
+        false
+    }
+}
+
+/// Counts a connection open until it is released (once).
 struct OpenConnection {
     open: Arc<AtomicUsize>,
     name: &'static str,
+    counted: std::sync::atomic::AtomicBool,
 }
 
 impl OpenConnection {
     fn new(open: Arc<AtomicUsize>, name: &'static str) -> Self {
         let now = open.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::gauge!(m::OPEN, "listener" => name).set(now as f64);
-        OpenConnection { open, name }
+        OpenConnection {
+            open,
+            name,
+            counted: std::sync::atomic::AtomicBool::new(true),
+        }
     }
-}
 
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        let now = self.open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        metrics::gauge!(m::OPEN, "listener" => self.name).set(now as f64);
+    fn release(&self) {
+        if self.counted.swap(false, Ordering::Relaxed) {
+            let now = self.open.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+            metrics::gauge!(m::OPEN, "listener" => self.name).set(now as f64);
+        }
     }
 }
 
@@ -222,9 +306,9 @@ async fn serve_connection(
     router: Router,
     limits: ConnectionLimits,
     closing: CancellationToken,
-    open: OpenConnection,
+    tracked: Arc<Tracked>,
 ) {
-    let activity = Activity::new();
+    let activity = Arc::clone(&tracked.activity);
     let io = TokioIo::new(Watched {
         inner: stream,
         activity: Arc::clone(&activity),
@@ -245,8 +329,17 @@ async fn serve_connection(
         .keep_alive(true);
     let connection = builder.serve_connection(io, TowerToHyperService::new(service));
     tokio::pin!(connection);
-    let mut idle_check = tokio::time::interval(limits.keep_alive_timeout.max(Duration::from_millis(100)) / 4);
+    // Wakes when the connection would have idled a whole timeout if no byte moved since it
+    // was last checked; bytes that moved push the next check back. One timer per connection
+    // and at most one wakeup per timeout: thousands of open connections cost little.
+    let timeout = limits.keep_alive_timeout.max(Duration::from_millis(100));
+    let idle_check = tokio::time::sleep(timeout);
+    tokio::pin!(idle_check);
     let mut shutting_down = false;
+    // When the connection was asked to close for idling: one whose response is stuck (its
+    // client stopped reading) would never finish closing gracefully, so it is dropped a
+    // timeout later if still no byte moved.
+    let mut closing_idle: Option<Instant> = None;
     loop {
         tokio::select! {
             served = connection.as_mut() => {
@@ -255,19 +348,35 @@ async fn serve_connection(
                 }
                 break;
             }
+            () = tracked.evict.cancelled() => break,
             () = closing.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = idle_check.tick(), if !shutting_down => {
-                if activity.idle_for() >= limits.keep_alive_timeout {
-                    shutting_down = true;
-                    metrics::counter!(m::IDLE_CLOSED_TOTAL, "listener" => open.name).increment(1);
-                    connection.as_mut().graceful_shutdown();
+            () = idle_check.as_mut(), if !shutting_down || closing_idle.is_some() => {
+                let idle = activity.idle_for();
+                match closing_idle {
+                    None if idle >= timeout => {
+                        shutting_down = true;
+                        closing_idle = Some(Instant::now());
+                        metrics::counter!(m::IDLE_CLOSED_TOTAL, "listener" => tracked.place.name).increment(1);
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Some(since) if since.elapsed() >= timeout && idle >= timeout => break,
+                    _ => {}
                 }
+                // Next: a whole timeout after the last byte (or from now, while a request is
+                // being handled or the graceful close is under way).
+                let wait = match closing_idle {
+                    None => timeout.saturating_sub(idle).max(Duration::from_millis(10)),
+                    Some(_) => timeout,
+                };
+                idle_check.as_mut().reset(tokio::time::Instant::now() + wait);
             }
         }
     }
+    activity.finished.store(true, Ordering::Relaxed);
+    tracked.place.release();
 }
 
 /// When a connection last moved bytes, and how many of its requests are being handled.
@@ -275,6 +384,10 @@ struct Activity {
     started: Instant,
     last_millis: AtomicU64,
     requests: AtomicUsize,
+    /// When the connection last became ready for a request head (accepted, or its last
+    /// request answered), in milliseconds since `started`.
+    ready_millis: AtomicU64,
+    finished: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -283,12 +396,27 @@ impl Activity {
             started: Instant::now(),
             last_millis: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
+            ready_millis: AtomicU64::new(0),
+            finished: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
+    fn now_millis(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_millis.store(now, Ordering::Relaxed);
+        self.last_millis.store(self.now_millis(), Ordering::Relaxed);
+    }
+
+    /// How long the connection has been ready for a request head without completing one:
+    /// zero while a request is being handled.
+    fn waiting_for_head(&self) -> Duration {
+        if self.requests.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let ready = self.ready_millis.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_millis().saturating_sub(ready))
     }
 
     /// How long the connection has been idle: zero while a request is being handled.
@@ -378,6 +506,7 @@ where
         impl Drop for Handling {
             fn drop(&mut self) {
                 self.0.requests.fetch_sub(1, Ordering::Relaxed);
+                self.0.ready_millis.store(self.0.now_millis(), Ordering::Relaxed);
                 self.0.touch();
             }
         }

@@ -17,16 +17,19 @@ pub enum CommandErrors {
     /// No bearer token, or an invalid one.
     #[response(status = 401, content_type = "application/problem+json")]
     Unauthorized(Problem),
-    /// The token may not act on this resource.
+    /// The token may not do this at all (decided from the token and request alone).
     #[response(status = 403, content_type = "application/problem+json")]
     Forbidden(Problem),
-    /// No such user or device.
+    /// No such user or device, or another tenant's device (answered as a missing one).
     #[response(status = 404, content_type = "application/problem+json")]
     NotFound(Problem),
     /// The command does not fit the current state (e.g. starting a running device), or the
     /// resource kept changing concurrently.
     #[response(status = 409, content_type = "application/problem+json")]
     Conflict(Problem),
+    /// The body stopped arriving before it was complete (`body_timeout`).
+    #[response(status = 408, content_type = "application/problem+json")]
+    RequestTimeout(Problem),
     /// The body is over the size limit.
     #[response(status = 413, content_type = "application/problem+json")]
     PayloadTooLarge(Problem),
@@ -39,7 +42,9 @@ pub enum CommandErrors {
     /// Too many requests from this client; see Retry-After.
     #[response(status = 429, content_type = "application/problem+json")]
     RateLimited(Problem),
-    /// The event log is unavailable; retry (with the same Idempotency-Key).
+    /// The event log is unavailable or the request ran out of time (`unavailable`), or the
+    /// listener is at its connection limit (`too_many_connections`); retry (with the same
+    /// Idempotency-Key).
     #[response(status = 503, content_type = "application/problem+json")]
     Unavailable(Problem),
 }

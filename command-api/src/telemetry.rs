@@ -66,6 +66,9 @@ pub fn prometheus() -> PrometheusHandle {
                 COMMAND_STALE_DECISIONS_TOTAL,
                 "Refusals or no-ops decided on a cached aggregate behind the log, decided again"
             );
+            // Exported from the start (at 0) so dashboards and alerts see the series before the
+            // first stale decision.
+            metrics::counter!(COMMAND_STALE_DECISIONS_TOTAL).increment(0);
             metrics::describe_counter!(IDEMPOTENT_REPLAYS_TOTAL, "Requests answered from an earlier outcome");
             metrics::describe_counter!(
                 PERSONAL_DATA_KEYS_DESTROYED_TOTAL,

@@ -115,18 +115,31 @@ done
 token=$("$binary" token --user 00000000-0000-4000-8000-000000000000 --role admin)
 
 # --- seed data (ids as in ops/dev/schemathesis.toml) ----------------------------------------
-send() { # METHOD PATH JSON: fails with the response when the answer is not 2xx
+send() { # METHOD PATH JSON: fails with the response when the answer is not 2xx; sets $answer
     local response status
     response=$(curl -sS --max-time 10 -X "$1" "$base$2" -H "Authorization: Bearer $token" \
         -H 'Content-Type: application/json' -d "$3" -w '\n%{http_code}')
     status=${response##*$'\n'}
+    answer=${response%$'\n'*}
     if [ "${status:0:1}" != 2 ]; then
-        say "seeding failed: $1 $2 $3 -> $status ${response%$'\n'*}"
+        say "seeding failed: $1 $2 $3 -> $status $answer"
         exit 1
     fi
 }
 register() { send POST /v1/users "{\"user_id\":\"$1\",\"tier\":\"enterprise\",\"email\":\"seed@example.com\",\"phone\":\"+4915112345678\"}"; }
-create_device() { send POST /v1/devices "{\"device_id\":\"$1\",\"owner_id\":\"$owner\",\"provider\":\"aws\",\"cpu_cores\":2,\"memory_mb\":2048,\"android_version\":14}"; }
+# Device ids are the server's: each seeded device is created with a reference, and the
+# placeholder id of the configuration (ops/dev/schemathesis.toml) is replaced by the id the
+# server answered, in a copy of the configuration the run uses.
+config="$work/schemathesis.toml"
+cp "$root/ops/dev/schemathesis.toml" "$config"
+create_device() { # PLACEHOLDER-ID: creates a device and puts its id in the run's configuration
+    send POST /v1/devices "{\"reference\":\"seed-$1\",\"owner_id\":\"$owner\",\"provider\":\"aws\",\"cpu_cores\":2,\"memory_mb\":2048,\"android_version\":14}"
+    local id
+    id=$(printf '%s' "$answer" | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+    sed -i "s/$1/$id/g" "$config"
+    device_ids["$1"]=$id
+}
+declare -A device_ids
 
 owner=11111111-1111-4111-8111-111111111111
 register "$owner"
@@ -137,8 +150,8 @@ for n in 1 2 3 4; do create_device "33333333-3333-4333-8333-33333333333$n"; done
 for n in 1 2 3; do create_device "44444444-4444-4444-8444-44444444444$n"; done
 for n in 1 2 3 4; do create_device "55555555-5555-4555-8555-55555555555$n"; done
 # Some running, some stopped.
-for id in 33333333-3333-4333-8333-333333333331 44444444-4444-4444-8444-444444444441 55555555-5555-4555-8555-555555555551; do
-    send POST "/v1/devices/$id/start" ''
+for placeholder in 33333333-3333-4333-8333-333333333331 44444444-4444-4444-8444-444444444441 55555555-5555-4555-8555-555555555551; do
+    send POST "/v1/devices/${device_ids[$placeholder]}/start" ''
 done
 
 # --- the run --------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ status=0
 rm -f "$work/junit.xml"
 (
     cd "$work" # Hypothesis keeps a .hypothesis folder in the current directory
-    "$st" --config-file "$root/ops/dev/schemathesis.toml" run "$base/openapi.json" \
+    "$st" --config-file "$config" run "$base/openapi.json" \
         --header "Authorization: Bearer $token" \
         --checks "$checks" \
         --seed "$seed" \

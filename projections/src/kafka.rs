@@ -230,8 +230,32 @@ async fn consume(
     config: &KafkaProjectorConfig,
     stop: &CancellationToken,
 ) -> Result<(), ProjectorError> {
-    let (consumer, assignments) = connect(projection, config)?;
-    let result = consume_with(pool, projection, config, stop, &consumer, assignments).await;
+    let (consumer, mut assignments) = connect(projection, config)?;
+    let mut backoff = Duration::from_millis(200);
+    let result = loop {
+        let started = Instant::now();
+        let consumed = consume_with(pool, projection, config, stop, &consumer, &mut assignments).await;
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        match consumed {
+            // A database outage is no reason to leave the group: a new consumer rejoins it,
+            // which rebalances the whole group (dynamic members) on every worker's every
+            // outage, and leaves dead members behind that the development broker never
+            // evicts (ops/dev/README.md). The same consumer goes on: each partition's offset
+            // is read again from PostgreSQL at its next message, and the consumer seeks back
+            // there if it had read ahead.
+            Err(error @ (ProjectorError::Database(_) | ProjectorError::Read(_))) if !stop.is_cancelled() => {
+                tracing::warn!(projection = projection.name(), %error, ?backoff, "kafka projector resuming from its stored offsets");
+                tokio::select! {
+                    () = stop.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => break other,
+        }
+    };
     // Closing a consumer leaves the group and may block on the broker: not on async workers.
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     result
@@ -286,7 +310,7 @@ async fn consume_with(
     config: &KafkaProjectorConfig,
     stop: &CancellationToken,
     consumer: &ProjectorConsumer,
-    mut assignments: mpsc::UnboundedReceiver<Assignment>,
+    assignments: &mut mpsc::UnboundedReceiver<Assignment>,
 ) -> Result<(), ProjectorError> {
     let consumer = Arc::clone(consumer);
     let mut conn = pool.acquire().await?;

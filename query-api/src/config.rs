@@ -33,6 +33,9 @@ pub struct QueryApiConfig {
     pub cache_staleness: Duration,
     /// Persisted query texts remembered.
     pub persisted_queries: u64,
+    /// Nice value of the threads GraphQL documents are validated and executed on (see
+    /// [`crate::executor`]); 0 keeps the process's priority.
+    pub executor_nice: i32,
     /// When set, only these documents run.
     pub safelist: Option<Arc<crate::safelist::Safelist>>,
     /// Schema introspection (GraphiQL needs it).
@@ -67,6 +70,7 @@ impl Default for QueryApiConfig {
             cache_staleness: Duration::from_secs(1),
             persisted_queries: 10_000,
             safelist: None,
+            executor_nice: 10,
             introspection: true,
             graphiql: true,
             sources: SourcesConfig::default(),

@@ -3,10 +3,13 @@
 //! Validating and executing a document is CPU work that does not yield while it runs. On the
 //! process's main runtime a burst of expensive documents would occupy every worker thread,
 //! and in `cloudphone serve` the command API, health checks and projectors share those
-//! threads. Here that work runs on threads of its own: the operating system shares the CPU
-//! between them and the main runtime's, so no role can starve another's requests. A bounded
-//! number of executions run at once; the rest wait, and the wait counts against the query's
-//! time limit.
+//! threads. Here that work runs on threads of its own, with a lower scheduling priority (a
+//! nice value): the operating system gives the main runtime's threads the CPU first when both
+//! want it, so a flood of documents slows dashboards, never health checks, portal commands or
+//! projections. The query API's connections are served on these threads too, so the
+//! HTTP work of a flood (reading bodies, writing refusals) is theirs as well. A bounded number
+//! of executions run at once; the rest wait, and the wait counts against the query's time
+//! limit.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,11 +41,22 @@ impl std::fmt::Debug for Executor {
 }
 
 impl Executor {
-    /// `threads` worker threads (at least one), at most `in_flight` executions at once.
-    pub fn new(threads: usize, in_flight: usize) -> std::io::Result<Self> {
+    /// `threads` worker threads (at least one) at nice value `nice` (0: the process's own),
+    /// at most `in_flight` executions at once.
+    pub fn new(threads: usize, in_flight: usize, nice: i32) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("graphql")
+            .on_thread_start(move || {
+                if nice != 0 {
+                    // On Linux a nice value is a thread's own; a failure (a system that does not
+                    // allow it) leaves the thread at the process's priority.
+                    let thread = rustix::thread::gettid();
+                    if let Err(error) = rustix::process::setpriority_process(Some(thread), nice) {
+                        tracing::warn!(%error, nice, "cannot lower the GraphQL threads' priority");
+                    }
+                }
+            })
             .enable_all()
             .build()?;
         Ok(Executor {
@@ -53,9 +67,20 @@ impl Executor {
     }
 
     /// Threads as many as the machine has cores, and eight executions per thread.
-    pub fn for_this_machine() -> std::io::Result<Self> {
+    pub fn for_this_machine(nice: i32) -> std::io::Result<Self> {
         let threads = std::thread::available_parallelism().map_or(2, usize::from);
-        Self::new(threads, threads * 8)
+        Self::new(threads, threads * 8, nice)
+    }
+
+    /// Runs `task` on the executor's threads, outside the limit on executions (the query API's
+    /// listener: reading requests and writing answers for a flood of documents is work of
+    /// the same kind, and no other role's threads should do it).
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(task)
     }
 
     /// Runs `work` on the executor's threads once a slot is free. Dropping the returned
@@ -111,7 +136,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn cpu_work_on_the_executor_leaves_the_callers_runtime_free() {
-        let executor = Arc::new(Executor::new(1, 4).unwrap());
+        let executor = Arc::new(Executor::new(1, 4, 0).unwrap());
         // Busy the executor's only thread for 300 ms without yielding.
         let busy = tokio::spawn({
             let executor = Arc::clone(&executor);
@@ -141,7 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_run_stops_its_work_and_frees_its_slot() {
-        let executor = Executor::new(1, 1).unwrap();
+        let executor = Executor::new(1, 1, 0).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let waiting = executor.run(async move {
             let _keep = tx;

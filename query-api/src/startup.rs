@@ -125,7 +125,7 @@ impl QueryApi {
             epoch: CacheEpoch::new(config.cache_staleness),
             persisted: PersistedQueries::new(config.persisted_queries),
             safelist: config.safelist.clone(),
-            executor: Executor::for_this_machine().map_err(StartupError::Executor)?,
+            executor: Executor::for_this_machine(config.executor_nice).map_err(StartupError::Executor)?,
             master_keys: Arc::clone(&config.master_keys),
             sources,
             verifier,
@@ -172,7 +172,18 @@ impl QueryApi {
             })
         };
         let limits = state.config.connections;
-        let served = command_api::connections::serve(listener, router(state), limits, "query", shutdown).await;
+        // The connections are served on the executor's threads (registered with its reactor,
+        // so the listener moves there too): a flood of requests occupies those, never the
+        // threads the command API and the projectors run on in `cloudphone serve`.
+        let listener = listener.into_std()?;
+        let serving = state.executor.spawn({
+            let router = router(Arc::clone(&state));
+            async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                command_api::connections::serve(listener, router, limits, "query", shutdown).await
+            }
+        });
+        let served = serving.await.unwrap_or_else(|error| Err(std::io::Error::other(error)));
         stop.cancel();
         let _ = tokio::join!(health, watermarks, forget_old_clients);
         tracing::info!("query API stopped");
@@ -194,6 +205,16 @@ fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        // A method a route does not take gets a coded error too (axum's own 405 has no body).
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json::errors(&[graphql_error(
+                    "this route does not take that method; queries go to POST /graphql",
+                    "METHOD_NOT_ALLOWED",
+                )]),
+            )
+        })
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
@@ -357,7 +378,54 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             "FORBIDDEN",
         );
     };
-    let body: GraphqlBody = match serde_json::from_slice(&body) {
+    // Reading the body's JSON and measuring the document are CPU work: on the executor's
+    // threads, like validation and execution, never on the threads other roles share.
+    let preparing = Arc::clone(&state);
+    let prepared = state
+        .executor
+        .run(async move { prepare(&preparing, &headers, &body, viewer, deadline) });
+    let asked = match tokio::time::timeout_at(deadline, prepared).await {
+        Ok(Ok(Ok(asked))) => asked,
+        Ok(Ok(Err(Rejection(status, message, code)))) => return rejected(status, message, code),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "query preparation failed");
+            return rejected(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "internal error",
+                "INTERNAL_SERVER_ERROR",
+            );
+        }
+        Err(_) => {
+            return rejected(
+                StatusCode::OK,
+                format!(
+                    "the query took longer than {:?} and was stopped; ask for less",
+                    state.config.query_timeout
+                ),
+                "TIMEOUT",
+            );
+        }
+    };
+    let answer = answer(&state, &asked).await;
+    let cache = answer.cache;
+    metrics::counter!(m::GRAPHQL_REQUESTS_TOTAL, "outcome" => answer.outcome, "cache" => cache).increment(1);
+    metrics::histogram!(m::GRAPHQL_REQUEST_DURATION_SECONDS, "cache" => cache).record(started.elapsed().as_secs_f64());
+    answer.into_response()
+}
+
+/// A request refused before it was asked: status, message and code of the answer.
+struct Rejection(StatusCode, String, &'static str);
+
+/// The request's body read into a question: its document resolved (safelist, persisted
+/// queries), measured and parsed, its variables and position; or the answer refusing it.
+fn prepare(
+    state: &Inner,
+    headers: &HeaderMap,
+    body: &[u8],
+    viewer: Viewer,
+    deadline: tokio::time::Instant,
+) -> Result<Asked, Rejection> {
+    let body: GraphqlBody = match serde_json::from_slice(body) {
         Ok(body) => body,
         Err(error) => {
             let message = if body.first() == Some(&b'[') {
@@ -365,7 +433,7 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             } else {
                 format!("the body is not a GraphQL request (JSON with `query`): {error}")
             };
-            return rejected(StatusCode::BAD_REQUEST, message, "BAD_REQUEST");
+            return Err(Rejection(StatusCode::BAD_REQUEST, message, "BAD_REQUEST"));
         }
     };
     let persisted = body.extensions.as_ref().and_then(|e| e.persisted_query.as_ref());
@@ -380,11 +448,12 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
             match registered {
                 Some(query) => query,
                 None => {
-                    return rejected(
+                    return Err(Rejection(
                         StatusCode::FORBIDDEN,
-                        "only registered documents run here (the server has a safelist); send a registered document or its id",
+                        "only registered documents run here (the server has a safelist); send a registered document or its id"
+                            .to_owned(),
                         "DOCUMENT_NOT_ALLOWED",
-                    );
+                    ));
                 }
             }
         }
@@ -397,28 +466,34 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
                 } else {
                     StatusCode::BAD_REQUEST
                 };
-                return rejected(status, error.to_string(), error.code());
+                return Err(Rejection(status, error.to_string(), error.code()));
             }
         },
     };
     let variables = match body.variables {
         None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
         Some(value @ serde_json::Value::Object(_)) => value,
-        Some(_) => return rejected(StatusCode::BAD_REQUEST, "`variables` must be an object", "BAD_REQUEST"),
+        Some(_) => {
+            return Err(Rejection(
+                StatusCode::BAD_REQUEST,
+                "`variables` must be an object".to_owned(),
+                "BAD_REQUEST",
+            ));
+        }
     };
     // Measured before anything expands it: a document over a limit costs microseconds.
     let checked = match check_document(&query, &state.config.limits.document) {
         Ok(checked) => checked,
         Err(error) => {
             tracing::info!(%error, "query refused before validation");
-            return rejected(StatusCode::OK, error.to_string(), error.code());
+            return Err(Rejection(StatusCode::OK, error.to_string(), error.code()));
         }
     };
-    let min_position = match min_position(&headers, &checked.document, body.operation_name.as_deref(), &variables) {
+    let min_position = match min_position(headers, &checked.document, body.operation_name.as_deref(), &variables) {
         Ok(position) => position,
-        Err(message) => return rejected(StatusCode::BAD_REQUEST, message, "BAD_USER_INPUT"),
+        Err(message) => return Err(Rejection(StatusCode::BAD_REQUEST, message, "BAD_USER_INPUT")),
     };
-    let asked = Asked {
+    Ok(Asked {
         normalized: normalize_query(&query),
         query,
         document: checked.document,
@@ -428,12 +503,7 @@ async fn graphql(State(state): State<AppState>, headers: HeaderMap, body: Bytes)
         viewer,
         min_position,
         deadline,
-    };
-    let answer = answer(&state, &asked).await;
-    let cache = answer.cache;
-    metrics::counter!(m::GRAPHQL_REQUESTS_TOTAL, "outcome" => answer.outcome, "cache" => cache).increment(1);
-    metrics::histogram!(m::GRAPHQL_REQUEST_DURATION_SECONDS, "cache" => cache).record(started.elapsed().as_secs_f64());
-    answer.into_response()
+    })
 }
 
 /// A question, resolved, parsed and normalized.
@@ -648,10 +718,18 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
 }
 
 /// Gives every error a code. Ours carry one; async-graphql's own do not: those without a
-/// path are the request's (validation, or the complexity limit), those with one a value the
-/// client sent (a variable or literal that does not parse as its scalar). All are the
-/// client's doing.
+/// path are the request's (validation, or one of async-graphql's limits: complexity, depth,
+/// the nesting of selection sets through fragments, directives per field), those with one a
+/// value the client sent (a variable or literal that does not parse as its scalar). All are
+/// the client's doing.
 fn with_error_codes(errors: &mut [ServerError]) {
+    /// How async-graphql's limits word their errors.
+    const OVER_A_LIMIT: [&str; 4] = [
+        "Query is too complex",
+        "Query is nested too deep",
+        "The recursion depth of the query cannot be greater than",
+        "The number of directives on the field",
+    ];
     for error in errors {
         let has_code = error.extensions.as_ref().is_some_and(|e| e.get("code").is_some());
         if has_code {
@@ -659,9 +737,7 @@ fn with_error_codes(errors: &mut [ServerError]) {
         }
         let code = if !error.path.is_empty() {
             "BAD_USER_INPUT"
-        } else if error.message.starts_with("Query is too complex")
-            || error.message.starts_with("Query is nested too deep")
-        {
+        } else if OVER_A_LIMIT.iter().any(|start| error.message.starts_with(start)) {
             "QUERY_TOO_COMPLEX"
         } else {
             "GRAPHQL_VALIDATION_FAILED"

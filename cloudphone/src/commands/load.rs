@@ -37,6 +37,8 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Replay(args) => super::load_replay::run(args).await,
         LoadKind::Export(args) => super::load_export::run(args).await,
         LoadKind::Platform(args) => super::load_platform::run(args).await,
+        LoadKind::Hostile(args) => super::load_hostile::run(args).await,
+        LoadKind::History(args) => super::load_history::run(args).await,
     }
 }
 

@@ -575,7 +575,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// User + system CPU seconds of a process so far, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces): state is the first, utime the
     // 12th, stime the 13th.

@@ -5,6 +5,8 @@ pub mod export;
 pub mod keys;
 pub mod load;
 pub mod load_export;
+pub mod load_history;
+pub mod load_hostile;
 pub mod load_platform;
 pub mod load_projections;
 pub mod load_queries;

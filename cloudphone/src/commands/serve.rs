@@ -228,6 +228,7 @@ async fn query_api(
             },
             ..Limits::default()
         },
+        executor_nice: q.query_executor_nice,
         safelist: match &q.graphql_safelist {
             Some(path) => {
                 let safelist = Safelist::from_file(path)?;
@@ -335,6 +336,7 @@ fn register_role_metrics(roles: Roles, kafka: bool) {
             e::PARTITIONS_CREATED_TOTAL,
             e::PARTITIONS_ARCHIVED_TOTAL,
             c::COMMAND_RETRIES_TOTAL,
+            c::COMMAND_STALE_DECISIONS_TOTAL,
             c::IDEMPOTENT_REPLAYS_TOTAL,
             c::PERSONAL_DATA_KEYS_DESTROYED_TOTAL,
         ] {

@@ -79,3 +79,49 @@ fn a_jwks_file_picks_the_key_by_kid() {
     );
     assert!(verifier.verify(&sign(Algorithm::ES256, None, &es256_key())).is_err());
 }
+
+/// Tokens that are not yet valid, claim to be issued in the future, or live longer than the
+/// configured limit are refused 401 like forged ones; a token within every bound works.
+#[sqlx::test(migrations = false)]
+async fn not_yet_valid_future_and_long_lived_tokens_are_refused(pool: sqlx::PgPool) {
+    use crate::support::{SECRET, TestApp};
+    let app = TestApp::spawn_with(pool, |config| {
+        config.max_token_lifetime = Some(std::time::Duration::from_secs(3600));
+    })
+    .await;
+    let now = Utc::now().timestamp();
+    let user = Uuid::now_v7();
+    let sign = |iat: i64, exp: i64, nbf: Option<i64>| {
+        let claims = Claims {
+            sub: user.to_string(),
+            role: Role::User,
+            scope: String::new(),
+            iat,
+            exp,
+            nbf,
+        };
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let body = serde_json::json!({"tier": "pro", "email": "a@example.com", "phone": "+4915112345678"});
+    for (name, token) in [
+        ("nbf in 10 minutes", sign(now, now + 1800, Some(now + 600))),
+        ("iat in 10 minutes", sign(now + 600, now + 1800, None)),
+        ("lives 2 hours", sign(now, now + 7200, None)),
+        ("lives forever", sign(now, i64::MAX / 2, None)),
+    ] {
+        let answer = app.post("/v1/users", &token, body.clone()).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.code()),
+            (401, "unauthorized"),
+            "{name}: {answer:?}"
+        );
+    }
+    let good = sign(now - 5, now + 1800, Some(now - 5));
+    let answer = app.post("/v1/users", &good, body).await;
+    assert_eq!(answer.status.as_u16(), 201, "{answer:?}");
+}

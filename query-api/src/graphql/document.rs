@@ -70,7 +70,7 @@ pub enum DocumentError {
     Syntax(String),
     #[error("the document defines {count} fragments; at most {limit} are allowed")]
     TooManyFragments { count: usize, limit: usize },
-    #[error("the document has {count} aliases; at most {limit} are allowed")]
+    #[error("the document has at least {count} aliases; at most {limit} are allowed")]
     TooManyAliases { count: usize, limit: usize },
     #[error("fragment `{0}` spreads itself")]
     FragmentCycle(String),
@@ -80,7 +80,7 @@ pub enum DocumentError {
     TooDeep { depth: usize, limit: usize },
     #[error("introspection is nested {depth} deep; at most {limit} are allowed")]
     IntrospectionTooDeep { depth: usize, limit: usize },
-    #[error("the document asks for `__schema` or `__type` {count} times; at most {limit} per request")]
+    #[error("the document asks for `__schema` or `__type` at least {count} times; at most {limit} per request")]
     TooMuchIntrospection { count: u64, limit: u64 },
     #[error("the introspection answer could hold more than {limit} objects; ask for less")]
     IntrospectionTooLarge { limit: u64 },
@@ -117,13 +117,6 @@ pub fn check_document(source: &str, limits: &DocumentLimits) -> Result<CheckedDo
         return Err(DocumentError::TooManyFragments {
             count: document.fragments.len(),
             limit: limits.max_fragments,
-        });
-    }
-    let aliases = count_aliases(&document);
-    if aliases > limits.max_aliases {
-        return Err(DocumentError::TooManyAliases {
-            count: aliases,
-            limit: limits.max_aliases,
         });
     }
     let mut measure = Measure {
@@ -176,14 +169,25 @@ pub fn check_document(source: &str, limits: &DocumentLimits) -> Result<CheckedDo
     })
 }
 
-/// One pass over the text: counts tokens and bracket nesting, stopping at the first limit
-/// passed. What it does not recognise counts as a token; the parser reports it.
+/// One pass over the text: counts tokens and bracket nesting, and the aliases and
+/// `__schema` / `__type` fields the text spells out (each is a lower bound of what the parsed
+/// document holds), stopping at the first limit passed. What it does not recognise counts as
+/// a token; the parser reports it. A document refused here costs no parsing: the parser is
+/// the expensive part of refusing a large one.
 fn scan(source: &str, limits: &DocumentLimits) -> Result<(), DocumentError> {
     let bytes = source.as_bytes();
-    let (mut at, mut tokens, mut open) = (0, 0usize, 0usize);
+    let (mut at, mut tokens) = (0, 0usize);
+    // Open brackets, innermost last, and how many of them are parentheses: a name followed by
+    // `:` is an alias only in a selection set, where no parenthesis is open (arguments,
+    // variable definitions and object values all sit inside one).
+    let mut open: Vec<u8> = Vec::new();
+    let mut parentheses = 0usize;
+    let (mut aliases, mut introspection) = (0usize, 0u64);
+    let mut after_name = false;
     let name_byte = |b: u8| b == b'_' || b.is_ascii_alphanumeric();
     while at < bytes.len() {
         let rest = &bytes[at..];
+        let mut name = false;
         match rest[0] {
             b' ' | b'\t' | b'\n' | b'\r' | b',' => {
                 at += 1;
@@ -200,24 +204,50 @@ fn scan(source: &str, limits: &DocumentLimits) -> Result<(), DocumentError> {
                     .unwrap_or(rest.len());
                 continue;
             }
-            b'{' | b'(' | b'[' => {
-                open += 1;
-                if open > limits.max_nesting {
+            bracket @ (b'{' | b'(' | b'[') => {
+                if open.len() >= limits.max_nesting {
                     return Err(DocumentError::TooNested {
                         limit: limits.max_nesting,
                     });
                 }
+                open.push(bracket);
+                parentheses += usize::from(bracket == b'(');
                 at += 1;
             }
             b'}' | b')' | b']' => {
-                open = open.saturating_sub(1);
+                if open.pop() == Some(b'(') {
+                    parentheses -= 1;
+                }
+                at += 1;
+            }
+            b':' => {
+                if after_name && parentheses == 0 && open.last() == Some(&b'{') {
+                    aliases += 1;
+                    if aliases > limits.max_aliases {
+                        return Err(DocumentError::TooManyAliases {
+                            count: aliases,
+                            limit: limits.max_aliases,
+                        });
+                    }
+                }
                 at += 1;
             }
             b'"' if rest.starts_with(b"\"\"\"") => at += 3 + block_string_length(&rest[3..]),
             b'"' => at += 1 + string_length(&rest[1..]),
             b'.' if rest.starts_with(b"...") => at += 3,
             b if b == b'_' || b.is_ascii_alphabetic() => {
-                at += rest.iter().position(|&b| !name_byte(b)).unwrap_or(rest.len());
+                let length = rest.iter().position(|&b| !name_byte(b)).unwrap_or(rest.len());
+                if parentheses == 0 && matches!(&rest[..length], b"__schema" | b"__type") {
+                    introspection += 1;
+                    if introspection > limits.max_introspection_fields {
+                        return Err(DocumentError::TooMuchIntrospection {
+                            count: introspection,
+                            limit: limits.max_introspection_fields,
+                        });
+                    }
+                }
+                name = true;
+                at += length;
             }
             b if b == b'-' || b.is_ascii_digit() => {
                 at += 1 + rest[1..]
@@ -227,6 +257,7 @@ fn scan(source: &str, limits: &DocumentLimits) -> Result<(), DocumentError> {
             }
             _ => at += 1,
         }
+        after_name = name;
         tokens += 1;
         if tokens > limits.max_tokens {
             return Err(DocumentError::TooManyTokens {
@@ -264,33 +295,6 @@ fn block_string_length(body: &[u8]) -> usize {
         }
     }
     body.len()
-}
-
-fn count_aliases(document: &ExecutableDocument) -> usize {
-    fn in_set(set: &SelectionSet) -> usize {
-        set.items
-            .iter()
-            .map(|item| match &item.node {
-                Selection::Field(field) => {
-                    usize::from(field.node.alias.is_some()) + in_set(&field.node.selection_set.node)
-                }
-                Selection::InlineFragment(fragment) => in_set(&fragment.node.selection_set.node),
-                Selection::FragmentSpread(_) => 0,
-            })
-            .sum()
-    }
-    let operations: usize = match &document.operations {
-        DocumentOperations::Single(operation) => in_set(&operation.node.selection_set.node),
-        DocumentOperations::Multiple(operations) => {
-            operations.values().map(|o| in_set(&o.node.selection_set.node)).sum()
-        }
-    };
-    operations
-        + document
-            .fragments
-            .values()
-            .map(|f| in_set(&f.node.selection_set.node))
-            .sum::<usize>()
 }
 
 /// What a selection set describes once expanded. Context-free, so a fragment's is computed
@@ -470,10 +474,19 @@ mod tests {
             check(&format!("{{ a }} {fragments}")),
             Err(DocumentError::TooManyFragments { count: 70, .. })
         ));
+        // Refused at the first alias over the limit, before parsing.
         let aliases: String = (0..70).map(|i| format!("a{i}: a ")).collect();
         assert!(matches!(
             check(&format!("{{ {aliases} }}")),
-            Err(DocumentError::TooManyAliases { count: 70, .. })
+            Err(DocumentError::TooManyAliases { count: 65, .. })
+        ));
+        // Arguments, variables, object values and default values are not aliases.
+        let arguments: String = (0..70).map(|i| format!("a{i}(x: {{y: 1}}, z: 2) ")).collect();
+        assert!(check(&format!("query Q($v: Int = 1, $w: [Int] = [1]) {{ {arguments} }}")).is_ok());
+        let spread: String = (0..70).map(|i| format!("f{i}: a ")).collect();
+        assert!(matches!(
+            check(&format!("{{ ...F }} fragment F on Query {{ {spread} }}")),
+            Err(DocumentError::TooManyAliases { .. })
         ));
         assert!(matches!(check("{ a "), Err(DocumentError::Syntax(_))));
         // Strings, block strings and comments hide no tokens or brackets.
@@ -498,6 +511,13 @@ mod tests {
             "{ a: __schema { types { name } } b: __schema { types { name } } c: __schema { types { name } } }";
         assert!(matches!(
             check(aliased),
+            Err(DocumentError::TooMuchIntrospection { count: 3, .. })
+        ));
+        // Spelled out once, asked three times: counted after expansion too.
+        let spread =
+            "{ ...F } fragment F on Query { ...G ...G ...G } fragment G on Query { __schema { queryType { name } } }";
+        assert!(matches!(
+            check(spread),
             Err(DocumentError::TooMuchIntrospection { count: 3, .. })
         ));
         // Lists of lists of lists: fields of the types of fields of the types of fields.

@@ -11,8 +11,11 @@ pub mod loaders;
 pub mod scalars;
 mod types;
 
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
@@ -44,6 +47,9 @@ pub struct Limits {
     pub max_complexity: usize,
     /// What a document may be before it is validated (its depth limit included).
     pub document: document::DocumentLimits,
+    /// How long a nested load waits for its siblings' keys before it runs as one statement:
+    /// longer batches more under a busy CPU, and adds that much to each nesting level.
+    pub load_batch_window: Duration,
 }
 
 impl Default for Limits {
@@ -54,6 +60,7 @@ impl Default for Limits {
             max_usage_days: 366,
             max_complexity: 5_000,
             document: document::DocumentLimits::default(),
+            load_batch_window: Duration::from_millis(1),
         }
     }
 }
@@ -95,15 +102,21 @@ impl Viewer {
     }
 }
 
-/// What one request's resolvers share: the caller, the source it was routed to, and whether
-/// that source failed under it (then the whole request runs again on the primary).
+/// What one request's resolvers share: the caller, the source it was routed to, whether
+/// that source failed under it (then the whole request runs again on the primary), and the
+/// reads made so far.
 #[derive(Debug)]
 pub struct ReadContext {
     pub viewer: Viewer,
     pub pool: PgPool,
     pub limits: Limits,
     source_failed: AtomicBool,
+    /// Statements run for this request, by what they asked (see [`ReadContext::read_once`]).
+    reads: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<ReadResult>>>>,
 }
+
+/// A read's rows, or the error it failed with, shared by every field that asked the same.
+type ReadResult = Result<Arc<dyn Any + Send + Sync>, Arc<sqlx::Error>>;
 
 impl ReadContext {
     pub fn new(viewer: Viewer, pool: PgPool, limits: Limits) -> Self {
@@ -112,6 +125,41 @@ impl ReadContext {
             pool,
             limits,
             source_failed: AtomicBool::new(false),
+            reads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `read` once per request for one `key` (the read's name and arguments); every other
+    /// field asking the same shares its rows. async-graphql resolves each copy of a field a
+    /// document selects (it does not merge the fields of one response key, as graphql-js
+    /// does), so without this a document repeating a field a thousand times, in the text or
+    /// through fragment spreads, within every limit, would run a thousand statements.
+    pub async fn read_once<T, F, Fut>(&self, key: String, read: F) -> Result<T, Arc<sqlx::Error>>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        // The type is part of the key, so the rows under one key are always a `T`.
+        let key = format!("{} {key}", std::any::type_name::<T>());
+        let cell = {
+            let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(reads.entry(key).or_default())
+        };
+        let shared = cell
+            .get_or_init(|| async {
+                match read().await {
+                    Ok(rows) => Ok(Arc::new(rows) as Arc<dyn Any + Send + Sync>),
+                    Err(error) => Err(Arc::new(error)),
+                }
+            })
+            .await;
+        match shared {
+            Ok(rows) => Ok(rows
+                .downcast_ref::<T>()
+                .cloned()
+                .unwrap_or_else(|| unreachable!("the rows of a key are of the type in the key"))),
+            Err(error) => Err(Arc::clone(error)),
         }
     }
 
@@ -391,7 +439,8 @@ impl Query {
             to: filter.to,
             period: group_by.unwrap_or_default().into(),
         };
-        let records = reads::usage(&read.pool, &query)
+        let records = read
+            .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
             .await
             .map_err(|e| read.database_error(&e))?;
         Ok(DailyUsage::new(records))
@@ -418,7 +467,12 @@ impl Query {
             to: filter.to,
             period: group_by.unwrap_or_default().into(),
         };
-        let records = match reads::usage_by_provider(&read.pool, &query).await {
+        let records = match read
+            .read_once(format!("usage_by_provider {query:?}"), || {
+                reads::usage_by_provider(&read.pool, &query)
+            })
+            .await
+        {
             Ok(records) => records,
             Err(error) if is_undefined_table(&error) => {
                 return Err(async_graphql::Error::new(
@@ -476,7 +530,10 @@ impl Query {
             before.as_deref(),
         )?;
         let filter = filter.unwrap_or_default().scoped(read.viewer);
-        let page = reads::device_page(&read.pool, &filter, &request)
+        let page = read
+            .read_once(format!("device_page {filter:?} {request:?}"), || {
+                reads::device_page(&read.pool, &filter, &request)
+            })
             .await
             .map_err(|e| read.database_error(&e))?;
         Ok(DeviceConnection::top_level(filter, request, page))
@@ -492,7 +549,9 @@ impl Query {
         let _ = min_position;
         // A root field has no siblings to batch with: read at once rather than wait for a batch.
         let read = read_context(ctx);
-        let row = reads::devices_by_id(&read.pool, &[id])
+        let ids = [id];
+        let row = read
+            .read_once(format!("devices_by_id {id}"), || reads::devices_by_id(&read.pool, &ids))
             .await
             .map_err(|e| read.database_error(&e))?
             .into_iter()
@@ -515,7 +574,10 @@ impl Query {
     #[graphql(cache_control(no_cache))]
     async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
         let read = read_context(ctx);
-        let states = projections::status::projection_status(&read.pool)
+        let states = read
+            .read_once("projection_status".to_owned(), || {
+                projections::status::projection_status(&read.pool)
+            })
             .await
             .map_err(|e| read.database_error(&e))?;
         let now = Utc::now();
@@ -576,7 +638,7 @@ pub fn request_data(request: async_graphql::Request, read: Arc<ReadContext>) -> 
         },
         tokio::spawn,
     )
-    .delay(Duration::from_millis(1));
+    .delay(read.limits.load_batch_window);
     request.data(read).data(loader)
 }
 

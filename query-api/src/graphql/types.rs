@@ -273,7 +273,10 @@ impl DeviceConnection {
                 .await
                 .map_err(|e| read.database_error(&e))?
                 .unwrap_or(0),
-            _ => reads::count_devices(&read.pool, &self.filter)
+            _ => read
+                .read_once(format!("count_devices {:?}", self.filter), || {
+                    reads::count_devices(&read.pool, &self.filter)
+                })
                 .await
                 .map_err(|e| read.database_error(&e))?,
         };
@@ -365,6 +368,9 @@ impl From<StatsTotals> for DeviceStatsTotals {
 #[Object]
 impl DeviceStats {
     /// Rows ordered by user, status and provider.
+    // Aggregate rows from one statement: weighed per hundred, so aliases of large pages add up
+    // against the complexity limit.
+    #[graphql(complexity = "((first.max(1) as usize + 99) / 100) * child_complexity + 1")]
     async fn rows(
         &self,
         ctx: &Context<'_>,
@@ -372,7 +378,10 @@ impl DeviceStats {
     ) -> async_graphql::Result<Vec<DeviceStatsRow>> {
         let read = read_context(ctx);
         let records = match self.source {
-            StatsSource::Filter(filter) => reads::stats_rows(&read.pool, &filter, i64::from(first))
+            StatsSource::Filter(filter) => read
+                .read_once(format!("stats_rows {filter:?} {first}"), || {
+                    reads::stats_rows(&read.pool, &filter, i64::from(first))
+                })
                 .await
                 .map_err(|e| read.database_error(&e))?,
             StatsSource::User(user) => {
@@ -387,7 +396,10 @@ impl DeviceStats {
     async fn totals(&self, ctx: &Context<'_>) -> async_graphql::Result<DeviceStatsTotals> {
         let read = read_context(ctx);
         let totals = match self.source {
-            StatsSource::Filter(filter) => reads::stats_totals(&read.pool, &filter)
+            StatsSource::Filter(filter) => read
+                .read_once(format!("stats_totals {filter:?}"), || {
+                    reads::stats_totals(&read.pool, &filter)
+                })
                 .await
                 .map_err(|e| read.database_error(&e))?,
             StatsSource::User(user) => {

@@ -281,3 +281,34 @@ pub fn ids(nodes: &Value) -> Vec<String> {
 pub fn big(value: &Value) -> i64 {
     value.as_str().unwrap().parse().unwrap()
 }
+
+/// An HS256 token carrying exactly `claims`, signed with the test secret: for claims
+/// `mint_token` never writes (`nbf`, an `iat` other than now, any lifetime).
+pub fn signed_claims(claims: &Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signing_input = format!("{header}.{payload}");
+    let signature = URL_SAFE_NO_PAD.encode(hmac_sha256(SECRET.as_bytes(), signing_input.as_bytes()));
+    format!("{signing_input}.{signature}")
+}
+
+/// HMAC-SHA256 (RFC 2104), so tests can sign tokens without a JWT library of their own.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        let digest = Sha256::digest(key);
+        block[..digest.len()].copy_from_slice(&digest);
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.iter().map(|b| b ^ byte).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(message).finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .to_vec()
+}
