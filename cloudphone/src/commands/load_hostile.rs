@@ -657,14 +657,15 @@ fn micros(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
+/// The sum of the series whose name and labels start with `name` (0 when the scrape fails).
 async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
-    let Ok(answer) = client.get(format!("{base}/metrics")).send().await else {
+    let Ok(samples) = super::load_platform::scrape(client, base).await else {
         return 0.0;
     };
-    let text = answer.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+    samples
+        .iter()
+        .filter(|(series, _)| series.starts_with(name))
+        .map(|(_, value)| value)
         .sum()
 }
 

@@ -592,7 +592,7 @@ fn vm_rss_mib(pid: u32) -> Option<f64> {
 }
 
 /// The samples of a Prometheus text page, by series.
-async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+pub(super) async fn scrape(client: &reqwest::Client, base: &str) -> anyhow::Result<BTreeMap<String, f64>> {
     let text = client.get(format!("{base}/metrics")).send().await?.text().await?;
     Ok(text
         .lines()
