@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 mod common;
-use common::{RoleProcess, token, url_of};
+use common::{RoleProcess, scrape, token, url_of};
 
 /// `cloudphone serve` on the test's database with `env`; returns it and both APIs' bases.
 async fn serve(pool: &PgPool, env: &[(&str, &str)], dir: &std::path::Path) -> (RoleProcess, String, String) {
@@ -80,18 +80,13 @@ async fn exchange(host: &str, request: &[u8], limit: Duration) -> (String, Durat
     (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
 }
 
-async fn scrape(client: &reqwest::Client, base: &str, metric: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
+/// The sum of the series of one scrape whose name and labels start with `metric`.
+async fn scrape_sum(client: &reqwest::Client, base: &str, metric: &str) -> f64 {
+    scrape(client, base)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|line| line.starts_with(metric))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .iter()
+        .filter(|(series, _)| series.starts_with(metric))
+        .map(|(_, value)| value)
         .sum()
 }
 
@@ -177,10 +172,10 @@ async fn slow_and_surplus_connections_are_cut_off_with_clear_answers(pool: PgPoo
         // The listener is free again.
         let answer = client.get(format!("{base}/healthz")).send().await.unwrap();
         assert_eq!(answer.status(), 200);
-        let metric = scrape(&client, base, "cloudphone_http_connections_refused_total").await;
+        let metric = scrape_sum(&client, base, "cloudphone_http_connections_refused_total").await;
         assert!(metric >= refused as f64, "{base}: refused_total {metric} < {refused}");
     }
-    let open = scrape(
+    let open = scrape_sum(
         &client,
         &command,
         "cloudphone_http_connections_open{listener=\"command\"}",
@@ -252,7 +247,7 @@ async fn health_and_commands_answer_while_thousands_of_connections_trickle(pool:
         .collect();
     // Let the sockets connect before measuring.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while scrape(
+    while scrape_sum(
         &client,
         &command,
         "cloudphone_http_connections_open{listener=\"command\"}",
@@ -425,7 +420,7 @@ async fn a_full_listener_makes_room_for_whole_requests(pool: PgPool) {
         };
         let gauge = format!("cloudphone_http_connections_open{{listener=\"{listener}\"}}");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while scrape(&reqwest::Client::new(), other, &gauge).await < 100.0 {
+        while scrape_sum(&reqwest::Client::new(), other, &gauge).await < 100.0 {
             assert!(
                 Instant::now() < deadline,
                 "{base}: the trickling sockets never filled the listener"
@@ -441,7 +436,7 @@ async fn a_full_listener_makes_room_for_whole_requests(pool: PgPool) {
             assert_eq!(answer.status(), 200, "{base}");
             clients.push(client);
         }
-        let evicted = scrape(
+        let evicted = scrape_sum(
             &reqwest::Client::new(),
             base,
             "cloudphone_http_connections_evicted_total",
@@ -471,7 +466,7 @@ async fn a_client_that_stops_reading_loses_its_connection(pool: PgPool) {
     let (mut serve, command, _query) = serve(&pool, &[("CLOUDPHONE_KEEP_ALIVE_TIMEOUT_SECS", "1")], dir.path()).await;
     let client = reqwest::Client::new();
     let open = || {
-        scrape(
+        scrape_sum(
             &client,
             &command,
             "cloudphone_http_connections_open{listener=\"command\"}",

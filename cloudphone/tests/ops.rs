@@ -20,7 +20,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod common;
-use common::{RoleProcess, token, url_of};
+use common::{RoleProcess, scrape, token, url_of};
 
 const BROKERS: &str = "127.0.0.1:9092";
 const REPLICA_PORT: u16 = 5433;
@@ -32,20 +32,6 @@ fn unique_topic() -> String {
 /// The workspace's `ops/` directory.
 fn ops_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops")
-}
-
-/// One scrape of `/metrics`: every sample, keyed by name and labels as written.
-async fn scrape(client: &reqwest::Client, base: &str) -> BTreeMap<String, f64> {
-    let response = client.get(format!("{base}/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200, "{base}/metrics");
-    let text = response.text().await.unwrap();
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            (series.to_owned(), value.parse::<f64>().unwrap_or(f64::NAN))
-        })
-        .collect()
 }
 
 /// The metric names of a scrape (`foo_bucket`, `foo_sum` and `foo_count` count as `foo`).

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -307,4 +308,18 @@ pub async fn relay_reaches(pool: &PgPool, relay: &str, head: i64, limit: Duratio
         assert!(Instant::now() < deadline, "relay stuck at {position:?}, head {head}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// One scrape of `/metrics`: every sample, keyed by name and labels as written.
+pub async fn scrape(client: &reqwest::Client, base: &str) -> BTreeMap<String, f64> {
+    let response = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{base}/metrics");
+    let text = response.text().await.unwrap();
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse::<f64>().unwrap_or(f64::NAN))
+        })
+        .collect()
 }
