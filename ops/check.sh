@@ -9,7 +9,8 @@
 # Installs promtool, amtool and docker-compose (Debian packages prometheus,
 # prometheus-alertmanager, docker-compose) when they are missing, without starting their
 # services. Needs no container engine and no running platform. (That every metric named in
-# ops/ is really exported is checked against running roles by cloudphone/tests/ops.rs.)
+# ops/ is really exported is checked against running roles by
+# cloudphone/tests/cloudphone/ops.rs.)
 set -euo pipefail
 
 ops="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -2,10 +2,13 @@
 //! operator verb. `main.rs` is a thin shell over [`run`]; each verb lives in
 //! [`commands`]. This crate wires the library crates together and must not hold business
 //! rules or SQL of its own.
+//!
+//! `cloudphone load ...` is the `load-tools` crate, mounted here only with the `load` cargo
+//! feature (on by default, off in the release image: `--no-default-features`). The progress
+//! bars and flag groups both share are `operator-console`'s.
 
 pub mod cli;
 pub mod commands;
-pub mod progress;
 pub mod telemetry;
 
 use crate::cli::{Cli, Command};
@@ -24,7 +27,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args).await,
         Command::Export(args) => commands::export::run(args).await,
         Command::Keys { action } => commands::keys::run(action).await,
-        Command::Load { kind } => commands::load::run(kind).await,
+        #[cfg(feature = "load")]
+        Command::Load { kind } => load_tools::run(kind).await,
         Command::Token(args) => commands::token::run(args),
     }
 }

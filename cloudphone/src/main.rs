@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     // Every connection and pool costs a descriptor: a low soft limit (often 1024) would let
     // a crowd of idle clients stop the APIs accepting. The listeners' limits are derived from
     // what this gives.
-    let open_files = command_api::connections::raise_open_files_limit(262_144);
+    let open_files = http_edge::connections::raise_open_files_limit(262_144);
     tracing::debug!(open_files, "file descriptor limit");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -5,15 +5,15 @@ use domain::DomainError;
 use domain::device::{self, DeviceCommand, DeviceContext};
 use domain::user::{self, UserCommand};
 use event_log::{AppendBatch, AppendError, AppendOutcome, ExpectedVersion, NewEvent, StreamAppend};
-use event_schema::{Event, EventMetadata, StreamType};
+use event_schema::{Actor, ActorRole, Event, EventMetadata, StreamType};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::{Principal, scope};
 use crate::extract::RequestMeta;
 use crate::problem::ApiError;
 use crate::state::AppState;
+use http_edge::auth::{Principal, Role, scope};
 
 /// What a command that was accepted answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -67,7 +67,7 @@ impl CommandContext {
         EventMetadata {
             correlation_id: Some(self.meta.request_id),
             causation_id: None,
-            actor: Some(self.principal.actor()),
+            actor: Some(actor_of(&self.principal)),
             trace_id: Some(self.meta.trace_id.clone()),
             idempotency_key: self.meta.idempotency_key.clone(),
             extra: Default::default(),
@@ -227,7 +227,7 @@ async fn encode(
     let mut data_key = None;
     for event in events {
         let mut new_event =
-            NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::Internal(e.to_string()))?;
+            NewEvent::from_event(event, metadata.clone(), now).map_err(|e| ApiError::internal(e.to_string()))?;
         let personal_fields = event_schema::kind_of(event.event_type()).map_or(&[][..], |kind| kind.personal_fields);
         if !personal_fields.is_empty() {
             let key = match &data_key {
@@ -468,7 +468,7 @@ async fn cached_states_current(state: &AppState, cached: &[(Uuid, i64)]) -> Resu
 }
 
 fn forbidden(what: &str) -> ApiError {
-    ApiError::Forbidden(format!("this token may not {what}"))
+    ApiError::forbidden(format!("this token may not {what}"))
 }
 
 /// Who may run which user command.
@@ -491,7 +491,7 @@ fn authorize_user_command(principal: &Principal, user_id: Uuid, command: &UserCo
 /// refusal (403) says nothing about any device.
 fn authorize_device_command(principal: &Principal, command: &DeviceCommand) -> Result<(), ApiError> {
     let allowed = principal.is_admin()
-        || principal.role == crate::auth::Role::User
+        || principal.role == http_edge::auth::Role::User
         || principal.has_scope(scope::DEVICES_WRITE)
         || (matches!(command, DeviceCommand::ReportFailure { .. }) && principal.has_scope(scope::DEVICES_REPORT));
     if !allowed {
@@ -508,5 +508,19 @@ fn authorize_device_command(principal: &Principal, command: &DeviceCommand) -> R
 /// Whether the caller (already allowed the command) may touch devices of `owner_id`: a user
 /// only their own; admins and scoped services every user's.
 fn may_touch_devices_of(principal: &Principal, owner_id: Uuid) -> bool {
-    principal.role != crate::auth::Role::User || principal.is_user(owner_id)
+    principal.role != http_edge::auth::Role::User || principal.is_user(owner_id)
+}
+
+/// The actor recorded in the metadata of the events a caller's command appends.
+fn actor_of(principal: &Principal) -> Actor {
+    Actor {
+        role: match principal.role {
+            Role::User => ActorRole::User,
+            Role::Admin => ActorRole::Admin,
+            // Auditors are refused every command, so no event names one; should that ever
+            // change, `service` (a non-person principal named by its subject) is closest.
+            Role::Service | Role::Auditor => ActorRole::Service,
+        },
+        subject: principal.subject.clone(),
+    }
 }

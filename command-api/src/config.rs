@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use event_log::personal::MasterKeyring;
 
-use crate::auth::KeySource;
+use http_edge::auth::KeySource;
 
 /// How commands reach the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,15 +39,15 @@ pub struct ApiConfig {
     /// Master keys that wrap the per-user keys of personal data.
     pub master_keys: Arc<MasterKeyring>,
     /// Connection limit and header, body and keep-alive timeouts of the listener.
-    pub connections: crate::connections::ConnectionLimits,
+    pub connections: http_edge::connections::ConnectionLimits,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            keys: KeySource::Secret(crate::auth::DEVELOPMENT_SECRET.to_owned()),
-            max_token_lifetime: Some(crate::auth::DEFAULT_MAX_TOKEN_LIFETIME),
+            keys: KeySource::Secret(http_edge::auth::DEVELOPMENT_SECRET.to_owned()),
+            max_token_lifetime: Some(http_edge::auth::DEFAULT_MAX_TOKEN_LIFETIME),
             max_body_bytes: 256 * 1024,
             rate_per_second: 2_000,
             rate_burst: 4_000,
@@ -56,7 +56,7 @@ impl Default for ApiConfig {
             cached_aggregates: 200_000,
             append_mode: AppendMode::GroupCommit,
             master_keys: Arc::new(MasterKeyring::development()),
-            connections: crate::connections::ConnectionLimits::default(),
+            connections: http_edge::connections::ConnectionLimits::default(),
         }
     }
 }

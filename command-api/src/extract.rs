@@ -8,7 +8,10 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::auth::Principal;
+use http_edge::auth::Principal;
+use http_edge::problem::EdgeError;
+use http_edge::telemetry::trace_id;
+
 use crate::problem::ApiError;
 use crate::state::AppState;
 
@@ -22,9 +25,8 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let principal = state.verifier.verify_header(header)?;
-        if let Err(not_until) = state.limiter.check_key(&principal.rate_key()) {
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-            return Err(ApiError::RateLimited { retry_after: wait });
+        if let Err(wait) = state.limiter.check(principal.rate_key()) {
+            return Err(EdgeError::RateLimited { retry_after: wait }.into());
         }
         Ok(Caller(principal))
     }
@@ -98,27 +100,6 @@ fn request_id(headers: &HeaderMap) -> Uuid {
         .unwrap_or_else(Uuid::now_v7)
 }
 
-/// The trace id of a valid W3C `traceparent`, else a new one. Behind the API's
-/// `ensure_trace_context` layer every request has a valid one, so the request span, the
-/// events' metadata and the response all carry the same id.
-pub fn trace_id(headers: &HeaderMap) -> String {
-    trace_parent(headers).map_or_else(|| Uuid::new_v4().simple().to_string(), |(trace, _)| trace.to_owned())
-}
-
-/// The trace id and parent span id of a valid W3C `traceparent` header (version 00 layout:
-/// 32 and 16 lower-case hex digits, neither all zeros).
-pub fn trace_parent(headers: &HeaderMap) -> Option<(&str, &str)> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
-    let mut parts = value.split('-');
-    let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
-    let valid = |id: &str, len: usize| {
-        id.len() == len
-            && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-            && id.bytes().any(|b| b != b'0')
-    };
-    (valid(trace, 32) && valid(span, 16)).then_some((trace, span))
-}
-
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
@@ -148,7 +129,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         if !is_json(request.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
+            return Err(EdgeError::UnsupportedMediaType.into());
         }
         let raw = read_body(request, state).await?;
         let value = parse_json(&raw)?;
@@ -176,7 +157,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
             });
         }
         if !json {
-            return Err(ApiError::UnsupportedMediaType);
+            return Err(EdgeError::UnsupportedMediaType.into());
         }
         // `null` is "no body" too (the document allows it).
         let value = parse_json::<Option<T>>(&raw)?.unwrap_or_default();
@@ -199,7 +180,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 async fn read_body<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, state).await.map_err(|rejection| {
         if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
+            EdgeError::PayloadTooLarge.into()
         } else {
             ApiError::bad_request("invalid_body", rejection.body_text())
         }

@@ -1,8 +1,8 @@
 //! The Cloudphone command API: the axum HTTP service portals POST commands to.
 //!
-//! A request is authenticated ([`auth`]), its body parsed into a domain command
-//! ([`routes`]), and run by [`commands`]: the aggregate comes from an in-memory slot
-//! ([`aggregates`]), `domain` decides, and the events go to the event log with the expected
+//! A request is authenticated (`http-edge`'s tokens, through [`extract::Caller`]), its body
+//! parsed into a domain command ([`routes`]), and run by [`commands`]: the aggregate comes
+//! from an in-memory slot ([`aggregates`]), `domain` decides, and the events go to the event log with the expected
 //! versions of every stream they touch, in one atomic append that the log's writer groups with
 //! others (group commit). A concurrent change makes the command decide again on fresh state, a
 //! bounded number of times. Every failure is mapped once, in [`problem`], to an RFC 9457
@@ -12,11 +12,8 @@
 //! event log.
 
 pub mod aggregates;
-pub mod auth;
-pub mod body;
 pub mod commands;
 pub mod config;
-pub mod connections;
 pub mod extract;
 pub mod openapi;
 pub mod problem;

@@ -5,23 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderName;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use event_log::{Clock, EventStore, StoreConfig, SystemClock};
+use http_edge::auth::{KeyError, TokenVerifier};
+use http_edge::body::BodyError;
+use http_edge::connections;
+use http_edge::layers::{BodyLimits, EdgeAnswers, with_edge_layers};
+use http_edge::problem::EdgeError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
-use crate::auth::{KeyError, TokenVerifier};
-use crate::body::{self, BodyError};
 use crate::config::ApiConfig;
-use crate::connections;
 use crate::problem::ApiError;
 use crate::routes::{self, system};
 use crate::state::{AppState, Inner};
@@ -74,6 +72,7 @@ impl Application {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StartupError> {
         let verifier = TokenVerifier::new(&config.keys)?.with_max_lifetime(config.max_token_lifetime);
+        telemetry::describe_metrics();
         let listener = connections::bind(config.listen).map_err(|source| StartupError::Bind {
             addr: config.listen,
             source,
@@ -125,56 +124,42 @@ impl Application {
 
 /// The full router with its layers.
 pub fn router(state: AppState) -> Router {
-    let request_id = HeaderName::from_static("x-request-id");
     let timeout = state.config.request_timeout;
     let body = BodyLimits {
         max_bytes: state.config.max_body_bytes,
         timeout: state.config.connections.body_read_timeout,
     };
-    Router::new()
+    let routed = Router::new()
         .merge(routes::router())
-        .route_layer(middleware::from_fn(telemetry::track_requests))
+        .route_layer(middleware::from_fn(http_edge::telemetry::track_requests))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))
         .route("/openapi.json", get(system::openapi))
-        .fallback(|| async { ApiError::NoRoute })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(body.max_bytes))
+        .fallback(|| async { EdgeError::NoRoute })
+        .method_not_allowed_fallback(|| async { EdgeError::MethodNotAllowed })
         // The handler's time limit starts once the body is in: a slow body is the client's
         // (408, by the body read timeout), a slow answer the server's (503).
-        .layer(middleware::from_fn_with_state(timeout, time_limit))
-        .layer(middleware::from_fn_with_state(body, read_whole_body))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal("handler panicked".into()).into_response()
-        }))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
-        .layer(middleware::from_fn(telemetry::ensure_trace_context))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(timeout, time_limit));
+    with_edge_layers(routed, body, ProblemAnswers).with_state(state)
 }
 
-/// How much of a body is read, and for how long.
+/// The command API answers what its edge refuses with problem documents.
 #[derive(Debug, Clone, Copy)]
-pub struct BodyLimits {
-    pub max_bytes: usize,
-    pub timeout: Duration,
-}
+struct ProblemAnswers;
 
-/// Reads the body before routing (see [`crate::body`]).
-async fn read_whole_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
-    match body::read_whole_body(request, limits.max_bytes, limits.timeout).await {
-        Ok(request) => next.run(request).await,
-        Err(BodyError::TooLarge { .. }) => body::closing(ApiError::PayloadTooLarge.into_response()),
-        Err(error @ BodyError::TimedOut(_)) => body::closing(ApiError::BodyTimeout(error.to_string()).into_response()),
-        Err(error @ BodyError::Unreadable(_)) => body::closing(
-            ApiError::BadRequest {
-                code: "unreadable_body",
-                detail: error.to_string(),
-            }
-            .into_response(),
-        ),
+impl EdgeAnswers for ProblemAnswers {
+    fn body_refused(&self, error: &BodyError) -> Response {
+        match error {
+            BodyError::TooLarge { .. } => EdgeError::PayloadTooLarge,
+            BodyError::TimedOut(_) => EdgeError::BodyTimeout(error.to_string()),
+            BodyError::Unreadable(_) => EdgeError::bad_request("unreadable_body", error.to_string()),
+        }
+        .into_response()
+    }
+
+    fn panicked(&self) -> Response {
+        EdgeError::Internal("handler panicked".into()).into_response()
     }
 }
 
@@ -183,6 +168,6 @@ async fn read_whole_body(State(limits): State<BodyLimits>, request: Request, nex
 async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::Unavailable(format!("request took longer than {limit:?}")).into_response(),
+        Err(_) => ApiError::unavailable(format!("request took longer than {limit:?}")).into_response(),
     }
 }

@@ -1,6 +1,5 @@
 //! What every handler shares.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use domain::PricingTable;
@@ -8,16 +7,12 @@ use domain::device::DeviceState;
 use domain::user::UserState;
 use event_log::personal::PersonalDataKeys;
 use event_log::{AppendBatch, AppendError, AppendOutcome, Clock, EventStore, LogReader};
-use governor::clock::DefaultClock;
-use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
+use http_edge::auth::TokenVerifier;
+use http_edge::rate_limit::ClientLimiter;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::aggregates::Slots;
-use crate::auth::TokenVerifier;
 use crate::config::{ApiConfig, AppendMode};
-
-pub type ClientLimiter = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock>;
 
 #[derive(Clone, Debug)]
 pub struct AppState(pub Arc<Inner>);
@@ -54,15 +49,13 @@ impl Inner {
         metrics: PrometheusHandle,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let per_second = NonZeroU32::new(config.rate_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.rate_burst).unwrap_or(per_second);
         Inner {
             reader: LogReader::new(store.pool().clone()),
             personal: PersonalDataKeys::new(store.pool().clone(), config.master_keys.clone()),
             users: Slots::new(config.cached_aggregates),
             devices: Slots::new(config.cached_aggregates),
             pricing: PricingTable::standard(),
-            limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)),
+            limiter: ClientLimiter::new(config.rate_per_second, config.rate_burst),
             config,
             store,
             verifier,

@@ -31,11 +31,11 @@
 //! parallel writers but leaves gaps, makes readers wait behind the oldest open transaction,
 //! and still needs serialising for the hash chain.
 //!
-//! [`relay`] is the transactional outbox: it publishes what was committed to Kafka, in order,
-//! and records how far the broker acknowledged.
+//! The transactional outbox relay that publishes what was committed to Kafka lives in
+//! `kafka-adapters`; its checkpoint table is migrated here, with the log.
 //!
-//! This crate must never decide business rules (that is `domain`), and never publish to Kafka
-//! inside an append: the relay publishes what was committed.
+//! This crate must never decide business rules (that is `domain`), and never link a Kafka
+//! client or publish inside an append: the relay publishes what was committed.
 
 mod append;
 pub mod chain;
@@ -48,7 +48,6 @@ mod migrate;
 pub mod partitions;
 pub mod personal;
 mod read;
-pub mod relay;
 mod tail;
 mod writer;
 

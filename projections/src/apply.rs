@@ -7,11 +7,14 @@ use event_schema::{DeviceEvent, Event, EventEnvelope, SchemaError, StreamType};
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
-use crate::fleet::{DeviceRow, FleetFold};
-use crate::stored::device_row;
-use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_usage, fold_usage_by_provider};
-use crate::versions::TableLayout;
-use crate::{Projection, metrics_names as m};
+use read_models::Projection;
+use read_models::fleet::{DeviceRow, device_row};
+use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::versions::TableLayout;
+
+use crate::fleet::FleetFold;
+use crate::metrics_names as m;
+use crate::usage::{fold_usage, fold_usage_by_provider};
 
 /// What a batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -194,7 +197,7 @@ async fn apply_fleet<'a>(
     }
     write_devices(conn, fold.changed_rows()).await?;
     let owners: Vec<Uuid> = fold.touched_owners().into_iter().collect();
-    recompute_stats(conn, &owners).await
+    read_models::fleet::recompute_device_stats(conn, &owners).await
 }
 
 async fn load_devices(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
@@ -241,42 +244,6 @@ pub async fn write_devices<'r>(
     .bind(rows.iter().map(|r| r.last_started_at).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.minutes_used).collect::<Vec<_>>())
     .bind(rows.iter().map(|r| r.updated_position).collect::<Vec<_>>())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Recomputes the `device_stats` rows of `owners` from `devices` (the same definition as
-/// [`crate::fleet::stats_of`]).
-async fn recompute_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(), sqlx::Error> {
-    if owners.is_empty() {
-        return Ok(());
-    }
-    // One statement, one scan of the owners' devices: upsert the buckets that have live
-    // devices, delete those that have none any more (the two touch disjoint rows). A bucket
-    // whose sums did not change is left alone: a write would only leave a dead row version
-    // and WAL for the replicas (most events change one or two of an owner's buckets).
-    sqlx::query(
-        "WITH fresh AS (
-             SELECT owner_id, status, provider, count(*) AS device_count, sum(cpu_cores) AS total_cpu_cores,
-                    sum(memory_mb) AS total_memory_mb, max(created_at) AS last_created_at
-             FROM devices WHERE owner_id = ANY($1) AND status <> 'deleted'
-             GROUP BY owner_id, status, provider
-         ), upserted AS (
-             INSERT INTO device_stats (user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at)
-             SELECT * FROM fresh
-             ON CONFLICT (user_id, status, provider) DO UPDATE SET
-                 device_count = EXCLUDED.device_count, total_cpu_cores = EXCLUDED.total_cpu_cores,
-                 total_memory_mb = EXCLUDED.total_memory_mb, last_created_at = EXCLUDED.last_created_at
-             WHERE (device_stats.device_count, device_stats.total_cpu_cores, device_stats.total_memory_mb,
-                    device_stats.last_created_at)
-                 IS DISTINCT FROM (EXCLUDED.device_count, EXCLUDED.total_cpu_cores, EXCLUDED.total_memory_mb,
-                    EXCLUDED.last_created_at)
-         )
-         DELETE FROM device_stats s WHERE s.user_id = ANY($1) AND NOT EXISTS (
-             SELECT 1 FROM fresh f WHERE f.owner_id = s.user_id AND f.status = s.status AND f.provider = s.provider)",
-    )
-    .bind(owners)
     .execute(conn)
     .await?;
     Ok(())

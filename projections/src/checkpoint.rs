@@ -3,14 +3,14 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::Projection;
+use read_models::Projection;
 
 /// A projection's stored progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProjectionCheckpoint {
     pub position: i64,
     pub last_recorded_at: Option<DateTime<Utc>>,
-    /// The live version of the projection's tables (see [`crate::versions`]).
+    /// The live version of the projection's tables (see [`read_models::versions`]).
     pub version: i32,
 }
 

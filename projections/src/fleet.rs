@@ -9,26 +9,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use event_schema::{DeviceEvent, DeviceStatus, Provider};
+use event_schema::{DeviceEvent, DeviceStatus};
+use read_models::fleet::DeviceRow;
 use uuid::Uuid;
 
-/// A row of `devices`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceRow {
-    pub device_id: Uuid,
-    pub owner_id: Uuid,
-    pub provider: Provider,
-    pub status: DeviceStatus,
-    pub cpu_cores: i32,
-    pub memory_mb: i32,
-    pub android_version: i16,
-    pub created_at: DateTime<Utc>,
-    pub last_started_at: Option<DateTime<Utc>>,
-    pub minutes_used: i64,
-    pub updated_position: i64,
-}
-
-/// A device event that does not fit the row it would change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
     #[error("{event} for device {device_id}, which was never created")]
@@ -135,51 +119,11 @@ impl FleetFold {
     }
 }
 
-/// The `device_stats` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct StatsKey {
-    pub user_id: Uuid,
-    pub status: DeviceStatus,
-    pub provider: Provider,
-}
-
-/// A `device_stats` row's values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StatsRow {
-    pub device_count: i64,
-    pub total_cpu_cores: i64,
-    pub total_memory_mb: i64,
-    pub last_created_at: DateTime<Utc>,
-}
-
-/// `device_stats` as defined from device rows: live (not deleted) devices grouped by owner,
-/// status and provider. The SQL recomputation in the projector says the same thing.
-pub fn stats_of<'a>(rows: impl IntoIterator<Item = &'a DeviceRow>) -> std::collections::BTreeMap<StatsKey, StatsRow> {
-    let mut stats = std::collections::BTreeMap::new();
-    for row in rows.into_iter().filter(|r| r.status != DeviceStatus::Deleted) {
-        let key = StatsKey {
-            user_id: row.owner_id,
-            status: row.status,
-            provider: row.provider,
-        };
-        let entry = stats.entry(key).or_insert(StatsRow {
-            device_count: 0,
-            total_cpu_cores: 0,
-            total_memory_mb: 0,
-            last_created_at: row.created_at,
-        });
-        entry.device_count += 1;
-        entry.total_cpu_cores += i64::from(row.cpu_cores);
-        entry.total_memory_mb += i64::from(row.memory_mb);
-        entry.last_created_at = entry.last_created_at.max(row.created_at);
-    }
-    stats
-}
-
 #[cfg(test)]
 mod tests {
     use chrono::TimeZone;
     use event_schema::*;
+    use read_models::fleet::{StatsKey, stats_of};
 
     use super::*;
 

@@ -5,56 +5,22 @@
 //! - [`usage`]: `daily_usage` (per UTC day, user and device; sessions over midnight split).
 //! - [`apply`]: a batch of events applied to a projection; [`checkpoint`] moves in the same
 //!   transaction, so a crash or a redelivery never counts an event twice.
-//! - [`versions`]: each projection's table layouts by version; [`replay`]: rebuilding a
-//!   version from the whole log beside the live one and swapping it in (`cloudphone replay`).
-//! - [`runner`]: the embedded projector that follows the PostgreSQL log directly;
-//!   [`kafka`]: the scale-out projector consuming the relay's topic in a consumer group.
+//! - [`replay`]: rebuilding a version from the whole log beside the live one and swapping it
+//!   in (`cloudphone replay`). The tables' shape (rows, versions, status) is `read-models`'.
+//! - [`runner`]: the embedded projector that follows the PostgreSQL log directly (the
+//!   scale-out projector consuming the relay's topic is in `kafka-adapters`, over [`apply`]).
 //!
-//! This crate must never write the event log, and never decide business rules: it only
-//! folds committed events into tables that can always be rebuilt from the log.
+//! This crate must never write the event log, never decide business rules (it only folds
+//! committed events into tables that can always be rebuilt from the log), and never link a
+//! Kafka client.
 
 pub mod apply;
 pub mod checkpoint;
 pub mod fleet;
-pub mod kafka;
 pub mod rebuild;
 pub mod replay;
 pub mod runner;
-pub mod status;
-pub mod stored;
 pub mod usage;
-pub mod versions;
-
-use sqlx::PgPool;
-use sqlx::migrate::Migrator;
-
-/// The projections this code maintains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Projection {
-    /// `devices` and `device_stats`.
-    Fleet,
-    /// `daily_usage`.
-    DailyUsage,
-}
-
-impl Projection {
-    pub const ALL: [Projection; 2] = [Projection::Fleet, Projection::DailyUsage];
-
-    /// The name its checkpoint, offsets and dead letters are stored under.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Projection::Fleet => "fleet",
-            Projection::DailyUsage => "daily_usage",
-        }
-    }
-}
-
-/// Applies the read-model migrations (versions 1000+; the event log's are ignored here).
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut migrator: Migrator = sqlx::migrate!("./migrations");
-    migrator.set_ignore_missing(true);
-    migrator.run(pool).await
-}
 
 /// Names of the metrics projectors record.
 pub mod metrics_names {
@@ -86,11 +52,6 @@ pub mod metrics_names {
     pub const REPLAY_SWAPS_TOTAL: &str = "cloudphone_replay_swaps_total";
     /// Histogram: seconds a swap transaction took (live tables locked meanwhile).
     pub const REPLAY_SWAP_SECONDS: &str = "cloudphone_replay_swap_seconds";
-    /// Counter: errors the Kafka consumer reported (broker unreachable, ...), retried.
-    pub const PROJECTION_CONSUMER_ERRORS_TOTAL: &str = "cloudphone_projection_consumer_errors_total";
-    /// Gauge: messages of a topic partition not yet committed by a Kafka projector, per
-    /// projection and partition (librdkafka's `consumer_lag`, every 5 s).
-    pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "cloudphone_kafka_consumer_lag_messages";
 }
 
-pub use rebuild::{ReadModels, fold_log};
+pub use rebuild::fold_log;

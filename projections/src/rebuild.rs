@@ -6,27 +6,12 @@ use std::collections::BTreeMap;
 use event_log::{LogReader, ReadError};
 use event_schema::{DeviceEvent, Event, StreamType};
 
-use crate::fleet::{DeviceRow, FleetFold, StatsKey, StatsRow, stats_of};
-use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey, fold_usage, fold_usage_by_provider};
+use read_models::ReadModels;
 
-/// Every read model, as the full history defines it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ReadModels {
-    pub devices: BTreeMap<uuid::Uuid, DeviceRow>,
-    pub device_stats: BTreeMap<StatsKey, StatsRow>,
-    pub daily_usage: BTreeMap<(UsageKey, String), UsageDelta>,
-    /// `daily_usage_by_provider` (version 2 of `daily_usage`; empty when the version live
-    /// has no such table).
-    pub usage_by_provider: BTreeMap<ProviderDayKey, ProviderUsage>,
-}
+use read_models::fleet::stats_of;
 
-impl ReadModels {
-    /// These models as version 1 of `daily_usage` holds them (no per-provider breakdown).
-    pub fn without_provider_breakdown(mut self) -> Self {
-        self.usage_by_provider.clear();
-        self
-    }
-}
+use crate::fleet::FleetFold;
+use crate::usage::{fold_usage, fold_usage_by_provider};
 
 /// Folds the log from the start up to `to` (inclusive) into read models, reading `page`
 /// events at a time. Events that cannot be applied are left out, as the projectors park them.

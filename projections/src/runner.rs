@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::apply::{apply_events, begin_batch};
 use crate::checkpoint::{self, CheckpointMoved, ProjectionCheckpoint};
-use crate::{Projection, metrics_names as m};
+use read_models::Projection;
+
+use crate::metrics_names as m;
 
 /// How a projector reads and batches.
 #[derive(Debug, Clone, Copy)]

@@ -8,8 +8,8 @@
 //! had time for, rounded up.
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use event_schema::{Provider, UsageRecorded};
-use uuid::Uuid;
+use event_schema::UsageRecorded;
+use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 
 /// One day's share of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,21 +109,6 @@ fn largest_remainder(total: i64, weights: &[i64]) -> Vec<i64> {
         .collect()
 }
 
-/// The `daily_usage` key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UsageKey {
-    pub day: NaiveDate,
-    pub user_id: Uuid,
-    pub device_id: Uuid,
-}
-
-/// What one batch adds to `daily_usage`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct UsageDelta {
-    pub minutes: i64,
-    pub cost_minor: i64,
-}
-
 /// Adds a usage event to per-key deltas.
 pub fn fold_usage(deltas: &mut std::collections::BTreeMap<(UsageKey, String), UsageDelta>, usage: &UsageRecorded) {
     fold_usage_shares(usage, |key, share| {
@@ -156,24 +141,6 @@ pub fn fold_usage_shares(usage: &UsageRecorded, mut add: impl FnMut((UsageKey, S
             },
         );
     }
-}
-
-/// The key of `daily_usage_by_provider` (version 2 of `daily_usage`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProviderDayKey {
-    pub user_id: Uuid,
-    pub day: NaiveDate,
-    pub provider: Provider,
-    pub currency: String,
-}
-
-/// A `daily_usage_by_provider` row's values: `sessions` counts the sessions that touched the
-/// day (a session over midnight counts on both days).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ProviderUsage {
-    pub minutes: i64,
-    pub cost_minor: i64,
-    pub sessions: i64,
 }
 
 /// Adds a usage event to per-provider deltas, split by day exactly as [`fold_usage`] splits it.
@@ -209,16 +176,6 @@ pub fn fold_provider_shares(usage: &UsageRecorded, mut add: impl FnMut(ProviderD
                 sessions: 1,
             },
         );
-    }
-}
-
-impl ProviderUsage {
-    pub fn plus(self, other: ProviderUsage) -> ProviderUsage {
-        ProviderUsage {
-            minutes: self.minutes + other.minutes,
-            cost_minor: self.cost_minor + other.cost_minor,
-            sessions: self.sessions + other.sessions,
-        }
     }
 }
 

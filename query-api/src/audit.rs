@@ -13,15 +13,18 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use command_api::problem::ApiError;
 use event_log::export::ExportFormat;
 use event_log::history::{ExportOptions, HistoryExport, HistoryFilter};
 use event_log::personal::PersonalDataKeys;
 use futures::StreamExt as _;
+use http_edge::auth::Principal;
+use http_edge::problem::EdgeError;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::startup::{AppState, min_position_header};
+use crate::consistency::min_position_header;
+use crate::extract::Auditor;
+use crate::state::AppState;
 
 pub mod metrics_names {
     /// Counter: exports started, by format.
@@ -53,11 +56,11 @@ pub struct AuditParams {
     personal: Option<String>,
 }
 
-fn bad(code: &'static str, detail: impl Into<String>) -> ApiError {
-    ApiError::bad_request(code, detail)
+fn bad(code: &'static str, detail: impl Into<String>) -> EdgeError {
+    EdgeError::bad_request(code, detail)
 }
 
-fn uuid_param(name: &str, value: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+fn uuid_param(name: &str, value: Option<&str>) -> Result<Option<Uuid>, EdgeError> {
     value
         .map(|text| {
             Uuid::parse_str(text).map_err(|_| bad("invalid_parameter", format!("{name} is not a UUID: {text:?}")))
@@ -65,7 +68,7 @@ fn uuid_param(name: &str, value: Option<&str>) -> Result<Option<Uuid>, ApiError>
         .transpose()
 }
 
-fn time_param(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+fn time_param(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, EdgeError> {
     value
         .map(|text| {
             DateTime::parse_from_rfc3339(text)
@@ -76,7 +79,7 @@ fn time_param(name: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, 
 }
 
 impl AuditParams {
-    fn filter(&self) -> Result<HistoryFilter, ApiError> {
+    fn filter(&self) -> Result<HistoryFilter, EdgeError> {
         let filter = HistoryFilter {
             owner_id: uuid_param("userId", self.user_id.as_deref())?,
             stream_id: uuid_param("streamId", self.stream_id.as_deref())?,
@@ -105,7 +108,7 @@ impl AuditParams {
         Ok(filter)
     }
 
-    fn format(&self, headers: &HeaderMap) -> Result<ExportFormat, ApiError> {
+    fn format(&self, headers: &HeaderMap) -> Result<ExportFormat, EdgeError> {
         if let Some(format) = &self.format {
             return format.parse().map_err(|_| {
                 bad(
@@ -122,7 +125,7 @@ impl AuditParams {
         })
     }
 
-    fn decrypt(&self) -> Result<bool, ApiError> {
+    fn decrypt(&self) -> Result<bool, EdgeError> {
         match self.personal.as_deref() {
             None | Some("decrypt") => Ok(true),
             Some("omit") => Ok(false),
@@ -136,10 +139,11 @@ impl AuditParams {
 
 pub(crate) async fn audit_events(
     State(state): State<AppState>,
+    Auditor(principal): Auditor,
     headers: HeaderMap,
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    match start_export(&state, &headers, params).await {
+    match start_export(&state, &principal, &headers, params).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -147,16 +151,10 @@ pub(crate) async fn audit_events(
 
 async fn start_export(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
     params: Result<Query<AuditParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = state.verifier.verify_header(authorization)?;
-    if !principal.may_audit() {
-        return Err(ApiError::Forbidden(
-            "only admin and auditor tokens may export the event history".into(),
-        ));
-    }
+) -> Result<Response, EdgeError> {
     let Query(params) = params.map_err(|rejection| bad("invalid_parameter", rejection.body_text()))?;
     let filter = params.filter()?;
     let format = params.format(headers)?;
@@ -168,7 +166,7 @@ async fn start_export(
             .sources
             .route(None)
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+            .map_err(|e| EdgeError::Unavailable(e.to_string()))?,
     };
     let mut options = ExportOptions::new(format);
     if params.decrypt()? {
@@ -183,9 +181,9 @@ async fn start_export(
         .map_err(|e| {
             if e.is_unavailable() {
                 state.sources.report_failure(&route.source);
-                ApiError::Unavailable(e.to_string())
+                EdgeError::Unavailable(e.to_string())
             } else {
-                ApiError::Internal(e.to_string())
+                EdgeError::Internal(e.to_string())
             }
         })?;
     tracing::info!(

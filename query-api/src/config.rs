@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
 use event_log::personal::MasterKeyring;
+use http_edge::auth::{DEVELOPMENT_SECRET, KeySource};
 
 use crate::graphql::Limits;
 use crate::sources::SourcesConfig;
@@ -52,7 +52,7 @@ pub struct QueryApiConfig {
     pub rate_per_second: u32,
     pub rate_burst: u32,
     /// Connection limit and header, body and keep-alive timeouts of the listener.
-    pub connections: command_api::connections::ConnectionLimits,
+    pub connections: http_edge::connections::ConnectionLimits,
 }
 
 impl Default for QueryApiConfig {
@@ -61,7 +61,7 @@ impl Default for QueryApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             replica_urls: Vec::new(),
             keys: KeySource::Secret(DEVELOPMENT_SECRET.to_owned()),
-            max_token_lifetime: Some(command_api::auth::DEFAULT_MAX_TOKEN_LIFETIME),
+            max_token_lifetime: Some(http_edge::auth::DEFAULT_MAX_TOKEN_LIFETIME),
             master_keys: Arc::new(MasterKeyring::development()),
             limits: Limits::default(),
             query_timeout: Duration::from_secs(5),
@@ -78,7 +78,7 @@ impl Default for QueryApiConfig {
             watermark_interval: Duration::from_millis(100),
             rate_per_second: 2_000,
             rate_burst: 4_000,
-            connections: command_api::connections::ConnectionLimits::default(),
+            connections: http_edge::connections::ConnectionLimits::default(),
         }
     }
 }

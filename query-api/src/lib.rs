@@ -1,5 +1,18 @@
 //! Cloudphone query side: the GraphQL API dashboards query, served from read replicas.
 //!
+//! A request to `POST /graphql` goes through the HTTP edge's layers (`routes`), then the
+//! extractors (`extract`): when its time started, who asks (authenticated, rate limited,
+//! allowed to read dashboards) and what (its document resolved, measured and parsed, its
+//! position). The handler (`graphql::handler`) then routes the question to a source,
+//! answers it from the cache or executes it, and asks again elsewhere when a replica fails.
+//!
+//! - [`startup`]: [`QueryApi`] built, bound and served until stopped; `state`: what every
+//!   handler shares; `routes`: the router (`/graphql`, GraphiQL, the audit export,
+//!   health, readiness, metrics, fallbacks) and the edge's refusals; `reply`: the GraphQL
+//!   error JSON every refusal is worded in.
+//! - `extract`: the request extractors; [`consistency`]: read-your-writes positions (the
+//!   `X-Min-Position` header and `minPosition` arguments asked for, `X-Read-Position`
+//!   answered).
 //! - [`graphql`]: the schema (device statistics, daily usage, device connections, users,
 //!   projection status), scoped to the caller before any SQL is built; nested loads batched.
 //! - [`reads`]: every SQL statement over the read models.
@@ -11,20 +24,25 @@
 //! - [`graphql::document`]: a document measured (tokens, nesting, fragments expanded without
 //!   expanding them, depth, introspection) before anything expensive sees it; [`executor`]:
 //!   the threads validation and execution run on, apart from every other role's.
-//! - [`startup`]: the axum service (`/graphql`, health, readiness, metrics).
+//! - [`audit`]: `GET /v1/audit/events`, the event history exported for auditors.
 //!
 //! This crate must never write: not the log, not the read models.
 
 pub mod audit;
 pub mod cache;
 pub mod config;
+pub mod consistency;
 pub mod executor;
+pub(crate) mod extract;
 pub mod graphql;
 pub mod persisted;
 pub mod reads;
+pub(crate) mod reply;
+pub(crate) mod routes;
 pub mod safelist;
 pub mod sources;
 pub mod startup;
+pub(crate) mod state;
 
 pub use config::QueryApiConfig;
 pub use sources::{ReadError, ReadSources, Route, Source, SourcesConfig};

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use event_schema::{DeviceStatus, Provider};
-use projections::fleet::DeviceRow;
-use projections::stored::device_row;
+use read_models::fleet::DeviceRow;
+use read_models::fleet::device_row;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 

@@ -8,12 +8,12 @@ use anyhow::Context;
 use event_log::export::ExportFormat;
 use event_log::history::{ExportOptions, HistoryExport, HistoryFilter, export_until};
 use event_log::personal::PersonalDataKeys;
+use operator_console::Progress;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::cli::{ExportArgs, ExportFormatArg, PersonalArg};
 use crate::commands::database;
-use crate::progress::Progress;
 
 /// What an export wrote, as printed at the end.
 #[derive(Debug, Serialize)]

@@ -7,10 +7,10 @@
 
 use anyhow::bail;
 use event_log::personal::{MasterKey, PersonalDataKeys};
+use operator_console::Progress;
 
 use crate::cli::KeysAction;
 use crate::commands::database;
-use crate::progress::Progress;
 
 pub async fn run(action: &KeysAction) -> anyhow::Result<()> {
     match action {

@@ -8,7 +8,7 @@ use crate::commands::database;
 pub async fn run(args: &DatabaseArgs) -> anyhow::Result<()> {
     let pool = database::connect(args).await?;
     event_log::migrate(&pool).await.context("migration failed")?;
-    projections::migrate(&pool)
+    read_models::migrate(&pool)
         .await
         .context("read model migration failed")?;
     let partitions = event_log::partitions::list_partitions(&pool).await?;

@@ -3,14 +3,6 @@
 pub mod database;
 pub mod export;
 pub mod keys;
-pub mod load;
-pub mod load_export;
-pub mod load_history;
-pub mod load_hostile;
-pub mod load_platform;
-pub mod load_projections;
-pub mod load_queries;
-pub mod load_replay;
 pub mod migrate;
 pub mod partitions;
 pub mod replay;

@@ -1,22 +1,21 @@
 //! `cloudphone replay`: rebuild a projection beside the live one and swap it in; list,
 //! drop or abandon rebuilds.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context;
-use projections::Projection;
-use projections::replay::{self, ReplayConfig, ReplayObserver, ReplayPhase};
+use operator_console::BarObserver;
+use projections::replay::{self, ReplayConfig};
+use read_models::Projection;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ReplayArgs;
 use crate::commands::{database, role_endpoints};
-use crate::progress::Progress;
 
 pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     let pool = database::connect(&args.database).await?;
     event_log::migrate(&pool).await.context("migration failed")?;
-    projections::migrate(&pool)
+    read_models::migrate(&pool)
         .await
         .context("read model migration failed")?;
     let projection = args.projection.map(Projection::from);
@@ -41,10 +40,10 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let endpoints = match args.ops_listen {
         Some(listen) => {
-            Some(role_endpoints::serve(listen, pool.clone(), command_api::telemetry::prometheus(), stop.clone()).await?)
+            Some(role_endpoints::serve(listen, pool.clone(), http_edge::telemetry::prometheus(), stop.clone()).await?)
         }
         None => {
-            command_api::telemetry::prometheus();
+            http_edge::telemetry::prometheus();
             None
         }
     };
@@ -161,60 +160,4 @@ async fn print_status(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A progress bar (or structured progress lines) per phase.
-#[derive(Default)]
-pub(crate) struct BarObserver {
-    bar: Mutex<Option<Progress>>,
-}
-
-impl BarObserver {
-    pub(crate) fn finish(&self) {
-        if let Ok(mut bar) = self.bar.lock()
-            && let Some(bar) = bar.take()
-        {
-            bar.finish();
-        }
-    }
-}
-
-impl ReplayObserver for BarObserver {
-    fn phase(&self, phase: ReplayPhase) {
-        self.finish();
-        let Ok(mut bar) = self.bar.lock() else {
-            return;
-        };
-        match phase {
-            ReplayPhase::Bulk { resumed_at, target } => {
-                let (done, total) = (
-                    u64::try_from(resumed_at).unwrap_or(0),
-                    u64::try_from(target).unwrap_or(0),
-                );
-                if done > 0 {
-                    tracing::info!(
-                        position = resumed_at,
-                        target,
-                        "resuming the rebuild from its checkpoint"
-                    );
-                }
-                *bar = Some(Progress::resumed("replay", total, done));
-            }
-            ReplayPhase::Finishing => tracing::info!("bulk phase done: writing tables, keys and indexes"),
-            ReplayPhase::Tailing => {
-                tracing::info!("following the head until close enough to swap");
-                *bar = Some(Progress::new("tail", 0));
-            }
-            ReplayPhase::Swapped { position } => tracing::info!(position, "swapped in"),
-        }
-    }
-
-    fn progress(&self, position: i64, target: i64) {
-        if let Ok(mut bar) = self.bar.lock()
-            && let Some(bar) = bar.as_mut()
-        {
-            bar.set_total(u64::try_from(target).unwrap_or(0));
-            bar.set(u64::try_from(position).unwrap_or(0));
-        }
-    }
 }

@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use event_log::relay::BrokerProbe;
+use kafka_adapters::relay::BrokerProbe;
 
 use crate::commands::sampler;
 

@@ -4,18 +4,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use command_api::auth::{DEVELOPMENT_SECRET, KeySource};
 use command_api::{ApiConfig, AppendMode, Application};
 use event_log::partitions::{PartitionPolicy, run_partition_maintenance};
-use event_log::relay::{RelayConfig, run_relay};
 use event_log::{EventStore, StoreConfig, SystemClock};
-use projections::Projection;
-use projections::kafka::{KafkaProjectorConfig, run_kafka_projector};
+use http_edge::auth::{DEVELOPMENT_SECRET, KeySource};
+use kafka_adapters::projector::{KafkaProjectorConfig, run_kafka_projector};
+use kafka_adapters::relay::{RelayConfig, run_relay};
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::graphql::Limits;
 use query_api::graphql::document::DocumentLimits;
 use query_api::safelist::Safelist;
 use query_api::{QueryApi, QueryApiConfig, SourcesConfig};
+use read_models::Projection;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -39,11 +39,11 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     if args.migrate_on_start {
         // Idempotent and safe while other instances run: a fresh machine needs nothing else.
         event_log::migrate(&pool).await.context("migration failed")?;
-        projections::migrate(&pool)
+        read_models::migrate(&pool)
             .await
             .context("read model migration failed")?;
     }
-    let metrics = command_api::telemetry::prometheus();
+    let metrics = http_edge::telemetry::prometheus();
     register_role_metrics(roles, args.kafka_brokers.is_some());
     let stop = CancellationToken::new();
     let mut background = match roles {
@@ -67,7 +67,7 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         // Also samples the process and the pool's connections.
         let broker = match &args.kafka_brokers {
             Some(brokers) => Some(
-                event_log::relay::BrokerProbe::new(brokers, &args.kafka_topic)
+                kafka_adapters::relay::BrokerProbe::new(brokers, &args.kafka_topic)
                     .context("invalid Kafka client configuration")?,
             ),
             None => None,
@@ -316,12 +316,12 @@ fn register_role_metrics(roles: Roles, kafka: bool) {
             metrics::counter!(p::PROJECTION_EVENTS_TOTAL, "projection" => projection).increment(0);
             metrics::counter!(p::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection).increment(0);
             if kafka {
-                metrics::counter!(p::PROJECTION_CONSUMER_ERRORS_TOTAL, "projection" => projection).increment(0);
+                metrics::counter!(kafka_adapters::metrics_names::PROJECTION_CONSUMER_ERRORS_TOTAL, "projection" => projection).increment(0);
             }
         }
     }
     if roles == Roles::Relay || (roles == Roles::All && kafka) {
-        use event_log::relay::metrics_names as r;
+        use kafka_adapters::relay::metrics_names as r;
         zero(r::RELAY_PUBLISHED_TOTAL);
         zero(r::RELAY_ERRORS_TOTAL);
     }

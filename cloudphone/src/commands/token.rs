@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use chrono::Utc;
-use command_api::auth::{self, Role};
+use http_edge::auth::{self, Role};
 
 use crate::cli::{RoleArg, TokenArgs};
 

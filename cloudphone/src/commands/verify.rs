@@ -7,10 +7,10 @@ use anyhow::{Context, bail};
 use event_log::LogReader;
 use event_log::export::{ExportFormat, ExportReader, ExportRecord, ExportVerification, verify_export};
 use event_schema::ChainHash;
+use operator_console::Progress;
 
 use crate::cli::{ExportFormatArg, VerifyArgs};
 use crate::commands::database;
-use crate::progress::Progress;
 
 pub async fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     match &args.file {

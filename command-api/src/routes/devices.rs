@@ -78,10 +78,9 @@ pub async fn create(
     meta: RequestMeta,
     body: JsonBody<CreateDevice>,
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
-    let Some(owner_id) = body
-        .value
-        .owner_id
-        .or(principal.user_id.filter(|_| principal.role == crate::auth::Role::User))
+    let Some(owner_id) = body.value.owner_id.or(principal
+        .user_id
+        .filter(|_| principal.role == http_edge::auth::Role::User))
     else {
         return Err(ApiError::Unprocessable {
             code: "owner_id_required",

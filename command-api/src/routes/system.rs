@@ -43,9 +43,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Readiness>, Ap
             database: "ok",
             partition,
         })),
-        Ok(Ok(false)) => Err(ApiError::Unavailable(format!("partition {partition} is missing"))),
-        Ok(Err(error)) => Err(ApiError::Unavailable(format!("database: {error}"))),
-        Err(_) => Err(ApiError::Unavailable("database did not answer within 2 s".into())),
+        Ok(Ok(false)) => Err(ApiError::unavailable(format!("partition {partition} is missing"))),
+        Ok(Err(error)) => Err(ApiError::unavailable(format!("database: {error}"))),
+        Err(_) => Err(ApiError::unavailable("database did not answer within 2 s")),
     }
 }
 
@@ -69,6 +69,6 @@ pub async fn openapi() -> Response {
             json,
         )
             .into_response(),
-        Err(error) => ApiError::Internal(error.to_string()).into_response(),
+        Err(error) => ApiError::internal(error.to_string()).into_response(),
     }
 }

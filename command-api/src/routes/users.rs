@@ -57,7 +57,7 @@ pub async fn register(
 ) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
     let user_id = match (body.value.user_id, principal.user_id) {
         (Some(id), _) => id,
-        (None, Some(own)) if principal.role == crate::auth::Role::User => own,
+        (None, Some(own)) if principal.role == http_edge::auth::Role::User => own,
         _ => {
             return Err(ApiError::Unprocessable {
                 code: "user_id_required",

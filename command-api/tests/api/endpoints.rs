@@ -1,6 +1,6 @@
 //! Every endpoint, driven the way a portal drives it.
 
-use command_api::auth::{Role, scope};
+use http_edge::auth::{Role, scope};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;

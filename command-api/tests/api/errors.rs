@@ -1,6 +1,6 @@
 //! Every error status, as an RFC 9457 problem document with a stable code.
 
-use command_api::auth::{Role, mint_token};
+use http_edge::auth::{Role, mint_token};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sqlx::PgPool;

@@ -119,7 +119,7 @@ async fn no_id_a_client_sends_gets_a_5xx(pool: PgPool) {
     let bob_device = app.create_device(&bob_token).await;
     let admin = TestApp::admin_token();
     let service = TestApp::token(
-        command_api::auth::Role::Service,
+        http_edge::auth::Role::Service,
         "signup",
         &["users:write", "devices:write"],
     );

@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chrono::Utc;
-use command_api::auth::{Role, mint_token};
 use command_api::{ApiConfig, Application};
+use http_edge::auth::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use test_support::tokens;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -46,11 +46,11 @@ impl TestApp {
         event_log::migrate(&pool).await.expect("migrate");
         let mut config = ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            keys: command_api::auth::KeySource::Secret(SECRET.into()),
+            keys: http_edge::auth::KeySource::Secret(SECRET.into()),
             ..ApiConfig::default()
         };
         configure(&mut config);
-        let app = Application::build(config, pool.clone(), command_api::telemetry::prometheus())
+        let app = Application::build(config, pool.clone(), http_edge::telemetry::prometheus())
             .await
             .expect("build app");
         let addr = app.local_addr();
@@ -83,7 +83,7 @@ impl TestApp {
     }
 
     pub fn token(role: Role, subject: &str, scopes: &[&str]) -> String {
-        mint_token(SECRET, subject, role, scopes, Utc::now(), chrono::Duration::hours(1)).expect("token")
+        tokens::signed(SECRET, subject, role, scopes)
     }
 
     pub fn user_token(user: Uuid) -> String {

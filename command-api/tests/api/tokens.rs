@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use chrono::Utc;
-use command_api::auth::{Claims, KeySource, Role, TokenVerifier};
+use http_edge::auth::{Claims, KeySource, Role, TokenVerifier};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use uuid::Uuid;
 

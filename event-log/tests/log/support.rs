@@ -1,4 +1,5 @@
-//! Shared helpers: a migrated store on the test's database, and events to append.
+//! Shared helpers: a migrated store on the test's database, and events to append. `new_event`
+//! and `tamper` are `test_support`'s, which other crates' tests use too.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +9,9 @@ use event_log::{
     AppendBatch, Clock, EventStore, ExpectedVersion, LogReader, ManualClock, NewEvent, StoreConfig, StreamAppend,
 };
 use event_schema::*;
-use sqlx::{Acquire, PgPool, Postgres};
+use sqlx::PgPool;
+pub use test_support::db::tamper;
+pub use test_support::fixtures::new_event;
 use uuid::Uuid;
 
 pub async fn migrated(pool: &PgPool) {
@@ -40,11 +43,6 @@ pub fn utc(y: i32, m: u32, d: u32, h: u32, min: u32, s: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, m, d, h, min, s)
         .single()
         .unwrap_or_else(|| panic!("bad date"))
-}
-
-pub fn new_event(event: impl Into<Event>) -> NewEvent {
-    let event = event.into();
-    NewEvent::from_event(&event, EventMetadata::default(), Utc::now()).unwrap_or_else(|e| panic!("encode: {e}"))
 }
 
 pub fn started(device_id: Uuid) -> NewEvent {
@@ -162,25 +160,6 @@ pub async fn count_events(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap_or(-1)
-}
-
-/// Runs `statement` (an UPDATE, DELETE or TRUNCATE of stored events) past the log's
-/// append-only triggers, as an operator with superuser rights deliberately could: in its own
-/// transaction with `SET LOCAL session_replication_role = replica` (see
-/// event-log/migrations/0005_append_only_log.sql). Tests connect as a superuser. Returns the
-/// rows affected; the setting ends with the transaction.
-pub async fn tamper<'c>(conn: impl Acquire<'c, Database = Postgres>, statement: &'static str) -> u64 {
-    let mut tx = conn.begin().await.unwrap_or_else(|e| panic!("begin: {e}"));
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap_or_else(|e| panic!("bypass the triggers: {e}"));
-    let done = sqlx::query(statement)
-        .execute(&mut *tx)
-        .await
-        .unwrap_or_else(|e| panic!("{statement}: {e}"));
-    tx.commit().await.unwrap_or_else(|e| panic!("commit: {e}"));
-    done.rows_affected()
 }
 
 /// Writes one device's events in January and March 2034 and moves the log past January.

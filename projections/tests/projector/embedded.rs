@@ -2,10 +2,11 @@
 
 use chrono::NaiveDate;
 use event_schema::{DeviceStatus, Provider};
-use projections::fleet::StatsKey;
-use projections::stored::load_read_models;
-use projections::usage::UsageKey;
-use projections::{Projection, fold_log};
+use projections::fold_log;
+use read_models::Projection;
+use read_models::fleet::StatsKey;
+use read_models::stored::load_read_models;
+use read_models::usage::UsageKey;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use projections::fold_log;
 use projections::replay::{self, ReplayConfig, ReplayError, ReplayObserver, ReplayPhase, Unobserved};
-use projections::stored::load_read_models;
-use projections::{Projection, ReadModels, fold_log};
+use read_models::stored::load_read_models;
+use read_models::{Projection, ReadModels};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;

@@ -11,18 +11,14 @@ use domain::device::{self, DeviceCommand, DeviceContext, DeviceState};
 use domain::user::{self, UserCommand, UserState};
 use event_log::{AppendBatch, EventStore, ExpectedVersion, ManualClock, NewEvent, StoreConfig, StreamAppend};
 use event_schema::{Event, EventMetadata, Personal, Quota, StopReason, StreamType, Tier};
-use projections::Projection;
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use read_models::Projection;
 use sqlx::PgPool;
+use test_support::db::migrated;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-pub async fn migrated(pool: &PgPool) {
-    event_log::migrate(pool).await.expect("log migrations");
-    projections::migrate(pool).await.expect("read model migrations");
-}
 
 /// Runs both projections until the returned token is cancelled.
 pub fn start_projectors(pool: &PgPool) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
@@ -40,7 +36,7 @@ pub fn start_projectors(pool: &PgPool) -> (CancellationToken, Vec<tokio::task::J
 pub async fn caught_up(pool: &PgPool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let statuses = projections::status::projection_status(pool).await.unwrap_or_default();
+        let statuses = read_models::status::projection_status(pool).await.unwrap_or_default();
         if statuses.len() == Projection::ALL.len() && statuses.iter().all(|s| s.lag_events == 0) {
             return;
         }

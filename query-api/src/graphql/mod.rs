@@ -5,9 +5,17 @@
 //! and `totalCount`; opaque keyset cursors; 64-bit integers as `BigInt` strings; money as
 //! integer minor units with a currency; dates as ISO strings. A `user` caller only ever sees
 //! its own rows, whatever filter it passes: scoping happens here, before any SQL is built.
+//!
+//! This module holds what the types share (limits, the caller, the per-request read context,
+//! enums and inputs, argument checks) and builds the schema; `query` holds the root object,
+//! `types` the objects below it, [`loaders`] their batched nested loads, [`scalars`] the
+//! custom scalars, [`document`] the measuring of a document before validation, and
+//! `handler` the `POST /graphql` handler that serves the schema.
 
 pub mod document;
+pub(crate) mod handler;
 pub mod loaders;
+mod query;
 pub mod scalars;
 mod types;
 
@@ -20,16 +28,17 @@ use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject, Object, Schema, SimpleObject,
+    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject, Schema, SimpleObject,
 };
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use self::loaders::ReadLoader;
+pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
 pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, Money, User};
-use crate::reads::{self, DeviceFilter, DeviceOrder, Owners, PageRequest, Period, UsageQuery};
+use crate::reads::{DeviceFilter, DeviceOrder, Owners, PageRequest, Period};
 
 /// The schema served at `/graphql`.
 pub type DashboardSchema = Schema<Query, EmptyMutation, EmptySubscription>;
@@ -399,222 +408,6 @@ pub(crate) fn page_request(
     })
 }
 
-/// The root of every dashboard query.
-#[derive(Debug, Default)]
-pub struct Query;
-
-#[Object]
-impl Query {
-    /// Live devices per user, status and provider, with totals. Deleted devices are not
-    /// counted.
-    async fn device_stats(
-        &self,
-        ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
-        #[graphql(
-            desc = "Answer from read models that have applied at least this log position (a command's `position`). Also settable with the `X-Min-Position` header."
-        )]
-        min_position: Option<BigInt>,
-    ) -> DeviceStats {
-        let _ = min_position; // honoured by routing before execution
-        DeviceStats::filtered(filter.unwrap_or_default().scoped(read_context(ctx).viewer))
-    }
-
-    /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
-    /// totals over the range.
-    async fn daily_usage(
-        &self,
-        ctx: &Context<'_>,
-        filter: UsageFilter,
-        group_by: Option<UsageGroupBy>,
-        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
-    ) -> async_graphql::Result<DailyUsage> {
-        let _ = min_position;
-        let read = read_context(ctx);
-        usage_range(&read.limits, filter.from, filter.to)?;
-        let query = UsageQuery {
-            owners: read.viewer.owners(filter.user_id),
-            device: filter.device_id,
-            from: filter.from,
-            to: filter.to,
-            period: group_by.unwrap_or_default().into(),
-        };
-        let records = read
-            .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
-            .await
-            .map_err(|e| read.database_error(&e))?;
-        Ok(DailyUsage::new(records))
-    }
-
-    /// Billed minutes, cost and sessions per period, cloud provider and currency (a session
-    /// over midnight counts on both days). Served by version 2 of the `daily_usage`
-    /// projection; until it is live (`cloudphone replay daily-usage`) this answers with the
-    /// error code `PROJECTION_VERSION`, and from the swap on it answers, with no restart.
-    async fn usage_by_provider(
-        &self,
-        ctx: &Context<'_>,
-        filter: ProviderUsageFilter,
-        group_by: Option<UsageGroupBy>,
-        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
-    ) -> async_graphql::Result<Vec<ProviderUsage>> {
-        let _ = min_position;
-        let read = read_context(ctx);
-        usage_range(&read.limits, filter.from, filter.to)?;
-        let query = UsageQuery {
-            owners: read.viewer.owners(filter.user_id),
-            device: None,
-            from: filter.from,
-            to: filter.to,
-            period: group_by.unwrap_or_default().into(),
-        };
-        let records = match read
-            .read_once(format!("usage_by_provider {query:?}"), || {
-                reads::usage_by_provider(&read.pool, &query)
-            })
-            .await
-        {
-            Ok(records) => records,
-            Err(error) if is_undefined_table(&error) => {
-                return Err(async_graphql::Error::new(
-                    "usage by provider needs version 2 of the daily_usage projection, which is not live \
-                     on this source yet: run `cloudphone replay daily-usage`",
-                )
-                .extend_with(|_, e| e.set("code", "PROJECTION_VERSION")));
-            }
-            Err(error) => return Err(read.database_error(&error)),
-        };
-        records
-            .into_iter()
-            .map(|record| {
-                let provider: event_schema::Provider = record.provider.parse().map_err(|_| {
-                    tracing::error!(provider = %record.provider, "unknown provider in daily_usage_by_provider");
-                    async_graphql::Error::new("the read models could not be read")
-                        .extend_with(|_, e| e.set("code", "INTERNAL_SERVER_ERROR"))
-                })?;
-                Ok(ProviderUsage {
-                    period: record.period,
-                    provider: provider.into(),
-                    minutes: BigInt(record.minutes),
-                    sessions: BigInt(record.sessions),
-                    cost: Money {
-                        amount_minor: BigInt(record.cost_minor),
-                        currency: record.currency,
-                    },
-                })
-            })
-            .collect()
-    }
-
-    /// Devices as a Relay connection, paged by keyset (stable while devices are created).
-    #[graphql(complexity = "first.or(last).unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
-    #[allow(clippy::too_many_arguments)]
-    async fn devices(
-        &self,
-        ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
-        order_by: Option<DevicesOrderBy>,
-        first: Option<i32>,
-        after: Option<String>,
-        last: Option<i32>,
-        before: Option<String>,
-        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
-    ) -> async_graphql::Result<DeviceConnection> {
-        let _ = min_position;
-        let read = read_context(ctx);
-        let request = page_request(
-            &read.limits,
-            order_by.unwrap_or_default(),
-            first,
-            after.as_deref(),
-            last,
-            before.as_deref(),
-        )?;
-        let filter = filter.unwrap_or_default().scoped(read.viewer);
-        let page = read
-            .read_once(format!("device_page {filter:?} {request:?}"), || {
-                reads::device_page(&read.pool, &filter, &request)
-            })
-            .await
-            .map_err(|e| read.database_error(&e))?;
-        Ok(DeviceConnection::top_level(filter, request, page))
-    }
-
-    /// One device, or null if it does not exist or is not the caller's.
-    async fn device(
-        &self,
-        ctx: &Context<'_>,
-        id: Uuid,
-        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
-    ) -> async_graphql::Result<Option<Device>> {
-        let _ = min_position;
-        // A root field has no siblings to batch with: read at once rather than wait for a batch.
-        let read = read_context(ctx);
-        let ids = [id];
-        let row = read
-            .read_once(format!("devices_by_id {id}"), || reads::devices_by_id(&read.pool, &ids))
-            .await
-            .map_err(|e| read.database_error(&e))?
-            .into_iter()
-            .next();
-        Ok(row.filter(|row| read.viewer.can_see(row.owner_id)).map(Device))
-    }
-
-    /// A user with their devices, usage and statistics, or null if the caller may not see them.
-    async fn user(
-        &self,
-        ctx: &Context<'_>,
-        id: Uuid,
-        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
-    ) -> Option<User> {
-        let _ = min_position;
-        read_context(ctx).viewer.can_see(id).then_some(User(id))
-    }
-
-    /// How far each projection has applied the log, on the source that answered.
-    #[graphql(cache_control(no_cache))]
-    async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
-        let read = read_context(ctx);
-        let states = read
-            .read_once("projection_status".to_owned(), || {
-                projections::status::projection_status(&read.pool)
-            })
-            .await
-            .map_err(|e| read.database_error(&e))?;
-        let now = Utc::now();
-        Ok(states
-            .into_iter()
-            .map(|state| ProjectionState {
-                lag_seconds: match state.last_recorded_at {
-                    _ if state.lag_events == 0 => 0.0,
-                    Some(at) => (now - at).num_milliseconds().max(0) as f64 / 1000.0,
-                    None => f64::MAX,
-                },
-                name: state.projection,
-                position: BigInt(state.position),
-                head: BigInt(state.head),
-                lag_events: BigInt(state.lag_events),
-                last_recorded_at: state.last_recorded_at,
-            })
-            .collect())
-    }
-}
-
-/// One projection's progress.
-#[derive(SimpleObject, Debug, Clone)]
-#[graphql(cache_control(no_cache))]
-pub struct ProjectionState {
-    pub name: String,
-    /// Every event at or below this log position is applied.
-    pub position: BigInt,
-    /// The log's last position.
-    pub head: BigInt,
-    pub lag_events: BigInt,
-    /// Seconds between now and the commit of the last applied event, while behind (0 when
-    /// caught up).
-    pub lag_seconds: f64,
-    pub last_recorded_at: Option<DateTime<Utc>>,
-}
-
 /// Builds the schema with its limits. Introspection is off unless asked for. The depth limit
 /// is [`document::check_document`]'s, which lets introspection nest deeper than data.
 pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
@@ -642,152 +435,25 @@ pub fn request_data(request: async_graphql::Request, read: Arc<ReadContext>) -> 
     request.data(read).data(loader)
 }
 
-/// The largest `minPosition` argument among the root fields of the operation that will run
-/// (read before execution, since the position decides which source answers).
-pub fn min_position_argument(
-    document: &async_graphql::parser::types::ExecutableDocument,
-    operation_name: Option<&str>,
-    variables: &serde_json::Value,
-) -> Result<Option<i64>, String> {
-    use async_graphql::Name;
-    use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection, SelectionSet};
-    use async_graphql_value::Value;
-
-    let operation = match (&document.operations, operation_name) {
-        (DocumentOperations::Single(operation), _) => operation,
-        (DocumentOperations::Multiple(operations), Some(name)) => match operations.get(&Name::new(name)) {
-            Some(operation) => operation,
-            None => return Ok(None),
-        },
-        (DocumentOperations::Multiple(_), None) => return Ok(None),
-    };
-    let defaults: std::collections::HashMap<&str, &async_graphql::Value> = operation
-        .node
-        .variable_definitions
-        .iter()
-        .filter_map(|v| {
-            v.node
-                .default_value
-                .as_ref()
-                .map(|d| (v.node.name.node.as_str(), &d.node))
-        })
-        .collect();
-    let position = |value: &Value| -> Result<Option<i64>, String> {
-        let json = match value {
-            Value::Variable(name) => match variables.get(name.as_str()) {
-                Some(json) => json.clone(),
-                None => match defaults.get(name.as_str()) {
-                    Some(default) => (*default).clone().into_json().map_err(|e| e.to_string())?,
-                    None => return Ok(None),
-                },
-            },
-            other => other.clone().into_const().map_or(serde_json::Value::Null, |v| {
-                v.into_json().unwrap_or(serde_json::Value::Null)
-            }),
-        };
-        match json {
-            serde_json::Value::Null => Ok(None),
-            serde_json::Value::Number(n) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| format!("minPosition {n} is not a 64-bit integer")),
-            serde_json::Value::String(s) => s
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| format!("minPosition `{s}` is not a 64-bit integer")),
-            other => Err(format!("minPosition {other} is not a 64-bit integer")),
-        }
-    };
-    fn walk(
-        set: &SelectionSet,
-        document: &ExecutableDocument,
-        depth: usize,
-        position: &dyn Fn(&Value) -> Result<Option<i64>, String>,
-    ) -> Result<Option<i64>, String> {
-        let mut largest = None;
-        if depth > 8 {
-            return Ok(None);
-        }
-        for item in &set.items {
-            let found = match &item.node {
-                Selection::Field(field) => {
-                    let mut found = None;
-                    for (name, value) in &field.node.arguments {
-                        if name.node.as_str() == "minPosition" {
-                            found = found.max(position(&value.node)?);
-                        }
-                    }
-                    found
-                }
-                Selection::InlineFragment(fragment) => {
-                    walk(&fragment.node.selection_set.node, document, depth + 1, position)?
-                }
-                Selection::FragmentSpread(spread) => match document.fragments.get(&spread.node.fragment_name.node) {
-                    Some(fragment) => walk(&fragment.node.selection_set.node, document, depth + 1, position)?,
-                    None => None,
-                },
-            };
-            largest = largest.max(found);
-        }
-        Ok(largest)
-    }
-    walk(&operation.node.selection_set.node, document, 0, &position)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn min_position_argument(
-        query: &str,
-        operation_name: Option<&str>,
-        variables: &serde_json::Value,
-    ) -> Result<Option<i64>, String> {
-        let document = async_graphql::parser::parse_query(query).unwrap();
-        super::min_position_argument(&document, operation_name, variables)
-    }
-
+    /// The schema dashboards are written against is checked in (`query-api/schema.graphql`),
+    /// so a change to it shows in review. `CLOUDPHONE_BLESS_CONTRACTS=1` rewrites the file.
     #[test]
-    fn min_position_comes_from_literals_variables_and_defaults() {
-        let vars = serde_json::json!({"p": "42"});
-        assert_eq!(
-            min_position_argument("{ devices(minPosition: 7) { totalCount } }", None, &vars),
-            Ok(Some(7))
+    fn the_schema_is_the_checked_in_one() {
+        let sdl = build_schema(&Limits::default(), true).sdl();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql");
+        if std::env::var_os("CLOUDPHONE_BLESS_CONTRACTS").is_some() {
+            std::fs::write(path, &sdl).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            sdl == checked_in,
+            "the GraphQL schema differs from {path}; if the change is meant, rerun with \
+             CLOUDPHONE_BLESS_CONTRACTS=1 and review the diff"
         );
-        assert_eq!(
-            min_position_argument(
-                "query($p: BigInt) { a: device(id: \"x\", minPosition: $p) { id } b: devices(minPosition: \"9\") { totalCount } }",
-                None,
-                &vars
-            ),
-            Ok(Some(42))
-        );
-        assert_eq!(
-            min_position_argument(
-                "query($q: BigInt = 5) { devices(minPosition: $q) { totalCount } }",
-                None,
-                &vars
-            ),
-            Ok(Some(5))
-        );
-        assert_eq!(
-            min_position_argument(
-                "{ ... on Query { devices(minPosition: 3) { totalCount } } }",
-                None,
-                &vars
-            ),
-            Ok(Some(3))
-        );
-        assert_eq!(
-            min_position_argument("{ devices { totalCount } }", None, &vars),
-            Ok(None)
-        );
-        assert!(min_position_argument("{ devices(minPosition: \"soon\") { totalCount } }", None, &vars).is_err());
-        // Of several operations, the one named runs.
-        let two =
-            "query A { devices(minPosition: 1) { totalCount } } query B { devices(minPosition: 2) { totalCount } }";
-        assert_eq!(min_position_argument(two, Some("B"), &vars), Ok(Some(2)));
     }
 
     #[test]

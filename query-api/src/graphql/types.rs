@@ -2,7 +2,7 @@
 
 use async_graphql::{ComplexObject, Context, Object, SimpleObject};
 use chrono::{DateTime, NaiveDate, Utc};
-use projections::fleet::DeviceRow;
+use read_models::fleet::DeviceRow;
 use uuid::Uuid;
 
 use super::loaders::{OwnerCount, OwnerPage, StatsOf, UsageOf};

@@ -1,0 +1,83 @@
+//! `cloudphone load platform` on a small world: every kind of operation runs, the report has
+//! figures for each and for every role, and nothing fails.
+
+use std::process::Command;
+
+use serde_json::Value;
+use test_support::urls;
+
+#[test]
+fn load_platform_drives_every_operation_and_reports_every_role() {
+    let server = urls::server();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+        .args([
+            "load",
+            "platform",
+            "--history-events",
+            "4000",
+            "--history-months",
+            "3",
+            "--users",
+            "8",
+            "--duration",
+            "6",
+            "--rate",
+            "60",
+            "--export-every",
+            "1",
+            "--json",
+        ])
+        .arg(&report)
+        .env("CLOUDPHONE_DATABASE_URL", &server)
+        .env("CLOUDPHONE_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+
+    // The world spans several monthly partitions and the projector applied it.
+    assert!(report["world"]["events"].as_i64().unwrap() >= 4000, "{report:#}");
+    assert!(report["world"]["months"].as_i64().unwrap() >= 3, "{report:#}");
+    assert!(report["world"]["devices"].as_i64().unwrap() > 0, "{report:#}");
+    // Commands, plain dashboard reads, reads after a write and exports all ran and were timed.
+    let operations = &report["operations"];
+    for op in ["dashboard", "dashboard_after_write", "export"] {
+        assert!(operations[op]["count"].as_u64().unwrap_or(0) > 0, "no {op}: {report:#}");
+        assert!(operations[op]["p99_ms"].as_f64().unwrap() > 0.0, "{report:#}");
+    }
+    let commands: u64 = ["create", "start", "stop", "resize", "delete"]
+        .iter()
+        .map(|op| operations[op]["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(commands > 0, "{report:#}");
+    assert_eq!(report["fatal_errors"], 0, "{report:#}");
+    assert_eq!(report["replay"]["succeeded"], true, "{report:#}");
+    // Every role's CPU and memory were measured from its own process.
+    for role in ["command-api", "query-api", "projector", "load generator"] {
+        let figures = &report["roles"][role];
+        assert!(figures["peak_rss_mib"].as_f64().unwrap() > 1.0, "{role}: {report:#}");
+        assert!(figures["cpu_seconds"].as_f64().unwrap() > 0.0, "{role}: {report:#}");
+    }
+    assert!(report["projection_lag"]["samples"].as_u64().unwrap() > 0, "{report:#}");
+    let cache = &report["query_cache"];
+    assert!(
+        cache["hits"].as_f64().unwrap() + cache["misses"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
+    // The text report names every figure too.
+    for line in [
+        "operations/s completed",
+        "projection lag",
+        "query cache",
+        "replay of daily_usage",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+}

@@ -1,0 +1,138 @@
+//! The databases load runs use: each run's own database on the server `--database-url`
+//! names (dropped and created again, never the database named there), settled after a bulk
+//! load as a live system's would be, and how far the projections have got in it.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use read_models::Projection;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, Executor, PgPool};
+
+/// The database of `load commands` and `load projections`.
+const LOAD_DATABASE: &str = "cloudphone_load";
+
+/// A fresh database for one mode, so each starts from the same empty state.
+pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {
+    recreate_database(url, LOAD_DATABASE, 32).await
+}
+
+/// Drops and creates the database `name` on the server of `url` (never the database `url`
+/// names), and applies the event log's migrations.
+pub async fn recreate_database(url: &str, name: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).context("--database-url")?;
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .disable_statement_logging()
+        .connect()
+        .await
+        .context("connect to postgres")?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .await?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    admin.close().await?;
+    let pool = event_log::pool_options(max_connections)
+        .connect_with(options.database(name))
+        .await?;
+    event_log::migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// `url` with its database replaced by `database` (for a child process that takes a URL).
+pub fn database_url_of(url: &str, database: &str) -> anyhow::Result<String> {
+    let scheme_end = url.find("://").context("--database-url is not a URL")? + 3;
+    let rest = &url[scheme_end..];
+    let (path_part, query) = match rest.find('?') {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    let authority = path_part.split('/').next().unwrap_or(path_part);
+    Ok(format!("{}{authority}/{database}{query}", &url[..scheme_end]))
+}
+
+/// What autovacuum and the checkpointer would have done long since in a live system, done
+/// now, so the bulk-loaded history does not skew the latency phases.
+pub async fn settle_database(pool: &PgPool) -> anyhow::Result<()> {
+    pool.execute("VACUUM ANALYZE").await.context("VACUUM ANALYZE")?;
+    pool.execute("CHECKPOINT").await.context("CHECKPOINT")?;
+    Ok(())
+}
+
+/// Waits (at most two minutes) until streaming replicas of the server have replayed the
+/// provisioning's WAL, so their replay does not compete with the first phase for the cores.
+pub async fn wait_for_replicas(pool: &PgPool) {
+    let started = Instant::now();
+    loop {
+        let behind: Result<Option<i64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint FROM pg_stat_replication",
+        )
+        .fetch_one(pool)
+        .await;
+        match behind {
+            Ok(Some(bytes)) if bytes > 0 => {
+                if started.elapsed() > Duration::from_secs(120) {
+                    println!(
+                        "  a streaming replica is still {bytes} bytes of WAL behind after 120 s: measuring anyway"
+                    );
+                    return;
+                }
+            }
+            // Caught up, no replicas, or not allowed to look.
+            _ => {
+                if started.elapsed() > Duration::from_secs(1) {
+                    println!(
+                        "  waited {:.1} s for streaming replicas to replay the provisioning",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Each projection's checkpoint, by name.
+pub async fn checkpoints(pool: &PgPool) -> anyhow::Result<BTreeMap<String, i64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT projection, position FROM projection_checkpoints")
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The position every projection has applied (0 until each has a checkpoint).
+pub async fn applied(pool: &PgPool) -> anyhow::Result<i64> {
+    let positions = checkpoints(pool).await?;
+    if positions.len() < Projection::ALL.len() {
+        return Ok(0);
+    }
+    Ok(positions.values().copied().min().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_database_replaces_only_the_database_of_the_url() {
+        let url = |u| database_url_of(u, "cloudphone_load_queries").unwrap();
+        assert_eq!(
+            url("postgres://postgres@127.0.0.1:5432/cloudphone"),
+            "postgres://postgres@127.0.0.1:5432/cloudphone_load_queries"
+        );
+        assert_eq!(
+            url("postgres://u:p@db:5433/x?sslmode=disable"),
+            "postgres://u:p@db:5433/cloudphone_load_queries?sslmode=disable"
+        );
+        assert_eq!(url("postgresql://h"), "postgresql://h/cloudphone_load_queries");
+        assert!(database_url_of("not a url", "x").is_err());
+    }
+}

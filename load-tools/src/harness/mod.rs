@@ -1,0 +1,20 @@
+//! What every scenario stands on, and nothing scenario-specific: the run's own databases,
+//! tokens, role processes, the baselines' servers and views, and the instruments (latency
+//! histograms, Prometheus scrapes, CPU and memory of processes).
+//!
+//! - [`databases`]: each run's database, recreated on the server named; settling after a bulk
+//!   load; the projections' checkpoints.
+//! - [`tokens`]: the secret every run's servers check tokens with, and tokens signed with it.
+//! - [`roles`]: roles as child processes of this binary; [`postgraphile`] and [`views`]: the
+//!   baselines runs compare against.
+//! - [`report`]: latency histograms and the JSON report; [`metrics`]: Prometheus scrapes;
+//!   [`sampling`]: CPU and RSS from /proc.
+
+pub mod databases;
+pub mod metrics;
+pub mod postgraphile;
+pub mod report;
+pub mod roles;
+pub mod sampling;
+pub mod tokens;
+pub mod views;

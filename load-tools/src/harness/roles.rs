@@ -1,0 +1,214 @@
+//! Roles of the platform as child processes of this binary (`std::env::current_exe()`), each
+//! on ports of its own and killed when dropped: one role (`command-api`, `query-api`,
+//! `projector`), or every role in one `cloudphone serve`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::harness::tokens::SECRET;
+
+/// Longest a role may take to answer /readyz.
+const START_LIMIT: Duration = Duration::from_secs(120);
+
+/// One role of the platform, a child process of this binary, killed with the load.
+#[derive(Debug)]
+pub struct RoleProcess {
+    pub name: &'static str,
+    child: Mutex<Child>,
+    pid: u32,
+    /// Where its /readyz and /metrics are (for the APIs, also where they answer).
+    pub base: String,
+    log: PathBuf,
+}
+
+impl RoleProcess {
+    /// Starts `cloudphone <name>` on a free port against `database_url`, logging to
+    /// `<logs>/<name>.log`.
+    pub fn start(name: &'static str, database_url: &str, logs: &Path) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let exe = std::env::current_exe().context("this binary")?;
+        let mut command = Command::new(exe);
+        command
+            .arg(name)
+            .env("CLOUDPHONE_DATABASE_URL", database_url)
+            .env("CLOUDPHONE_JWT_SECRET", SECRET)
+            .env("CLOUDPHONE_LOG", "warn")
+            .env("CLOUDPHONE_LOG_FORMAT", "text")
+            .env("CLOUDPHONE_RATE_LIMIT", "1000000")
+            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
+            .env_remove("CLOUDPHONE_KAFKA_BROKERS")
+            .stdout(Stdio::null())
+            .stderr(file.try_clone()?);
+        match name {
+            "projector" => command.env("CLOUDPHONE_OPS_LISTEN", &listen),
+            "command-api" => command.env("CLOUDPHONE_COMMAND_LISTEN", &listen),
+            _ => command.env("CLOUDPHONE_QUERY_LISTEN", &listen),
+        };
+        let child = command.spawn().with_context(|| format!("start the {name}"))?;
+        Ok(RoleProcess {
+            name,
+            pid: child.id(),
+            child: Mutex::new(child),
+            base: format!("http://{listen}"),
+            log,
+        })
+    }
+
+    /// Its process id, for sampling its CPU and memory.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Fails with the end of its log when the process has exited.
+    pub fn alive(&self) -> anyhow::Result<()> {
+        let exited = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the {} process handle", self.name))?
+            .try_wait()?;
+        if let Some(status) = exited {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "the {} exited ({status}); the end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until it answers `/readyz` with a success (fails when it exits first).
+    pub async fn ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            self.alive()?;
+            if let Ok(answer) = client.get(format!("{}/readyz", self.base)).send().await
+                && answer.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the {} was not ready in {START_LIMIT:?} (log: {})",
+                    self.name,
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A free loopback port (the kernel's pick, released for a child to bind).
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `cloudphone serve` as a child process, killed when dropped.
+#[derive(Debug)]
+pub struct ServeProcess {
+    child: Mutex<Child>,
+    pub pid: u32,
+    /// Where the command API and the query API answer.
+    pub command: String,
+    pub query: String,
+    pub log: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `cloudphone serve` with both APIs on free ports, logging to `<logs>/serve.log`.
+    pub fn start(database_url: &str, logs: &Path) -> anyhow::Result<Self> {
+        let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+        let (command, query) = (format!("127.0.0.1:{}", free()?), format!("127.0.0.1:{}", free()?));
+        let log = logs.join("serve.log");
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = Command::new(std::env::current_exe().context("this binary")?)
+            .arg("serve")
+            .env("CLOUDPHONE_DATABASE_URL", database_url)
+            .env("CLOUDPHONE_JWT_SECRET", SECRET)
+            .env("CLOUDPHONE_LOG", "warn")
+            .env("CLOUDPHONE_LOG_FORMAT", "text")
+            .env("CLOUDPHONE_RATE_LIMIT", "1000000")
+            .env("CLOUDPHONE_COMMAND_LISTEN", &command)
+            .env("CLOUDPHONE_QUERY_LISTEN", &query)
+            .env_remove("CLOUDPHONE_KAFKA_BROKERS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("start cloudphone serve")?;
+        Ok(ServeProcess {
+            pid: child.id(),
+            child: Mutex::new(child),
+            command: format!("http://{command}"),
+            query: format!("http://{query}"),
+            log,
+        })
+    }
+
+    /// Fails when the process has exited.
+    pub fn alive(&self) -> anyhow::Result<()> {
+        let exited = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the serve process handle"))?
+            .try_wait()?;
+        if let Some(status) = exited {
+            bail!("cloudphone serve exited ({status}); see {}", self.log.display());
+        }
+        Ok(())
+    }
+
+    /// Waits until both APIs answer `/readyz` with a success (at most 120 s).
+    pub async fn ready(&self, client: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for base in [&self.command, &self.query] {
+            loop {
+                self.alive()?;
+                if client
+                    .get(format!("{base}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("serve was not ready in 120 s; see {}", self.log.display());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        if let Ok(child) = self.child.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

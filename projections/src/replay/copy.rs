@@ -1,0 +1,234 @@
+//! The COPY writers: rows in PostgreSQL's binary COPY format, streamed to a table in chunks.
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use sqlx::PgConnection;
+use sqlx::postgres::PgCopyIn;
+use uuid::Uuid;
+
+use read_models::fleet::DeviceRow;
+use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+
+pub(super) async fn copy_devices<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl Iterator<Item = &'r DeviceRow>,
+) -> Result<(), sqlx::Error> {
+    let mut copy = CopySink::open(conn, table).await?;
+    for row in rows {
+        copy.rows
+            .row(11)
+            .uuid(row.device_id)
+            .uuid(row.owner_id)
+            .text(row.provider.as_str())
+            .text(row.status.as_str())
+            .int4(row.cpu_cores)
+            .int4(row.memory_mb)
+            .int2(row.android_version)
+            .time(Some(row.created_at))
+            .time(row.last_started_at)
+            .int8(row.minutes_used)
+            .int8(row.updated_position)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+pub(super) async fn copy_usage<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl ExactSizeIterator<Item = (&'r (UsageKey, String), &'r UsageDelta)>,
+) -> Result<(), sqlx::Error> {
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let mut copy = CopySink::open(conn, table).await?;
+    for ((key, currency), delta) in rows {
+        copy.rows
+            .row(6)
+            .date(key.day)
+            .uuid(key.user_id)
+            .uuid(key.device_id)
+            .int8(delta.minutes)
+            .int8(delta.cost_minor)
+            .text(currency)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+pub(super) async fn copy_by_provider<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl ExactSizeIterator<Item = (&'r ProviderDayKey, &'r ProviderUsage)>,
+) -> Result<(), sqlx::Error> {
+    // Also how version 1 (which has no such table) skips it.
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let mut copy = CopySink::open(conn, table).await?;
+    for (key, delta) in rows {
+        copy.rows
+            .row(7)
+            .uuid(key.user_id)
+            .date(key.day)
+            .text(key.provider.as_str())
+            .text(&key.currency)
+            .int8(delta.minutes)
+            .int8(delta.cost_minor)
+            .int8(delta.sessions)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+/// Rows in PostgreSQL's binary COPY format (no text to format or parse: uuids, dates and
+/// numbers go as their bytes), columns in table order.
+#[derive(Debug, Default)]
+pub(super) struct CopyRows {
+    buffer: Vec<u8>,
+    rows: u64,
+}
+
+/// Days and microseconds in PostgreSQL's binary formats count from 2000-01-01.
+const PG_EPOCH_DAYS_FROM_CE: i32 = 730_120;
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+impl CopyRows {
+    const SIGNATURE: &'static [u8] = b"PGCOPY\n\xff\r\n\0";
+
+    fn header() -> Vec<u8> {
+        let mut header = Self::SIGNATURE.to_vec();
+        header.extend_from_slice(&0i32.to_be_bytes()); // flags
+        header.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        header
+    }
+
+    pub(super) fn row(&mut self, fields: i16) -> &mut Self {
+        self.buffer.extend_from_slice(&fields.to_be_bytes());
+        self
+    }
+
+    fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        self.buffer.extend_from_slice(&len.to_be_bytes());
+        self.buffer.extend_from_slice(bytes);
+        self
+    }
+
+    pub(super) fn uuid(&mut self, value: Uuid) -> &mut Self {
+        self.field(value.as_bytes())
+    }
+
+    pub(super) fn date(&mut self, value: NaiveDate) -> &mut Self {
+        self.field(&(value.num_days_from_ce() - PG_EPOCH_DAYS_FROM_CE).to_be_bytes())
+    }
+
+    pub(super) fn int2(&mut self, value: i16) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
+    pub(super) fn int4(&mut self, value: i32) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
+    pub(super) fn int8(&mut self, value: i64) -> &mut Self {
+        self.field(&value.to_be_bytes())
+    }
+
+    pub(super) fn time(&mut self, value: Option<DateTime<Utc>>) -> &mut Self {
+        match value {
+            Some(at) => self.field(&(at.timestamp_micros() - PG_EPOCH_UNIX_MICROS).to_be_bytes()),
+            None => {
+                self.buffer.extend_from_slice(&(-1i32).to_be_bytes());
+                self
+            }
+        }
+    }
+
+    pub(super) fn text(&mut self, value: &str) -> &mut Self {
+        self.field(value.as_bytes())
+    }
+
+    pub(super) fn end_row(&mut self) {
+        self.rows += 1;
+    }
+}
+
+/// Rows streamed to PostgreSQL with `COPY ... FROM STDIN (FORMAT binary)` in chunks, so the
+/// server stores one chunk while the next is encoded.
+pub(super) struct CopySink<'c> {
+    copy: PgCopyIn<&'c mut PgConnection>,
+    pub(super) rows: CopyRows,
+}
+
+impl<'c> CopySink<'c> {
+    const CHUNK_BYTES: usize = 1 << 20;
+
+    pub(super) async fn open(conn: &'c mut PgConnection, table: &str) -> Result<Self, sqlx::Error> {
+        let copy = conn
+            .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+            .await?;
+        Ok(CopySink {
+            copy,
+            rows: CopyRows {
+                buffer: CopyRows::header(),
+                rows: 0,
+            },
+        })
+    }
+
+    pub(super) async fn flush_if_full(&mut self) -> Result<(), sqlx::Error> {
+        if self.rows.buffer.len() >= Self::CHUNK_BYTES {
+            let chunk = std::mem::take(&mut self.rows.buffer);
+            self.copy.send(chunk).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn finish(mut self) -> Result<(), sqlx::Error> {
+        self.rows.buffer.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
+        let chunk = std::mem::take(&mut self.rows.buffer);
+        self.copy.send(chunk).await?;
+        self.copy.finish().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn copy_rows_are_postgres_binary_format() {
+        let mut copy = CopyRows::default();
+        let at = Utc.with_ymd_and_hms(2000, 1, 2, 0, 0, 0).single();
+        let day = NaiveDate::from_ymd_opt(2000, 1, 3).unwrap_or_default();
+        copy.row(6)
+            .uuid(Uuid::from_u128(1))
+            .text("gcp")
+            .int8(-5)
+            .time(at)
+            .time(None)
+            .date(day)
+            .end_row();
+        let mut expected = vec![0, 6];
+        expected.extend_from_slice(&[0, 0, 0, 16]);
+        expected.extend_from_slice(Uuid::from_u128(1).as_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 3, b'g', b'c', b'p']);
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&(-5i64).to_be_bytes());
+        expected.extend_from_slice(&[0, 0, 0, 8]);
+        expected.extend_from_slice(&86_400_000_000i64.to_be_bytes());
+        expected.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+        expected.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 2]);
+        assert_eq!(copy.buffer, expected);
+        assert_eq!(copy.rows, 1);
+        assert_eq!(&CopyRows::header()[..11], b"PGCOPY\n\xff\r\n\0");
+        assert_eq!(CopyRows::header().len(), 19);
+    }
+}

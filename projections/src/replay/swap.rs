@@ -1,0 +1,124 @@
+//! The swap: in one transaction, brings the shadow to the live checkpoint and trades the live
+//! tables for the rebuilt ones.
+
+use chrono::{DateTime, Utc};
+use event_log::LogReader;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use super::tail::apply_to_shadow;
+use super::{Rebuild, ReplayConfig, ReplayError};
+use read_models::versions::quote_ident;
+
+pub(super) struct Swapped {
+    pub(super) position: i64,
+    pub(super) replaced_version: i32,
+    pub(super) replaced_schema: String,
+}
+
+/// The swap, in one transaction. `None` when the live tables stayed locked past the timeout.
+pub(super) async fn swap(
+    pool: &PgPool,
+    rebuild: &mut Rebuild,
+    live_schema: &str,
+    reader: &LogReader,
+    config: ReplayConfig,
+) -> Result<Option<Swapped>, ReplayError> {
+    let projection = rebuild.layout.projection;
+    let live = crate::checkpoint::load(&mut *pool.acquire().await?, projection).await?;
+    let live_layout = projection.layout(live.version).unwrap_or(rebuild.layout);
+    let l = quote_ident(live_schema);
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", config.lock_timeout.as_millis()))
+        .execute(&mut *tx)
+        .await?;
+    // The live tables first, then the checkpoint row: the order a projector's batch takes
+    // them in, so the two never deadlock.
+    let tables: Vec<String> = live_layout.tables().iter().map(|t| format!("{l}.{t}")).collect();
+    let locked = sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        tables.join(", ")
+    )))
+    .execute(&mut *tx)
+    .await;
+    if let Err(error) = locked {
+        if error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == "55P03")
+        {
+            return Ok(None);
+        }
+        return Err(error.into());
+    }
+    let (position, version, last_recorded_at): (i64, i32, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT position, version, last_recorded_at FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
+    )
+    .bind(projection.name())
+    .fetch_one(&mut *tx)
+    .await?;
+    if version != live.version {
+        // Another swap happened between the two reads: look again.
+        return Ok(None);
+    }
+    // Bring the shadow to the live checkpoint (the live version cannot move now), so the
+    // checkpoint never goes back.
+    while rebuild.position < position {
+        let events = reader
+            .read_all(rebuild.position, (position - rebuild.position).min(config.tail_batch))
+            .await?;
+        if events.is_empty() {
+            break;
+        }
+        apply_to_shadow(&mut tx, rebuild, live_schema, &events).await?;
+    }
+    let new_position = rebuild.position.max(position);
+    let recorded_at = if rebuild.position >= position {
+        rebuild.last_recorded_at
+    } else {
+        last_recorded_at
+    };
+    let replaced_schema = format!("retired_{}_v{}_{}", projection.name(), live.version, rebuild.id);
+    let r = quote_ident(&replaced_schema);
+    let s = quote_ident(&rebuild.shadow_schema);
+    let mut ddl = format!("CREATE SCHEMA {r};");
+    for table in live_layout.tables() {
+        ddl.push_str(&format!("ALTER TABLE {l}.{table} SET SCHEMA {r};"));
+    }
+    for table in rebuild.layout.tables() {
+        ddl.push_str(&format!("ALTER TABLE {s}.{table} SET SCHEMA {l};"));
+    }
+    ddl.push_str(&format!("DROP SCHEMA {s};"));
+    sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    sqlx::query(
+        "UPDATE projection_checkpoints SET position = $2, version = $3, last_recorded_at = $4, updated_at = now()
+         WHERE projection = $1",
+    )
+    .bind(projection.name())
+    .bind(new_position)
+    .bind(rebuild.layout.version)
+    .bind(recorded_at)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE projection_rebuilds SET state = 'superseded', updated_at = now() WHERE projection = $1 AND state = 'live'")
+        .bind(projection.name())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE projection_rebuilds SET state = 'live', position = $2, swapped_at = now(), updated_at = now(),
+                replaced_version = $3, replaced_schema = $4
+         WHERE id = $1",
+    )
+    .bind(rebuild.id)
+    .bind(new_position)
+    .bind(live.version)
+    .bind(&replaced_schema)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Swapped {
+        position: new_position,
+        replaced_version: live.version,
+        replaced_schema,
+    }))
+}

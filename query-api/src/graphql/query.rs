@@ -1,0 +1,229 @@
+//! The root of every dashboard query ([`Query`]): its fields scope what they read to the
+//! caller, check their arguments against the limits and read once per request.
+
+use async_graphql::{Context, ErrorExtensions, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::scalars::BigInt;
+use super::{
+    DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
+    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, is_undefined_table, page_request, read_context, usage_range,
+};
+use crate::reads::{self, UsageQuery};
+
+/// The root of every dashboard query.
+#[derive(Debug, Default)]
+pub struct Query;
+
+#[Object]
+impl Query {
+    /// Live devices per user, status and provider, with totals. Deleted devices are not
+    /// counted.
+    async fn device_stats(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<DeviceFilterInput>,
+        #[graphql(
+            desc = "Answer from read models that have applied at least this log position (a command's `position`). Also settable with the `X-Min-Position` header."
+        )]
+        min_position: Option<BigInt>,
+    ) -> DeviceStats {
+        let _ = min_position; // honoured by routing before execution
+        DeviceStats::filtered(filter.unwrap_or_default().scoped(read_context(ctx).viewer))
+    }
+
+    /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
+    /// totals over the range.
+    async fn daily_usage(
+        &self,
+        ctx: &Context<'_>,
+        filter: UsageFilter,
+        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<DailyUsage> {
+        let _ = min_position;
+        let read = read_context(ctx);
+        usage_range(&read.limits, filter.from, filter.to)?;
+        let query = UsageQuery {
+            owners: read.viewer.owners(filter.user_id),
+            device: filter.device_id,
+            from: filter.from,
+            to: filter.to,
+            period: group_by.unwrap_or_default().into(),
+        };
+        let records = read
+            .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
+            .await
+            .map_err(|e| read.database_error(&e))?;
+        Ok(DailyUsage::new(records))
+    }
+
+    /// Billed minutes, cost and sessions per period, cloud provider and currency (a session
+    /// over midnight counts on both days). Served by version 2 of the `daily_usage`
+    /// projection; until it is live (`cloudphone replay daily-usage`) this answers with the
+    /// error code `PROJECTION_VERSION`, and from the swap on it answers, with no restart.
+    async fn usage_by_provider(
+        &self,
+        ctx: &Context<'_>,
+        filter: ProviderUsageFilter,
+        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<Vec<ProviderUsage>> {
+        let _ = min_position;
+        let read = read_context(ctx);
+        usage_range(&read.limits, filter.from, filter.to)?;
+        let query = UsageQuery {
+            owners: read.viewer.owners(filter.user_id),
+            device: None,
+            from: filter.from,
+            to: filter.to,
+            period: group_by.unwrap_or_default().into(),
+        };
+        let records = match read
+            .read_once(format!("usage_by_provider {query:?}"), || {
+                reads::usage_by_provider(&read.pool, &query)
+            })
+            .await
+        {
+            Ok(records) => records,
+            Err(error) if is_undefined_table(&error) => {
+                return Err(async_graphql::Error::new(
+                    "usage by provider needs version 2 of the daily_usage projection, which is not live \
+                     on this source yet: run `cloudphone replay daily-usage`",
+                )
+                .extend_with(|_, e| e.set("code", "PROJECTION_VERSION")));
+            }
+            Err(error) => return Err(read.database_error(&error)),
+        };
+        records
+            .into_iter()
+            .map(|record| {
+                let provider: event_schema::Provider = record.provider.parse().map_err(|_| {
+                    tracing::error!(provider = %record.provider, "unknown provider in daily_usage_by_provider");
+                    async_graphql::Error::new("the read models could not be read")
+                        .extend_with(|_, e| e.set("code", "INTERNAL_SERVER_ERROR"))
+                })?;
+                Ok(ProviderUsage {
+                    period: record.period,
+                    provider: provider.into(),
+                    minutes: BigInt(record.minutes),
+                    sessions: BigInt(record.sessions),
+                    cost: Money {
+                        amount_minor: BigInt(record.cost_minor),
+                        currency: record.currency,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Devices as a Relay connection, paged by keyset (stable while devices are created).
+    #[graphql(complexity = "first.or(last).unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
+    #[allow(clippy::too_many_arguments)]
+    async fn devices(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<DeviceFilterInput>,
+        order_by: Option<DevicesOrderBy>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<DeviceConnection> {
+        let _ = min_position;
+        let read = read_context(ctx);
+        let request = page_request(
+            &read.limits,
+            order_by.unwrap_or_default(),
+            first,
+            after.as_deref(),
+            last,
+            before.as_deref(),
+        )?;
+        let filter = filter.unwrap_or_default().scoped(read.viewer);
+        let page = read
+            .read_once(format!("device_page {filter:?} {request:?}"), || {
+                reads::device_page(&read.pool, &filter, &request)
+            })
+            .await
+            .map_err(|e| read.database_error(&e))?;
+        Ok(DeviceConnection::top_level(filter, request, page))
+    }
+
+    /// One device, or null if it does not exist or is not the caller's.
+    async fn device(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<Option<Device>> {
+        let _ = min_position;
+        // A root field has no siblings to batch with: read at once rather than wait for a batch.
+        let read = read_context(ctx);
+        let ids = [id];
+        let row = read
+            .read_once(format!("devices_by_id {id}"), || reads::devices_by_id(&read.pool, &ids))
+            .await
+            .map_err(|e| read.database_error(&e))?
+            .into_iter()
+            .next();
+        Ok(row.filter(|row| read.viewer.can_see(row.owner_id)).map(Device))
+    }
+
+    /// A user with their devices, usage and statistics, or null if the caller may not see them.
+    async fn user(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> Option<User> {
+        let _ = min_position;
+        read_context(ctx).viewer.can_see(id).then_some(User(id))
+    }
+
+    /// How far each projection has applied the log, on the source that answered.
+    #[graphql(cache_control(no_cache))]
+    async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
+        let read = read_context(ctx);
+        let states = read
+            .read_once("projection_status".to_owned(), || {
+                read_models::status::projection_status(&read.pool)
+            })
+            .await
+            .map_err(|e| read.database_error(&e))?;
+        let now = Utc::now();
+        Ok(states
+            .into_iter()
+            .map(|state| ProjectionState {
+                lag_seconds: match state.last_recorded_at {
+                    _ if state.lag_events == 0 => 0.0,
+                    Some(at) => (now - at).num_milliseconds().max(0) as f64 / 1000.0,
+                    None => f64::MAX,
+                },
+                name: state.projection,
+                position: BigInt(state.position),
+                head: BigInt(state.head),
+                lag_events: BigInt(state.lag_events),
+                last_recorded_at: state.last_recorded_at,
+            })
+            .collect())
+    }
+}
+
+/// One projection's progress.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(cache_control(no_cache))]
+pub struct ProjectionState {
+    pub name: String,
+    /// Every event at or below this log position is applied.
+    pub position: BigInt,
+    /// The log's last position.
+    pub head: BigInt,
+    pub lag_events: BigInt,
+    /// Seconds between now and the commit of the last applied event, while behind (0 when
+    /// caught up).
+    pub lag_seconds: f64,
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}

@@ -1,0 +1,118 @@
+//! Every read model at once: [`ReadModels`], the shape a rebuild from the whole history
+//! computes in memory, and [`load_read_models`], the same read from the tables, so the two can
+//! be compared row for row.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::fleet::{DeviceRow, StatsKey, StatsRow, device_row};
+use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+
+/// Every read model, as the full history defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadModels {
+    pub devices: BTreeMap<Uuid, DeviceRow>,
+    pub device_stats: BTreeMap<StatsKey, StatsRow>,
+    pub daily_usage: BTreeMap<(UsageKey, String), UsageDelta>,
+    /// `daily_usage_by_provider` (version 2 of `daily_usage`; empty when the version live
+    /// has no such table).
+    pub usage_by_provider: BTreeMap<ProviderDayKey, ProviderUsage>,
+}
+
+impl ReadModels {
+    /// These models as version 1 of `daily_usage` holds them (no per-provider breakdown).
+    pub fn without_provider_breakdown(mut self) -> Self {
+        self.usage_by_provider.clear();
+        self
+    }
+}
+
+/// Reads every row of every read model, from the tables `pool`'s search path resolves.
+pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> {
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    let mut devices = BTreeMap::new();
+    for row in sqlx::query(
+        "SELECT device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, created_at,
+                last_started_at, minutes_used, updated_position FROM devices",
+    )
+    .fetch_all(pool)
+    .await?
+    {
+        let device = device_row(&row)?;
+        devices.insert(device.device_id, device);
+    }
+    let mut device_stats = BTreeMap::new();
+    for row in sqlx::query("SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at FROM device_stats")
+        .fetch_all(pool)
+        .await?
+    {
+        let key = StatsKey {
+            user_id: row.try_get("user_id")?,
+            status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+            provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+        };
+        device_stats.insert(
+            key,
+            StatsRow {
+                device_count: row.try_get("device_count")?,
+                total_cpu_cores: row.try_get("total_cpu_cores")?,
+                total_memory_mb: row.try_get("total_memory_mb")?,
+                last_created_at: row.try_get::<DateTime<Utc>, _>("last_created_at")?,
+            },
+        );
+    }
+    let mut daily_usage = BTreeMap::new();
+    for row in sqlx::query("SELECT day, user_id, device_id, minutes, cost_minor, currency FROM daily_usage")
+        .fetch_all(pool)
+        .await?
+    {
+        let key = UsageKey {
+            day: row.try_get::<NaiveDate, _>("day")?,
+            user_id: row.try_get::<Uuid, _>("user_id")?,
+            device_id: row.try_get::<Uuid, _>("device_id")?,
+        };
+        daily_usage.insert(
+            (key, row.try_get::<String, _>("currency")?),
+            UsageDelta {
+                minutes: row.try_get("minutes")?,
+                cost_minor: row.try_get("cost_minor")?,
+            },
+        );
+    }
+    let mut usage_by_provider = BTreeMap::new();
+    let has_breakdown: bool = sqlx::query_scalar("SELECT to_regclass('daily_usage_by_provider') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if has_breakdown {
+        for row in sqlx::query(
+            "SELECT user_id, day, provider, currency, minutes, cost_minor, sessions FROM daily_usage_by_provider",
+        )
+        .fetch_all(pool)
+        .await?
+        {
+            let key = ProviderDayKey {
+                user_id: row.try_get("user_id")?,
+                day: row.try_get("day")?,
+                provider: row.try_get::<String, _>("provider")?.parse().map_err(decode)?,
+                currency: row.try_get("currency")?,
+            };
+            usage_by_provider.insert(
+                key,
+                ProviderUsage {
+                    minutes: row.try_get("minutes")?,
+                    cost_minor: row.try_get("cost_minor")?,
+                    sessions: row.try_get("sessions")?,
+                },
+            );
+        }
+    }
+    Ok(ReadModels {
+        devices,
+        device_stats,
+        daily_usage,
+        usage_by_provider,
+    })
+}
