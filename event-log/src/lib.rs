@@ -48,6 +48,7 @@ mod migrate;
 pub mod partitions;
 pub mod personal;
 mod read;
+pub mod server;
 mod tail;
 mod writer;
 

@@ -2,6 +2,8 @@
 //! pool, the primary's or a replica's; every read goes through `user_events_all`, so archived
 //! months are included.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use event_schema::{ChainHash, EventEnvelope, EventMetadata, StreamType};
 use futures::Stream;
@@ -213,6 +215,17 @@ impl LogReader {
                 .fetch_all(&mut *self.conn().await?)
                 .await?,
         )
+    }
+
+    /// The stored hash of each of `positions` that exists, archived months included: what an
+    /// export file is compared against (`cloudphone verify --file F --against-log`).
+    pub async fn hashes_at(&self, positions: &[i64]) -> Result<HashMap<i64, Vec<u8>>, ReadError> {
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT position, hash FROM user_events_all WHERE position = ANY($1)")
+                .bind(positions)
+                .fetch_all(&mut *self.conn().await?)
+                .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// The stored outcome and request hash of an append made with idempotency `key`.

@@ -73,7 +73,7 @@ pub async fn serve_with_broker(
 /// topic's metadata within 2 s.
 async fn readyz(State(state): State<RoleState>) -> Response {
     const LIMIT: Duration = Duration::from_secs(2);
-    let check = sqlx::query("SELECT 1").execute(&state.pool);
+    let check = event_log::server::answers(&state.pool);
     let database = match tokio::time::timeout(LIMIT, check).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),

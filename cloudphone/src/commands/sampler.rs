@@ -67,21 +67,11 @@ fn sample_pool(name: &'static str, pool: &PgPool) {
 }
 
 async fn sample_server(pool: &PgPool) -> anyhow::Result<()> {
-    // `reserved_connections` exists from PostgreSQL 16 on (NULL before).
-    let (connections, max): (i64, i32) = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query_as(
-            "SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'),
-                    current_setting('max_connections')::int
-                    - current_setting('superuser_reserved_connections')::int
-                    - coalesce(current_setting('reserved_connections', true)::int, 0)",
-        )
-        .fetch_one(pool),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("no answer within 2 s"))??;
-    metrics::gauge!(m::DB_SERVER_CONNECTIONS).set(connections as f64);
-    metrics::gauge!(m::DB_SERVER_MAX_CONNECTIONS).set(f64::from(max));
+    let server = tokio::time::timeout(Duration::from_secs(2), event_log::server::client_connections(pool))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 2 s"))??;
+    metrics::gauge!(m::DB_SERVER_CONNECTIONS).set(server.open as f64);
+    metrics::gauge!(m::DB_SERVER_MAX_CONNECTIONS).set(f64::from(server.max));
     Ok(())
 }
 

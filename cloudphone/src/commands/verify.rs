@@ -147,17 +147,11 @@ async fn compare_every_hash(args: &VerifyArgs, path: std::path::PathBuf, format:
         }
         Ok(())
     });
-    let pool = database::connect(&args.database).await?;
+    let reader = LogReader::new(database::connect(&args.database).await?);
     let mut compared = 0u64;
     while let Some(batch) = received.recv().await {
         let wanted: Vec<i64> = batch.iter().map(|(position, _)| *position).collect();
-        let stored: std::collections::HashMap<i64, Vec<u8>> =
-            sqlx::query_as("SELECT position, hash FROM user_events_all WHERE position = ANY($1)")
-                .bind(&wanted)
-                .fetch_all(&pool)
-                .await?
-                .into_iter()
-                .collect();
+        let stored = reader.hashes_at(&wanted).await?;
         for (position, hash) in batch {
             if stored.get(&position).map(Vec::as_slice) != Some(&hash.0[..]) {
                 println!("the file's event at position {position} differs from the log's");
