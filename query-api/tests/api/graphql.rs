@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use http_edge::auth::{Role, mint_token, scope};
+use http_edge::auth::{Role, scope};
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -590,25 +590,9 @@ async fn a_user_token_never_sees_another_users_rows_whatever_it_asks(pool: PgPoo
     assert_eq!(api.post_json(None, &query, &[]).await.status, 401);
     let answer = api.post_json(Some("not-a-token"), &query, &[]).await;
     assert_eq!((answer.status.as_u16(), answer.error_code()), (401, "UNAUTHENTICATED"));
-    let service = mint_token(
-        SECRET,
-        "billing",
-        Role::Service,
-        &[scope::USERS_WRITE],
-        Utc::now(),
-        chrono::Duration::hours(1),
-    )
-    .unwrap();
+    let service = test_support::tokens::signed(SECRET, "billing", Role::Service, &[scope::USERS_WRITE]);
     assert_eq!(api.post_json(Some(&service), &query, &[]).await.status, 403);
-    let reporting = mint_token(
-        SECRET,
-        "bi",
-        Role::Service,
-        &[scope::DASHBOARDS_READ],
-        Utc::now(),
-        chrono::Duration::hours(1),
-    )
-    .unwrap();
+    let reporting = test_support::tokens::signed(SECRET, "bi", Role::Service, &[scope::DASHBOARDS_READ]);
     let answer = api.post_json(Some(&reporting), &query, &[]).await;
     assert_eq!(
         big(&answer.data()["devices"]["totalCount"]),

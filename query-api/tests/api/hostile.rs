@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use http_edge::auth::{Role, mint_token, scope};
+use http_edge::auth::{Role, scope};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -1319,15 +1319,7 @@ async fn every_error_a_client_can_cause_carries_a_code_and_none_is_an_internal_e
     // What the HTTP layer refuses: not JSON, a batch, too large, no token, a token without
     // the scope, a route or method that does not exist, a body that stalls.
     let post = reqwest::Method::POST;
-    let service = mint_token(
-        SECRET,
-        "billing",
-        Role::Service,
-        &[scope::USERS_WRITE],
-        Utc::now(),
-        chrono::Duration::hours(1),
-    )
-    .unwrap();
+    let service = test_support::tokens::signed(SECRET, "billing", Role::Service, &[scope::USERS_WRITE]);
     let raw_cases = [
         (
             "not JSON",
