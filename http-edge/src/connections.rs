@@ -327,7 +327,11 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
-    let connection = builder.serve_connection(io, TowerToHyperService::new(service));
+    // Upgrades (WebSocket subscriptions) leave this loop once switched: the upgraded socket
+    // is its handler's to serve, limit and close.
+    let connection = builder
+        .serve_connection(io, TowerToHyperService::new(service))
+        .with_upgrades();
     tokio::pin!(connection);
     // Wakes when the connection would have idled a whole timeout if no byte moved since it
     // was last checked; bytes that moved push the next check back. One timer per connection

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use projections::apply::{apply_events, park_unreadable};
 use projections::runner::ProjectorError;
 use read_models::Projection;
+use read_models::changes::ChangeNotice;
 use read_models::versions::TableLayout;
 
 use crate::metrics_names as k;
@@ -581,6 +582,12 @@ async fn commit_batch(
         return Err(ProjectorError::OffsetsMoved {
             projection: projection.name(),
         });
+    }
+    if let Some(last) = batch.events.iter().max_by_key(|e| e.position)
+        && !applied.touched.is_empty()
+    {
+        let notice = ChangeNotice::of_batch(projection, last.position, &applied.touched);
+        read_models::changes::publish(&mut tx, &notice).await?;
     }
     if let Some(last) = batch.events.iter().max_by_key(|e| e.position) {
         sqlx::query(

@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use read_models::Projection;
+use read_models::changes::Touched;
 use read_models::fleet::{DeviceRow, device_row};
 use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 use read_models::versions::TableLayout;
@@ -17,7 +18,7 @@ use crate::metrics_names as m;
 use crate::usage::{fold_usage, fold_usage_by_provider};
 
 /// What a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Applied {
     /// Events that changed (or were relevant to) the read model.
     pub applied: usize,
@@ -25,6 +26,8 @@ pub struct Applied {
     pub skipped: usize,
     /// Events parked in `projection_dead_letters`.
     pub dead_lettered: usize,
+    /// The owners and devices whose rows the batch wrote: what its change notice names.
+    pub touched: Touched,
 }
 
 /// An event the projection cannot apply, with why.
@@ -196,6 +199,11 @@ async fn apply_fleet<'a>(
         }
     }
     write_devices(conn, fold.changed_rows()).await?;
+    applied
+        .touched
+        .devices
+        .extend(fold.changed_rows().map(|row| row.device_id));
+    applied.touched.owners.extend(fold.touched_owners());
     let owners: Vec<Uuid> = fold.touched_owners().into_iter().collect();
     read_models::fleet::recompute_device_stats(conn, &owners).await
 }
@@ -265,6 +273,10 @@ async fn apply_usage(
             }
             applied.applied += 1;
         }
+    }
+    for (key, _) in deltas.keys() {
+        applied.touched.owners.insert(key.user_id);
+        applied.touched.devices.insert(key.device_id);
     }
     write_usage(conn, layout, &deltas).await?;
     write_usage_by_provider(conn, &by_provider).await

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::{apply_events, begin_batch};
 use crate::checkpoint::{self, CheckpointMoved, ProjectionCheckpoint};
 use read_models::Projection;
+use read_models::changes::{self, ChangeNotice};
 
 use crate::metrics_names as m;
 
@@ -158,6 +159,13 @@ async fn follow(
         let started = Instant::now();
         let mut tx = begin_batch(pool, events.len()).await?;
         let applied = apply_events(&mut tx, layout, &events).await?;
+        if !applied.touched.is_empty() {
+            changes::publish(
+                &mut tx,
+                &ChangeNotice::of_batch(projection, next.position, &applied.touched),
+            )
+            .await?;
+        }
         if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
             return Err(CheckpointMoved {
                 projection: projection.name(),

@@ -53,6 +53,8 @@ pub struct QueryApiConfig {
     pub rate_burst: u32,
     /// Connection limit and header, body and keep-alive timeouts of the listener.
     pub connections: http_edge::connections::ConnectionLimits,
+    /// Subscriptions: evaluation pacing and per-socket limits.
+    pub live: crate::subscriptions::LiveConfig,
 }
 
 impl Default for QueryApiConfig {
@@ -79,6 +81,7 @@ impl Default for QueryApiConfig {
             rate_per_second: 2_000,
             rate_burst: 4_000,
             connections: http_edge::connections::ConnectionLimits::default(),
+            live: crate::subscriptions::LiveConfig::default(),
         }
     }
 }

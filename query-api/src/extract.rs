@@ -103,7 +103,7 @@ impl FromRequestParts<AppState> for Reader {
     }
 }
 
-fn viewer_of(principal: &Principal) -> Option<Viewer> {
+pub(crate) fn viewer_of(principal: &Principal) -> Option<Viewer> {
     match (principal.role, principal.user_id) {
         (Role::Admin, _) => Some(Viewer::Everyone),
         (Role::User, Some(user)) => Some(Viewer::User(user)),
@@ -210,7 +210,7 @@ struct BodyExtensions {
 
 /// The request's body read into a question: its document resolved, measured and parsed, its
 /// variables and position; or the answer refusing it.
-fn prepare(state: &Inner, headers: &HeaderMap, body: &[u8]) -> Result<Question, Rejection> {
+pub(crate) fn prepare(state: &Inner, headers: &HeaderMap, body: &[u8]) -> Result<Question, Rejection> {
     let body: GraphqlBody = serde_json::from_slice(body).map_err(|error| {
         let message = if body.first() == Some(&b'[') {
             "batched requests are not supported; send one query per request".to_owned()

@@ -24,6 +24,8 @@
 //! - [`graphql::document`]: a document measured (tokens, nesting, fragments expanded without
 //!   expanding them, depth, introspection) before anything expensive sees it; [`executor`]:
 //!   the threads validation and execution run on, apart from every other role's.
+//! - [`subscriptions`]: the same questions kept live over WebSocket (`GET /graphql` upgraded),
+//!   evaluated again when a projection batch touched what they read, pushed when changed.
 //! - [`audit`]: `GET /v1/audit/events`, the event history exported for auditors.
 //!
 //! This crate must never write: not the log, not the read models.
@@ -43,6 +45,7 @@ pub mod safelist;
 pub mod sources;
 pub mod startup;
 pub(crate) mod state;
+pub mod subscriptions;
 
 pub use config::QueryApiConfig;
 pub use sources::{ReadError, ReadSources, Route, Source, SourcesConfig};

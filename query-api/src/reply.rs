@@ -62,6 +62,14 @@ impl Rejection {
         }
     }
 
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
+    }
+
     /// 429: the client's bucket is empty for `wait`.
     pub(crate) fn rate_limited(wait: Duration) -> Self {
         Rejection {

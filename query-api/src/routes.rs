@@ -1,4 +1,5 @@
-//! The query API's routes: `POST /graphql` (and GraphiQL at `GET /graphql`), the audit
+//! The query API's routes: `POST /graphql` (and at `GET /graphql` subscriptions over a
+//! WebSocket upgrade, or GraphiQL), the audit
 //! export, `/healthz`, `/readyz`, `/metrics`; the fallbacks for unknown routes and methods;
 //! and how the HTTP edge's refusals are answered here (GraphQL errors with codes).
 
@@ -22,7 +23,10 @@ pub(crate) fn router(state: AppState) -> Router {
         timeout: state.config.connections.body_read_timeout,
     };
     let routed = Router::new()
-        .route("/graphql", get(graphiql).post(crate::graphql::handler::graphql))
+        .route(
+            "/graphql",
+            get(crate::subscriptions::socket::graphql_get).post(crate::graphql::handler::graphql),
+        )
         .route("/v1/audit/events", get(crate::audit::audit_events))
         .route_layer(axum::middleware::from_fn(http_edge::telemetry::track_requests))
         .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
@@ -71,7 +75,7 @@ impl EdgeAnswers for GraphqlAnswers {
 }
 
 /// `GET /graphql`: GraphiQL, when the configuration turns it on.
-async fn graphiql(State(state): State<AppState>) -> Response {
+pub(crate) async fn graphiql(State(state): State<AppState>) -> Response {
     if state.config.graphiql {
         Html(
             async_graphql::http::GraphiQLSource::build()

@@ -303,6 +303,47 @@ impl ReadSources {
         self.primary_route()
     }
 
+    /// A source that holds every transaction the primary had committed when this was called:
+    /// a replica in rotation once its WAL replay has passed the primary's WAL position (waited
+    /// for up to `position_wait`), else the primary. Unlike [`ReadSources::source_at`] it
+    /// asks the WAL, not the checkpoints, so it holds for batches that do not move a
+    /// checkpoint (Kafka-mode projectors move it later, by partition watermark).
+    pub async fn source_with_all_committed(&self) -> Route {
+        let rotation = self.rotation();
+        if rotation.is_empty() {
+            return self.primary_route();
+        }
+        let committed: Result<String, sqlx::Error> = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&self.primary)
+            .await;
+        let Ok(committed) = committed else {
+            return self.primary_route();
+        };
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            for replica in &rotation {
+                let replayed =
+                    sqlx::query_scalar::<_, bool>("SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)")
+                        .bind(&committed)
+                        .fetch_one(&replica.pool);
+                if let Ok(Ok(true)) = tokio::time::timeout(self.config.probe_timeout, replayed).await {
+                    return Route {
+                        pool: replica.pool.clone(),
+                        source: Source::Replica(replica.name.clone()),
+                        checkpoints: None,
+                    };
+                }
+            }
+            if started.elapsed() >= self.config.position_wait {
+                metrics::counter!(m::READ_FALLBACKS_TOTAL, "reason" => "replica_behind").increment(1);
+                return self.primary_route();
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
     /// The primary, with its last known checkpoints.
     pub fn primary_route(&self) -> Route {
         Route {

@@ -1,6 +1,7 @@
 //! The query API service, built and bound ([`QueryApi::build`]) and served until stopped
 //! ([`QueryApi::run_until_stopped`]) with its background work: replica health checks,
-//! watermarks, forgetting idle clients' rate buckets.
+//! watermarks, forgetting idle clients' rate buckets, the subscriptions' change listener and
+//! evaluation rounds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,6 +103,19 @@ impl QueryApi {
                 }
             })
         };
+        let listening = tokio::spawn(crate::subscriptions::listener::listen_for_changes(
+            Arc::clone(&state.live),
+            state.sources.primary().clone(),
+        ));
+        // Evaluations run on the executor's threads (each one's work is sent there); the
+        // rounds only wait.
+        let rounds = tokio::spawn(Arc::clone(&state.live).run_rounds(Arc::clone(&state)));
+        // Sockets close as soon as shutdown begins, not after the requests in flight.
+        let live = Arc::clone(&state.live);
+        let shutdown = async move {
+            shutdown.await;
+            live.closing.cancel();
+        };
         let limits = state.config.connections;
         // The connections are served on the executor's threads (registered with its reactor,
         // so the listener moves there too): a flood of requests occupies those, never the
@@ -116,7 +130,15 @@ impl QueryApi {
         });
         let served = serving.await.unwrap_or_else(|error| Err(std::io::Error::other(error)));
         stop.cancel();
-        let _ = tokio::join!(health, watermarks, forget_old_clients);
+        state.live.closing.cancel();
+        state.live.sockets.close();
+        if tokio::time::timeout(Duration::from_secs(5), state.live.sockets.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("subscription sockets still open 5 s after shutdown; dropping them");
+        }
+        let _ = tokio::join!(health, watermarks, forget_old_clients, listening, rounds);
         tracing::info!("query API stopped");
         served
     }

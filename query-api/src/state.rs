@@ -1,5 +1,5 @@
 //! What every handler and extractor shares: the configuration, the schema, the read sources,
-//! the cache, the executor, the token verifier and the rate limiter.
+//! the cache, the executor, the token verifier, the rate limiter and the subscriptions' hub.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use crate::graphql::{DashboardSchema, build_schema};
 use crate::persisted::PersistedQueries;
 use crate::safelist::Safelist;
 use crate::sources::ReadSources;
+use crate::subscriptions::hub::Hub;
 
 pub(crate) type AppState = Arc<Inner>;
 
@@ -32,6 +33,8 @@ pub(crate) struct Inner {
     pub(crate) verifier: TokenVerifier,
     pub(crate) limiter: ClientLimiter,
     pub(crate) metrics: PrometheusHandle,
+    /// Subscriptions: their groups, pending changes and sockets.
+    pub(crate) live: Arc<Hub>,
 }
 
 impl Inner {
@@ -45,6 +48,7 @@ impl Inner {
     ) -> std::io::Result<Self> {
         Ok(Inner {
             limiter: ClientLimiter::new(config.rate_per_second, config.rate_burst),
+            live: Arc::new(Hub::new(config.live)),
             schema: build_schema(&config.limits, config.introspection),
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
             epoch: CacheEpoch::new(config.cache_staleness),

@@ -4,7 +4,8 @@
 //!   [`versions`]: each projection's tables by version, with their DDL.
 //! - [`fleet`]: `devices` and `device_stats` rows, and the one definition of `device_stats`
 //!   from `devices`; [`usage`]: `daily_usage` and `daily_usage_by_provider` rows.
-//! - [`status`]: where every projection stands against the log head.
+//! - [`status`]: where every projection stands against the log head; [`changes`]: what a
+//!   committed batch changed, published to listeners (the query API's subscriptions).
 //! - [`migrate()`]: the tables' migrations (versions 1000 and up, in `migrations/`), the
 //!   projectors' bookkeeping (checkpoints, Kafka offsets, dead letters) included.
 //! - [`stored`]: every read model at once, in memory and as read from the tables.
@@ -13,6 +14,7 @@
 //! reader never links the projector. It must never fold events or tail the log: that is the
 //! writer's job.
 
+pub mod changes;
 pub mod fleet;
 pub mod status;
 pub mod stored;

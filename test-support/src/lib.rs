@@ -14,7 +14,8 @@
 //! - [`services`]: the shared broker and replica the test command starts (`ops/dev/`).
 //! - [`scratch`]: a PostgreSQL cluster of a test's own, to stop and start at will.
 //! - `query` (feature `query-api`): a query API on the test's database with a client, and
-//!   read sources and query APIs on the streaming replica.
+//!   read sources and query APIs on the streaming replica; `live` (same feature): a
+//!   subscription client over WebSocket.
 //!
 //! This crate is dev-only: it must never be a normal dependency of any crate, only a
 //! `[dev-dependencies]` entry. It panics on every failure, knows the development secret, and
@@ -27,6 +28,8 @@
 
 pub mod db;
 pub mod fixtures;
+#[cfg(feature = "query-api")]
+pub mod live;
 #[cfg(feature = "query-api")]
 pub mod query;
 pub mod roles;

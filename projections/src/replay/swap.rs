@@ -7,6 +7,7 @@ use sqlx::{AssertSqlSafe, PgPool};
 
 use super::tail::apply_to_shadow;
 use super::{Rebuild, ReplayConfig, ReplayError};
+use read_models::changes::ChangeNotice;
 use read_models::versions::quote_ident;
 
 pub(super) struct Swapped {
@@ -115,6 +116,8 @@ pub(super) async fn swap(
     .bind(&replaced_schema)
     .execute(&mut *tx)
     .await?;
+    // Every row may differ in the rebuilt tables: live subscriptions evaluate again.
+    read_models::changes::publish(&mut tx, &ChangeNotice::everything(projection, new_position)).await?;
     tx.commit().await?;
     Ok(Some(Swapped {
         position: new_position,

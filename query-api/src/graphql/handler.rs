@@ -251,7 +251,7 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
 /// the nesting of selection sets through fragments, directives per field), those with one a
 /// value the client sent (a variable or literal that does not parse as its scalar). All are
 /// the client's doing.
-fn with_error_codes(errors: &mut [ServerError]) {
+pub(crate) fn with_error_codes(errors: &mut [ServerError]) {
     /// How async-graphql's limits word their errors.
     const OVER_A_LIMIT: [&str; 4] = [
         "Query is too complex",

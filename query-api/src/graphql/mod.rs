@@ -17,6 +17,7 @@ pub(crate) mod handler;
 pub mod loaders;
 mod query;
 pub mod scalars;
+pub mod subscription;
 mod types;
 
 use std::any::Any;
@@ -27,9 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
-use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject, Schema, SimpleObject,
-};
+use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, InputObject, Schema, SimpleObject};
 use chrono::NaiveDate;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -37,11 +36,12 @@ use uuid::Uuid;
 use self::loaders::ReadLoader;
 pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
+pub use self::subscription::{Changes, Interest, Subscription};
 pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, Money, User};
 use crate::reads::{DeviceFilter, DeviceOrder, Owners, PageRequest, Period};
 
-/// The schema served at `/graphql`.
-pub type DashboardSchema = Schema<Query, EmptyMutation, EmptySubscription>;
+/// The schema served at `/graphql` (subscriptions over WebSocket at the same path).
+pub type DashboardSchema = Schema<Query, EmptyMutation, Subscription>;
 
 /// Limits that keep one query from taking the service down.
 #[derive(Debug, Clone, Copy)]
@@ -122,6 +122,8 @@ pub struct ReadContext {
     source_failed: AtomicBool,
     /// Statements run for this request, by what they asked (see [`ReadContext::read_once`]).
     reads: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<ReadResult>>>>,
+    /// What a subscription's answer depends on, as its root field noted it.
+    interest: Mutex<Option<Interest>>,
 }
 
 /// A read's rows, or the error it failed with, shared by every field that asked the same.
@@ -135,7 +137,18 @@ impl ReadContext {
             limits,
             source_failed: AtomicBool::new(false),
             reads: Mutex::new(HashMap::new()),
+            interest: Mutex::new(None),
         }
+    }
+
+    /// Notes what a subscription field reads (see [`Interest`]).
+    pub fn note_interest(&self, interest: Interest) {
+        *self.interest.lock().unwrap_or_else(PoisonError::into_inner) = Some(interest);
+    }
+
+    /// What the subscription evaluated with this context reads, if its field said.
+    pub fn interest(&self) -> Option<Interest> {
+        *self.interest.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Runs `read` once per request for one `key` (the read's name and arguments); every other
@@ -411,7 +424,7 @@ pub(crate) fn page_request(
 /// Builds the schema with its limits. Introspection is off unless asked for. The depth limit
 /// is [`document::check_document`]'s, which lets introspection nest deeper than data.
 pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
-    let builder = Schema::build(Query, EmptyMutation, EmptySubscription)
+    let builder = Schema::build(Query, EmptyMutation, Subscription)
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(32)
         .limit_directives(8);

@@ -20,7 +20,7 @@ pub struct Query;
 impl Query {
     /// Live devices per user, status and provider, with totals. Deleted devices are not
     /// counted.
-    async fn device_stats(
+    pub(crate) async fn device_stats(
         &self,
         ctx: &Context<'_>,
         filter: Option<DeviceFilterInput>,
@@ -35,7 +35,7 @@ impl Query {
 
     /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
     /// totals over the range.
-    async fn daily_usage(
+    pub(crate) async fn daily_usage(
         &self,
         ctx: &Context<'_>,
         filter: UsageFilter,
@@ -121,7 +121,7 @@ impl Query {
     /// Devices as a Relay connection, paged by keyset (stable while devices are created).
     #[graphql(complexity = "first.or(last).unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1")]
     #[allow(clippy::too_many_arguments)]
-    async fn devices(
+    pub(crate) async fn devices(
         &self,
         ctx: &Context<'_>,
         filter: Option<DeviceFilterInput>,
@@ -153,7 +153,7 @@ impl Query {
     }
 
     /// One device, or null if it does not exist or is not the caller's.
-    async fn device(
+    pub(crate) async fn device(
         &self,
         ctx: &Context<'_>,
         id: Uuid,
@@ -185,7 +185,7 @@ impl Query {
 
     /// How far each projection has applied the log, on the source that answered.
     #[graphql(cache_control(no_cache))]
-    async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
+    pub(crate) async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
         let read = read_context(ctx);
         let states = read
             .read_once("projection_status".to_owned(), || {
