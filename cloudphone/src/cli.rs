@@ -107,6 +107,11 @@ pub struct PlatformArgs {
     /// Seconds a request may take before it is answered 503 (counted once its body is in).
     #[arg(long, env = "CLOUDPHONE_REQUEST_TIMEOUT", default_value_t = 10)]
     pub request_timeout: u64,
+    /// Origins of browser apps allowed to call both APIs, comma-separated
+    /// (`https://dash.example.com,http://localhost:5173`); each exactly `scheme://host[:port]`
+    /// [default: none: browsers refuse cross-origin calls].
+    #[arg(long, env = "CLOUDPHONE_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_cors_origin)]
+    pub cors_origins: Vec<axum::http::HeaderValue>,
     /// Connections each API listener keeps open at once; past it a new connection is answered
     /// 503 `too_many_connections` and closed [default: 30000, or less to fit the
     /// file-descriptor limit, which start-up raises as far as it may].
@@ -229,6 +234,53 @@ pub struct QueryArgs {
     /// replica to reach its position before the primary answers.
     #[arg(long, env = "CLOUDPHONE_READ_YOUR_WRITES_WAIT_MS", default_value_t = 2000)]
     pub read_your_writes_wait_ms: u64,
+    /// A subscription is evaluated again at most once per this many milliseconds (changes in
+    /// between are coalesced into one evaluation).
+    #[arg(long, env = "CLOUDPHONE_SUBSCRIPTION_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscription_interval_ms: u64,
+    /// Subscriptions one WebSocket connection may hold.
+    #[arg(long, env = "CLOUDPHONE_MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100)]
+    pub max_subscriptions_per_connection: usize,
+    /// Subscription connections one client (token subject) may hold.
+    #[arg(
+        long,
+        env = "CLOUDPHONE_MAX_SUBSCRIPTION_CONNECTIONS_PER_CLIENT",
+        default_value_t = 100
+    )]
+    pub max_subscription_connections_per_client: usize,
+    /// Subscription connections the query API holds.
+    #[arg(long, env = "CLOUDPHONE_MAX_SUBSCRIPTION_CONNECTIONS", default_value_t = 20_000)]
+    pub max_subscription_connections: usize,
+    /// Seconds between keep-alive pings on subscription sockets; a client silent for two is
+    /// closed (4411).
+    #[arg(long, env = "CLOUDPHONE_SUBSCRIPTION_KEEP_ALIVE_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscription_keep_alive_secs: u64,
+    /// Milliseconds one answer may take to be written before its client counts as too slow
+    /// and is closed (4410).
+    #[arg(long, env = "CLOUDPHONE_SUBSCRIPTION_SEND_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub subscription_send_timeout_ms: u64,
+}
+
+impl QueryArgs {
+    /// Subscriptions' pacing and limits.
+    pub fn live(&self) -> query_api::subscriptions::LiveConfig {
+        query_api::subscriptions::LiveConfig {
+            evaluation_interval: std::time::Duration::from_millis(self.subscription_interval_ms),
+            max_subscriptions_per_connection: self.max_subscriptions_per_connection,
+            max_connections_per_client: self.max_subscription_connections_per_client,
+            max_connections: self.max_subscription_connections,
+            keep_alive: std::time::Duration::from_secs(self.subscription_keep_alive_secs),
+            send_timeout: std::time::Duration::from_millis(self.subscription_send_timeout_ms),
+            ..query_api::subscriptions::LiveConfig::default()
+        }
+    }
+}
+
+/// One `--cors-origins` entry.
+fn parse_cors_origin(origin: &str) -> Result<axum::http::HeaderValue, String> {
+    http_edge::cors::parse_origins(&[origin.to_owned()])
+        .map_err(|error| error.to_string())
+        .and_then(|mut parsed| parsed.pop().ok_or_else(|| "no origin".to_owned()))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

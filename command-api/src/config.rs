@@ -40,6 +40,9 @@ pub struct ApiConfig {
     pub master_keys: Arc<MasterKeyring>,
     /// Connection limit and header, body and keep-alive timeouts of the listener.
     pub connections: http_edge::connections::ConnectionLimits,
+    /// Origins of browser apps allowed to call this API (see `http_edge::cors`); none by
+    /// default.
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 impl Default for ApiConfig {
@@ -57,6 +60,7 @@ impl Default for ApiConfig {
             append_mode: AppendMode::GroupCommit,
             master_keys: Arc::new(MasterKeyring::development()),
             connections: http_edge::connections::ConnectionLimits::default(),
+            cors_origins: Vec::new(),
         }
     }
 }

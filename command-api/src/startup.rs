@@ -141,7 +141,8 @@ pub fn router(state: AppState) -> Router {
         // The handler's time limit starts once the body is in: a slow body is the client's
         // (408, by the body read timeout), a slow answer the server's (503).
         .layer(middleware::from_fn_with_state(timeout, time_limit));
-    with_edge_layers(routed, body, ProblemAnswers).with_state(state)
+    let cors = state.config.cors_origins.clone();
+    http_edge::cors::with_cors(with_edge_layers(routed, body, ProblemAnswers), &cors).with_state(state)
 }
 
 /// The command API answers what its edge refuses with problem documents.

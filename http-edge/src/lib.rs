@@ -6,6 +6,7 @@
 //! - [`body`]: request bodies read whole before routing, bounded in size and time.
 //! - [`connections`]: serving HTTP/1.1 so no client holds a listener hostage (timeouts,
 //!   connection limits, metrics, graceful shutdown).
+//! - [`cors`]: cross-origin calls from the origins an operator lists, none by default.
 //! - [`layers`]: the layer stack both routers are wrapped in; [`rate_limit`]: per-client
 //!   token buckets.
 //! - [`problem`]: RFC 9457 problem documents and the edge's own refusals.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod body;
 pub mod connections;
+pub mod cors;
 pub mod layers;
 pub mod problem;
 pub mod rate_limit;

@@ -55,6 +55,9 @@ pub struct QueryApiConfig {
     pub connections: http_edge::connections::ConnectionLimits,
     /// Subscriptions: evaluation pacing and per-socket limits.
     pub live: crate::subscriptions::LiveConfig,
+    /// Origins of browser apps allowed to call this API (see `http_edge::cors`); none by
+    /// default.
+    pub cors_origins: Vec<axum::http::HeaderValue>,
 }
 
 impl Default for QueryApiConfig {
@@ -82,6 +85,7 @@ impl Default for QueryApiConfig {
             rate_burst: 4_000,
             connections: http_edge::connections::ConnectionLimits::default(),
             live: crate::subscriptions::LiveConfig::default(),
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -48,7 +48,8 @@ pub(crate) fn router(state: AppState) -> Router {
                 Json::errors(&[graphql_error("no such route; queries go to POST /graphql", "NOT_FOUND")]),
             )
         });
-    with_edge_layers(routed, body, GraphqlAnswers).with_state(state)
+    let cors = state.config.cors_origins.clone();
+    http_edge::cors::with_cors(with_edge_layers(routed, body, GraphqlAnswers), &cors).with_state(state)
 }
 
 /// The query API answers what its edge refuses as GraphQL errors with codes.

@@ -190,6 +190,7 @@ async fn command_api(
         },
         master_keys: args.master_keys.keyring()?,
         connections: args.connection_limits(),
+        cors_origins: args.cors_origins.clone(),
         ..ApiConfig::default()
     };
     Application::with_store(config, store, metrics, Arc::new(SystemClock))
@@ -251,6 +252,8 @@ async fn query_api(
             ..SourcesConfig::default()
         },
         connections: args.connection_limits(),
+        live: q.live(),
+        cors_origins: args.cors_origins.clone(),
         ..QueryApiConfig::default()
     };
     let api = QueryApi::build(config, primary.clone(), metrics)

@@ -980,3 +980,56 @@ async fn usage_by_provider_answers_once_daily_usage_v2_is_swapped_in_with_no_res
     let answer = api.query(&token(B, Role::User), query, filter).await;
     assert_eq!(answer.data()["usageByProvider"], json!([]), "{answer:?}");
 }
+
+#[sqlx::test(migrations = false)]
+async fn browser_apps_on_listed_origins_only_may_call(pool: PgPool) {
+    migrated(&pool).await;
+    let listed = "https://dash.example.com";
+    let config = query_api::QueryApiConfig {
+        cors_origins: http_edge::cors::parse_origins(&[listed.to_owned()]).unwrap(),
+        ..test_config()
+    };
+    let api = start(&pool, config).await;
+    let default = start(&pool, test_config()).await;
+    let preflight = |api: &TestApi, origin: &str| {
+        api.client
+            .request(reqwest::Method::OPTIONS, format!("http://{}/graphql", api.addr))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, x-min-position",
+            )
+            .send()
+    };
+    let allowed = preflight(&api, listed).await.unwrap();
+    assert_eq!(allowed.headers()["access-control-allow-origin"], listed);
+    let headers = allowed.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        headers.contains("authorization") && headers.contains("x-min-position"),
+        "{headers}"
+    );
+    for (api, origin) in [(&api, "https://evil.example.com"), (&default, listed)] {
+        let refused = preflight(api, origin).await.unwrap();
+        assert!(
+            refused.headers().get("access-control-allow-origin").is_none(),
+            "{origin} was allowed"
+        );
+    }
+    // A real request from the listed origin carries the header and exposes the position.
+    let answer = api
+        .client
+        .post(format!("http://{}/graphql", api.addr))
+        .header("origin", listed)
+        .bearer_auth(admin())
+        .json(&json!({"query": "{ projectionStatus { name } }"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["access-control-allow-origin"], listed);
+    let exposed = answer.headers()["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("x-read-position"), "{exposed}");
+}

@@ -456,3 +456,48 @@ async fn an_export_with_a_position_holds_that_event_while_the_replica_is_behind(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Subscriptions read from the replica, and push a change only once the replica holds it:
+/// an evaluation on a replica that had not replayed the batch would find the answer
+/// unchanged and push nothing, and no later batch would come to correct it.
+#[sqlx::test(migrations = false)]
+async fn a_subscription_on_a_replica_is_pushed_every_change_once_the_replica_holds_it(pool: PgPool) {
+    let sources = replica_sources(&pool).await;
+    drop(sources);
+    let api = on_replica(&pool).await;
+    let stop = CancellationToken::new();
+    let projectors = spawn_log_projectors(&pool, ProjectorConfig::default(), &stop);
+    let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
+    let owner = Uuid::now_v7();
+    let mut socket =
+        test_support::live::LiveClient::connect(api.addr, &token(owner, http_edge::auth::Role::User)).await;
+    socket
+        .subscribe(
+            "fleet",
+            "subscription { devices(first: 100) { totalCount } }",
+            serde_json::json!({}),
+        )
+        .await;
+    socket.next_of("fleet").await;
+    for created in 1..=30 {
+        append_device_created(&store, owner).await;
+        let pushed = socket
+            .next_until("fleet", |p| big(&p["data"]["devices"]["totalCount"]) >= created)
+            .await;
+        assert_eq!(big(&pushed["data"]["devices"]["totalCount"]), created);
+    }
+    let metrics = api.metrics().await;
+    let fallbacks: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("cloudphone_read_fallbacks_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        fallbacks < 30.0,
+        "every evaluation fell back to the primary ({fallbacks})"
+    );
+    stop.cancel();
+    for task in projectors {
+        task.await.unwrap();
+    }
+}
