@@ -84,7 +84,13 @@ struct Pending {
     changes: Changes,
     /// When the oldest pending notice arrived.
     since: Option<Instant>,
+    /// Groups whose last evaluation failed (a source down, a timeout): evaluated again in a
+    /// later round whatever changes, so the change that caused it is not lost.
+    retry: Vec<CacheKey>,
 }
+
+/// How long a group whose evaluation failed waits before it is tried again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a socket may not open.
 #[derive(Debug, thiserror::Error)]
@@ -221,9 +227,27 @@ impl Hub {
             // Registered before it reads: a batch committed from here on finds it. And read
             // where every batch committed so far is visible, so none falls in between.
             let route = state.sources.source_with_all_committed().await;
-            evaluate(state, &group, &route, None).await;
+            if !evaluate(state, &group, &route, None).await {
+                self.retry_later(group.key);
+            }
         }
         (group, receiver)
+    }
+
+    /// Evaluates the group of `key` again in a round at least [`RETRY_AFTER`] from now.
+    fn retry_later(self: &Arc<Self>, key: CacheKey) {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retry
+            .push(key);
+        let hub = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = hub.closing.cancelled() => {}
+                () = tokio::time::sleep(RETRY_AFTER) => hub.wake.notify_one(),
+            }
+        });
     }
 
     /// A subscriber left: the group goes when it was the last (its receiver must be
@@ -256,19 +280,16 @@ impl Hub {
                 }
             }
             last_round = Some(tokio::time::Instant::now());
-            let (changes, since) = {
-                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-                let taken = std::mem::take(&mut *pending);
-                (taken.changes, taken.since)
-            };
-            if changes.is_empty() {
+            let Pending { changes, since, retry } =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            if changes.is_empty() && retry.is_empty() {
                 continue;
             }
             let touched: Vec<Arc<Group>> = {
                 let groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
                 groups
                     .values()
-                    .filter(|group| changes.touch(group.interest()))
+                    .filter(|group| changes.touch(group.interest()) || retry.contains(&group.key))
                     .cloned()
                     .collect()
             };
@@ -277,20 +298,27 @@ impl Hub {
                 continue;
             }
             let route = state.sources.source_with_all_committed().await;
-            futures::stream::iter(touched)
-                .for_each_concurrent(self.config.evaluation_concurrency, |group| {
+            let failed: Vec<CacheKey> = futures::stream::iter(touched)
+                .map(|group| {
                     let route = &route;
                     let state = &state;
-                    async move { evaluate(state, &group, route, since).await }
+                    async move { (!evaluate(state, &group, route, since).await).then_some(group.key) }
                 })
+                .buffer_unordered(self.config.evaluation_concurrency)
+                .filter_map(|failed| async move { failed })
+                .collect()
                 .await;
+            for key in failed {
+                self.retry_later(key);
+            }
         }
     }
 }
 
 /// Evaluates `group` on `route` and publishes the answer if it changed. A replica that fails
-/// under it is reported and the evaluation runs again on the primary.
-async fn evaluate(state: &Inner, group: &Arc<Group>, route: &Route, caused_at: Option<Instant>) {
+/// under it is reported and the evaluation runs again on the primary. False when it failed
+/// (subscribers keep the last answer; the caller tries again later).
+async fn evaluate(state: &Inner, group: &Arc<Group>, route: &Route, caused_at: Option<Instant>) -> bool {
     let _one_at_a_time = group.evaluating.lock().await;
     let mut evaluated = run_once(state, group, route).await;
     if let Evaluated::SourceFailed = evaluated
@@ -306,9 +334,8 @@ async fn evaluate(state: &Inner, group: &Arc<Group>, route: &Route, caused_at: O
         }
         Evaluated::Refused(payload) => Answer::Refused(payload),
         Evaluated::SourceFailed | Evaluated::Failed => {
-            // Subscribers keep the last answer; the next change (or reconnect) tries again.
             metrics::counter!(m::EVALUATIONS_TOTAL, "result" => "failed").increment(1);
-            return;
+            return false;
         }
     };
     let changed = group.answer.send_if_modified(|current| {
@@ -324,6 +351,7 @@ async fn evaluate(state: &Inner, group: &Arc<Group>, route: &Route, caused_at: O
     });
     let result = if changed { "changed" } else { "unchanged" };
     metrics::counter!(m::EVALUATIONS_TOTAL, "result" => result).increment(1);
+    true
 }
 
 enum Evaluated {

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType, Selection};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -296,11 +296,21 @@ impl Session {
         let question = question(&state, payload)
             .await
             .map_err(|(message, code)| refuse(message, code))?;
-        if !is_subscription(&question.document, question.operation_name.as_deref()) {
-            return Err(refuse(
-                "only subscriptions are served on this socket; send queries with POST /graphql".to_owned(),
-                "BAD_REQUEST",
-            ));
+        match root_fields(&question.document, question.operation_name.as_deref()) {
+            Some(1) => {}
+            Some(_) => {
+                return Err(refuse(
+                    "a subscription selects exactly one root field (no fragments at the root); open one subscription per field"
+                        .to_owned(),
+                    "GRAPHQL_VALIDATION_FAILED",
+                ));
+            }
+            None => {
+                return Err(refuse(
+                    "only subscriptions are served on this socket; send queries with POST /graphql".to_owned(),
+                    "BAD_REQUEST",
+                ));
+            }
         }
         let (group, receiver) = state.live.join(&state, question, viewer).await;
         let answers: Answers = Box::pin(WatchStream::new(receiver).filter_map(|answer| async move { answer }));
@@ -376,7 +386,9 @@ fn too_slow() -> Next {
     )
 }
 
-fn is_subscription(document: &ExecutableDocument, operation: Option<&str>) -> bool {
+/// The number of root fields of the subscription the document runs (fragments at the root
+/// count as many, so they are refused); `None` when it runs no subscription.
+fn root_fields(document: &ExecutableDocument, operation: Option<&str>) -> Option<usize> {
     let selected = match (&document.operations, operation) {
         (DocumentOperations::Single(op), _) => Some(op),
         (DocumentOperations::Multiple(ops), Some(name)) => {
@@ -384,8 +396,16 @@ fn is_subscription(document: &ExecutableDocument, operation: Option<&str>) -> bo
         }
         (DocumentOperations::Multiple(ops), None) if ops.len() == 1 => ops.values().next(),
         (DocumentOperations::Multiple(_), None) => None,
-    };
-    selected.is_some_and(|op| op.node.ty == OperationType::Subscription)
+    }?;
+    if selected.node.ty != OperationType::Subscription {
+        return None;
+    }
+    let items = &selected.node.selection_set.node.items;
+    let fields = items
+        .iter()
+        .filter(|item| matches!(item.node, Selection::Field(_)))
+        .count();
+    Some(if fields == items.len() { fields } else { usize::MAX })
 }
 
 fn close_label(code: u16) -> &'static str {
