@@ -25,6 +25,8 @@
 //!   expanding them, depth, introspection) before anything expensive sees it; [`executor`]:
 //!   the threads validation and execution run on, apart from every other role's.
 //! - [`audit`]: `GET /v1/audit/events`, the event history exported for auditors.
+//! - `console`: the web console at `/` and GraphiQL at `GET /graphql`, their files embedded
+//!   from `web/` (nothing loaded from another host), and development tokens.
 //!
 //! This crate must never write: not the log, not the read models.
 
@@ -32,6 +34,7 @@ pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod consistency;
+pub(crate) mod console;
 pub mod executor;
 pub(crate) mod extract;
 pub mod graphql;
