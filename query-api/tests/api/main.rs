@@ -1,11 +1,12 @@
 //! The query API over HTTP against a real PostgreSQL: every query and filter over known rows
-//! (`graphql`), hostile clients (`hostile`, in the nextest `load` group: it asserts latencies),
-//! and read routing through a real streaming replica (`replicas`, in the `replica` group: one
-//! of them stops the replica). `support` holds the rows to query; the API and its client are
-//! `test_support::query`'s.
+//! (`graphql`), the web console's files and development tokens (`console`), hostile clients
+//! (`hostile`, in the nextest `load` group: it asserts latencies), and read routing through a
+//! real streaming replica (`replicas`, in the `replica` group: one of them stops the replica).
+//! `support` holds the rows to query; the API and its client are `test_support::query`'s.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
+mod console;
 mod graphql;
 mod hostile;
 mod replicas;
