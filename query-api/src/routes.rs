@@ -1,6 +1,7 @@
 //! The query API's routes: `POST /graphql` (and GraphiQL at `GET /graphql`), the audit
-//! export, `/healthz`, `/readyz`, `/metrics`, the web console (`/`, [`crate::console`]); the fallbacks for unknown routes and methods;
-//! and how the HTTP edge's refusals are answered here (GraphQL errors with codes).
+//! export, `/healthz`, `/readyz`, `/metrics`, the web console (`/`, [`crate::console`]); the
+//! fallbacks for unknown routes and methods; and how the HTTP edge's refusals are answered
+//! here (GraphQL errors with codes).
 
 use std::time::Duration;
 
