@@ -1,5 +1,6 @@
 //! The web console (`GET /`) and GraphiQL (`GET /graphql`), served from files embedded in the
-//! binary (`query-api/web/`), and, in development only, `POST /console/dev-token`.
+//! binary (`query-api/web/`), and, in development only, `POST /console/dev-token` (and a
+//! `GET` of it, which tells the sign-in page to offer the mint buttons).
 //!
 //! Nothing is fetched from another host: the vendored browser code (uPlot, GraphiQL, React;
 //! see `web/vendor/README.md`) is served under `/console/vendor/`, and the pages'
