@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian machine it first installs and starts what the tests
-# need (PostgreSQL, a Kafka-protocol broker, a streaming replica), checks ops/ (ops/check.sh), then
-# runs every test of the workspace with cargo-nextest against those real services.
+# need (PostgreSQL, a Kafka-protocol broker, a streaming replica, a headless browser), checks
+# ops/ (ops/check.sh), then runs every test of the workspace with cargo-nextest against those
+# real services.
 #
 # Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
 # arguments, the command API is then also fuzzed against its OpenAPI document
@@ -15,6 +16,8 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres
 ops/dev/broker.sh fresh
 # A streaming replica of that PostgreSQL on port 5433 for the read-routing tests.
 ops/dev/replica.sh start
+# Headless chromium and playwright-core for the web console's browser test (cached).
+ops/dev/browser.sh ensure
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "test.sh: installing cargo-nextest" >&2

@@ -27,6 +27,8 @@
 //! - [`subscriptions`]: the same questions kept live over WebSocket (`GET /graphql` upgraded),
 //!   evaluated again when a projection batch touched what they read, pushed when changed.
 //! - [`audit`]: `GET /v1/audit/events`, the event history exported for auditors.
+//! - `console`: the web console at `/` and GraphiQL at `GET /graphql`, their files embedded
+//!   from `web/` (nothing loaded from another host), and development tokens.
 //!
 //! This crate must never write: not the log, not the read models.
 
@@ -34,6 +36,7 @@ pub mod audit;
 pub mod cache;
 pub mod config;
 pub mod consistency;
+pub(crate) mod console;
 pub mod executor;
 pub(crate) mod extract;
 pub mod graphql;

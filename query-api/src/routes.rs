@@ -1,14 +1,14 @@
 //! The query API's routes: `POST /graphql` (and at `GET /graphql` subscriptions over a
-//! WebSocket upgrade, or GraphiQL), the audit
-//! export, `/healthz`, `/readyz`, `/metrics`; the fallbacks for unknown routes and methods;
-//! and how the HTTP edge's refusals are answered here (GraphQL errors with codes).
+//! WebSocket upgrade, or GraphiQL), the audit export, `/healthz`, `/readyz`, `/metrics`, the
+//! web console (`/`, [`crate::console`]); the fallbacks for unknown routes and methods; and
+//! how the HTTP edge's refusals are answered here (GraphQL errors with codes).
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http_edge::body::BodyError;
 use http_edge::layers::{BodyLimits, EdgeAnswers, with_edge_layers};
@@ -32,6 +32,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .merge(crate::console::router(&state))
         // A method a route does not take gets a coded error too (axum's own 405 has no body).
         .method_not_allowed_fallback(|| async {
             (
@@ -75,16 +76,11 @@ impl EdgeAnswers for GraphqlAnswers {
     }
 }
 
-/// `GET /graphql`: GraphiQL, when the configuration turns it on.
-pub(crate) async fn graphiql(State(state): State<AppState>) -> Response {
+/// `GET /graphql`: GraphiQL, when the configuration turns it on (our own page, loading
+/// GraphiQL from this binary: see [`crate::console`]).
+pub(crate) async fn graphiql(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if state.config.graphiql {
-        Html(
-            async_graphql::http::GraphiQLSource::build()
-                .endpoint("/graphql")
-                .title("Cloudphone dashboards")
-                .finish(),
-        )
-        .into_response()
+        crate::console::graphiql_page(&headers).await
     } else {
         Rejection::new(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -1,6 +1,7 @@
 //! The `cloudphone` binary as operators and clients meet it, against a real PostgreSQL: its
 //! verbs and roles as processes, the roles together (the command API, the projectors, the
-//! relay and the query API), faults, hostile clients and the load tools. One module per
+//! relay and the query API), the web console in a real browser, faults, hostile clients and
+//! the load tools. One module per
 //! feature; `support` holds what several of them share.
 //!
 //! Some modules stop shared services or load both cores: .config/nextest.toml puts them in
@@ -11,6 +12,7 @@
 
 mod audit;
 mod cli;
+mod console;
 mod crash;
 mod faults;
 mod fuzz;

@@ -36,7 +36,8 @@ pub(crate) async fn graphql_get(State(state): State<AppState>, request: Request)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !wants_socket {
-        return crate::routes::graphiql(State(state)).await;
+        let headers = request.headers().clone();
+        return crate::routes::graphiql(State(state), headers).await;
     }
     let (mut parts, _) = request.into_parts();
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &state).await {

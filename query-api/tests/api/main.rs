@@ -1,12 +1,13 @@
 //! The query API over HTTP against a real PostgreSQL: every query and filter over known rows
-//! (`graphql`), hostile clients (`hostile`, in the nextest `load` group: it asserts latencies),
-//! read routing through a real streaming replica (`replicas`, in the `replica` group: one of
-//! them stops the replica), and subscriptions over WebSocket (`subscriptions`). `support`
-//! holds the rows to query; the API and its clients are `test_support::query`'s and
-//! `test_support::live`'s.
+//! (`graphql`), the web console's files and development tokens (`console`), hostile clients
+//! (`hostile`, in the nextest `load` group: it asserts latencies), read routing through a real
+//! streaming replica (`replicas`, in the `replica` group: one of them stops the replica), and
+//! subscriptions over WebSocket (`subscriptions`). `support` holds the rows to query; the API
+//! and its clients are `test_support::query`'s and `test_support::live`'s.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
+mod console;
 mod graphql;
 mod hostile;
 mod replicas;
