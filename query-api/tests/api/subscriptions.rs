@@ -438,6 +438,16 @@ async fn hostile_sockets_are_closed_with_a_code_that_says_why(pool: PgPool) {
             "subscription($id: UUID!) { device(id: $id) { id } }".into(),
             json!({"id": "not-a-uuid"}),
         ),
+        refused(
+            "two-roots",
+            "subscription { a: projectionStatus { name } b: projectionStatus { name } }".into(),
+            json!({}),
+        ),
+        refused(
+            "root-fragment",
+            "subscription { ...F } fragment F on Subscription { projectionStatus { name } }".into(),
+            json!({}),
+        ),
     ];
     for (id, query, variables) in cases {
         socket.subscribe(id, &query, variables).await;
@@ -525,6 +535,37 @@ async fn a_client_that_stops_reading_is_closed_and_holds_no_backlog(pool: PgPool
     writer.create_device(owner).await;
     reader.next_until("fleet", |p| total(p) == 101).await;
     drop(stalled);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_client_that_never_answers_pings_is_closed(pool: PgPool) {
+    let api = live_api(
+        &pool,
+        LiveConfig {
+            keep_alive: Duration::from_millis(100),
+            ..LiveConfig::default()
+        },
+    )
+    .await;
+    let token = token(Uuid::now_v7(), Role::User);
+    let silent = stalled_socket(api.addr, &token, "subscription { projectionStatus { name } }").await;
+    let mut answering = LiveClient::connect(api.addr, &token).await;
+    answering
+        .subscribe("status", "subscription { projectionStatus { name } }", json!({}))
+        .await;
+    answering.next_of("status").await;
+    // The client that reads (and so answers pings) stays while the silent one is closed.
+    let (_, heard) = tokio::join!(
+        metric_reaches(&api, "cloudphone_subscription_closed_total", 1.0),
+        answering.message_within(Duration::from_millis(1000))
+    );
+    assert!(heard.is_none(), "{heard:?}");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains("cloudphone_subscription_closed_total{reason=\"gone_quiet\"} 1"),
+        "{metrics}"
+    );
+    drop(silent);
 }
 
 /// A socket with a tiny receive buffer that subscribes and then never reads.
