@@ -326,6 +326,8 @@ async fn consume_with(
     })?;
     let mut partitions: HashMap<i32, PartitionState> = HashMap::new();
     let mut last_watermark = Instant::now();
+    // The checkpoint last published to change listeners.
+    let mut published_checkpoint = i64::MIN;
     let mut last_broker_commit = Instant::now();
     tracing::info!(projection = projection.name(), topic = %config.topic, group = %config.group_id, "kafka projector consuming");
     loop {
@@ -396,7 +398,14 @@ async fn consume_with(
         // also recomputed while idle.
         if committed || last_watermark.elapsed() >= Duration::from_millis(250) {
             last_watermark = Instant::now();
-            advance_checkpoint(pool, projection, &config.topic).await?;
+            if let Some(position) = advance_checkpoint(pool, projection, &config.topic).await?
+                && position > published_checkpoint
+            {
+                // Live projection status: the checkpoint moves here, apart from the batches.
+                published_checkpoint = position;
+                let notice = ChangeNotice::of_batch(projection, position, &Default::default());
+                read_models::changes::publish(&mut *pool.acquire().await?, &notice).await?;
+            }
         }
         if last_broker_commit.elapsed() >= BROKER_COMMIT_INTERVAL {
             last_broker_commit = Instant::now();
@@ -658,7 +667,8 @@ async fn store_offsets(
 
 /// Moves the projection's checkpoint to what every partition has surely applied (see the
 /// module documentation), in one statement so the relay's rows are read in one snapshot.
-async fn advance_checkpoint(pool: &PgPool, projection: Projection, topic: &str) -> Result<(), sqlx::Error> {
+/// Returns the checkpoint, when there is one to compute.
+async fn advance_checkpoint(pool: &PgPool, projection: Projection, topic: &str) -> Result<Option<i64>, sqlx::Error> {
     let watermark: Option<(i64, i64, Option<chrono::DateTime<chrono::Utc>>)> = sqlx::query_as(
         "UPDATE projection_checkpoints c SET position = greatest(c.position, w.position), updated_at = now()
          FROM (
@@ -691,7 +701,7 @@ async fn advance_checkpoint(pool: &PgPool, projection: Projection, topic: &str) 
         };
         metrics::gauge!(m::PROJECTION_LAG_SECONDS, "projection" => name).set(lag);
     }
-    Ok(())
+    Ok(watermark.map(|(position, _, _)| position))
 }
 
 #[cfg(test)]

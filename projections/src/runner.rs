@@ -159,13 +159,12 @@ async fn follow(
         let started = Instant::now();
         let mut tx = begin_batch(pool, events.len()).await?;
         let applied = apply_events(&mut tx, layout, &events).await?;
-        if !applied.touched.is_empty() {
-            changes::publish(
-                &mut tx,
-                &ChangeNotice::of_batch(projection, next.position, &applied.touched),
-            )
-            .await?;
-        }
+        // Also when no row changed: the checkpoint moved (live projection status).
+        changes::publish(
+            &mut tx,
+            &ChangeNotice::of_batch(projection, next.position, &applied.touched),
+        )
+        .await?;
         if !checkpoint::advance(&mut tx, projection, at.position, next).await? {
             return Err(CheckpointMoved {
                 projection: projection.name(),

@@ -153,6 +153,8 @@ impl Interest {
 #[derive(Debug, Default)]
 pub struct Changes {
     projections: HashMap<String, Touched>,
+    /// A checkpoint moved (every notice says so, even one that changed no row).
+    progress: bool,
 }
 
 #[derive(Debug, Default)]
@@ -165,7 +167,10 @@ struct Touched {
 impl Changes {
     /// Every projection changed everywhere (notices may have been missed).
     pub fn everything() -> Self {
-        let mut changes = Changes::default();
+        let mut changes = Changes {
+            progress: true,
+            ..Changes::default()
+        };
         for projection in Projection::ALL {
             changes
                 .projections
@@ -177,6 +182,13 @@ impl Changes {
     }
 
     pub fn add(&mut self, notice: &ChangeNotice) {
+        self.progress = true;
+        if let (Some(owners), Some(devices)) = (&notice.owners, &notice.devices)
+            && owners.is_empty()
+            && devices.is_empty()
+        {
+            return;
+        }
         let touched = self.projections.entry(notice.projection.clone()).or_default();
         match (&notice.owners, &notice.devices) {
             (Some(owners), Some(devices)) if !touched.everything => {
@@ -193,6 +205,7 @@ impl Changes {
     }
 
     pub fn merge(&mut self, other: Changes) {
+        self.progress |= other.progress;
         for (projection, theirs) in other.projections {
             let touched = self.projections.entry(projection).or_default();
             touched.everything |= theirs.everything;
@@ -207,13 +220,13 @@ impl Changes {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.projections.is_empty()
+        !self.progress && self.projections.is_empty()
     }
 
     /// Whether an answer with this interest may have changed.
     pub fn touch(&self, interest: Interest) -> bool {
         let Interest::Rows { projection, scope } = interest else {
-            return !self.is_empty();
+            return self.progress;
         };
         let Some(touched) = self.projections.get(projection.name()) else {
             return false;
@@ -261,6 +274,15 @@ mod tests {
         );
         assert!(changes.touch(Interest::Progress));
         assert!(!Changes::default().touch(Interest::Progress));
+    }
+
+    #[test]
+    fn a_batch_that_changed_no_row_moves_only_progress() {
+        let mut changes = Changes::default();
+        changes.add(&notice(Projection::Fleet, &[], &[]));
+        assert!(!changes.is_empty());
+        assert!(changes.touch(Interest::Progress));
+        assert!(!changes.touch(Interest::rows(Projection::Fleet, Owners::Any)));
     }
 
     #[test]
