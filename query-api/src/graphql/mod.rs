@@ -12,6 +12,8 @@
 //! custom scalars, [`document`] the measuring of a document before validation, and
 //! `handler` the `POST /graphql` handler that serves the schema.
 
+#[cfg(test)]
+mod descriptions;
 pub mod document;
 pub(crate) mod handler;
 pub mod loaders;
@@ -214,9 +216,13 @@ pub(crate) fn bad_input(message: impl Into<String>) -> async_graphql::Error {
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "event_schema::DeviceStatus")]
 pub enum DeviceStatus {
+    /// Created or stopped: not running and not billed.
     Stopped,
+    /// Started and billed by the minute until it stops.
     Running,
+    /// Stopped by a failure on the provider's side (not billed).
     Failed,
+    /// Deleted by its owner; the row is kept, but statistics do not count it.
     Deleted,
 }
 
@@ -224,18 +230,25 @@ pub enum DeviceStatus {
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "event_schema::Provider")]
 pub enum Provider {
+    /// Amazon Web Services.
     Aws,
+    /// Google Cloud Platform.
     Gcp,
+    /// Microsoft Azure.
     Azure,
+    /// Alibaba Cloud.
     Alibaba,
+    /// Huawei Cloud.
     Huawei,
 }
 
 /// The order of a device list (ties broken by device id, so cursors are stable).
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DevicesOrderBy {
+    /// Oldest first (the default).
     #[default]
     CreatedAtAsc,
+    /// Newest first.
     CreatedAtDesc,
 }
 
@@ -251,6 +264,7 @@ impl From<DevicesOrderBy> for DeviceOrder {
 /// The period usage rows are summed over.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UsageGroupBy {
+    /// UTC days; a row's `period` is the day.
     #[default]
     Day,
     /// ISO weeks (Monday to Sunday); a row's `period` is the Monday.
@@ -273,8 +287,11 @@ impl From<UsageGroupBy> for Period {
 /// applied; another user's id returns nothing.
 #[derive(InputObject, Debug, Clone, Copy, Default)]
 pub struct DeviceFilterInput {
+    /// Only this user's devices (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
+    /// Only devices in this status.
     pub status: Option<DeviceStatus>,
+    /// Only devices on this cloud provider.
     pub provider: Option<Provider>,
 }
 
@@ -291,16 +308,22 @@ impl DeviceFilterInput {
 /// Devices of one user (nested under `User`).
 #[derive(InputObject, Debug, Clone, Copy, Default)]
 pub struct UserDevicesFilter {
+    /// Only devices in this status.
     pub status: Option<DeviceStatus>,
+    /// Only devices on this cloud provider.
     pub provider: Option<Provider>,
 }
 
 /// Usage over the UTC days `from` to `to`, both included (at most 366 days).
 #[derive(InputObject, Debug, Clone, Copy)]
 pub struct UsageFilter {
+    /// Only this user's usage (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
+    /// Only this device's usage.
     pub device_id: Option<Uuid>,
+    /// The first UTC day of the range.
     pub from: NaiveDate,
+    /// The last UTC day of the range (included).
     pub to: NaiveDate,
 }
 
@@ -308,8 +331,11 @@ pub struct UsageFilter {
 /// days).
 #[derive(InputObject, Debug, Clone, Copy)]
 pub struct ProviderUsageFilter {
+    /// Only this user's usage (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
+    /// The first UTC day of the range.
     pub from: NaiveDate,
+    /// The last UTC day of the range (included).
     pub to: NaiveDate,
 }
 
@@ -318,10 +344,13 @@ pub struct ProviderUsageFilter {
 pub struct ProviderUsage {
     /// The first day of the period.
     pub period: NaiveDate,
+    /// The cloud the devices ran on.
     pub provider: Provider,
+    /// Billed minutes in the period.
     pub minutes: BigInt,
     /// Sessions that touched the period.
     pub sessions: BigInt,
+    /// What the minutes cost.
     pub cost: Money,
 }
 
@@ -411,7 +440,7 @@ pub(crate) fn page_request(
 /// Builds the schema with its limits. Introspection is off unless asked for. The depth limit
 /// is [`document::check_document`]'s, which lets introspection nest deeper than data.
 pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
-    let builder = Schema::build(Query, EmptyMutation, EmptySubscription)
+    let builder = scalars::describe_foreign_scalars(Schema::build(Query, EmptyMutation, EmptySubscription))
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(32)
         .limit_directives(8);

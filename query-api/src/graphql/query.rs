@@ -16,6 +16,8 @@ use crate::reads::{self, UsageQuery};
 #[derive(Debug, Default)]
 pub struct Query;
 
+/// The root of every dashboard query. A `user` token only ever sees its own rows; admins and
+/// read-only services see every user's.
 #[Object]
 impl Query {
     /// Live devices per user, status and provider, with totals. Deleted devices are not
@@ -23,7 +25,9 @@ impl Query {
     async fn device_stats(
         &self,
         ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
+        #[graphql(desc = "Which devices to count; a `user` caller only ever sees their own.")] filter: Option<
+            DeviceFilterInput,
+        >,
         #[graphql(
             desc = "Answer from read models that have applied at least this log position (a command's `position`). Also settable with the `X-Min-Position` header."
         )]
@@ -38,8 +42,9 @@ impl Query {
     async fn daily_usage(
         &self,
         ctx: &Context<'_>,
+        #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: UsageFilter,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<DailyUsage> {
         let _ = min_position;
@@ -66,8 +71,9 @@ impl Query {
     async fn usage_by_provider(
         &self,
         ctx: &Context<'_>,
+        #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: ProviderUsageFilter,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<Vec<ProviderUsage>> {
         let _ = min_position;
@@ -124,12 +130,15 @@ impl Query {
     async fn devices(
         &self,
         ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
-        order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Which devices to list; a `user` caller only ever sees their own.")] filter: Option<
+            DeviceFilterInput,
+        >,
+        #[graphql(desc = "The order of the list (default `CREATED_AT_ASC`).")] order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Page forward: at most this many devices after `after` (0 to 100; default 20).")]
         first: Option<i32>,
-        after: Option<String>,
-        last: Option<i32>,
-        before: Option<String>,
+        #[graphql(desc = "A cursor from this list and order: the page starts after it.")] after: Option<String>,
+        #[graphql(desc = "Page backward: at most this many devices before `before` (0 to 100).")] last: Option<i32>,
+        #[graphql(desc = "A cursor from this list and order: the page ends before it.")] before: Option<String>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<DeviceConnection> {
         let _ = min_position;
@@ -156,7 +165,7 @@ impl Query {
     async fn device(
         &self,
         ctx: &Context<'_>,
-        id: Uuid,
+        #[graphql(desc = "The device's id.")] id: Uuid,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<Option<Device>> {
         let _ = min_position;
@@ -176,7 +185,7 @@ impl Query {
     async fn user(
         &self,
         ctx: &Context<'_>,
-        id: Uuid,
+        #[graphql(desc = "The user's id.")] id: Uuid,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> Option<User> {
         let _ = min_position;
@@ -216,14 +225,17 @@ impl Query {
 #[derive(SimpleObject, Debug, Clone)]
 #[graphql(cache_control(no_cache))]
 pub struct ProjectionState {
+    /// The projection (`fleet`, `daily_usage`).
     pub name: String,
     /// Every event at or below this log position is applied.
     pub position: BigInt,
     /// The log's last position.
     pub head: BigInt,
+    /// Events committed to the log and not applied yet.
     pub lag_events: BigInt,
     /// Seconds between now and the commit of the last applied event, while behind (0 when
     /// caught up).
     pub lag_seconds: f64,
+    /// When the last applied event was committed to the log (null before the first).
     pub last_recorded_at: Option<DateTime<Utc>>,
 }

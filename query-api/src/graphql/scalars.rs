@@ -1,9 +1,9 @@
 //! Scalars and opaque cursors of the GraphQL schema.
 
-use async_graphql::{InputValueError, InputValueResult, Scalar, ScalarType, Value};
+use async_graphql::{InputValueError, InputValueResult, Scalar, ScalarType, SchemaBuilder, Value};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::DateTime;
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::reads::{DeviceKey, DeviceOrder};
@@ -13,6 +13,8 @@ use crate::reads::{DeviceKey, DeviceOrder};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BigInt(pub i64);
 
+/// A signed 64-bit integer as a decimal string (`"9007199254740993"`), so JavaScript clients
+/// never round it. Accepted as a string or a number.
 #[Scalar(name = "BigInt")]
 impl ScalarType for BigInt {
     fn parse(value: Value) -> InputValueResult<Self> {
@@ -33,6 +35,22 @@ impl ScalarType for BigInt {
     fn to_value(&self) -> Value {
         Value::String(self.0.to_string())
     }
+}
+
+/// Says what the scalars async-graphql brings for chrono and uuid carry, in our terms (their
+/// own descriptions name Rust types, or say less than a dashboard author needs).
+pub(crate) fn describe_foreign_scalars<Q, M, S>(builder: SchemaBuilder<Q, M, S>) -> SchemaBuilder<Q, M, S> {
+    builder
+        .override_output_type_description::<DateTime<Utc>>(
+            "An instant as an RFC 3339 string in UTC, with up to microseconds: \
+             `2026-01-05T13:45:00.123456Z`. Accepted with any UTC offset.",
+        )
+        .override_output_type_description::<NaiveDate>(
+            "A UTC calendar day as an ISO 8601 date, `YYYY-MM-DD`: `2026-01-05`.",
+        )
+        .override_output_type_description::<Uuid>(
+            "A UUID in its hyphenated text form: `0190c2a4-5b1e-7f3a-9d2c-4e6f8a0b1c2d`.",
+        )
 }
 
 /// Encodes a row's place in a device list as an opaque cursor. The order is part of it, so a
