@@ -17,6 +17,7 @@ mod descriptions;
 pub mod document;
 pub(crate) mod handler;
 pub mod loaders;
+mod operations;
 mod query;
 pub mod scalars;
 mod types;
@@ -79,7 +80,9 @@ impl Default for Limits {
 /// Who is asking: everything is scoped by this before SQL is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Viewer {
-    /// Admins and read-only services: every user's rows.
+    /// Admins: every user's rows, and the operations fields (see [`operations`]).
+    Admin,
+    /// Read-only services: every user's rows.
     Everyone,
     /// A user: their own rows only.
     User(Uuid),
@@ -89,8 +92,8 @@ impl Viewer {
     /// Whose rows a read with this `userId` filter may return.
     pub fn owners(self, requested: Option<Uuid>) -> Owners {
         match (self, requested) {
-            (Viewer::Everyone, None) => Owners::Any,
-            (Viewer::Everyone, Some(user)) => Owners::Only(user),
+            (Viewer::Admin | Viewer::Everyone, None) => Owners::Any,
+            (Viewer::Admin | Viewer::Everyone, Some(user)) => Owners::Only(user),
             (Viewer::User(me), None) => Owners::Only(me),
             (Viewer::User(me), Some(user)) if user == me => Owners::Only(me),
             (Viewer::User(_), Some(_)) => Owners::Nobody,
@@ -99,7 +102,7 @@ impl Viewer {
 
     pub fn can_see(self, owner: Uuid) -> bool {
         match self {
-            Viewer::Everyone => true,
+            Viewer::Admin | Viewer::Everyone => true,
             Viewer::User(me) => me == owner,
         }
     }
@@ -107,6 +110,8 @@ impl Viewer {
     /// The part of a cache key that separates what different callers may see.
     pub fn cache_scope(self) -> String {
         match self {
+            // Apart from services': an admin's answers may hold what only admins see.
+            Viewer::Admin => "admin".to_owned(),
             Viewer::Everyone => "everyone".to_owned(),
             Viewer::User(id) => format!("user:{id}"),
         }

@@ -5,6 +5,7 @@ use async_graphql::{Context, ErrorExtensions, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
@@ -219,11 +220,25 @@ impl Query {
             })
             .collect())
     }
+
+    /// The event log on the source that answered: its head and monthly partitions. Admin
+    /// tokens only: others get the error code `FORBIDDEN`.
+    #[graphql(guard = "operations::admin_only", cache_control(no_cache))]
+    async fn log(&self, ctx: &Context<'_>) -> async_graphql::Result<LogStatus> {
+        operations::log_status(ctx).await
+    }
+
+    /// Projection rebuilds in progress (`cloudphone replay`), oldest first; empty when none
+    /// runs. Admin tokens only: others get the error code `FORBIDDEN`.
+    #[graphql(guard = "operations::admin_only", cache_control(no_cache))]
+    async fn replays(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Replay>> {
+        operations::replays(ctx).await
+    }
 }
 
 /// One projection's progress.
 #[derive(SimpleObject, Debug, Clone)]
-#[graphql(cache_control(no_cache))]
+#[graphql(cache_control(no_cache), complex)]
 pub struct ProjectionState {
     /// The projection (`fleet`, `daily_usage`).
     pub name: String,
