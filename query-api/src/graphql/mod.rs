@@ -33,7 +33,7 @@ use async_graphql::dataloader::DataLoader;
 use async_graphql::{
     Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject, Schema, SimpleObject,
 };
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -41,7 +41,7 @@ use self::loaders::ReadLoader;
 pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
 pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, Money, User};
-use crate::reads::{DeviceFilter, DeviceOrder, Owners, PageRequest, Period};
+use crate::reads::{DeviceConditions, DeviceFilter, DeviceOrder, Owners, PageRequest, Period, TimeRange};
 
 /// The schema served at `/graphql`.
 pub type DashboardSchema = Schema<Query, EmptyMutation, EmptySubscription>;
@@ -247,7 +247,8 @@ pub enum Provider {
     Huawei,
 }
 
-/// The order of a device list (ties broken by device id, so cursors are stable).
+/// The order of a device list (ties broken by device id, in the list's direction, so every
+/// device has one place and cursors are stable).
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DevicesOrderBy {
     /// Oldest first (the default).
@@ -255,6 +256,14 @@ pub enum DevicesOrderBy {
     CreatedAtAsc,
     /// Newest first.
     CreatedAtDesc,
+    /// Least recently started first; devices never started come before all others.
+    LastStartedAtAsc,
+    /// Most recently started first; devices never started come after all others.
+    LastStartedAtDesc,
+    /// Fewest billed minutes first.
+    MinutesUsedAsc,
+    /// Most billed minutes first.
+    MinutesUsedDesc,
 }
 
 impl From<DevicesOrderBy> for DeviceOrder {
@@ -262,6 +271,10 @@ impl From<DevicesOrderBy> for DeviceOrder {
         match order {
             DevicesOrderBy::CreatedAtAsc => DeviceOrder::CreatedAtAsc,
             DevicesOrderBy::CreatedAtDesc => DeviceOrder::CreatedAtDesc,
+            DevicesOrderBy::LastStartedAtAsc => DeviceOrder::LastStartedAtAsc,
+            DevicesOrderBy::LastStartedAtDesc => DeviceOrder::LastStartedAtDesc,
+            DevicesOrderBy::MinutesUsedAsc => DeviceOrder::MinutesUsedAsc,
+            DevicesOrderBy::MinutesUsedDesc => DeviceOrder::MinutesUsedDesc,
         }
     }
 }
@@ -288,35 +301,91 @@ impl From<UsageGroupBy> for Period {
     }
 }
 
-/// Which devices (or device statistics) to return. A `user` caller's own id is always
-/// applied; another user's id returns nothing.
-#[derive(InputObject, Debug, Clone, Copy, Default)]
+/// Which devices (or device statistics) to return; every condition given must hold. A
+/// `user` caller's own id is always applied; another user's id returns nothing.
+#[derive(InputObject, Debug, Clone, Default)]
 pub struct DeviceFilterInput {
     /// Only this user's devices (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
-    /// Only devices in this status.
-    pub status: Option<DeviceStatus>,
-    /// Only devices on this cloud provider.
-    pub provider: Option<Provider>,
+    /// Only devices in one of these statuses (a single value is a list of one; an empty list
+    /// matches nothing).
+    pub status: Option<Vec<DeviceStatus>>,
+    /// Only devices on one of these cloud providers (a single value is a list of one; an
+    /// empty list matches nothing).
+    pub provider: Option<Vec<Provider>>,
+    /// Only devices created in this range. Not for `deviceStats`, whose rows have no times.
+    pub created_at: Option<TimeRangeInput>,
+    /// Only devices last started in this range (never-started devices are left out). Not for
+    /// `deviceStats`, whose rows have no times.
+    pub last_started_at: Option<TimeRangeInput>,
 }
 
 impl DeviceFilterInput {
-    fn scoped(self, viewer: Viewer) -> DeviceFilter {
-        DeviceFilter {
+    fn scoped(self, viewer: Viewer) -> async_graphql::Result<DeviceFilter> {
+        Ok(DeviceFilter {
             owners: viewer.owners(self.user_id),
-            status: self.status.map(Into::into),
-            provider: self.provider.map(Into::into),
-        }
+            conditions: device_conditions(self.status, self.provider, self.created_at, self.last_started_at)?,
+        })
     }
 }
 
-/// Devices of one user (nested under `User`).
-#[derive(InputObject, Debug, Clone, Copy, Default)]
+/// Devices of one user (nested under `User`); every condition given must hold.
+#[derive(InputObject, Debug, Clone, Default)]
 pub struct UserDevicesFilter {
-    /// Only devices in this status.
-    pub status: Option<DeviceStatus>,
-    /// Only devices on this cloud provider.
-    pub provider: Option<Provider>,
+    /// Only devices in one of these statuses (a single value is a list of one; an empty list
+    /// matches nothing).
+    pub status: Option<Vec<DeviceStatus>>,
+    /// Only devices on one of these cloud providers (a single value is a list of one; an
+    /// empty list matches nothing).
+    pub provider: Option<Vec<Provider>>,
+    /// Only devices created in this range.
+    pub created_at: Option<TimeRangeInput>,
+    /// Only devices last started in this range (never-started devices are left out).
+    pub last_started_at: Option<TimeRangeInput>,
+}
+
+impl UserDevicesFilter {
+    fn conditions(self) -> async_graphql::Result<DeviceConditions> {
+        device_conditions(self.status, self.provider, self.created_at, self.last_started_at)
+    }
+}
+
+/// Instants from `from` (included) to `to` (excluded); leave one out for an open end.
+#[derive(InputObject, Debug, Clone, Copy, Default)]
+#[graphql(name = "TimeRange")]
+pub struct TimeRangeInput {
+    /// The first instant in the range (included).
+    pub from: Option<DateTime<Utc>>,
+    /// The first instant after the range (excluded).
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl TimeRangeInput {
+    fn checked(self, name: &str) -> async_graphql::Result<TimeRange> {
+        if let (Some(from), Some(to)) = (self.from, self.to)
+            && from > to
+        {
+            return Err(bad_input(format!("`{name}.from` ({from}) is after `{name}.to` ({to})")));
+        }
+        Ok(TimeRange {
+            from: self.from,
+            to: self.to,
+        })
+    }
+}
+
+fn device_conditions(
+    status: Option<Vec<DeviceStatus>>,
+    provider: Option<Vec<Provider>>,
+    created_at: Option<TimeRangeInput>,
+    last_started_at: Option<TimeRangeInput>,
+) -> async_graphql::Result<DeviceConditions> {
+    Ok(DeviceConditions {
+        status: status.map(|list| list.into_iter().map(Into::into).collect()),
+        provider: provider.map(|list| list.into_iter().map(Into::into).collect()),
+        created_at: created_at.unwrap_or_default().checked("createdAt")?,
+        last_started_at: last_started_at.unwrap_or_default().checked("lastStartedAt")?,
+    })
 }
 
 /// Usage over the UTC days `from` to `to`, both included (at most 366 days).

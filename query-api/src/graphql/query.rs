@@ -9,7 +9,8 @@ use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
-    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, is_undefined_table, page_request, read_context, usage_range,
+    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, bad_input, is_undefined_table, page_request, read_context,
+    usage_range,
 };
 use crate::reads::{self, UsageQuery};
 
@@ -33,9 +34,16 @@ impl Query {
             desc = "Answer from read models that have applied at least this log position (a command's `position`). Also settable with the `X-Min-Position` header."
         )]
         min_position: Option<BigInt>,
-    ) -> DeviceStats {
+    ) -> async_graphql::Result<DeviceStats> {
         let _ = min_position; // honoured by routing before execution
-        DeviceStats::filtered(filter.unwrap_or_default().scoped(read_context(ctx).viewer))
+        let filter = filter.unwrap_or_default().scoped(read_context(ctx).viewer)?;
+        if filter.conditions.has_time_ranges() {
+            return Err(bad_input(
+                "deviceStats counts devices by user, status and provider, without times: \
+                 `createdAt` and `lastStartedAt` filter `devices` only",
+            ));
+        }
+        Ok(DeviceStats::filtered(filter))
     }
 
     /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
@@ -152,7 +160,7 @@ impl Query {
             last,
             before.as_deref(),
         )?;
-        let filter = filter.unwrap_or_default().scoped(read.viewer);
+        let filter = filter.unwrap_or_default().scoped(read.viewer)?;
         let page = read
             .read_once(format!("device_page {filter:?} {request:?}"), || {
                 reads::device_page(&read.pool, &filter, &request)

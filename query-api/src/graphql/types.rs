@@ -159,11 +159,9 @@ impl User {
             last,
             before.as_deref(),
         )?;
-        let filter = filter.unwrap_or_default();
         let key = OwnerPage {
             owner: self.0,
-            status: filter.status.map(Into::into),
-            provider: filter.provider.map(Into::into),
+            conditions: filter.unwrap_or_default().conditions()?,
             page: request,
         };
         let page = loader(ctx)
@@ -174,8 +172,7 @@ impl User {
         Ok(DeviceConnection {
             filter: DeviceFilter {
                 owners: Owners::Only(self.0),
-                status: key.status,
-                provider: key.provider,
+                conditions: key.conditions,
             },
             request,
             page,
@@ -222,7 +219,7 @@ impl DeviceConnection {
     }
 
     fn cursor(&self, row: &DeviceRow) -> String {
-        encode_cursor(self.request.order, &DeviceKey::from(row))
+        encode_cursor(self.request.order, &DeviceKey::of(self.request.order, row))
     }
 }
 
@@ -294,8 +291,7 @@ impl DeviceConnection {
             (true, Owners::Only(owner)) => loader(ctx)
                 .load_one(OwnerCount {
                     owner,
-                    status: self.filter.status,
-                    provider: self.filter.provider,
+                    conditions: self.filter.conditions,
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?
