@@ -105,7 +105,7 @@ impl FromRequestParts<AppState> for Reader {
 
 pub(crate) fn viewer_of(principal: &Principal) -> Option<Viewer> {
     match (principal.role, principal.user_id) {
-        (Role::Admin, _) => Some(Viewer::Everyone),
+        (Role::Admin, _) => Some(Viewer::Admin),
         (Role::User, Some(user)) => Some(Viewer::User(user)),
         (Role::Service, _) if principal.has_scope(scope::DASHBOARDS_READ) => Some(Viewer::Everyone),
         _ => None,
@@ -302,10 +302,7 @@ mod tests {
     #[test]
     fn only_admins_users_and_services_with_the_scope_read_dashboards() {
         let me = Uuid::from_u128(7);
-        assert_eq!(
-            viewer_of(&principal(Role::Admin, Some(me), &[])),
-            Some(Viewer::Everyone)
-        );
+        assert_eq!(viewer_of(&principal(Role::Admin, Some(me), &[])), Some(Viewer::Admin));
         assert_eq!(viewer_of(&principal(Role::User, Some(me), &[])), Some(Viewer::User(me)));
         assert_eq!(viewer_of(&principal(Role::User, None, &[])), None);
         assert_eq!(

@@ -26,32 +26,188 @@ pub enum Owners {
     Nobody,
 }
 
+/// A set of device statuses or providers, one bit per word of the vocabulary: small and
+/// `Copy`, so a filter holding one stays a cheap batch key.
+macro_rules! word_set {
+    ($set:ident, $word:ty) => {
+        #[doc = concat!("A set of [`", stringify!($word), "`]s.")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub struct $set(u32);
+
+        impl $set {
+            pub fn contains(self, word: $word) -> bool {
+                <$word>::ALL
+                    .iter()
+                    .position(|w| *w == word)
+                    .is_some_and(|bit| self.0 & (1 << bit) != 0)
+            }
+
+            /// The words' spellings in the database, in vocabulary order.
+            pub fn spellings(self) -> Vec<&'static str> {
+                <$word>::ALL
+                    .iter()
+                    .filter(|w| self.contains(**w))
+                    .map(|w| w.as_str())
+                    .collect()
+            }
+        }
+
+        impl FromIterator<$word> for $set {
+            fn from_iter<I: IntoIterator<Item = $word>>(words: I) -> Self {
+                let mut bits = 0;
+                for word in words {
+                    if let Some(bit) = <$word>::ALL.iter().position(|w| *w == word) {
+                        bits |= 1 << bit;
+                    }
+                }
+                $set(bits)
+            }
+        }
+    };
+}
+
+word_set!(StatusSet, DeviceStatus);
+word_set!(ProviderSet, Provider);
+
+/// Instants from `from` (included) to `to` (excluded); an open end is unbounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct TimeRange {
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl TimeRange {
+    pub fn is_unbounded(&self) -> bool {
+        self.from.is_none() && self.to.is_none()
+    }
+
+    fn push(&self, sql: &mut QueryBuilder<Postgres>, column: &str) {
+        if let Some(from) = self.from {
+            sql.push(format_args!(" AND {column} >= ")).push_bind(from);
+        }
+        if let Some(to) = self.to {
+            sql.push(format_args!(" AND {column} < ")).push_bind(to);
+        }
+    }
+}
+
+/// What a device must match apart from its owner. A set holds the values a column may take
+/// (an empty set matches nothing); a bounded range leaves out devices with no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DeviceConditions {
+    pub status: Option<StatusSet>,
+    pub provider: Option<ProviderSet>,
+    pub created_at: TimeRange,
+    pub last_started_at: TimeRange,
+}
+
+impl DeviceConditions {
+    /// True when the conditions name times, which `device_stats` rows do not have.
+    pub fn has_time_ranges(&self) -> bool {
+        !(self.created_at.is_unbounded() && self.last_started_at.is_unbounded())
+    }
+
+    /// Appends the conditions on `status` and `provider` (the columns `devices` and
+    /// `device_stats` share).
+    fn push_words(&self, sql: &mut QueryBuilder<Postgres>) {
+        if let Some(status) = self.status {
+            sql.push(" AND status = ANY(").push_bind(status.spellings()).push(")");
+        }
+        if let Some(provider) = self.provider {
+            sql.push(" AND provider = ANY(")
+                .push_bind(provider.spellings())
+                .push(")");
+        }
+    }
+
+    /// Appends every condition, for a statement over `devices`.
+    fn push_devices(&self, sql: &mut QueryBuilder<Postgres>) {
+        self.push_words(sql);
+        self.created_at.push(sql, "created_at");
+        self.last_started_at.push(sql, "last_started_at");
+    }
+}
+
 /// Which devices a list or count covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeviceFilter {
     pub owners: Owners,
-    pub status: Option<DeviceStatus>,
-    pub provider: Option<Provider>,
+    pub conditions: DeviceConditions,
 }
 
-/// The order of a device list; ties on the timestamp are broken by device id.
+/// The order of a device list; ties are broken by device id (in the list's direction), so
+/// every device has one place and keyset cursors are stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceOrder {
     CreatedAtAsc,
     CreatedAtDesc,
+    /// Devices never started sort as started at the beginning of time: first ascending, last
+    /// descending.
+    LastStartedAtAsc,
+    LastStartedAtDesc,
+    MinutesUsedAsc,
+    MinutesUsedDesc,
+}
+
+/// How never-started devices sort: as if started at `-infinity`. The indexes of migration
+/// 1005 are built over this very expression, so the planner matches them.
+const LAST_STARTED_SORT: &str = "coalesce(last_started_at, '-infinity'::timestamptz)";
+
+impl DeviceOrder {
+    pub const ALL: [DeviceOrder; 6] = [
+        DeviceOrder::CreatedAtAsc,
+        DeviceOrder::CreatedAtDesc,
+        DeviceOrder::LastStartedAtAsc,
+        DeviceOrder::LastStartedAtDesc,
+        DeviceOrder::MinutesUsedAsc,
+        DeviceOrder::MinutesUsedDesc,
+    ];
+
+    pub fn is_ascending(self) -> bool {
+        matches!(
+            self,
+            DeviceOrder::CreatedAtAsc | DeviceOrder::LastStartedAtAsc | DeviceOrder::MinutesUsedAsc
+        )
+    }
+
+    /// The SQL expression the list is sorted by, before the device id.
+    fn sort_expression(self) -> &'static str {
+        match self {
+            DeviceOrder::CreatedAtAsc | DeviceOrder::CreatedAtDesc => "created_at",
+            DeviceOrder::LastStartedAtAsc | DeviceOrder::LastStartedAtDesc => LAST_STARTED_SORT,
+            DeviceOrder::MinutesUsedAsc | DeviceOrder::MinutesUsedDesc => "minutes_used",
+        }
+    }
+}
+
+/// The value a device list is sorted by, for one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SortValue {
+    CreatedAt(DateTime<Utc>),
+    /// `None`: never started.
+    LastStartedAt(Option<DateTime<Utc>>),
+    MinutesUsed(i64),
 }
 
 /// A position in a device list: the sort key of one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeviceKey {
-    pub created_at: DateTime<Utc>,
+    pub sort: SortValue,
     pub device_id: Uuid,
 }
 
-impl From<&DeviceRow> for DeviceKey {
-    fn from(row: &DeviceRow) -> Self {
+impl DeviceKey {
+    /// `row`'s place in a list in `order`.
+    pub fn of(order: DeviceOrder, row: &DeviceRow) -> Self {
+        let sort = match order {
+            DeviceOrder::CreatedAtAsc | DeviceOrder::CreatedAtDesc => SortValue::CreatedAt(row.created_at),
+            DeviceOrder::LastStartedAtAsc | DeviceOrder::LastStartedAtDesc => {
+                SortValue::LastStartedAt(row.last_started_at)
+            }
+            DeviceOrder::MinutesUsedAsc | DeviceOrder::MinutesUsedDesc => SortValue::MinutesUsed(row.minutes_used),
+        };
         DeviceKey {
-            created_at: row.created_at,
+            sort,
             device_id: row.device_id,
         }
     }
@@ -63,7 +219,7 @@ pub struct PageRequest {
     pub order: DeviceOrder,
     /// Rows wanted (the statement asks for one more to learn whether there are more).
     pub size: i64,
-    /// `after` for forward pages, `before` for backward ones.
+    /// `after` for forward pages, `before` for backward ones; of the request's order.
     pub from: Option<DeviceKey>,
     pub backward: bool,
 }
@@ -79,29 +235,41 @@ impl PageRequest {
     /// The statement reads in ascending key order unless the list is descending, or the page
     /// walks backward (then it reads the other way and the rows are reversed).
     fn ascending(&self) -> bool {
-        (self.order == DeviceOrder::CreatedAtAsc) != self.backward
+        self.order.is_ascending() != self.backward
     }
 
     fn push_keyset(&self, sql: &mut QueryBuilder<Postgres>) {
-        if let Some(from) = self.from {
-            sql.push(if self.ascending() {
-                " AND (created_at, device_id) > ("
-            } else {
-                " AND (created_at, device_id) < ("
-            });
-            sql.push_bind(from.created_at)
-                .push(", ")
-                .push_bind(from.device_id)
-                .push(")");
+        let Some(from) = self.from else {
+            return;
+        };
+        // One row comparison over the index's own columns: the scan starts at the cursor.
+        let comparison = if self.ascending() { ">" } else { "<" };
+        sql.push(format_args!(
+            " AND ({}, device_id) {comparison} (",
+            self.order.sort_expression()
+        ));
+        match from.sort {
+            SortValue::CreatedAt(at) => {
+                sql.push_bind(at);
+            }
+            SortValue::LastStartedAt(at) => {
+                sql.push("coalesce(")
+                    .push_bind(at)
+                    .push("::timestamptz, '-infinity'::timestamptz)");
+            }
+            SortValue::MinutesUsed(minutes) => {
+                sql.push_bind(minutes);
+            }
         }
+        sql.push(", ").push_bind(from.device_id).push(")");
     }
 
     fn push_order_and_limit(&self, sql: &mut QueryBuilder<Postgres>) {
-        sql.push(if self.ascending() {
-            " ORDER BY created_at ASC, device_id ASC LIMIT "
-        } else {
-            " ORDER BY created_at DESC, device_id DESC LIMIT "
-        });
+        let direction = if self.ascending() { "ASC" } else { "DESC" };
+        sql.push(format_args!(
+            " ORDER BY {} {direction}, device_id {direction} LIMIT ",
+            self.order.sort_expression()
+        ));
         sql.push_bind(self.size + 1);
     }
 
@@ -116,18 +284,21 @@ impl PageRequest {
     }
 }
 
-/// Appends the filter's conditions; `owner_column` is `owner_id` in `devices` and `user_id`
-/// in `device_stats`.
-fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter, owner_column: &str) {
+/// Appends the filter's conditions on a statement over `devices`.
+fn push_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
     if let Owners::Only(owner) = filter.owners {
-        sql.push(format_args!(" AND {owner_column} = ")).push_bind(owner);
+        sql.push(" AND owner_id = ").push_bind(owner);
     }
-    if let Some(status) = filter.status {
-        sql.push(" AND status = ").push_bind(status.as_str());
+    filter.conditions.push_devices(sql);
+}
+
+/// Appends the filter's conditions on a statement over `device_stats`, which has no times:
+/// callers refuse a filter with time ranges first ([`DeviceConditions::has_time_ranges`]).
+fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
+    if let Owners::Only(owner) = filter.owners {
+        sql.push(" AND user_id = ").push_bind(owner);
     }
-    if let Some(provider) = filter.provider {
-        sql.push(" AND provider = ").push_bind(provider.as_str());
-    }
+    filter.conditions.push_words(sql);
 }
 
 /// One page of the devices matching `filter`.
@@ -136,7 +307,7 @@ pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageReques
         return Ok(Page::default());
     }
     let mut sql = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE true"));
-    push_filter(&mut sql, filter, "owner_id");
+    push_filter(&mut sql, filter);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
     let rows = sql.build().fetch_all(pool).await?;
@@ -148,20 +319,14 @@ pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageReques
 pub async fn device_pages_by_owner(
     pool: &PgPool,
     owners: &[Uuid],
-    status: Option<DeviceStatus>,
-    provider: Option<Provider>,
+    conditions: &DeviceConditions,
     page: &PageRequest,
 ) -> Result<HashMap<Uuid, Page>, sqlx::Error> {
     let mut sql = QueryBuilder::new("SELECT d.* FROM unnest(");
     sql.push_bind(owners.to_vec()).push(format!(
         "::uuid[]) AS o(owner) CROSS JOIN LATERAL (SELECT {DEVICE_COLUMNS} FROM devices WHERE owner_id = o.owner"
     ));
-    let filter = DeviceFilter {
-        owners: Owners::Any,
-        status,
-        provider,
-    };
-    push_filter(&mut sql, &filter, "owner_id");
+    conditions.push_devices(&mut sql);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
     sql.push(") AS d");
@@ -182,25 +347,19 @@ pub async fn count_devices(pool: &PgPool, filter: &DeviceFilter) -> Result<i64, 
         return Ok(0);
     }
     let mut sql = QueryBuilder::new("SELECT count(*) FROM devices WHERE true");
-    push_filter(&mut sql, filter, "owner_id");
+    push_filter(&mut sql, filter);
     sql.build_query_scalar().fetch_one(pool).await
 }
 
-/// How many devices each owner has (with the same status and provider filter), in one statement.
+/// How many devices each owner has (with the same conditions), in one statement.
 pub async fn count_devices_by_owner(
     pool: &PgPool,
     owners: &[Uuid],
-    status: Option<DeviceStatus>,
-    provider: Option<Provider>,
+    conditions: &DeviceConditions,
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
     let mut sql = QueryBuilder::new("SELECT owner_id, count(*) FROM devices WHERE owner_id = ANY(");
     sql.push_bind(owners.to_vec()).push(")");
-    let filter = DeviceFilter {
-        owners: Owners::Any,
-        status,
-        provider,
-    };
-    push_filter(&mut sql, &filter, "owner_id");
+    conditions.push_devices(&mut sql);
     sql.push(" GROUP BY owner_id");
     let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(pool).await?;
     let mut counts: HashMap<Uuid, i64> = owners.iter().map(|o| (*o, 0)).collect();
@@ -248,7 +407,7 @@ pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Res
         "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
          FROM device_stats WHERE true",
     );
-    push_filter(&mut sql, filter, "user_id");
+    push_stats_filter(&mut sql, filter);
     sql.push(" ORDER BY user_id, status, provider LIMIT ").push_bind(limit);
     sql.build().fetch_all(pool).await?.iter().map(stats_record).collect()
 }
@@ -292,7 +451,7 @@ pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsT
         "SELECT coalesce(sum(device_count), 0)::bigint, coalesce(sum(total_cpu_cores), 0)::bigint,
                 coalesce(sum(total_memory_mb), 0)::bigint FROM device_stats WHERE true",
     );
-    push_filter(&mut sql, filter, "user_id");
+    push_stats_filter(&mut sql, filter);
     let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(pool).await?;
     Ok(StatsTotals {
         device_count,

@@ -4,8 +4,9 @@
 //!   [`versions`]: each projection's tables by version, with their DDL.
 //! - [`fleet`]: `devices` and `device_stats` rows, and the one definition of `device_stats`
 //!   from `devices`; [`usage`]: `daily_usage` and `daily_usage_by_provider` rows.
-//! - [`status`]: where every projection stands against the log head; [`changes`]: what a
-//!   committed batch changed, published to listeners (the query API's subscriptions).
+//! - [`status`]: where every projection stands against the log head, its live version and dead
+//!   letters, and the rebuilds in progress; [`changes`]: what a committed batch changed,
+//!   published to listeners (the query API's subscriptions).
 //! - [`migrate()`]: the tables' migrations (versions 1000 and up, in `migrations/`), the
 //!   projectors' bookkeeping (checkpoints, Kafka offsets, dead letters) included.
 //! - [`stored`]: every read model at once, in memory and as read from the tables.

@@ -107,6 +107,12 @@ impl TableLayout {
                  CREATE INDEX devices_owner_idx ON {s}.devices (owner_id, status, provider);
                  CREATE INDEX devices_created_idx ON {s}.devices (created_at, device_id);
                  CREATE INDEX devices_owner_created_idx ON {s}.devices (owner_id, created_at, device_id);
+                 CREATE INDEX devices_last_started_idx
+                     ON {s}.devices ((coalesce(last_started_at, '-infinity'::timestamptz)), device_id);
+                 CREATE INDEX devices_owner_last_started_idx
+                     ON {s}.devices (owner_id, (coalesce(last_started_at, '-infinity'::timestamptz)), device_id);
+                 CREATE INDEX devices_minutes_used_idx ON {s}.devices (minutes_used, device_id);
+                 CREATE INDEX devices_owner_minutes_used_idx ON {s}.devices (owner_id, minutes_used, device_id);
                  ALTER TABLE {s}.device_stats ADD CONSTRAINT device_stats_pkey PRIMARY KEY (user_id, status, provider);"
             ),
             Projection::DailyUsage => {

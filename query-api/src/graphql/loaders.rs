@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use async_graphql::dataloader::Loader;
 use chrono::NaiveDate;
-use event_schema::{DeviceStatus, Provider};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::reads::{self, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
+use crate::reads::{self, DeviceConditions, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
 
 /// Loads from the source one request was routed to.
 #[derive(Debug, Clone)]
@@ -25,8 +24,7 @@ pub type LoadError = Arc<sqlx::Error>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerPage {
     pub owner: Uuid,
-    pub status: Option<DeviceStatus>,
-    pub provider: Option<Provider>,
+    pub conditions: DeviceConditions,
     pub page: PageRequest,
 }
 
@@ -34,8 +32,7 @@ pub struct OwnerPage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerCount {
     pub owner: Uuid,
-    pub status: Option<DeviceStatus>,
-    pub provider: Option<Provider>,
+    pub conditions: DeviceConditions,
 }
 
 /// One user's or one device's usage over a range.
@@ -67,9 +64,9 @@ impl Loader<OwnerPage> for ReadLoader {
 
     async fn load(&self, keys: &[OwnerPage]) -> Result<HashMap<OwnerPage, Page>, LoadError> {
         let mut loaded = HashMap::new();
-        for ((status, provider, page), keys) in grouped(keys, |k| (k.status, k.provider, k.page)) {
+        for ((conditions, page), keys) in grouped(keys, |k| (k.conditions, k.page)) {
             let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
-            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, status, provider, &page).await?;
+            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, &conditions, &page).await?;
             for key in keys {
                 loaded.insert(key, pages.remove(&key.owner).unwrap_or_default());
             }
@@ -84,9 +81,9 @@ impl Loader<OwnerCount> for ReadLoader {
 
     async fn load(&self, keys: &[OwnerCount]) -> Result<HashMap<OwnerCount, i64>, LoadError> {
         let mut loaded = HashMap::new();
-        for ((status, provider), keys) in grouped(keys, |k| (k.status, k.provider)) {
+        for (conditions, keys) in grouped(keys, |k| k.conditions) {
             let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
-            let counts = reads::count_devices_by_owner(&self.pool, &owners, status, provider).await?;
+            let counts = reads::count_devices_by_owner(&self.pool, &owners, &conditions).await?;
             for key in keys {
                 loaded.insert(key, counts.get(&key.owner).copied().unwrap_or(0));
             }

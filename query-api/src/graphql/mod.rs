@@ -12,9 +12,12 @@
 //! custom scalars, [`document`] the measuring of a document before validation, and
 //! `handler` the `POST /graphql` handler that serves the schema.
 
+#[cfg(test)]
+mod descriptions;
 pub mod document;
 pub(crate) mod handler;
 pub mod loaders;
+mod operations;
 mod query;
 pub mod scalars;
 pub mod subscription;
@@ -29,7 +32,7 @@ use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, InputObject, Schema, SimpleObject};
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -38,7 +41,7 @@ pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
 pub use self::subscription::{Changes, Interest, Subscription};
 pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, Money, User};
-use crate::reads::{DeviceFilter, DeviceOrder, Owners, PageRequest, Period};
+use crate::reads::{DeviceConditions, DeviceFilter, DeviceOrder, Owners, PageRequest, Period, TimeRange};
 
 /// The schema served at `/graphql` (subscriptions over WebSocket at the same path).
 pub type DashboardSchema = Schema<Query, EmptyMutation, Subscription>;
@@ -77,7 +80,9 @@ impl Default for Limits {
 /// Who is asking: everything is scoped by this before SQL is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Viewer {
-    /// Admins and read-only services: every user's rows.
+    /// Admins: every user's rows, and the operations fields (see [`operations`]).
+    Admin,
+    /// Read-only services: every user's rows.
     Everyone,
     /// A user: their own rows only.
     User(Uuid),
@@ -87,8 +92,8 @@ impl Viewer {
     /// Whose rows a read with this `userId` filter may return.
     pub fn owners(self, requested: Option<Uuid>) -> Owners {
         match (self, requested) {
-            (Viewer::Everyone, None) => Owners::Any,
-            (Viewer::Everyone, Some(user)) => Owners::Only(user),
+            (Viewer::Admin | Viewer::Everyone, None) => Owners::Any,
+            (Viewer::Admin | Viewer::Everyone, Some(user)) => Owners::Only(user),
             (Viewer::User(me), None) => Owners::Only(me),
             (Viewer::User(me), Some(user)) if user == me => Owners::Only(me),
             (Viewer::User(_), Some(_)) => Owners::Nobody,
@@ -97,7 +102,7 @@ impl Viewer {
 
     pub fn can_see(self, owner: Uuid) -> bool {
         match self {
-            Viewer::Everyone => true,
+            Viewer::Admin | Viewer::Everyone => true,
             Viewer::User(me) => me == owner,
         }
     }
@@ -105,6 +110,8 @@ impl Viewer {
     /// The part of a cache key that separates what different callers may see.
     pub fn cache_scope(self) -> String {
         match self {
+            // Apart from services': an admin's answers may hold what only admins see.
+            Viewer::Admin => "admin".to_owned(),
             Viewer::Everyone => "everyone".to_owned(),
             Viewer::User(id) => format!("user:{id}"),
         }
@@ -227,9 +234,13 @@ pub(crate) fn bad_input(message: impl Into<String>) -> async_graphql::Error {
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "event_schema::DeviceStatus")]
 pub enum DeviceStatus {
+    /// Created or stopped: not running and not billed.
     Stopped,
+    /// Started and billed by the minute until it stops.
     Running,
+    /// Stopped by a failure on the provider's side (not billed).
     Failed,
+    /// Deleted by its owner; the row is kept, but statistics do not count it.
     Deleted,
 }
 
@@ -237,19 +248,35 @@ pub enum DeviceStatus {
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
 #[graphql(remote = "event_schema::Provider")]
 pub enum Provider {
+    /// Amazon Web Services.
     Aws,
+    /// Google Cloud Platform.
     Gcp,
+    /// Microsoft Azure.
     Azure,
+    /// Alibaba Cloud.
     Alibaba,
+    /// Huawei Cloud.
     Huawei,
 }
 
-/// The order of a device list (ties broken by device id, so cursors are stable).
+/// The order of a device list (ties broken by device id, in the list's direction, so every
+/// device has one place and cursors are stable).
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DevicesOrderBy {
+    /// Oldest first (the default).
     #[default]
     CreatedAtAsc,
+    /// Newest first.
     CreatedAtDesc,
+    /// Least recently started first; devices never started come before all others.
+    LastStartedAtAsc,
+    /// Most recently started first; devices never started come after all others.
+    LastStartedAtDesc,
+    /// Fewest billed minutes first.
+    MinutesUsedAsc,
+    /// Most billed minutes first.
+    MinutesUsedDesc,
 }
 
 impl From<DevicesOrderBy> for DeviceOrder {
@@ -257,6 +284,10 @@ impl From<DevicesOrderBy> for DeviceOrder {
         match order {
             DevicesOrderBy::CreatedAtAsc => DeviceOrder::CreatedAtAsc,
             DevicesOrderBy::CreatedAtDesc => DeviceOrder::CreatedAtDesc,
+            DevicesOrderBy::LastStartedAtAsc => DeviceOrder::LastStartedAtAsc,
+            DevicesOrderBy::LastStartedAtDesc => DeviceOrder::LastStartedAtDesc,
+            DevicesOrderBy::MinutesUsedAsc => DeviceOrder::MinutesUsedAsc,
+            DevicesOrderBy::MinutesUsedDesc => DeviceOrder::MinutesUsedDesc,
         }
     }
 }
@@ -264,6 +295,7 @@ impl From<DevicesOrderBy> for DeviceOrder {
 /// The period usage rows are summed over.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UsageGroupBy {
+    /// UTC days; a row's `period` is the day.
     #[default]
     Day,
     /// ISO weeks (Monday to Sunday); a row's `period` is the Monday.
@@ -282,38 +314,103 @@ impl From<UsageGroupBy> for Period {
     }
 }
 
-/// Which devices (or device statistics) to return. A `user` caller's own id is always
-/// applied; another user's id returns nothing.
-#[derive(InputObject, Debug, Clone, Copy, Default)]
+/// Which devices (or device statistics) to return; every condition given must hold. A
+/// `user` caller's own id is always applied; another user's id returns nothing.
+#[derive(InputObject, Debug, Clone, Default)]
 pub struct DeviceFilterInput {
+    /// Only this user's devices (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
-    pub status: Option<DeviceStatus>,
-    pub provider: Option<Provider>,
+    /// Only devices in one of these statuses (a single value is a list of one; an empty list
+    /// matches nothing).
+    pub status: Option<Vec<DeviceStatus>>,
+    /// Only devices on one of these cloud providers (a single value is a list of one; an
+    /// empty list matches nothing).
+    pub provider: Option<Vec<Provider>>,
+    /// Only devices created in this range. Not for `deviceStats`, whose rows have no times.
+    pub created_at: Option<TimeRangeInput>,
+    /// Only devices last started in this range (never-started devices are left out). Not for
+    /// `deviceStats`, whose rows have no times.
+    pub last_started_at: Option<TimeRangeInput>,
 }
 
 impl DeviceFilterInput {
-    fn scoped(self, viewer: Viewer) -> DeviceFilter {
-        DeviceFilter {
+    fn scoped(self, viewer: Viewer) -> async_graphql::Result<DeviceFilter> {
+        Ok(DeviceFilter {
             owners: viewer.owners(self.user_id),
-            status: self.status.map(Into::into),
-            provider: self.provider.map(Into::into),
-        }
+            conditions: device_conditions(self.status, self.provider, self.created_at, self.last_started_at)?,
+        })
     }
 }
 
-/// Devices of one user (nested under `User`).
-#[derive(InputObject, Debug, Clone, Copy, Default)]
+/// Devices of one user (nested under `User`); every condition given must hold.
+#[derive(InputObject, Debug, Clone, Default)]
 pub struct UserDevicesFilter {
-    pub status: Option<DeviceStatus>,
-    pub provider: Option<Provider>,
+    /// Only devices in one of these statuses (a single value is a list of one; an empty list
+    /// matches nothing).
+    pub status: Option<Vec<DeviceStatus>>,
+    /// Only devices on one of these cloud providers (a single value is a list of one; an
+    /// empty list matches nothing).
+    pub provider: Option<Vec<Provider>>,
+    /// Only devices created in this range.
+    pub created_at: Option<TimeRangeInput>,
+    /// Only devices last started in this range (never-started devices are left out).
+    pub last_started_at: Option<TimeRangeInput>,
+}
+
+impl UserDevicesFilter {
+    fn conditions(self) -> async_graphql::Result<DeviceConditions> {
+        device_conditions(self.status, self.provider, self.created_at, self.last_started_at)
+    }
+}
+
+/// Instants from `from` (included) to `to` (excluded); leave one out for an open end.
+#[derive(InputObject, Debug, Clone, Copy, Default)]
+#[graphql(name = "TimeRange")]
+pub struct TimeRangeInput {
+    /// The first instant in the range (included).
+    pub from: Option<DateTime<Utc>>,
+    /// The first instant after the range (excluded).
+    pub to: Option<DateTime<Utc>>,
+}
+
+impl TimeRangeInput {
+    fn checked(self, name: &str) -> async_graphql::Result<TimeRange> {
+        if let (Some(from), Some(to)) = (self.from, self.to)
+            && from > to
+        {
+            return Err(bad_input(format!("`{name}.from` ({from}) is after `{name}.to` ({to})")));
+        }
+        Ok(TimeRange {
+            from: self.from,
+            to: self.to,
+        })
+    }
+}
+
+fn device_conditions(
+    status: Option<Vec<DeviceStatus>>,
+    provider: Option<Vec<Provider>>,
+    created_at: Option<TimeRangeInput>,
+    last_started_at: Option<TimeRangeInput>,
+) -> async_graphql::Result<DeviceConditions> {
+    Ok(DeviceConditions {
+        status: status.map(|list| list.into_iter().map(Into::into).collect()),
+        provider: provider.map(|list| list.into_iter().map(Into::into).collect()),
+        created_at: created_at.unwrap_or_default().checked("createdAt")?,
+        last_started_at: last_started_at.unwrap_or_default().checked("lastStartedAt")?,
+    })
 }
 
 /// Usage over the UTC days `from` to `to`, both included (at most 366 days).
 #[derive(InputObject, Debug, Clone, Copy)]
 pub struct UsageFilter {
+    /// Only this user's usage (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
+    /// Only this device's usage.
     pub device_id: Option<Uuid>,
+    /// The first UTC day of the range.
     pub from: NaiveDate,
+    /// The last UTC day of the range (included).
     pub to: NaiveDate,
 }
 
@@ -321,8 +418,11 @@ pub struct UsageFilter {
 /// days).
 #[derive(InputObject, Debug, Clone, Copy)]
 pub struct ProviderUsageFilter {
+    /// Only this user's usage (for a `user` caller, their own id or nothing).
     pub user_id: Option<Uuid>,
+    /// The first UTC day of the range.
     pub from: NaiveDate,
+    /// The last UTC day of the range (included).
     pub to: NaiveDate,
 }
 
@@ -331,10 +431,13 @@ pub struct ProviderUsageFilter {
 pub struct ProviderUsage {
     /// The first day of the period.
     pub period: NaiveDate,
+    /// The cloud the devices ran on.
     pub provider: Provider,
+    /// Billed minutes in the period.
     pub minutes: BigInt,
     /// Sessions that touched the period.
     pub sessions: BigInt,
+    /// What the minutes cost.
     pub cost: Money,
 }
 
@@ -424,7 +527,7 @@ pub(crate) fn page_request(
 /// Builds the schema with its limits. Introspection is off unless asked for. The depth limit
 /// is [`document::check_document`]'s, which lets introspection nest deeper than data.
 pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
-    let builder = Schema::build(Query, EmptyMutation, Subscription)
+    let builder = scalars::describe_foreign_scalars(Schema::build(Query, EmptyMutation, Subscription))
         .limit_complexity(limits.max_complexity)
         .limit_recursive_depth(32)
         .limit_directives(8);

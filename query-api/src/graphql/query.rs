@@ -5,10 +5,12 @@ use async_graphql::{Context, ErrorExtensions, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
-    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, is_undefined_table, page_request, read_context, usage_range,
+    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, bad_input, is_undefined_table, page_request, read_context,
+    usage_range,
 };
 use crate::reads::{self, UsageQuery};
 
@@ -16,6 +18,8 @@ use crate::reads::{self, UsageQuery};
 #[derive(Debug, Default)]
 pub struct Query;
 
+/// The root of every dashboard query. A `user` token only ever sees its own rows; admins and
+/// read-only services see every user's.
 #[Object]
 impl Query {
     /// Live devices per user, status and provider, with totals. Deleted devices are not
@@ -23,14 +27,23 @@ impl Query {
     pub(crate) async fn device_stats(
         &self,
         ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
+        #[graphql(desc = "Which devices to count; a `user` caller only ever sees their own.")] filter: Option<
+            DeviceFilterInput,
+        >,
         #[graphql(
             desc = "Answer from read models that have applied at least this log position (a command's `position`). Also settable with the `X-Min-Position` header."
         )]
         min_position: Option<BigInt>,
-    ) -> DeviceStats {
+    ) -> async_graphql::Result<DeviceStats> {
         let _ = min_position; // honoured by routing before execution
-        DeviceStats::filtered(filter.unwrap_or_default().scoped(read_context(ctx).viewer))
+        let filter = filter.unwrap_or_default().scoped(read_context(ctx).viewer)?;
+        if filter.conditions.has_time_ranges() {
+            return Err(bad_input(
+                "deviceStats counts devices by user, status and provider, without times: \
+                 `createdAt` and `lastStartedAt` filter `devices` only",
+            ));
+        }
+        Ok(DeviceStats::filtered(filter))
     }
 
     /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
@@ -38,8 +51,9 @@ impl Query {
     pub(crate) async fn daily_usage(
         &self,
         ctx: &Context<'_>,
+        #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: UsageFilter,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<DailyUsage> {
         let _ = min_position;
@@ -66,8 +80,9 @@ impl Query {
     async fn usage_by_provider(
         &self,
         ctx: &Context<'_>,
+        #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: ProviderUsageFilter,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<Vec<ProviderUsage>> {
         let _ = min_position;
@@ -124,12 +139,15 @@ impl Query {
     pub(crate) async fn devices(
         &self,
         ctx: &Context<'_>,
-        filter: Option<DeviceFilterInput>,
-        order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Which devices to list; a `user` caller only ever sees their own.")] filter: Option<
+            DeviceFilterInput,
+        >,
+        #[graphql(desc = "The order of the list (default `CREATED_AT_ASC`).")] order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Page forward: at most this many devices after `after` (0 to 100; default 20).")]
         first: Option<i32>,
-        after: Option<String>,
-        last: Option<i32>,
-        before: Option<String>,
+        #[graphql(desc = "A cursor from this list and order: the page starts after it.")] after: Option<String>,
+        #[graphql(desc = "Page backward: at most this many devices before `before` (0 to 100).")] last: Option<i32>,
+        #[graphql(desc = "A cursor from this list and order: the page ends before it.")] before: Option<String>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<DeviceConnection> {
         let _ = min_position;
@@ -142,7 +160,7 @@ impl Query {
             last,
             before.as_deref(),
         )?;
-        let filter = filter.unwrap_or_default().scoped(read.viewer);
+        let filter = filter.unwrap_or_default().scoped(read.viewer)?;
         let page = read
             .read_once(format!("device_page {filter:?} {request:?}"), || {
                 reads::device_page(&read.pool, &filter, &request)
@@ -156,7 +174,7 @@ impl Query {
     pub(crate) async fn device(
         &self,
         ctx: &Context<'_>,
-        id: Uuid,
+        #[graphql(desc = "The device's id.")] id: Uuid,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<Option<Device>> {
         let _ = min_position;
@@ -176,7 +194,7 @@ impl Query {
     async fn user(
         &self,
         ctx: &Context<'_>,
-        id: Uuid,
+        #[graphql(desc = "The user's id.")] id: Uuid,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> Option<User> {
         let _ = min_position;
@@ -210,20 +228,37 @@ impl Query {
             })
             .collect())
     }
+
+    /// The event log on the source that answered: its head and monthly partitions. Admin
+    /// tokens only: others get the error code `FORBIDDEN`.
+    #[graphql(guard = "operations::admin_only", cache_control(no_cache))]
+    async fn log(&self, ctx: &Context<'_>) -> async_graphql::Result<LogStatus> {
+        operations::log_status(ctx).await
+    }
+
+    /// Projection rebuilds in progress (`cloudphone replay`), oldest first; empty when none
+    /// runs. Admin tokens only: others get the error code `FORBIDDEN`.
+    #[graphql(guard = "operations::admin_only", cache_control(no_cache))]
+    async fn replays(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Replay>> {
+        operations::replays(ctx).await
+    }
 }
 
 /// One projection's progress.
 #[derive(SimpleObject, Debug, Clone)]
-#[graphql(cache_control(no_cache))]
+#[graphql(cache_control(no_cache), complex)]
 pub struct ProjectionState {
+    /// The projection (`fleet`, `daily_usage`).
     pub name: String,
     /// Every event at or below this log position is applied.
     pub position: BigInt,
     /// The log's last position.
     pub head: BigInt,
+    /// Events committed to the log and not applied yet.
     pub lag_events: BigInt,
     /// Seconds between now and the commit of the last applied event, while behind (0 when
     /// caught up).
     pub lag_seconds: f64,
+    /// When the last applied event was committed to the log (null before the first).
     pub last_recorded_at: Option<DateTime<Utc>>,
 }

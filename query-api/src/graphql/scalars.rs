@@ -1,18 +1,20 @@
 //! Scalars and opaque cursors of the GraphQL schema.
 
-use async_graphql::{InputValueError, InputValueResult, Scalar, ScalarType, Value};
+use async_graphql::{InputValueError, InputValueResult, Scalar, ScalarType, SchemaBuilder, Value};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::DateTime;
+use chrono::{DateTime, NaiveDate, Utc};
 use uuid::Uuid;
 
-use crate::reads::{DeviceKey, DeviceOrder};
+use crate::reads::{DeviceKey, DeviceOrder, SortValue};
 
 /// A 64-bit integer, sent as a string (as PostGraphile does) so JavaScript clients never
 /// round it; accepted as a string or a number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BigInt(pub i64);
 
+/// A signed 64-bit integer as a decimal string (`"9007199254740993"`), so JavaScript clients
+/// never round it. Accepted as a string or a number.
 #[Scalar(name = "BigInt")]
 impl ScalarType for BigInt {
     fn parse(value: Value) -> InputValueResult<Self> {
@@ -35,18 +37,43 @@ impl ScalarType for BigInt {
     }
 }
 
+/// Says what the scalars async-graphql brings for chrono and uuid carry, in our terms (their
+/// own descriptions name Rust types, or say less than a dashboard author needs).
+pub(crate) fn describe_foreign_scalars<Q, M, S>(builder: SchemaBuilder<Q, M, S>) -> SchemaBuilder<Q, M, S> {
+    builder
+        .override_output_type_description::<DateTime<Utc>>(
+            "An instant as an RFC 3339 string in UTC, with up to microseconds: \
+             `2026-01-05T13:45:00.123456Z`. Accepted with any UTC offset.",
+        )
+        .override_output_type_description::<NaiveDate>(
+            "A UTC calendar day as an ISO 8601 date, `YYYY-MM-DD`: `2026-01-05`.",
+        )
+        .override_output_type_description::<Uuid>(
+            "A UUID in its hyphenated text form: `0190c2a4-5b1e-7f3a-9d2c-4e6f8a0b1c2d`.",
+        )
+}
+
+/// The tag of each order in a cursor.
+fn order_tag(order: DeviceOrder) -> &'static str {
+    match order {
+        DeviceOrder::CreatedAtAsc => "ca",
+        DeviceOrder::CreatedAtDesc => "cd",
+        DeviceOrder::LastStartedAtAsc => "la",
+        DeviceOrder::LastStartedAtDesc => "ld",
+        DeviceOrder::MinutesUsedAsc => "ma",
+        DeviceOrder::MinutesUsedDesc => "md",
+    }
+}
+
 /// Encodes a row's place in a device list as an opaque cursor. The order is part of it, so a
 /// cursor from one order cannot be used with another.
 pub fn encode_cursor(order: DeviceOrder, key: &DeviceKey) -> String {
-    let order = match order {
-        DeviceOrder::CreatedAtAsc => 'a',
-        DeviceOrder::CreatedAtDesc => 'd',
+    let value = match key.sort {
+        SortValue::CreatedAt(at) | SortValue::LastStartedAt(Some(at)) => at.timestamp_micros().to_string(),
+        SortValue::LastStartedAt(None) => "-".to_owned(),
+        SortValue::MinutesUsed(minutes) => minutes.to_string(),
     };
-    URL_SAFE_NO_PAD.encode(format!(
-        "d1:{order}:{}:{}",
-        key.created_at.timestamp_micros(),
-        key.device_id
-    ))
+    URL_SAFE_NO_PAD.encode(format!("d2:{}:{value}:{}", order_tag(order), key.device_id))
 }
 
 /// Why a cursor was refused.
@@ -58,30 +85,44 @@ pub enum CursorError {
     OtherOrder,
 }
 
+/// The key a cursor holds, if it was issued for `order`. Cursors of the first format (`d1`,
+/// creation order only) are still read: clients may hold some across an upgrade.
 pub fn decode_cursor(cursor: &str, order: DeviceOrder) -> Result<DeviceKey, CursorError> {
     let invalid = || CursorError::Invalid(cursor.chars().take(64).collect());
     let bytes = URL_SAFE_NO_PAD.decode(cursor.trim()).map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let mut parts = text.splitn(4, ':');
-    let (Some("d1"), Some(flag), Some(micros), Some(id)) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(format), Some(tag), Some(value), Some(id)) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(invalid());
     };
-    let issued_for = match flag {
-        "a" => DeviceOrder::CreatedAtAsc,
-        "d" => DeviceOrder::CreatedAtDesc,
+    let issued_for = match (format, tag) {
+        ("d1", "a") => DeviceOrder::CreatedAtAsc,
+        ("d1", "d") => DeviceOrder::CreatedAtDesc,
+        ("d2", tag) => DeviceOrder::ALL
+            .into_iter()
+            .find(|order| order_tag(*order) == tag)
+            .ok_or_else(invalid)?,
         _ => return Err(invalid()),
     };
     if issued_for != order {
         return Err(CursorError::OtherOrder);
     }
-    let created_at = micros
-        .parse()
-        .ok()
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(invalid)?;
+    let instant = |micros: &str| micros.parse().ok().and_then(DateTime::from_timestamp_micros);
+    let sort = match order {
+        DeviceOrder::CreatedAtAsc | DeviceOrder::CreatedAtDesc => {
+            SortValue::CreatedAt(instant(value).ok_or_else(invalid)?)
+        }
+        DeviceOrder::LastStartedAtAsc | DeviceOrder::LastStartedAtDesc => SortValue::LastStartedAt(match value {
+            "-" => None,
+            micros => Some(instant(micros).ok_or_else(invalid)?),
+        }),
+        DeviceOrder::MinutesUsedAsc | DeviceOrder::MinutesUsedDesc => {
+            SortValue::MinutesUsed(value.parse().map_err(|_| invalid())?)
+        }
+    };
     let device_id = Uuid::parse_str(id).map_err(|_| invalid())?;
-    Ok(DeviceKey { created_at, device_id })
+    Ok(DeviceKey { sort, device_id })
 }
 
 #[cfg(test)]
@@ -89,37 +130,68 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn sort_value(order: DeviceOrder, micros: i64, started: bool) -> SortValue {
+        let at = DateTime::from_timestamp_micros(micros).unwrap();
+        match order {
+            DeviceOrder::CreatedAtAsc | DeviceOrder::CreatedAtDesc => SortValue::CreatedAt(at),
+            DeviceOrder::LastStartedAtAsc | DeviceOrder::LastStartedAtDesc => {
+                SortValue::LastStartedAt(started.then_some(at))
+            }
+            DeviceOrder::MinutesUsedAsc | DeviceOrder::MinutesUsedDesc => SortValue::MinutesUsed(micros),
+        }
+    }
+
     proptest! {
         #[test]
-        fn cursors_round_trip(micros in -62_000_000_000_000_000i64..250_000_000_000_000_000, id: u128, desc: bool) {
-            let order = if desc { DeviceOrder::CreatedAtDesc } else { DeviceOrder::CreatedAtAsc };
-            let key = DeviceKey {
-                created_at: DateTime::from_timestamp_micros(micros).unwrap(),
-                device_id: Uuid::from_u128(id),
-            };
+        fn cursors_round_trip(
+            micros in -62_000_000_000_000_000i64..250_000_000_000_000_000,
+            id: u128,
+            order in 0..DeviceOrder::ALL.len(),
+            started: bool,
+        ) {
+            let order = DeviceOrder::ALL[order];
+            let key = DeviceKey { sort: sort_value(order, micros, started), device_id: Uuid::from_u128(id) };
             prop_assert_eq!(decode_cursor(&encode_cursor(order, &key), order), Ok(key));
         }
 
         #[test]
         fn garbage_is_an_error_not_a_panic(text in ".{0,80}") {
-            let _ = decode_cursor(&text, DeviceOrder::CreatedAtAsc);
+            for order in DeviceOrder::ALL {
+                let _ = decode_cursor(&text, order);
+            }
         }
     }
 
     #[test]
     fn a_cursor_of_another_order_is_refused() {
-        let key = DeviceKey {
-            created_at: DateTime::from_timestamp_micros(1).unwrap(),
-            device_id: Uuid::nil(),
-        };
-        let cursor = encode_cursor(DeviceOrder::CreatedAtAsc, &key);
-        assert_eq!(
-            decode_cursor(&cursor, DeviceOrder::CreatedAtDesc),
-            Err(CursorError::OtherOrder)
-        );
+        for issued in DeviceOrder::ALL {
+            let key = DeviceKey {
+                sort: sort_value(issued, 1, true),
+                device_id: Uuid::nil(),
+            };
+            let cursor = encode_cursor(issued, &key);
+            for order in DeviceOrder::ALL.into_iter().filter(|o| *o != issued) {
+                assert_eq!(decode_cursor(&cursor, order), Err(CursorError::OtherOrder));
+            }
+        }
         assert!(matches!(
             decode_cursor("bm9wZQ", DeviceOrder::CreatedAtAsc),
             Err(CursorError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_cursor_issued_before_the_other_orders_existed_still_pages() {
+        let id = Uuid::from_u128(7);
+        let cursor = URL_SAFE_NO_PAD.encode(format!("d1:d:1767225600000000:{id}"));
+        let key = DeviceKey {
+            sort: SortValue::CreatedAt(DateTime::from_timestamp_micros(1_767_225_600_000_000).unwrap()),
+            device_id: id,
+        };
+        assert_eq!(decode_cursor(&cursor, DeviceOrder::CreatedAtDesc), Ok(key));
+        assert_eq!(
+            decode_cursor(&cursor, DeviceOrder::CreatedAtAsc),
+            Err(CursorError::OtherOrder)
+        );
     }
 }

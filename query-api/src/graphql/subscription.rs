@@ -28,6 +28,8 @@ use crate::reads::Owners;
 #[derive(Debug, Default)]
 pub struct Subscription;
 
+/// Dashboard answers kept live over WebSocket: each field answers at once, then again
+/// whenever a projection batch changed what it reads.
 #[SubscriptionRoot]
 impl Subscription {
     /// `Query.deviceStats`, live: pushed whenever the devices counted change.
@@ -37,7 +39,7 @@ impl Subscription {
         #[graphql(desc = "As `Query.deviceStats(filter)`.")] filter: Option<DeviceFilterInput>,
     ) -> async_graphql::Result<impl Stream<Item = DeviceStats> + use<>> {
         let read = read_context(ctx);
-        let owners = read.viewer.owners(filter.and_then(|f| f.user_id));
+        let owners = read.viewer.owners(filter.as_ref().and_then(|f| f.user_id));
         read.note_interest(Interest::rows(Projection::Fleet, owners));
         let stats = Query.device_stats(ctx, filter, None).await?;
         Ok(stream::iter([stats]))

@@ -19,12 +19,16 @@ use crate::reads::{
 #[derive(Debug, Clone)]
 pub struct Device(pub DeviceRow);
 
+/// A virtual Android device as the fleet projection shows it: its owner, cloud, status and size,
+/// when it was created and last started, the minutes it was billed, and its usage.
 #[Object]
 impl Device {
+    /// The device's id.
     async fn id(&self) -> Uuid {
         self.0.device_id
     }
 
+    /// The id of the user who owns the device.
     async fn owner_id(&self) -> Uuid {
         self.0.owner_id
     }
@@ -34,30 +38,37 @@ impl Device {
         User(self.0.owner_id)
     }
 
+    /// The cloud that hosts the device.
     async fn provider(&self) -> Provider {
         self.0.provider.into()
     }
 
+    /// The device's current status.
     async fn status(&self) -> DeviceStatus {
         self.0.status.into()
     }
 
+    /// Virtual CPU cores.
     async fn cpu_cores(&self) -> i32 {
         self.0.cpu_cores
     }
 
+    /// Memory in MiB.
     async fn memory_mb(&self) -> i32 {
         self.0.memory_mb
     }
 
+    /// The Android major version the device runs (e.g. 13).
     async fn android_version(&self) -> i32 {
         i32::from(self.0.android_version)
     }
 
+    /// When the device was created.
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at
     }
 
+    /// When the device was last started (null if it never was).
     async fn last_started_at(&self) -> Option<DateTime<Utc>> {
         self.0.last_started_at
     }
@@ -76,9 +87,9 @@ impl Device {
     async fn usage(
         &self,
         ctx: &Context<'_>,
-        from: NaiveDate,
-        to: NaiveDate,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The first UTC day of the range.")] from: NaiveDate,
+        #[graphql(desc = "The last UTC day of the range (included; at most 366 days after `from`).")] to: NaiveDate,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
     ) -> async_graphql::Result<DailyUsage> {
         usage_of(
             ctx,
@@ -117,8 +128,10 @@ async fn usage_of(
 #[derive(Debug, Clone, Copy)]
 pub struct User(pub Uuid);
 
+/// A user: their devices, usage and statistics.
 #[Object]
 impl User {
+    /// The user's id.
     async fn id(&self) -> Uuid {
         self.0
     }
@@ -129,12 +142,13 @@ impl User {
     async fn devices(
         &self,
         ctx: &Context<'_>,
-        filter: Option<UserDevicesFilter>,
-        order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Which of the user's devices to list.")] filter: Option<UserDevicesFilter>,
+        #[graphql(desc = "The order of the list (default `CREATED_AT_ASC`).")] order_by: Option<DevicesOrderBy>,
+        #[graphql(desc = "Page forward: at most this many devices after `after` (0 to 100; default 20).")]
         first: Option<i32>,
-        after: Option<String>,
-        last: Option<i32>,
-        before: Option<String>,
+        #[graphql(desc = "A cursor from this list and order: the page starts after it.")] after: Option<String>,
+        #[graphql(desc = "Page backward: at most this many devices before `before` (0 to 100).")] last: Option<i32>,
+        #[graphql(desc = "A cursor from this list and order: the page ends before it.")] before: Option<String>,
     ) -> async_graphql::Result<DeviceConnection> {
         let read = read_context(ctx);
         let request = page_request(
@@ -145,11 +159,9 @@ impl User {
             last,
             before.as_deref(),
         )?;
-        let filter = filter.unwrap_or_default();
         let key = OwnerPage {
             owner: self.0,
-            status: filter.status.map(Into::into),
-            provider: filter.provider.map(Into::into),
+            conditions: filter.unwrap_or_default().conditions()?,
             page: request,
         };
         let page = loader(ctx)
@@ -160,8 +172,7 @@ impl User {
         Ok(DeviceConnection {
             filter: DeviceFilter {
                 owners: Owners::Only(self.0),
-                status: key.status,
-                provider: key.provider,
+                conditions: key.conditions,
             },
             request,
             page,
@@ -173,9 +184,9 @@ impl User {
     async fn usage(
         &self,
         ctx: &Context<'_>,
-        from: NaiveDate,
-        to: NaiveDate,
-        group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The first UTC day of the range.")] from: NaiveDate,
+        #[graphql(desc = "The last UTC day of the range (included; at most 366 days after `from`).")] to: NaiveDate,
+        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
     ) -> async_graphql::Result<DailyUsage> {
         usage_of(ctx, UsageSubject::User, self.0, from, to, group_by.unwrap_or_default()).await
     }
@@ -186,7 +197,8 @@ impl User {
     }
 }
 
-/// A page of devices (Relay connection).
+/// A page of devices (a Relay connection): the devices, their cursors, where the page sits
+/// and how many devices match across every page.
 #[derive(Debug, Clone)]
 pub struct DeviceConnection {
     filter: DeviceFilter,
@@ -207,29 +219,39 @@ impl DeviceConnection {
     }
 
     fn cursor(&self, row: &DeviceRow) -> String {
-        encode_cursor(self.request.order, &DeviceKey::from(row))
+        encode_cursor(self.request.order, &DeviceKey::of(self.request.order, row))
     }
 }
 
 /// A device with its cursor.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct DeviceEdge {
+    /// Opaque: pass it as `after` or `before` to page on from this device (in the same order).
     pub cursor: String,
+    /// The device.
     pub node: Device,
 }
 
 /// Where a page sits in its list.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct PageInfo {
+    /// For a forward page, whether more devices follow; for a backward page, whether a
+    /// `before` cursor was given (rows exist after it).
     pub has_next_page: bool,
     /// For a forward page, whether an `after` cursor was given (rows exist before it).
+    /// For a backward page, whether more devices come before it.
     pub has_previous_page: bool,
+    /// The cursor of the page's first device (null for an empty page).
     pub start_cursor: Option<String>,
+    /// The cursor of the page's last device (null for an empty page): `after` for the next page.
     pub end_cursor: Option<String>,
 }
 
+/// A page of devices (a Relay connection): the devices, their cursors, where the page sits
+/// and how many devices match across every page.
 #[Object]
 impl DeviceConnection {
+    /// The page's devices with their cursors.
     async fn edges(&self) -> Vec<DeviceEdge> {
         self.page
             .rows
@@ -241,10 +263,12 @@ impl DeviceConnection {
             .collect()
     }
 
+    /// The page's devices (as `edges`, without cursors).
     async fn nodes(&self) -> Vec<Device> {
         self.page.rows.iter().cloned().map(Device).collect()
     }
 
+    /// Where the page sits in the list.
     async fn page_info(&self) -> PageInfo {
         let paged_from = self.request.from.is_some();
         let (has_next_page, has_previous_page) = if self.request.backward {
@@ -267,8 +291,7 @@ impl DeviceConnection {
             (true, Owners::Only(owner)) => loader(ctx)
                 .load_one(OwnerCount {
                     owner,
-                    status: self.filter.status,
-                    provider: self.filter.provider,
+                    conditions: self.filter.conditions,
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?
@@ -284,7 +307,7 @@ impl DeviceConnection {
     }
 }
 
-/// Live devices by user, status and provider.
+/// Live devices (deleted ones are not counted) by user, status and provider, with totals.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceStats {
     source: StatsSource,
@@ -323,11 +346,17 @@ impl DeviceStats {
 /// One `device_stats` row.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct DeviceStatsRow {
+    /// The devices' owner.
     pub user_id: Uuid,
+    /// The devices' status.
     pub status: DeviceStatus,
+    /// The devices' cloud provider.
     pub provider: Provider,
+    /// How many devices the row counts.
     pub device_count: BigInt,
+    /// Their virtual CPU cores, summed.
     pub cpu_cores: BigInt,
+    /// Their memory in MiB, summed.
     pub memory_mb: BigInt,
     /// Newest creation time among the devices counted.
     pub last_created_at: DateTime<Utc>,
@@ -350,8 +379,11 @@ impl From<StatsRecord> for DeviceStatsRow {
 /// Sums over every row the filter matches (not only the rows returned).
 #[derive(SimpleObject, Debug, Clone)]
 pub struct DeviceStatsTotals {
+    /// Devices counted.
     pub device_count: BigInt,
+    /// Their virtual CPU cores, summed.
     pub cpu_cores: BigInt,
+    /// Their memory in MiB, summed.
     pub memory_mb: BigInt,
 }
 
@@ -365,6 +397,7 @@ impl From<StatsTotals> for DeviceStatsTotals {
     }
 }
 
+/// Live devices (deleted ones are not counted) by user, status and provider, with totals.
 #[Object]
 impl DeviceStats {
     /// Rows ordered by user, status and provider.
@@ -374,7 +407,12 @@ impl DeviceStats {
     async fn rows(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 500, validator(minimum = 0, maximum = 5000))] first: i32,
+        #[graphql(
+            default = 500,
+            validator(minimum = 0, maximum = 5000),
+            desc = "At most this many rows (0 to 5000)."
+        )]
+        first: i32,
     ) -> async_graphql::Result<Vec<DeviceStatsRow>> {
         let read = read_context(ctx);
         let records = match self.source {
@@ -393,6 +431,7 @@ impl DeviceStats {
         Ok(records.into_iter().map(Into::into).collect())
     }
 
+    /// Sums over every row the filter matches (not only the rows returned).
     async fn totals(&self, ctx: &Context<'_>) -> async_graphql::Result<DeviceStatsTotals> {
         let read = read_context(ctx);
         let totals = match self.source {
@@ -420,6 +459,7 @@ impl DeviceStats {
 /// An amount of money in integer minor units (cents for USD).
 #[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
 pub struct Money {
+    /// The amount in the currency's minor unit (cents for USD, yen for JPY).
     pub amount_minor: BigInt,
     /// ISO 4217 code.
     pub currency: String,
@@ -430,13 +470,16 @@ pub struct Money {
 pub struct UsagePeriod {
     /// The first day of the period.
     pub period: NaiveDate,
+    /// Billed minutes in the period.
     pub minutes: BigInt,
+    /// What the minutes cost.
     pub cost: Money,
 }
 
 /// Sums over the whole range.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct UsageTotals {
+    /// Billed minutes over the range.
     pub minutes: BigInt,
     /// One amount per currency billed in the range.
     pub costs: Vec<Money>,
@@ -446,6 +489,7 @@ pub struct UsageTotals {
 #[derive(SimpleObject, Debug, Clone)]
 #[graphql(complex)]
 pub struct DailyUsage {
+    /// One row per period and currency with usage, oldest period first.
     pub rows: Vec<UsagePeriod>,
     #[graphql(skip)]
     records: Vec<UsageRecord>,
@@ -470,6 +514,7 @@ impl DailyUsage {
 
 #[ComplexObject]
 impl DailyUsage {
+    /// Sums over the whole range.
     async fn totals(&self) -> UsageTotals {
         let mut costs: Vec<Money> = Vec::new();
         let mut minutes = 0i64;

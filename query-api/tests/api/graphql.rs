@@ -452,6 +452,15 @@ async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
         ..test_config()
     };
     let api = start(&pool, config).await;
+    // The subscriptions' change listener runs `LISTEN` once at start: not this query's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !api.metrics().await.contains("cloudphone_subscription_listening 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change listener never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let query = "{ devices(first: 50) { nodes { id
         usage(from: \"2026-03-01\", to: \"2026-03-31\") { totals { minutes } }
         owner { id devices(first: 3) { totalCount nodes { id } } stats { totals { deviceCount } }
