@@ -14,6 +14,7 @@ use kafka_adapters::projector::{KafkaProjectorConfig, run_kafka_projector};
 use kafka_adapters::relay::{RelayConfig, run_relay};
 use read_models::Projection;
 use sqlx::PgPool;
+use test_support::live::LiveClient;
 use test_support::roles::{KillOnDrop, init_test_logs};
 use test_support::services::{BROKERS, broker};
 use test_support::{db, tokens, urls};
@@ -73,7 +74,8 @@ fn start_projectors_in_process(
 }
 
 /// `cloudphone serve` in Kafka mode: commands over HTTP reach the read models through the
-/// relay, the topic and the projector workers.
+/// relay, the topic and the projector workers, and a user's subscription is pushed the
+/// changes the Kafka-mode workers commit.
 #[sqlx::test(migrations = false)]
 async fn kafka_mode_commands_reach_the_read_models(pool: PgPool) {
     prepared(&pool).await;
@@ -84,6 +86,7 @@ async fn kafka_mode_commands_reach_the_read_models(pool: PgPool) {
             .arg("serve")
             .env("CLOUDPHONE_DATABASE_URL", &url)
             .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
             .env("CLOUDPHONE_KAFKA_BROKERS", BROKERS)
             .env("CLOUDPHONE_KAFKA_TOPIC", &topic)
             .env("CLOUDPHONE_LOG_FORMAT", "json")
@@ -92,19 +95,38 @@ async fn kafka_mode_commands_reach_the_read_models(pool: PgPool) {
             .unwrap(),
     );
     let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let address = loop {
+    let (mut address, mut query_address) = (None, None);
+    while address.is_none() || query_address.is_none() {
         let line = lines.next().expect("serve exited").unwrap();
         let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if entry["message"] == "command API listening" {
-            break entry["address"].as_str().unwrap().to_owned();
+        let listening = entry["address"].as_str().map(str::to_owned);
+        match entry["message"].as_str() {
+            Some("command API listening") => address = listening,
+            Some("query API listening") => query_address = listening,
+            _ => {}
         }
-    };
+    }
+    let (address, query_address) = (address.unwrap(), query_address.unwrap());
     std::thread::spawn(move || lines.for_each(drop));
 
     let client = reqwest::Client::new();
+    // The first user watches their fleet live: pushed from Kafka-mode projectors' commits.
+    let mut watcher = None;
     for _ in 0..5 {
         let user = Uuid::now_v7();
         let token = tokens::development(&user.to_string(), http_edge::auth::Role::User);
+        if watcher.is_none() {
+            let mut socket = LiveClient::connect(query_address.parse().unwrap(), &token).await;
+            socket
+                .subscribe(
+                    "fleet",
+                    "subscription { devices(first: 10) { totalCount nodes { status } } }",
+                    serde_json::json!({}),
+                )
+                .await;
+            assert_eq!(socket.next_of("fleet").await["data"]["devices"]["totalCount"], "0");
+            watcher = Some(socket);
+        }
         let body = serde_json::json!({"tier": "pro", "email": "k@example.com", "phone": "+4915112345678"});
         let answer = client
             .post(format!("http://{address}/v1/users"))
@@ -141,6 +163,16 @@ async fn kafka_mode_commands_reach_the_read_models(pool: PgPool) {
     }
     let head = event_log::LogReader::new(pool.clone()).head().await.unwrap().position;
     projections_reach(&pool, head, Duration::from_secs(60)).await;
+    let mut watcher = watcher.unwrap();
+    watcher
+        .next_until("fleet", |answer| {
+            let devices = &answer["data"]["devices"];
+            devices["totalCount"] == "3"
+                && devices["nodes"]
+                    .as_array()
+                    .is_some_and(|nodes| nodes.iter().all(|node| node["status"] == "STOPPED"))
+        })
+        .await;
     let _ = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
     assert!(child.0.wait().unwrap().success());
     assert_read_models_equal_a_rebuild(&pool).await;
