@@ -230,6 +230,14 @@ struct PhaseReport {
     /// Polls not sent on time because the one before had not been answered.
     polls_late: u64,
     answer_errors: u64,
+    /// Failed polls by kind (HTTP status, GraphQL error code, transport or timeout).
+    answer_error_kinds: BTreeMap<String, u64>,
+    /// Of every core of the machine: the roles, PostgreSQL and this generator share them.
+    machine_cpu_percent: f64,
+    /// The query API's own mean from a batch's change notice to an answer it changed
+    /// written (`cloudphone_subscription_push_latency_seconds`): the rest of the visible
+    /// latency is the command's way through the projector.
+    notice_to_push_mean_ms: Option<f64>,
     /// `cloudphone_subscription_evaluations_total` per second, from the query API's /metrics.
     evaluations_per_second: f64,
     /// The run's database's committed + rolled back transactions per second
@@ -418,7 +426,7 @@ pub async fn run(args: &LoadSubscriptionsArgs) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let polls = Arc::new(AtomicU64::new(0));
         let late = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let interval = Duration::from_millis(args.poll_interval_ms.max(1));
         let mut pollers = Vec::with_capacity(subscribers);
         for (index, user) in users.iter().enumerate() {
@@ -463,7 +471,10 @@ pub async fn run(args: &LoadSubscriptionsArgs) -> anyhow::Result<()> {
         }
         let mut poll_report = report_phase("poll (HTTP, every interval)", poll_phase, calibration);
         poll_report.polls_late = late.load(Ordering::Relaxed) - late_before;
-        poll_report.answer_errors = errors.load(Ordering::Relaxed);
+        if let Ok(errors) = errors.lock() {
+            poll_report.answer_errors = errors.values().sum();
+            poll_report.answer_error_kinds = errors.clone();
+        }
         phases.push(poll_report);
     }
     for role in [&projector, &command, &query] {
@@ -548,6 +559,8 @@ struct Measured {
     query_cpu_seconds: f64,
     own_cpu_seconds: f64,
     query_rss_mib: f64,
+    machine_cpu_percent: f64,
+    notice_to_push_mean_ms: Option<f64>,
 }
 
 /// Runs the commands for `--seconds`, waits `GRACE` for the answers to show them, and reads
@@ -568,6 +581,8 @@ async fn measure(
     let transactions_before = transactions(pool).await?;
     let (cpu_before, own_before) = (cpu_seconds(query.pid()), cpu_seconds(std::process::id()));
     let answers_before = answers();
+    let machine_before = machine_ticks();
+    let pushed_before = push_latency(client, &query.base).await;
     let started = Instant::now();
     let commands = drive(args, client, command_base, users, tracker, rng.random()).await;
     let seconds = started.elapsed().as_secs_f64();
@@ -577,6 +592,16 @@ async fn measure(
     );
     let (cpu_after, own_after) = (cpu_seconds(query.pid()), cpu_seconds(std::process::id()));
     let query_rss_mib = vm_rss_mib(query.pid()).unwrap_or(0.0);
+    let machine_after = machine_ticks();
+    let pushed_after = push_latency(client, &query.base).await;
+    let machine_cpu_percent = match (machine_before, machine_after) {
+        (Some((busy0, all0)), Some((busy1, all1))) if all1 > all0 => {
+            (busy1 - busy0) as f64 * 100.0 / (all1 - all0) as f64
+        }
+        _ => f64::NAN,
+    };
+    let pushes = pushed_after.1 - pushed_before.1;
+    let notice_to_push_mean_ms = (pushes > 0.0).then(|| (pushed_after.0 - pushed_before.0) * 1000.0 / pushes);
     // Backends report their counts about once a second while busy, so the window read is
     // shifted by about as much at both ends, not shortened.
     let transactions_after = transactions(pool).await?;
@@ -595,7 +620,32 @@ async fn measure(
         query_cpu_seconds: delta(cpu_before, cpu_after),
         own_cpu_seconds: delta(own_before, own_after),
         query_rss_mib,
+        machine_cpu_percent,
+        notice_to_push_mean_ms,
     })
+}
+
+/// The sum and count of the query API's notice-to-push latency histogram.
+async fn push_latency(client: &reqwest::Client, base: &str) -> (f64, f64) {
+    (
+        metric(client, base, "cloudphone_subscription_push_latency_seconds_sum").await,
+        metric(client, base, "cloudphone_subscription_push_latency_seconds_count").await,
+    )
+}
+
+/// Busy and all CPU ticks of the machine so far (/proc/stat; idle and iowait are not busy).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().sum();
+    let idle = ticks.get(3)? + ticks.get(4).unwrap_or(&0);
+    Some((all - idle, all))
 }
 
 fn report_phase(phase: &'static str, measured: Measured, calibration: f64) -> PhaseReport {
@@ -610,6 +660,9 @@ fn report_phase(phase: &'static str, measured: Measured, calibration: f64) -> Ph
         answers_per_second: measured.answers as f64 / seconds,
         polls_late: 0,
         answer_errors: 0,
+        answer_error_kinds: BTreeMap::new(),
+        machine_cpu_percent: measured.machine_cpu_percent,
+        notice_to_push_mean_ms: measured.notice_to_push_mean_ms,
         evaluations_per_second: measured.evaluations / seconds,
         database_transactions_per_second: transactions,
         dashboard_transactions_per_second: (transactions - calibration).max(0.0),
@@ -888,11 +941,17 @@ struct Poller {
     tracker: Arc<Tracker>,
     polls: Arc<AtomicU64>,
     late: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
+    errors: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     stop: CancellationToken,
 }
 
 impl Poller {
+    fn failed(&self, kind: &str) {
+        if let Ok(mut errors) = self.errors.lock() {
+            *errors.entry(kind.to_owned()).or_insert(0) += 1;
+        }
+    }
+
     /// Asks every `interval` from `offset` on; a poll due while the last is unanswered is
     /// skipped (and counted late), as a browser's timer after a slow fetch would.
     async fn run(self, interval: Duration, offset: Duration) {
@@ -918,14 +977,24 @@ impl Poller {
                 .send()
                 .await;
             let at = Instant::now();
-            let Ok(answer) = answer else {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                continue;
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(error) => {
+                    self.failed(if error.is_timeout() { "timeout" } else { "transport" });
+                    continue;
+                }
             };
-            let ok = answer.status().is_success();
+            let status = answer.status();
             let data: Value = answer.json().await.unwrap_or_default();
-            if !ok || data.get("errors").is_some() {
-                self.errors.fetch_add(1, Ordering::Relaxed);
+            if !status.is_success() {
+                self.failed(&format!("HTTP {}", status.as_u16()));
+                continue;
+            }
+            if let Some(error) = data["errors"].get(0) {
+                self.failed(&format!(
+                    "GraphQL {}",
+                    error["extensions"]["code"].as_str().unwrap_or("?")
+                ));
                 continue;
             }
             self.polls.fetch_add(1, Ordering::Relaxed);
@@ -971,6 +1040,12 @@ fn print_summary(report: &Report) {
             phase.query_api_rss_mib,
             phase.answer_errors,
             phase.polls_late
+        );
+        println!(
+            "      machine CPU {:.0} % of all cores; query API notice-to-push mean {:.1} ms; answer errors by kind {:?}",
+            phase.machine_cpu_percent,
+            phase.notice_to_push_mean_ms.unwrap_or(f64::NAN),
+            phase.answer_error_kinds
         );
     }
     println!(
