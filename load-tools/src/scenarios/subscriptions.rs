@@ -17,6 +17,13 @@
 //! its user whose `devices` page shows the device in the status the command left it in. An
 //! answer seen before the acknowledgement counts as zero (the projector can beat the HTTP
 //! answer home).
+//!
+//! SQL work is read two ways, as PostgreSQL may lack `pg_stat_statements`: the query API's own
+//! counters (evaluations plus query cache misses: dashboard documents run against the read
+//! models) and `pg_stat_database`'s transactions of the run's database (every role's).
+//! The generator raises its file-descriptor limit for the sockets and the pollers'
+//! connections; the query API's subscription limits (`LiveConfig`) have no flags, so a run
+//! must fit their defaults (100 subscriptions per socket, 100 sockets per user).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
