@@ -47,6 +47,52 @@ pub enum LoadKind {
     /// nothing from refusals, every refusal justified by the stream's state) and the read
     /// models against a rebuild. Fails on any violation.
     History(LoadHistoryArgs),
+    /// Dashboards kept live: `--subscribers` GraphQL subscriptions (`devices`, `deviceStats`)
+    /// over WebSocket for `--users` users while portal commands run at `--rate`/s, against the
+    /// same dashboards polling over HTTP every second, in the same run: latency from a
+    /// command's acknowledgement to the first answer showing it, evaluations and database
+    /// transactions per second, the query API's CPU and memory per subscription.
+    Subscriptions(LoadSubscriptionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadSubscriptionsArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_subscriptions`,
+    /// recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Subscriptions held open in the push phase, spread evenly over the users (and as many
+    /// polling dashboards in the poll phase).
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_SUBSCRIBERS", default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Users the dashboards and the portal commands act for.
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_USERS", default_value_t = 1_000)]
+    pub users: usize,
+    /// Subscriptions on one socket (the query API allows 100, and 100 sockets per user).
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_PER_SOCKET", default_value_t = 10)]
+    pub per_socket: usize,
+    /// Portal commands per second (open loop), in every phase.
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_RATE", default_value_t = 500)]
+    pub rate: u64,
+    /// Seconds of each phase (commands only, push, poll).
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_SECONDS", default_value_t = 30)]
+    pub seconds: u64,
+    /// Milliseconds between two polls of one dashboard in the poll phase.
+    #[arg(
+        long,
+        env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_POLL_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub poll_interval_ms: u64,
+    /// Skip the polling baseline.
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_NO_POLL")]
+    pub no_poll: bool,
+    /// Seed of the users chosen and the command mix.
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_SEED", default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long, env = "CLOUDPHONE_LOAD_SUBSCRIPTIONS_JSON")]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -43,5 +43,6 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Platform(args) => scenarios::platform::run(args).await,
         LoadKind::Hostile(args) => scenarios::hostile::run(args).await,
         LoadKind::History(args) => scenarios::history::run(args).await,
+        LoadKind::Subscriptions(args) => scenarios::subscriptions::run(args).await,
     }
 }

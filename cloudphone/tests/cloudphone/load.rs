@@ -81,3 +81,64 @@ fn load_platform_drives_every_operation_and_reports_every_role() {
         assert!(text.contains(line), "{line}: {text}");
     }
 }
+
+/// `cloudphone load subscriptions` with a few sockets for a few seconds: commands acknowledged
+/// in the push phase are seen on their users' subscriptions, and the report carries the push
+/// latency, the poll baseline and the memory per subscription.
+#[test]
+fn load_subscriptions_sees_commands_pushed_to_their_users_dashboards() {
+    let server = urls::server();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+        .args([
+            "load",
+            "subscriptions",
+            "--subscribers",
+            "40",
+            "--users",
+            "4",
+            "--per-socket",
+            "5",
+            "--rate",
+            "20",
+            "--seconds",
+            "3",
+            "--json",
+        ])
+        .arg(&report)
+        .env("CLOUDPHONE_DATABASE_URL", &server)
+        .env("CLOUDPHONE_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+
+    assert_eq!(report["sockets"], 8, "{report:#}");
+    assert!(report["pushes_received"].as_u64().unwrap() > 40, "{report:#}");
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 3, "{report:#}");
+    let (push, poll) = (&phases[1], &phases[2]);
+    for phase in [push, poll] {
+        assert!(phase["commands"]["acked"].as_u64().unwrap() > 0, "{report:#}");
+        let latency = &phase["visible_latency"];
+        assert!(latency["count"].as_u64().unwrap() > 0, "{report:#}");
+        assert!(latency["p99_ms"].as_f64().unwrap() >= latency["p50_ms"].as_f64().unwrap());
+        assert!(phase["answers_per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+    }
+    assert!(push["evaluations_per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+    assert_eq!(push["answer_errors"], 0, "{report:#}");
+    assert!(
+        report["memory"]["kib_per_subscription"].as_f64().is_some(),
+        "{report:#}"
+    );
+    assert!(
+        text.contains("push (WebSocket)") && text.contains("KiB per subscription"),
+        "{text}"
+    );
+}

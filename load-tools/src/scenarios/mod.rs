@@ -11,3 +11,4 @@ pub mod platform;
 pub mod projections;
 pub mod queries;
 pub mod replay;
+pub mod subscriptions;
