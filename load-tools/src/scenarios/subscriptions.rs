@@ -639,8 +639,8 @@ async fn measure(
         latency,
         unseen,
         answers: answers_after - answers_before,
-        evaluations: evaluations_after - evaluations_before,
-        misses: misses_after - misses_before,
+        evaluations: counter_delta(evaluations_before, evaluations_after),
+        misses: counter_delta(misses_before, misses_after),
         transactions: (transactions_after - transactions_before) as f64,
         query_cpu_seconds: delta(cpu_before, cpu_after),
         own_cpu_seconds: delta(own_before, own_after),
@@ -648,6 +648,16 @@ async fn measure(
         machine_cpu_percent,
         notice_to_push_mean_ms,
     })
+}
+
+/// How far a counter moved; NaN (shown as such, never as a negative rate) when a scrape
+/// failed and read 0, as the query API's `/metrics` can under the poll phase's load.
+fn counter_delta(before: f64, after: f64) -> f64 {
+    if after < before || before.is_nan() || after.is_nan() {
+        f64::NAN
+    } else {
+        after - before
+    }
 }
 
 /// The sum and count of the query API's notice-to-push latency histogram.
