@@ -21,8 +21,8 @@ use serde::Deserialize;
 
 use crate::cache::normalize_query;
 use crate::consistency::min_position;
-use crate::graphql::Viewer;
 use crate::graphql::document::check_document;
+use crate::graphql::{ReadContext, Viewer, request_data};
 use crate::persisted::PersistedQuery;
 use crate::reply::Rejection;
 use crate::state::{AppState, Inner};
@@ -145,6 +145,20 @@ pub(crate) struct Question {
     /// The variables as the cache keys them.
     pub(crate) variables_key: String,
     pub(crate) min_position: Option<i64>,
+}
+
+impl Question {
+    /// The request to execute: the document already parsed, its variables and operation, and
+    /// the per-request read context (`read`) its resolvers share.
+    pub(crate) fn request(&self, read: Arc<ReadContext>) -> async_graphql::Request {
+        let mut request = async_graphql::Request::new(self.query.to_string())
+            .variables(async_graphql::Variables::from_json(self.variables.clone()));
+        request.set_parsed_query(self.document.clone());
+        if let Some(name) = &self.operation_name {
+            request = request.operation_name(name.clone());
+        }
+        request_data(request, read)
+    }
 }
 
 impl FromRequest<AppState> for Question {

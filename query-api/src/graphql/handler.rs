@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use async_graphql::{ServerError, Variables};
+use async_graphql::ServerError;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use crate::cache::{CacheKeyParts, CachedAnswer, cache_key};
 use crate::consistency::{read_position, tell_read_position};
 use crate::extract::{Deadline, Question, Reader};
-use crate::graphql::{ReadContext, Viewer, request_data};
+use crate::graphql::{ReadContext, Viewer};
 use crate::reply::{Json, graphql_error, metrics_names as m};
 use crate::sources::{ReadError, Route, Source};
 use crate::state::{AppState, Inner};
@@ -191,14 +191,7 @@ enum Executed {
 /// request's deadline.
 async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
     let read = Arc::new(ReadContext::new(asked.viewer, route.pool.clone(), state.config.limits));
-    let question = &asked.question;
-    let mut request = async_graphql::Request::new(question.query.to_string())
-        .variables(Variables::from_json(question.variables.clone()));
-    request.set_parsed_query(question.document.clone());
-    if let Some(name) = &question.operation_name {
-        request = request.operation_name(name.clone());
-    }
-    let request = request_data(request, Arc::clone(&read));
+    let request = asked.question.request(Arc::clone(&read));
     let schema = state.schema.clone();
     let work = async move {
         let mut response = schema.execute(request).await;

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use async_graphql::Variables;
 use axum::body::Bytes;
 use futures::StreamExt;
 use read_models::changes::ChangeNotice;
@@ -25,7 +24,7 @@ use super::metrics_names as m;
 use crate::cache::{CacheKey, CacheKeyParts, cache_key};
 use crate::extract::Question;
 use crate::graphql::handler::with_error_codes;
-use crate::graphql::{Changes, Interest, ReadContext, Viewer, request_data};
+use crate::graphql::{Changes, Interest, ReadContext, Viewer};
 use crate::reply::graphql_error;
 use crate::sources::{Route, Source};
 use crate::state::Inner;
@@ -369,14 +368,7 @@ enum Evaluated {
 /// Runs the group's document once on the executor's threads, by the query timeout.
 async fn run_once(state: &Inner, group: &Group, route: &Route) -> Evaluated {
     let read = Arc::new(ReadContext::new(group.viewer, route.pool.clone(), state.config.limits));
-    let question = &group.question;
-    let mut request = async_graphql::Request::new(question.query.to_string())
-        .variables(Variables::from_json(question.variables.clone()));
-    request.set_parsed_query(question.document.clone());
-    if let Some(name) = &question.operation_name {
-        request = request.operation_name(name.clone());
-    }
-    let request = request_data(request, Arc::clone(&read));
+    let request = group.question.request(Arc::clone(&read));
     let schema = state.schema.clone();
     let work = async move {
         let mut response = match schema.execute_stream(request).next().await {

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use event_log::{AppendBatch, EventStore, ExpectedVersion, NewEvent, StoreConfig, StreamAppend};
-use event_schema::{DeviceCreated, Event, EventMetadata, Provider, StreamType};
+use event_log::{EventStore, StoreConfig};
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::{ReadError, ReadSources, Source, SourcesConfig};
 use sqlx::PgPool;
@@ -92,32 +90,6 @@ async fn reads_go_to_the_replica_survive_its_outage_and_return_when_it_is_back(p
         "a timed-out statement was retried on the primary"
     );
     assert!(sources.replica_states().iter().all(|(_, healthy, _)| *healthy));
-}
-
-/// Appends a new device's `DeviceCreated` for `owner`; returns the device and the position.
-async fn append_device_created(store: &EventStore, owner: Uuid) -> (Uuid, i64) {
-    let device = Uuid::now_v7();
-    let created: Event = DeviceCreated {
-        device_id: device,
-        owner_id: owner,
-        provider: Provider::Aws,
-        cpu_cores: 2,
-        memory_mb: 2048,
-        android_version: 14,
-        created_at: Utc::now(),
-    }
-    .into();
-    let outcome = store
-        .append(AppendBatch::single(StreamAppend {
-            stream_id: device,
-            stream_type: StreamType::Device,
-            owner_id: owner,
-            expected: ExpectedVersion::NoStream,
-            events: vec![NewEvent::from_event(&created, EventMetadata::default(), Utc::now()).unwrap()],
-        }))
-        .await
-        .unwrap();
-    (device, outcome.last_position)
 }
 
 #[sqlx::test(migrations = false)]

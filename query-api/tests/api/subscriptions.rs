@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use event_log::{AppendBatch, EventStore, ExpectedVersion, StoreConfig, StreamAppend};
-use event_schema::{DeviceCreated, DeviceStarted, Provider, StreamType};
+use event_schema::{DeviceStarted, Provider, StreamType};
 use http_edge::auth::Role;
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::QueryApiConfig;
@@ -62,18 +62,7 @@ impl Writer {
 
     /// A new device of `owner`; returns its id.
     async fn create_device(&self, owner: Uuid) -> Uuid {
-        let device = Uuid::now_v7();
-        let created = DeviceCreated {
-            device_id: device,
-            owner_id: owner,
-            provider: Provider::Aws,
-            cpu_cores: 2,
-            memory_mb: 2048,
-            android_version: 14,
-            created_at: Utc::now(),
-        };
-        self.append(device, owner, ExpectedVersion::NoStream, created).await;
-        device
+        append_device_created(&self.store, owner).await.0
     }
 
     async fn start_device(&self, device: Uuid, owner: Uuid) {

@@ -150,3 +150,31 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
         .finalize()
         .to_vec()
 }
+
+/// Appends a new device's `DeviceCreated` for `owner`; returns the device and the position.
+pub async fn append_device_created(store: &event_log::EventStore, owner: Uuid) -> (Uuid, i64) {
+    let device = Uuid::now_v7();
+    let created: event_schema::Event = event_schema::DeviceCreated {
+        device_id: device,
+        owner_id: owner,
+        provider: event_schema::Provider::Aws,
+        cpu_cores: 2,
+        memory_mb: 2048,
+        android_version: 14,
+        created_at: Utc::now(),
+    }
+    .into();
+    let outcome = store
+        .append(event_log::AppendBatch::single(event_log::StreamAppend {
+            stream_id: device,
+            stream_type: event_schema::StreamType::Device,
+            owner_id: owner,
+            expected: event_log::ExpectedVersion::NoStream,
+            events: vec![
+                event_log::NewEvent::from_event(&created, event_schema::EventMetadata::default(), Utc::now()).unwrap(),
+            ],
+        }))
+        .await
+        .unwrap();
+    (device, outcome.last_position)
+}
