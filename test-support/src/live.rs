@@ -118,7 +118,9 @@ impl LiveClient {
         }
     }
 
-    /// The next answer's payload for subscription `id` (answers of others are skipped).
+    /// The next answer's payload for subscription `id`. Answers of other subscriptions are
+    /// skipped (lost to later calls): with several on one socket, read with
+    /// [`LiveClient::message`] instead.
     pub async fn next_of(&mut self, id: &str) -> Value {
         loop {
             let message = self.message().await;
