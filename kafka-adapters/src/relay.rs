@@ -276,10 +276,11 @@ async fn publish_with(
         tx.commit().await?;
         position = last.position;
         metrics::counter!(m::RELAY_PUBLISHED_TOTAL).increment(events.len() as u64);
-        metrics::gauge!(m::RELAY_POSITION).set(position as f64);
+        // The lag before the position: a scrape that sees the new position sees its lag too.
         if let Ok(head) = reader.head().await {
             metrics::gauge!(m::RELAY_LAG_EVENTS).set((head.position - position).max(0) as f64);
         }
+        metrics::gauge!(m::RELAY_POSITION).set(position as f64);
     }
 }
 
