@@ -75,7 +75,6 @@ pub(crate) struct Hub {
     pub(crate) sockets: TaskTracker,
     connections: Mutex<HashMap<String, usize>>,
     open_connections: AtomicUsize,
-    open_subscriptions: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -132,7 +131,6 @@ impl Hub {
             sockets: TaskTracker::new(),
             connections: Mutex::new(HashMap::new()),
             open_connections: AtomicUsize::new(0),
-            open_subscriptions: AtomicUsize::new(0),
         }
     }
 
@@ -220,8 +218,9 @@ impl Hub {
                 }
             }
         };
-        let open = self.open_subscriptions.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!(m::SUBSCRIPTIONS).set(open as f64);
+        // Counted up and down, not set: sockets join and leave concurrently, and a value set
+        // from a racing count could stay wrong.
+        metrics::gauge!(m::SUBSCRIPTIONS).increment(1.0);
         if new {
             // Registered before it reads: a batch committed from here on finds it. And read
             // where every batch committed so far is visible, so none falls in between.
@@ -252,8 +251,7 @@ impl Hub {
     /// A subscriber left: the group goes when it was the last (its receiver must be
     /// dropped before).
     pub(crate) fn leave(&self, group: &Arc<Group>) {
-        let open = self.open_subscriptions.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!(m::SUBSCRIPTIONS).set(open as f64);
+        metrics::gauge!(m::SUBSCRIPTIONS).decrement(1.0);
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
         if group.answer.receiver_count() == 0 && groups.get(&group.key).is_some_and(|g| Arc::ptr_eq(g, group)) {
             groups.remove(&group.key);
