@@ -592,13 +592,11 @@ async fn commit_batch(
             projection: projection.name(),
         });
     }
-    if let Some(last) = batch.events.iter().max_by_key(|e| e.position)
-        && !applied.touched.is_empty()
-    {
-        let notice = ChangeNotice::of_batch(projection, last.position, &applied.touched);
-        read_models::changes::publish(&mut tx, &notice).await?;
-    }
     if let Some(last) = batch.events.iter().max_by_key(|e| e.position) {
+        if !applied.touched.is_empty() {
+            let notice = ChangeNotice::of_batch(projection, last.position, &applied.touched);
+            read_models::changes::publish(&mut tx, &notice).await?;
+        }
         sqlx::query(
             "UPDATE projection_checkpoints SET last_recorded_at = greatest(last_recorded_at, $2), updated_at = now()
              WHERE projection = $1",

@@ -137,6 +137,16 @@ impl TestApi {
             .await
             .unwrap()
     }
+
+    /// One metric's value summed over its series (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 async fn answer(response: reqwest::Response) -> Answer {

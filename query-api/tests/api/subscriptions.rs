@@ -95,12 +95,7 @@ impl Writer {
 
 /// A metric's value summed over its series (0 when absent).
 async fn metric(api: &TestApi, name: &str) -> f64 {
-    api.metrics()
-        .await
-        .lines()
-        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    api.metric(name).await
 }
 
 async fn metric_reaches(api: &TestApi, name: &str, wanted: f64) -> f64 {
