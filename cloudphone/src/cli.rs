@@ -127,6 +127,11 @@ pub struct PlatformArgs {
     /// Seconds a kept-alive connection may sit idle (no request, no bytes) before it is closed.
     #[arg(long, env = "CLOUDPHONE_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_alive_timeout_secs: u64,
+    /// KiB of kernel send buffer per API connection (SO_SNDBUF): what a client that stops
+    /// reading can hold, and how soon a stalled subscription socket is closed as too slow.
+    /// 0 leaves it to the kernel's autotuning (up to 4 MiB each).
+    #[arg(long, env = "CLOUDPHONE_SOCKET_SEND_BUFFER_KIB", default_value_t = 256)]
+    pub socket_send_buffer_kib: usize,
     /// Hours an idempotency key answers retries with its original outcome; after that the
     /// same key is a new request. 0 keeps keys forever.
     #[arg(long, env = "CLOUDPHONE_IDEMPOTENCY_RETENTION_HOURS", default_value_t = 24)]
@@ -171,6 +176,10 @@ impl PlatformArgs {
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_secs),
             body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout_secs),
             keep_alive_timeout: std::time::Duration::from_secs(self.keep_alive_timeout_secs),
+            send_buffer_bytes: match self.socket_send_buffer_kib {
+                0 => None,
+                kib => Some(kib.saturating_mul(1024)),
+            },
         }
     }
 }

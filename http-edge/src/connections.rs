@@ -62,6 +62,13 @@ pub struct ConnectionLimits {
     pub keep_alive_timeout: Duration,
     /// Longest a request body may take to arrive once its headers have.
     pub body_read_timeout: Duration,
+    /// The kernel send buffer of each connection (`SO_SNDBUF`; Linux doubles it), or `None`
+    /// for the kernel's autotuning, which grows it to `net.ipv4.tcp_wmem`'s maximum (4 MiB
+    /// by default). A client that stops reading holds at most this much of the server's
+    /// memory in the kernel, and a subscription socket's writes stall (and the client is
+    /// closed as too slow) once it is full; a larger answer is still written whole, as the
+    /// client reads.
+    pub send_buffer_bytes: Option<usize>,
 }
 
 impl Default for ConnectionLimits {
@@ -71,9 +78,14 @@ impl Default for ConnectionLimits {
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(10),
+            send_buffer_bytes: Some(DEFAULT_SEND_BUFFER_BYTES),
         }
     }
 }
+
+/// 256 KiB: a page of 100 devices is about 35 KB, so any dashboard answer goes out in one
+/// write, and 20 000 stalled sockets hold at most 10 GiB of kernel memory rather than 80.
+pub const DEFAULT_SEND_BUFFER_BYTES: usize = 256 * 1024;
 
 /// File descriptors kept for everything but client connections (database pools, the broker,
 /// files, the other listener's share is taken out separately).
@@ -169,6 +181,11 @@ pub async fn serve(
             }
         }
         let _ = stream.set_nodelay(true);
+        if let Some(bytes) = limits.send_buffer_bytes
+            && let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes)
+        {
+            tracing::debug!(%error, bytes, "cannot set a connection's send buffer; the kernel's stays");
+        }
         metrics::counter!(m::ACCEPTED_TOTAL, "listener" => name).increment(1);
         let connection = Arc::new(Tracked {
             activity: Activity::new(),

@@ -3,6 +3,12 @@
 # pg_basebackup -R (streaming WAL, standby.signal, primary_conninfo), started as a hot standby
 # on another port. The primary must be up (ops/dev/postgres.sh ensure).
 #
+# It streams through a physical replication slot, so a replica stopped while the primary
+# writes (the outage tests stop it while other tests run) finds the WAL it missed when it
+# starts again instead of waiting forever for removed segments. The primary keeps at most
+# max_slot_wal_keep_size (set to 4GB here) for it; past that the slot is lost, and `start`
+# takes a new base backup.
+#
 #   ops/dev/replica.sh start     create it if missing (base backup), start it, wait until it
 #                                answers read-only queries
 #   ops/dev/replica.sh stop      stop it (fast shutdown), as an outage would look to clients
@@ -20,6 +26,7 @@ cd "$(dirname "$0")/../.."
 port="${CLOUDPHONE_REPLICA_PORT:-5433}"
 dir="${CLOUDPHONE_REPLICA_DIR:-/var/lib/postgresql/cloudphone-replica-$port}"
 primary="postgres://postgres@127.0.0.1:5432/postgres"
+slot="cloudphone_replica_$port"
 replica="postgres://postgres@127.0.0.1:$port/postgres"
 
 say() { echo "replica.sh: $*" >&2; }
@@ -54,12 +61,31 @@ allow_replication() {
     fi
 }
 
+# The slot's state on the primary: empty when there is none, `lost` when the primary removed
+# WAL the replica had not received.
+slot_state() {
+    psql "$primary" -Atqc "SELECT coalesce(wal_status, 'unknown') FROM pg_replication_slots WHERE slot_name = '$slot'"
+}
+
+bound_slot_retention() {
+    if [ "$(psql "$primary" -Atqc "SHOW max_slot_wal_keep_size")" = "-1" ]; then
+        say "bounding the WAL a replication slot may hold on the primary to 4GB"
+        psql "$primary" -Atqc "ALTER SYSTEM SET max_slot_wal_keep_size = '4GB'" >/dev/null
+        psql "$primary" -Atqc 'SELECT pg_reload_conf()' >/dev/null
+    fi
+}
+
 create() {
     allow_replication
+    bound_slot_retention
+    if [ -n "$(slot_state)" ]; then
+        psql "$primary" -Atqc "SELECT pg_drop_replication_slot('$slot')" >/dev/null
+    fi
     say "base backup of the primary into $dir"
     mkdir -p "$(dirname "$dir")"
     as_owner "$(bin)/pg_basebackup" --host 127.0.0.1 --port 5432 --username postgres \
-        --pgdata "$dir" --write-recovery-conf --wal-method stream --checkpoint fast
+        --pgdata "$dir" --write-recovery-conf --wal-method stream --checkpoint fast \
+        --create-slot --slot "$slot"
     # Debian keeps its configuration outside the data directory; the copy needs its own.
     as_owner touch "$dir/postgresql.conf"
     cat <<EOF | as_owner tee -a "$dir/postgresql.auto.conf" >/dev/null
@@ -77,6 +103,13 @@ EOF
 }
 
 start() {
+    # A replica made before slots, or whose slot the primary gave up, can never catch up:
+    # it answers queries but replays nothing. Start it over.
+    if [ -f "$dir/standby.signal" ] && [ "$(slot_state)" = "" -o "$(slot_state)" = "lost" ]; then
+        say "the replica cannot catch up (its replication slot is missing or lost); taking a new base backup"
+        stop
+        rm -rf "$dir"
+    fi
     if answers; then
         return 0
     fi

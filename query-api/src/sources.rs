@@ -189,16 +189,17 @@ impl ReadSources {
         }
     }
 
-    /// Probes the replicas every `interval` until `stop`.
+    /// Probes the replicas every `interval` until `stop`, the first time an interval from now
+    /// (start-up probed them already).
     pub fn spawn_health_checks(&self, interval: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let sources = self.clone();
         tokio::spawn(async move {
             loop {
-                sources.check_health().await;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(interval) => {}
                 }
+                sources.check_health().await;
             }
         })
     }
@@ -218,16 +219,17 @@ impl ReadSources {
         }
     }
 
-    /// Refreshes the watermarks every `interval` until `stop`.
+    /// Refreshes the watermarks every `interval` until `stop`, the first time an interval from
+    /// now (start-up refreshed them already).
     pub fn spawn_watermarks(&self, interval: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let sources = self.clone();
         tokio::spawn(async move {
             loop {
-                sources.refresh_watermarks().await;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(interval) => {}
                 }
+                sources.refresh_watermarks().await;
             }
         })
     }

@@ -50,7 +50,12 @@ pub async fn start(pool: &PgPool, config: QueryApiConfig) -> TestApi {
     let addr = api.local_addr();
     let stop = CancellationToken::new();
     tokio::spawn(api.run_until_stopped(stop.clone().cancelled_owned()));
-    let client = reqwest::Client::new();
+    // A request that hangs fails the test with the request named, well before the runner's
+    // own timeout would end it silently.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     // Serving once /healthz answers.
     for _ in 0..200 {
         if client.get(format!("http://{addr}/healthz")).send().await.is_ok() {
