@@ -358,7 +358,7 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                 )
                 .await?;
                 let mut hourly: Vec<_> = buffer.hourly.iter().collect();
-                hourly.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+                hourly.sort_unstable_by_key(|(key, _)| *key);
                 copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter()).await?;
             } else {
                 copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter()).await?;
