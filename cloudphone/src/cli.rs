@@ -415,7 +415,7 @@ pub enum PartitionsAction {
 pub enum ProjectionArg {
     /// `devices` and `device_stats`.
     Fleet,
-    /// `daily_usage` (and, from version 2, `daily_usage_by_provider`).
+    /// `daily_usage` (from version 2 with `daily_usage_by_provider`, from version 3 with `hourly_usage`).
     DailyUsage,
 }
 

@@ -10,12 +10,12 @@ use uuid::Uuid;
 use read_models::Projection;
 use read_models::changes::Touched;
 use read_models::fleet::{DeviceRow, device_row};
-use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 use read_models::versions::TableLayout;
 
 use crate::fleet::FleetFold;
 use crate::metrics_names as m;
-use crate::usage::{fold_usage, fold_usage_by_provider};
+use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_provider};
 
 /// What a batch did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -265,11 +265,15 @@ async fn apply_usage(
 ) -> Result<(), sqlx::Error> {
     let mut deltas: BTreeMap<(UsageKey, String), UsageDelta> = BTreeMap::new();
     let mut by_provider = BTreeMap::new();
+    let mut hourly = BTreeMap::new();
     for (_, event) in decoded {
         if let Event::Device(DeviceEvent::UsageRecorded(usage)) = event {
             fold_usage(&mut deltas, usage);
             if layout.has_provider_breakdown() {
                 fold_usage_by_provider(&mut by_provider, usage);
+            }
+            if layout.has_hourly_usage() {
+                fold_hourly_usage(&mut hourly, usage);
             }
             applied.applied += 1;
         }
@@ -279,7 +283,8 @@ async fn apply_usage(
         applied.touched.devices.insert(key.device_id);
     }
     write_usage(conn, layout, &deltas).await?;
-    write_usage_by_provider(conn, &by_provider).await
+    write_usage_by_provider(conn, &by_provider).await?;
+    write_hourly_usage(conn, &hourly).await
 }
 
 /// Adds per-key usage to `daily_usage`.
@@ -334,6 +339,32 @@ pub async fn write_usage_by_provider(
     .bind(deltas.values().map(|d| d.minutes).collect::<Vec<_>>())
     .bind(deltas.values().map(|d| d.cost_minor).collect::<Vec<_>>())
     .bind(deltas.values().map(|d| d.sessions).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds per-hour usage to `hourly_usage` (version 3 of `daily_usage`).
+pub async fn write_hourly_usage(
+    conn: &mut PgConnection,
+    deltas: &BTreeMap<HourKey, UsageDelta>,
+) -> Result<(), sqlx::Error> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO hourly_usage (user_id, hour, device_id, currency, minutes, cost_minor)
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::bigint[], $6::bigint[])
+         ON CONFLICT (user_id, hour, device_id, currency) DO UPDATE SET
+             minutes = hourly_usage.minutes + EXCLUDED.minutes,
+             cost_minor = hourly_usage.cost_minor + EXCLUDED.cost_minor",
+    )
+    .bind(deltas.keys().map(|k| k.user_id).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.hour).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.device_id).collect::<Vec<_>>())
+    .bind(deltas.keys().map(|k| k.currency.as_str()).collect::<Vec<_>>())
+    .bind(deltas.values().map(|d| d.minutes).collect::<Vec<_>>())
+    .bind(deltas.values().map(|d| d.cost_minor).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

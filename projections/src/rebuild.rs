@@ -11,7 +11,7 @@ use read_models::ReadModels;
 use read_models::fleet::stats_of;
 
 use crate::fleet::FleetFold;
-use crate::usage::{fold_usage, fold_usage_by_provider};
+use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_provider};
 
 /// Folds the log from the start up to `to` (inclusive) into read models, reading `page`
 /// events at a time. Events that cannot be applied are left out, as the projectors park them.
@@ -19,6 +19,7 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
     let mut fleet = FleetFold::default();
     let mut usage = BTreeMap::new();
     let mut by_provider = BTreeMap::new();
+    let mut hourly = BTreeMap::new();
     let mut after = 0;
     while after < to {
         let events = reader.read_all(after, page.min(to - after)).await?;
@@ -36,6 +37,7 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
             if let DeviceEvent::UsageRecorded(recorded) = &event {
                 fold_usage(&mut usage, recorded);
                 fold_usage_by_provider(&mut by_provider, recorded);
+                fold_hourly_usage(&mut hourly, recorded);
             }
             let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
         }
@@ -46,5 +48,6 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
         devices,
         daily_usage: usage,
         usage_by_provider: by_provider,
+        hourly_usage: hourly,
     })
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use event_schema::{DeviceStatus, Provider};
 use read_models::fleet::DeviceRow;
 use read_models::fleet::device_row;
@@ -463,6 +463,9 @@ pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsT
 /// How usage rows are summed over time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {
+    /// UTC hours: read from `hourly_usage` (version 3 of the `daily_usage` projection), which
+    /// a source without that version does not have (the read fails with undefined table).
+    Hour,
     Day,
     /// ISO weeks, starting on Monday.
     Week,
@@ -472,11 +475,22 @@ pub enum Period {
 impl Period {
     fn trunc(self) -> &'static str {
         match self {
+            Period::Hour => "hour",
             Period::Day => "day",
             Period::Week => "week",
             Period::Month => "month",
         }
     }
+}
+
+/// The instants of the UTC days `from` to `to` (both included): from `from`'s midnight to the
+/// midnight after `to`, excluded.
+fn day_bounds(from: NaiveDate, to: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
+    let midnight = |day: NaiveDate| day.and_time(NaiveTime::MIN).and_utc();
+    (
+        midnight(from),
+        midnight(to.checked_add_days(Days::new(1)).unwrap_or(to)),
+    )
 }
 
 /// Which usage rows to sum, and over what.
@@ -492,16 +506,46 @@ pub struct UsageQuery {
 /// Minutes and cost of one period in one currency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
+    /// The period's first day (for an hour, the UTC day it is in).
     pub period: NaiveDate,
+    /// The period's first instant (for a day, week or month, UTC midnight of `period`).
+    pub period_start: DateTime<Utc>,
     pub currency: String,
     pub minutes: i64,
     pub cost_minor: i64,
+}
+
+impl UsageRecord {
+    /// A day's, week's or month's row.
+    fn of_days(period: NaiveDate, currency: String, minutes: i64, cost_minor: i64) -> Self {
+        UsageRecord {
+            period,
+            period_start: period.and_time(NaiveTime::MIN).and_utc(),
+            currency,
+            minutes,
+            cost_minor,
+        }
+    }
+
+    /// An hour's row.
+    fn of_hour(hour: DateTime<Utc>, currency: String, minutes: i64, cost_minor: i64) -> Self {
+        UsageRecord {
+            period: hour.date_naive(),
+            period_start: hour,
+            currency,
+            minutes,
+            cost_minor,
+        }
+    }
 }
 
 /// Usage per period and currency over the query's days (inclusive), in period order.
 pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
+    }
+    if query.period == Period::Hour {
+        return hourly_usage(pool, query).await;
     }
     let mut sql = QueryBuilder::new("SELECT date_trunc(");
     sql.push_bind(query.period.trunc())
@@ -519,12 +563,28 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>
     let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
     Ok(rows
         .into_iter()
-        .map(|(period, currency, minutes, cost_minor)| UsageRecord {
-            period,
-            currency,
-            minutes,
-            cost_minor,
-        })
+        .map(|(period, currency, minutes, cost_minor)| UsageRecord::of_days(period, currency, minutes, cost_minor))
+        .collect())
+}
+
+/// Usage per UTC hour and currency over the query's days, from `hourly_usage`.
+async fn hourly_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+    let (from, until) = day_bounds(query.from, query.to);
+    let mut sql = QueryBuilder::new(
+        "SELECT hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM hourly_usage WHERE hour >= ",
+    );
+    sql.push_bind(from).push(" AND hour < ").push_bind(until);
+    if let Owners::Only(owner) = query.owners {
+        sql.push(" AND user_id = ").push_bind(owner);
+    }
+    if let Some(device) = query.device {
+        sql.push(" AND device_id = ").push_bind(device);
+    }
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
+    let rows: Vec<(DateTime<Utc>, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(hour, currency, minutes, cost_minor)| UsageRecord::of_hour(hour, currency, minutes, cost_minor))
         .collect())
 }
 
@@ -595,6 +655,27 @@ pub async fn usage_by(
         UsageSubject::User => "user_id",
         UsageSubject::Device => "device_id",
     };
+    let mut by_id: HashMap<Uuid, Vec<UsageRecord>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+    if period == Period::Hour {
+        let (from, until) = day_bounds(from, to);
+        let rows: Vec<(Uuid, DateTime<Utc>, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {column}, hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint
+             FROM hourly_usage WHERE {column} = ANY($1) AND hour >= $2 AND hour < $3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )))
+        .bind(ids)
+        .bind(from)
+        .bind(until)
+        .fetch_all(pool)
+        .await?;
+        for (id, hour, currency, minutes, cost_minor) in rows {
+            by_id
+                .entry(id)
+                .or_default()
+                .push(UsageRecord::of_hour(hour, currency, minutes, cost_minor));
+        }
+        return Ok(by_id);
+    }
     let rows: Vec<(Uuid, NaiveDate, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {column}, date_trunc($2, day)::date, currency, sum(minutes)::bigint, sum(cost_minor)::bigint
          FROM daily_usage WHERE {column} = ANY($1) AND day BETWEEN $3 AND $4
@@ -606,14 +687,11 @@ pub async fn usage_by(
     .bind(to)
     .fetch_all(pool)
     .await?;
-    let mut by_id: HashMap<Uuid, Vec<UsageRecord>> = ids.iter().map(|id| (*id, Vec::new())).collect();
     for (id, period, currency, minutes, cost_minor) in rows {
-        by_id.entry(id).or_default().push(UsageRecord {
-            period,
-            currency,
-            minutes,
-            cost_minor,
-        });
+        by_id
+            .entry(id)
+            .or_default()
+            .push(UsageRecord::of_days(period, currency, minutes, cost_minor));
     }
     Ok(by_id)
 }

@@ -3,7 +3,7 @@
 //! - [`Projection`]: the projections and the names their checkpoints are stored under;
 //!   [`versions`]: each projection's tables by version, with their DDL.
 //! - [`fleet`]: `devices` and `device_stats` rows, and the one definition of `device_stats`
-//!   from `devices`; [`usage`]: `daily_usage` and `daily_usage_by_provider` rows.
+//!   from `devices`; [`usage`]: `daily_usage`, `daily_usage_by_provider` and `hourly_usage` rows.
 //! - [`status`]: where every projection stands against the log head, its live version and dead
 //!   letters, and the rebuilds in progress; [`changes`]: what a committed batch changed,
 //!   published to listeners (the query API's subscriptions).

@@ -9,7 +9,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::fleet::{DeviceRow, StatsKey, StatsRow, device_row};
-use crate::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use crate::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 
 /// Every read model, as the full history defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -20,12 +20,22 @@ pub struct ReadModels {
     /// `daily_usage_by_provider` (version 2 of `daily_usage`; empty when the version live
     /// has no such table).
     pub usage_by_provider: BTreeMap<ProviderDayKey, ProviderUsage>,
+    /// `hourly_usage` (version 3 of `daily_usage`; empty when the version live has no such
+    /// table).
+    pub hourly_usage: BTreeMap<HourKey, UsageDelta>,
 }
 
 impl ReadModels {
-    /// These models as version 1 of `daily_usage` holds them (no per-provider breakdown).
+    /// These models as version 1 of `daily_usage` holds them (no per-provider breakdown, no
+    /// hours).
     pub fn without_provider_breakdown(mut self) -> Self {
         self.usage_by_provider.clear();
+        self.without_hourly_usage()
+    }
+
+    /// These models as version 2 of `daily_usage` holds them (no hours).
+    pub fn without_hourly_usage(mut self) -> Self {
+        self.hourly_usage.clear();
         self
     }
 }
@@ -109,10 +119,35 @@ pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> 
             );
         }
     }
+    let mut hourly_usage = BTreeMap::new();
+    let has_hours: bool = sqlx::query_scalar("SELECT to_regclass('hourly_usage') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if has_hours {
+        for row in sqlx::query("SELECT user_id, hour, device_id, currency, minutes, cost_minor FROM hourly_usage")
+            .fetch_all(pool)
+            .await?
+        {
+            let key = HourKey {
+                user_id: row.try_get("user_id")?,
+                hour: row.try_get("hour")?,
+                device_id: row.try_get("device_id")?,
+                currency: row.try_get("currency")?,
+            };
+            hourly_usage.insert(
+                key,
+                UsageDelta {
+                    minutes: row.try_get("minutes")?,
+                    cost_minor: row.try_get("cost_minor")?,
+                },
+            );
+        }
+    }
     Ok(ReadModels {
         devices,
         device_stats,
         daily_usage,
         usage_by_provider,
+        hourly_usage,
     })
 }

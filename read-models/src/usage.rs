@@ -1,7 +1,8 @@
 //! The `daily_usage` projection's rows: minutes and cost per day, user and device (and, from
-//! version 2, per currency), and `daily_usage_by_provider` per user, day and provider.
+//! version 2, per currency), `daily_usage_by_provider` per user, day and provider, and (from
+//! version 3) `hourly_usage` per user, UTC hour, device and currency.
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use event_schema::Provider;
 use uuid::Uuid;
 
@@ -46,4 +47,14 @@ impl ProviderUsage {
             sessions: self.sessions + other.sessions,
         }
     }
+}
+
+/// The key of `hourly_usage` (version 3 of `daily_usage`); its values are a [`UsageDelta`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HourKey {
+    pub user_id: Uuid,
+    /// The start of the UTC hour.
+    pub hour: DateTime<Utc>,
+    pub device_id: Uuid,
+    pub currency: String,
 }

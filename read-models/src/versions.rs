@@ -7,6 +7,7 @@
 //! | `fleet`       | 1       | `devices`, `device_stats`                     |
 //! | `daily_usage` | 1       | `daily_usage` keyed by day, user and device   |
 //! | `daily_usage` | 2       | `daily_usage` keyed by user, day, device and currency (v1 added the cents of two currencies into one row; the key also serves a user's days, so v1's user index is gone), and `daily_usage_by_provider`: minutes, cost and sessions per user, day, provider and currency |
+//! | `daily_usage` | 3       | version 2's tables, and `hourly_usage`: minutes and cost per user, UTC hour, device and currency, split exactly as the days are (the hours of a day always add up to its `daily_usage` row) |
 //!
 //! Version 1 of each is what the migrations create; the DDL here must say the same thing (a
 //! test compares the catalog of a rebuilt version 1 with the migrated one).
@@ -25,7 +26,7 @@ impl Projection {
     pub const fn latest_version(self) -> i32 {
         match self {
             Projection::Fleet => 1,
-            Projection::DailyUsage => 2,
+            Projection::DailyUsage => 3,
         }
     }
 
@@ -49,7 +50,8 @@ impl TableLayout {
         match (self.projection, self.version) {
             (Projection::Fleet, _) => &["devices", "device_stats"],
             (Projection::DailyUsage, 1) => &["daily_usage"],
-            (Projection::DailyUsage, _) => &["daily_usage", "daily_usage_by_provider"],
+            (Projection::DailyUsage, 2) => &["daily_usage", "daily_usage_by_provider"],
+            (Projection::DailyUsage, _) => &["daily_usage", "daily_usage_by_provider", "hourly_usage"],
         }
     }
 
@@ -61,6 +63,11 @@ impl TableLayout {
     /// True when `daily_usage_by_provider` is maintained.
     pub fn has_provider_breakdown(self) -> bool {
         self.projection == Projection::DailyUsage && self.version >= 2
+    }
+
+    /// True when `hourly_usage` is maintained (version 3 and later).
+    pub fn has_hourly_usage(self) -> bool {
+        self.projection == Projection::DailyUsage && self.version >= 3
     }
 
     /// `CREATE TABLE` statements for the tables, in `schema`, without keys or indexes (a bulk
@@ -90,6 +97,14 @@ impl TableLayout {
                         "CREATE TABLE {s}.daily_usage_by_provider (
                              user_id uuid NOT NULL, day date NOT NULL, provider text NOT NULL, currency text NOT NULL,
                              minutes bigint NOT NULL, cost_minor bigint NOT NULL, sessions bigint NOT NULL);"
+                    ));
+                }
+                if self.has_hourly_usage() {
+                    // `hour` is the start of a UTC hour (whole hours only).
+                    ddl.push_str(&format!(
+                        "CREATE TABLE {s}.hourly_usage (
+                             user_id uuid NOT NULL, hour timestamptz NOT NULL, device_id uuid NOT NULL, currency text NOT NULL,
+                             minutes bigint NOT NULL, cost_minor bigint NOT NULL);"
                     ));
                 }
                 ddl
@@ -135,6 +150,15 @@ impl TableLayout {
                     ddl.push_str(&format!(
                         "ALTER TABLE {s}.daily_usage_by_provider
                              ADD CONSTRAINT daily_usage_by_provider_pkey PRIMARY KEY (user_id, day, provider, currency);"
+                    ));
+                }
+                if self.has_hourly_usage() {
+                    // As `daily_usage`: the key serves a user's range of hours, the device
+                    // index one device's (`dailyUsage(filter: {deviceId})`, `Device.usage`).
+                    ddl.push_str(&format!(
+                        "ALTER TABLE {s}.hourly_usage
+                             ADD CONSTRAINT hourly_usage_pkey PRIMARY KEY (user_id, hour, device_id, currency);
+                         CREATE INDEX hourly_usage_device_idx ON {s}.hourly_usage (device_id, hour);"
                     ));
                 }
                 ddl

@@ -12,16 +12,16 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{CopySink, copy_by_provider, copy_devices, copy_usage};
+use super::copy::{CopySink, copy_by_provider, copy_devices, copy_hourly, copy_usage};
 use super::{Rebuild, ReplayConfig, ReplayError, ReplayObserver};
 use read_models::Projection;
 use read_models::fleet::{DeviceRow, stats_of};
-use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 use read_models::versions::{TableLayout, quote_ident};
 
 use crate::fleet::FleetFold;
 use crate::metrics_names as m;
-use crate::usage::{fold_provider_shares, fold_usage_shares};
+use crate::usage::{fold_hourly_shares, fold_provider_shares, fold_usage_shares};
 
 /// What the bulk phase folded in this run, with what is not checkpointed yet.
 pub(super) struct Folded {
@@ -38,6 +38,7 @@ pub(super) struct Folded {
 struct UsageBuffer {
     usage: HashMap<(UsageKey, String), UsageDelta>,
     by_provider: HashMap<ProviderDayKey, ProviderUsage>,
+    hourly: HashMap<HourKey, UsageDelta>,
 }
 
 enum BulkFold {
@@ -49,7 +50,7 @@ impl BulkFold {
     fn buffered(&self) -> usize {
         match self {
             BulkFold::Fleet(fold) => fold.changed_count(),
-            BulkFold::Usage(buffer) => buffer.usage.len() + buffer.by_provider.len(),
+            BulkFold::Usage(buffer) => buffer.usage.len() + buffer.by_provider.len() + buffer.hourly.len(),
         }
     }
 }
@@ -196,6 +197,13 @@ fn buffer_usage(buffer: &mut UsageBuffer, layout: TableLayout, usage: &event_sch
             *delta = delta.plus(share);
         });
     }
+    if layout.has_hourly_usage() {
+        fold_hourly_shares(usage, |key, share| {
+            let delta = buffer.hourly.entry(key).or_default();
+            delta.minutes += share.minutes;
+            delta.cost_minor += share.cost_minor;
+        });
+    }
 }
 
 /// Device rows an earlier run of this rebuild wrote: the newest of each device.
@@ -239,8 +247,10 @@ async fn checkpoint_bulk(
                 buffer.by_provider.iter(),
             )
             .await?;
+            copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter()).await?;
             buffer.usage.clear();
             buffer.by_provider.clear();
+            buffer.hourly.clear();
         }
     }
     let events_folded = rebuild.events_folded + new_events;
@@ -347,6 +357,9 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                     by_provider.into_iter(),
                 )
                 .await?;
+                let mut hourly: Vec<_> = buffer.hourly.iter().collect();
+                hourly.sort_unstable_by_key(|(key, _)| *key);
+                copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter()).await?;
             } else {
                 copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter()).await?;
                 copy_by_provider(
@@ -355,6 +368,7 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                     buffer.by_provider.iter(),
                 )
                 .await?;
+                copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter()).await?;
                 sum_usage_partials(&mut tx, layout, &s).await?;
             }
         }
@@ -426,6 +440,13 @@ async fn sum_usage_partials(conn: &mut PgConnection, layout: TableLayout, s: &st
             "INSERT INTO {s}.daily_usage_by_provider (user_id, day, provider, currency, minutes, cost_minor, sessions)
              SELECT user_id, day, provider, currency, sum(minutes), sum(cost_minor), sum(sessions)
              FROM {s}.daily_usage_by_provider_partial GROUP BY user_id, day, provider, currency;"
+        ));
+    }
+    if layout.has_hourly_usage() {
+        sql.push_str(&format!(
+            "INSERT INTO {s}.hourly_usage (user_id, hour, device_id, currency, minutes, cost_minor)
+             SELECT user_id, hour, device_id, currency, sum(minutes), sum(cost_minor)
+             FROM {s}.hourly_usage_partial GROUP BY user_id, hour, device_id, currency;"
         ));
     }
     sqlx::raw_sql(AssertSqlSafe(sql)).execute(conn).await?;

@@ -6,7 +6,7 @@ use sqlx::postgres::PgCopyIn;
 use uuid::Uuid;
 
 use read_models::fleet::DeviceRow;
-use read_models::usage::{ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 
 pub(super) async fn copy_devices<'r>(
     conn: &mut PgConnection,
@@ -78,6 +78,31 @@ pub(super) async fn copy_by_provider<'r>(
             .int8(delta.minutes)
             .int8(delta.cost_minor)
             .int8(delta.sessions)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+pub(super) async fn copy_hourly<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl ExactSizeIterator<Item = (&'r HourKey, &'r UsageDelta)>,
+) -> Result<(), sqlx::Error> {
+    // Also how versions 1 and 2 (which have no such table) skip it.
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let mut copy = CopySink::open(conn, table).await?;
+    for (key, delta) in rows {
+        copy.rows
+            .row(6)
+            .uuid(key.user_id)
+            .time(Some(key.hour))
+            .uuid(key.device_id)
+            .text(&key.currency)
+            .int8(delta.minutes)
+            .int8(delta.cost_minor)
             .end_row();
         copy.flush_if_full().await?;
     }

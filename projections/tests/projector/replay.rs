@@ -145,6 +145,11 @@ async fn a_rebuild_equals_the_incremental_models_row_for_row(pool: PgPool) {
             "round {round}: daily_usage v{version}"
         );
         assert_eq!(rebuilt.usage_by_provider, incremental.usage_by_provider);
+        assert_eq!(rebuilt.hourly_usage, incremental.hourly_usage);
+        if version == 3 {
+            assert!(!rebuilt.hourly_usage.is_empty());
+            assert_hours_add_up_to_days(&rebuilt);
+        }
         if version == 1 {
             // Version 1 once more, folded whole in memory (its rows merged there, not in SQL).
             replay::replay(
@@ -177,6 +182,25 @@ async fn a_rebuild_equals_the_incremental_models_row_for_row(pool: PgPool) {
             assert_eq!(v2.daily_usage, incremental.daily_usage, "v2 keeps the same usage");
             assert!(!v2.usage_by_provider.is_empty());
             assert_eq!(v2.usage_by_provider, reference(&pool).await.usage_by_provider);
+            assert!(v2.hourly_usage.is_empty(), "version 2 has no hours");
+            // v2 -> v3 from checkpointed partials (round 1 rebuilds v3 from memory).
+            replay::replay(
+                &pool,
+                Projection::DailyUsage,
+                Some(3),
+                small_steps(),
+                &Unobserved,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(live_version(&pool, Projection::DailyUsage).await.0, 3);
+            let v3 = load_read_models(&pool).await.unwrap();
+            assert_eq!(v3.daily_usage, incremental.daily_usage, "v3 keeps the same days");
+            assert_eq!(v3.usage_by_provider, v2.usage_by_provider);
+            assert!(!v3.hourly_usage.is_empty());
+            assert_eq!(v3.hourly_usage, reference(&pool).await.hourly_usage);
+            assert_hours_add_up_to_days(&v3);
         }
         // After the swaps, the live projectors maintain the new versions incrementally.
         World::new(&pool, 2, seed + 1).await.run(150).await;
@@ -187,6 +211,7 @@ async fn a_rebuild_equals_the_incremental_models_row_for_row(pool: PgPool) {
             reference(&pool).await,
             "round {round}: incremental after the swap"
         );
+        assert_hours_add_up_to_days(&stored);
     }
     // The rebuilt device_stats swapped in keeps the page room of migration 1004.
     let options: Option<Vec<String>> =
@@ -202,11 +227,11 @@ async fn a_rebuild_equals_the_incremental_models_row_for_row(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(
-        kept, 6,
-        "2 fleet rebuilds and 4 daily_usage swaps keep what they replaced"
+        kept, 7,
+        "2 fleet rebuilds and 5 daily_usage swaps keep what they replaced"
     );
     let dropped = replay::drop_replaced(&pool, None, 1).await.unwrap();
-    assert_eq!(dropped.len(), 4, "{dropped:?}");
+    assert_eq!(dropped.len(), 5, "{dropped:?}");
     let dropped = replay::drop_replaced(&pool, Some(Projection::Fleet), 0).await.unwrap();
     assert_eq!(dropped.len(), 1);
     let shadows: i64 =
@@ -438,5 +463,67 @@ async fn a_live_projector_of_the_old_version_moves_to_the_new_one_at_the_swap(po
     }
     assert_eq!(live_version(&pool, Projection::DailyUsage).await.0, 2);
     let stored = load_read_models(&pool).await.unwrap();
+    assert_eq!(stored, reference(&pool).await.without_hourly_usage());
+}
+
+#[sqlx::test(migrations = false)]
+async fn after_the_swap_to_v3_live_projectors_keep_every_days_hours_adding_up_to_it(pool: PgPool) {
+    let mut world = history(&pool, 13, 200).await;
+    let (stop, tasks) = start_projectors(&pool);
+    caught_up(&pool).await;
+    // The live projectors keep running (at v1) while v3 is built and swapped in; then more
+    // history arrives and must land in v3's tables, hours included.
+    let summary = replay::replay(
+        &pool,
+        Projection::DailyUsage,
+        None,
+        ReplayConfig::default(),
+        &Unobserved,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((summary.version, summary.replaced_version), (3, 1));
+    let swapped = load_read_models(&pool).await.unwrap();
+    assert!(!swapped.hourly_usage.is_empty());
+    assert_hours_add_up_to_days(&swapped);
+    world.run(200).await;
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(live_version(&pool, Projection::DailyUsage).await.0, 3);
+    let stored = load_read_models(&pool).await.unwrap();
+    assert!(
+        stored.hourly_usage.len() > swapped.hourly_usage.len(),
+        "live hours were added"
+    );
     assert_eq!(stored, reference(&pool).await);
+    assert_hours_add_up_to_days(&stored);
+}
+
+/// Every `daily_usage` row equals the sum of its hours in `hourly_usage` (minutes and cost),
+/// and no hour is outside a day.
+fn assert_hours_add_up_to_days(models: &ReadModels) {
+    use std::collections::BTreeMap;
+    let mut summed: BTreeMap<(chrono::NaiveDate, Uuid, Uuid, String), (i64, i64)> = BTreeMap::new();
+    for (key, hour) in &models.hourly_usage {
+        let sum = summed
+            .entry((key.hour.date_naive(), key.user_id, key.device_id, key.currency.clone()))
+            .or_default();
+        sum.0 += hour.minutes;
+        sum.1 += hour.cost_minor;
+    }
+    let days: BTreeMap<_, _> = models
+        .daily_usage
+        .iter()
+        .map(|((key, currency), day)| {
+            (
+                (key.day, key.user_id, key.device_id, currency.clone()),
+                (day.minutes, day.cost_minor),
+            )
+        })
+        .collect();
+    assert_eq!(summed, days, "the hours of each day add up to its daily_usage row");
 }

@@ -9,10 +9,10 @@ use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
-    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, bad_input, is_undefined_table, page_request, read_context,
-    usage_range,
+    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, bad_input, is_undefined_table, page_request,
+    projection_version, read_context, usage_range, usage_read_error,
 };
-use crate::reads::{self, UsageQuery};
+use crate::reads::{self, Period, UsageQuery};
 
 /// The root of every dashboard query.
 #[derive(Debug, Default)]
@@ -46,30 +46,35 @@ impl Query {
         Ok(DeviceStats::filtered(filter))
     }
 
-    /// Billed minutes and cost per day (or week, or month) over a range of UTC days, with
-    /// totals over the range.
+    /// Billed minutes and cost per hour (or day, week, month) over a range of UTC days, with
+    /// totals over the range. By `HOUR`, served by version 3 of the `daily_usage` projection:
+    /// until it is live (`cloudphone replay daily-usage`) that grouping answers with the error
+    /// code `PROJECTION_VERSION`, and from the swap on it answers, with no restart.
     pub(crate) async fn daily_usage(
         &self,
         ctx: &Context<'_>,
         #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: UsageFilter,
-        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`; `HOUR` takes at most 31 days).")] group_by: Option<
+            UsageGroupBy,
+        >,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<DailyUsage> {
         let _ = min_position;
         let read = read_context(ctx);
-        usage_range(&read.limits, filter.from, filter.to)?;
+        let period: Period = group_by.unwrap_or_default().into();
+        usage_range(&read.limits, filter.from, filter.to, period)?;
         let query = UsageQuery {
             owners: read.viewer.owners(filter.user_id),
             device: filter.device_id,
             from: filter.from,
             to: filter.to,
-            period: group_by.unwrap_or_default().into(),
+            period,
         };
         let records = read
             .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
             .await
-            .map_err(|e| read.database_error(&e))?;
+            .map_err(|e| usage_read_error(read, period, &e))?;
         Ok(DailyUsage::new(records))
     }
 
@@ -82,18 +87,25 @@ impl Query {
         ctx: &Context<'_>,
         #[graphql(desc = "The range of days, and whose usage; a `user` caller only ever sees their own.")]
         filter: ProviderUsageFilter,
-        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`; not `HOUR`).")] group_by: Option<UsageGroupBy>,
         #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
     ) -> async_graphql::Result<Vec<ProviderUsage>> {
         let _ = min_position;
         let read = read_context(ctx);
-        usage_range(&read.limits, filter.from, filter.to)?;
+        let period: Period = group_by.unwrap_or_default().into();
+        if period == Period::Hour {
+            // The per-provider breakdown is kept per day only (`daily_usage_by_provider`).
+            return Err(bad_input(
+                "usageByProvider sums days: group it by DAY, WEEK or MONTH (dailyUsage takes HOUR)",
+            ));
+        }
+        usage_range(&read.limits, filter.from, filter.to, period)?;
         let query = UsageQuery {
             owners: read.viewer.owners(filter.user_id),
             device: None,
             from: filter.from,
             to: filter.to,
-            period: group_by.unwrap_or_default().into(),
+            period,
         };
         let records = match read
             .read_once(format!("usage_by_provider {query:?}"), || {
@@ -102,13 +114,7 @@ impl Query {
             .await
         {
             Ok(records) => records,
-            Err(error) if is_undefined_table(&error) => {
-                return Err(async_graphql::Error::new(
-                    "usage by provider needs version 2 of the daily_usage projection, which is not live \
-                     on this source yet: run `cloudphone replay daily-usage`",
-                )
-                .extend_with(|_, e| e.set("code", "PROJECTION_VERSION")));
-            }
+            Err(error) if is_undefined_table(&error) => return Err(projection_version("usage by provider", 2)),
             Err(error) => return Err(read.database_error(&error)),
         };
         records

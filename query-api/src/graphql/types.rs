@@ -9,7 +9,7 @@ use super::loaders::{OwnerCount, OwnerPage, StatsOf, UsageOf};
 use super::scalars::{BigInt, encode_cursor};
 use super::{
     DeviceStatus, DevicesOrderBy, Provider, UsageGroupBy, UserDevicesFilter, loader, page_request, read_context,
-    usage_range,
+    usage_range, usage_read_error,
 };
 use crate::reads::{
     self, DeviceFilter, DeviceKey, Owners, Page, PageRequest, StatsRecord, StatsTotals, UsageRecord, UsageSubject,
@@ -89,7 +89,9 @@ impl Device {
         ctx: &Context<'_>,
         #[graphql(desc = "The first UTC day of the range.")] from: NaiveDate,
         #[graphql(desc = "The last UTC day of the range (included; at most 366 days after `from`).")] to: NaiveDate,
-        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`; `HOUR` takes at most 31 days).")] group_by: Option<
+            UsageGroupBy,
+        >,
     ) -> async_graphql::Result<DailyUsage> {
         usage_of(
             ctx,
@@ -112,15 +114,19 @@ async fn usage_of(
     group_by: UsageGroupBy,
 ) -> async_graphql::Result<DailyUsage> {
     let read = read_context(ctx);
-    usage_range(&read.limits, from, to)?;
+    let period = group_by.into();
+    usage_range(&read.limits, from, to, period)?;
     let key = UsageOf {
         subject,
         id,
         from,
         to,
-        period: group_by.into(),
+        period,
     };
-    let records = loader(ctx).load_one(key).await.map_err(|e| read.database_error(&e))?;
+    let records = loader(ctx)
+        .load_one(key)
+        .await
+        .map_err(|e| usage_read_error(read, period, &e))?;
     Ok(DailyUsage::new(records.unwrap_or_default()))
 }
 
@@ -186,7 +192,9 @@ impl User {
         ctx: &Context<'_>,
         #[graphql(desc = "The first UTC day of the range.")] from: NaiveDate,
         #[graphql(desc = "The last UTC day of the range (included; at most 366 days after `from`).")] to: NaiveDate,
-        #[graphql(desc = "The period rows sum over (default `DAY`).")] group_by: Option<UsageGroupBy>,
+        #[graphql(desc = "The period rows sum over (default `DAY`; `HOUR` takes at most 31 days).")] group_by: Option<
+            UsageGroupBy,
+        >,
     ) -> async_graphql::Result<DailyUsage> {
         usage_of(ctx, UsageSubject::User, self.0, from, to, group_by.unwrap_or_default()).await
     }
@@ -465,11 +473,14 @@ pub struct Money {
     pub currency: String,
 }
 
-/// Usage of one period (day, week or month) in one currency.
+/// Usage of one period (hour, day, week or month) in one currency.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct UsagePeriod {
-    /// The first day of the period.
+    /// The first day of the period (for an hour, the UTC day it is in).
     pub period: NaiveDate,
+    /// The first instant of the period, in UTC: the hour for `HOUR`, else midnight of
+    /// `period`.
+    pub period_start: DateTime<Utc>,
     /// Billed minutes in the period.
     pub minutes: BigInt,
     /// What the minutes cost.
@@ -501,6 +512,7 @@ impl DailyUsage {
             .iter()
             .map(|record| UsagePeriod {
                 period: record.period,
+                period_start: record.period_start,
                 minutes: BigInt(record.minutes),
                 cost: Money {
                     amount_minor: BigInt(record.cost_minor),

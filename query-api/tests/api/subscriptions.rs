@@ -340,6 +340,72 @@ async fn usage_and_projection_status_are_live_too(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn usage_by_hour_is_live_once_daily_usage_v3_is_swapped_in(pool: PgPool) {
+    let api = live_api(&pool, LiveConfig::default()).await;
+    let writer = Writer::start(&pool).await;
+    let owner = Uuid::now_v7();
+    let device = writer.create_device(owner).await;
+    // Version 3 is built and swapped in while the projectors run.
+    let summary = projections::replay::replay(
+        &pool,
+        read_models::Projection::DailyUsage,
+        None,
+        projections::replay::ReplayConfig::default(),
+        &projections::replay::Unobserved,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.version, 3);
+    let mut socket = LiveClient::connect(api.addr, &token(owner, Role::User)).await;
+    let today = Utc::now().date_naive();
+    socket
+        .subscribe(
+            "hours",
+            "subscription($d: NaiveDate!) { dailyUsage(filter: {from: $d, to: $d}, groupBy: HOUR) {
+                rows { periodStart minutes cost { amountMinor } } totals { minutes } } }",
+            json!({"d": today}),
+        )
+        .await;
+    let first = socket.next_of("hours").await;
+    assert!(first.get("errors").is_none(), "{first}");
+    assert_eq!(first["data"]["dailyUsage"]["rows"], json!([]), "{first}");
+
+    // 00:50 -> 02:10 today: 80 minutes over three hours, pushed by hour.
+    let midnight = today.and_time(chrono::NaiveTime::MIN).and_utc();
+    let usage = event_schema::UsageRecorded {
+        owner_id: owner,
+        device_id: device,
+        provider: Provider::Aws,
+        started_at: midnight + chrono::Duration::minutes(50),
+        ended_at: midnight + chrono::Duration::minutes(130),
+        minutes: 80,
+        cost: event_schema::Money {
+            amount_minor: 81,
+            currency: event_schema::Currency::USD,
+        },
+        pricing_plan_id: "aws-standard-v1".to_owned(),
+    };
+    writer.append(device, owner, ExpectedVersion::Any, usage).await;
+    let pushed = socket
+        .next_until("hours", |p| {
+            p["data"]["dailyUsage"]["totals"]["minutes"].as_str() == Some("80")
+        })
+        .await;
+    let hour = |h: i64| (midnight + chrono::Duration::hours(h)).to_rfc3339();
+    let rows = &pushed["data"]["dailyUsage"]["rows"];
+    assert_eq!(
+        rows,
+        &json!([
+            {"periodStart": hour(0), "minutes": "10", "cost": {"amountMinor": "10"}},
+            {"periodStart": hour(1), "minutes": "60", "cost": {"amountMinor": "61"}},
+            {"periodStart": hour(2), "minutes": "10", "cost": {"amountMinor": "10"}},
+        ]),
+        "{pushed}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
 async fn the_legacy_protocol_and_a_token_on_the_upgrade_request_work(pool: PgPool) {
     let api = live_api(&pool, LiveConfig::default()).await;
     let writer = Writer::start(&pool).await;
