@@ -542,3 +542,70 @@ async fn the_fleet_history_counts_each_hour_as_scripted_and_agrees_with_device_s
     assert_eq!(answer.error_code(), "BAD_USER_INPUT", "{answer:?}");
     writer.stop.cancel();
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_subscribed_fleet_history_is_pushed_when_the_owners_devices_change_and_only_then(pool: PgPool) {
+    let (mut writer, _projectors) = Writer::start(&pool).await;
+    let api = start(&pool, test_config()).await;
+    replay_fleet_v2(&pool).await;
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    let hour = Utc::now();
+    let range = json!({"f": {"from": hour - Duration::hours(1), "to": hour + Duration::hours(1)}});
+    let subscription =
+        "subscription($f: FleetHistoryFilter!) { fleetHistory(filter: $f) { at stopped running total } }";
+    let mut socket = test_support::live::LiveClient::connect(api.addr, &token(a, Role::User)).await;
+    socket.subscribe("h", subscription, range).await;
+    let latest = |payload: &Value| {
+        let points = payload["data"]["fleetHistory"].as_array().cloned().unwrap_or_default();
+        points.last().map(|p| (big(&p["stopped"]), big(&p["running"])))
+    };
+    assert_eq!(latest(&socket.next_of("h").await), Some((0, 0)));
+    // Another user's device: not A's history. Then A's device, created and started.
+    let theirs = Uuid::now_v7();
+    writer
+        .device(
+            theirs,
+            b,
+            DeviceCreated {
+                device_id: theirs,
+                owner_id: b,
+                provider: Provider::Aws,
+                cpu_cores: 2,
+                memory_mb: 2048,
+                android_version: 14,
+                created_at: hour,
+            },
+        )
+        .await;
+    let mine = Uuid::now_v7();
+    writer
+        .device(
+            mine,
+            a,
+            DeviceCreated {
+                device_id: mine,
+                owner_id: a,
+                provider: Provider::Aws,
+                cpu_cores: 2,
+                memory_mb: 2048,
+                android_version: 14,
+                created_at: hour,
+            },
+        )
+        .await;
+    let pushed = socket.next_of("h").await;
+    assert_eq!(latest(&pushed), Some((1, 0)), "B's device was not counted: {pushed}");
+    writer
+        .device(
+            mine,
+            a,
+            DeviceStarted {
+                device_id: mine,
+                started_at: hour,
+            },
+        )
+        .await;
+    let pushed = socket.next_until("h", |p| latest(p) != Some((1, 0))).await;
+    assert_eq!(latest(&pushed), Some((0, 1)), "{pushed}");
+    writer.stop.cancel();
+}
