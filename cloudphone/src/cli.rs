@@ -413,7 +413,7 @@ pub enum PartitionsAction {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProjectionArg {
-    /// `devices` and `device_stats`.
+    /// `devices` and `device_stats` (and, from version 2, `users` and the fleet's history).
     Fleet,
     /// `daily_usage` (from version 2 with `daily_usage_by_provider`, from version 3 with `hourly_usage`).
     DailyUsage,

@@ -273,26 +273,27 @@ impl LogReader {
         envelopes(rows)
     }
 
-    /// Up to `limit` events of `stream_type` in positions `(after, to]`, in position order,
+    /// Up to `limit` events of the `stream_types` in positions `(after, to]`, in position order,
     /// with only what a fold needs and the payload as JSON text: the replay fast path, which
     /// reads the whole history (`user_events_all`: archived months too) and decodes each
     /// payload straight into its type.
     pub async fn read_payloads(
         &self,
-        stream_type: StreamType,
+        stream_types: &[StreamType],
         after: i64,
         to: i64,
         limit: i64,
     ) -> Result<Vec<LoggedPayload>, ReadError> {
+        let stream_types: Vec<&str> = stream_types.iter().map(|t| t.as_str()).collect();
         let rows: Vec<LoggedPayload> = sqlx::query_as(
             "SELECT position, stream_id, event_type, schema_version, recorded_at, payload::text AS payload
              FROM user_events_all
-             WHERE position > $1 AND position <= $2 AND stream_type = $3
+             WHERE position > $1 AND position <= $2 AND stream_type = ANY($3)
              ORDER BY position LIMIT $4",
         )
         .bind(after)
         .bind(to)
-        .bind(stream_type.as_str())
+        .bind(stream_types)
         .bind(limit)
         .fetch_all(&mut *self.conn().await?)
         .await?;

@@ -3,19 +3,23 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use event_schema::{DeviceEvent, Event, EventEnvelope, SchemaError, StreamType};
+use event_schema::{DeviceEvent, Event, EventEnvelope, Quota, SchemaError, StreamType};
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use read_models::Projection;
 use read_models::changes::Touched;
 use read_models::fleet::{DeviceRow, device_row};
+use read_models::history::StatusChangeKey;
+use read_models::stored::UsersAndHistory;
 use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::users::{USER_COLUMNS, UserRow, user_row};
 use read_models::versions::TableLayout;
 
 use crate::fleet::FleetFold;
 use crate::metrics_names as m;
 use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_provider};
+use crate::users::UserFold;
 
 /// What a batch did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -107,7 +111,7 @@ pub async fn apply_events(
         }
     }
     match projection {
-        Projection::Fleet => apply_fleet(conn, &decoded, &mut applied, &mut dead).await?,
+        Projection::Fleet => apply_fleet(conn, layout, &decoded, &mut applied, &mut dead).await?,
         Projection::DailyUsage => apply_usage(conn, layout, &decoded, &mut applied).await?,
     }
     for letter in &dead {
@@ -171,10 +175,14 @@ async fn park(conn: &mut PgConnection, projection: Projection, letter: &DeadLett
 
 async fn apply_fleet<'a>(
     conn: &mut PgConnection,
+    layout: TableLayout,
     decoded: &[(&'a EventEnvelope, Event)],
     applied: &mut Applied,
     dead: &mut Vec<DeadLetter<'a>>,
 ) -> Result<(), sqlx::Error> {
+    if layout.has_users_and_history() {
+        apply_users(conn, decoded, applied, dead).await?;
+    }
     let device_ids: Vec<Uuid> = decoded
         .iter()
         .filter(|(envelope, _)| envelope.stream_type == StreamType::Device)
@@ -205,7 +213,132 @@ async fn apply_fleet<'a>(
         .extend(fold.changed_rows().map(|row| row.device_id));
     applied.touched.owners.extend(fold.touched_owners());
     let owners: Vec<Uuid> = fold.touched_owners().into_iter().collect();
-    read_models::fleet::recompute_device_stats(conn, &owners).await
+    read_models::fleet::recompute_device_stats(conn, &owners).await?;
+    if layout.has_users_and_history() {
+        // Last: the all-users rows of the current hour are the ones every concurrent batch
+        // (Kafka mode) writes, so they are locked for as short a time as possible.
+        write_status_changes(conn, &fold.take_status_changes()).await?;
+    }
+    Ok(())
+}
+
+/// Folds the batch's user events into `users` (version 2 of `fleet`).
+async fn apply_users<'a>(
+    conn: &mut PgConnection,
+    decoded: &[(&'a EventEnvelope, Event)],
+    applied: &mut Applied,
+    dead: &mut Vec<DeadLetter<'a>>,
+) -> Result<(), sqlx::Error> {
+    let user_ids: Vec<Uuid> = decoded
+        .iter()
+        .filter(|(envelope, _)| envelope.stream_type == StreamType::User)
+        .map(|(envelope, _)| envelope.stream_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if user_ids.is_empty() {
+        return Ok(());
+    }
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE user_id = ANY($1)"
+    )))
+    .bind(&user_ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(user_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    let mut fold = UserFold::with_rows(rows);
+    for (envelope, event) in decoded {
+        let Event::User(user_event) = event else {
+            continue;
+        };
+        match fold.apply(envelope.position, envelope.stream_id, user_event) {
+            Ok(()) => applied.applied += 1,
+            Err(error) => dead.push(DeadLetter {
+                envelope,
+                error: error.to_string(),
+            }),
+        }
+    }
+    applied
+        .touched
+        .owners
+        .extend(fold.changed_rows().map(|row| row.user_id));
+    write_users(conn, fold.changed_rows()).await
+}
+
+/// Upserts user rows (UNNEST: one statement for the whole batch).
+pub async fn write_users<'r>(
+    conn: &mut PgConnection,
+    rows: impl Iterator<Item = &'r UserRow>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<&UserRow> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let limit = |pick: fn(&Quota) -> u32| -> Vec<Option<i64>> {
+        rows.iter()
+            .map(|r| r.quota.as_ref().map(|q| i64::from(pick(q))))
+            .collect()
+    };
+    sqlx::query(
+        "INSERT INTO users (user_id, tier, max_devices, max_cpu_cores, max_memory_mb, registered_at, erased, erased_at,
+                            updated_position)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::timestamptz[],
+                              $7::boolean[], $8::timestamptz[], $9::bigint[])
+         ON CONFLICT (user_id) DO UPDATE SET
+             tier = EXCLUDED.tier, max_devices = EXCLUDED.max_devices, max_cpu_cores = EXCLUDED.max_cpu_cores,
+             max_memory_mb = EXCLUDED.max_memory_mb, erased = EXCLUDED.erased, erased_at = EXCLUDED.erased_at,
+             updated_position = EXCLUDED.updated_position",
+    )
+    .bind(rows.iter().map(|r| r.user_id).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.tier.as_str()).collect::<Vec<_>>())
+    .bind(limit(|q| q.max_devices))
+    .bind(limit(|q| q.max_cpu_cores))
+    .bind(limit(|q| q.max_memory_mb))
+    .bind(rows.iter().map(|r| r.registered_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.erased).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.erased_at).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.updated_position).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Adds net changes of the fleet's size to `fleet_status_changes` and, summed over users, to
+/// `fleet_status_changes_all`. Rows go in key order, so two batches committing at once lock
+/// shared rows in the same order and never deadlock.
+pub async fn write_status_changes(
+    conn: &mut PgConnection,
+    changes: &BTreeMap<StatusChangeKey, i64>,
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO fleet_status_changes (user_id, hour, status, delta)
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::bigint[])
+         ON CONFLICT (user_id, hour, status) DO UPDATE SET delta = fleet_status_changes.delta + EXCLUDED.delta",
+    )
+    .bind(changes.keys().map(|k| k.user_id).collect::<Vec<_>>())
+    .bind(changes.keys().map(|k| k.hour).collect::<Vec<_>>())
+    .bind(changes.keys().map(|k| k.status.as_str()).collect::<Vec<_>>())
+    .bind(changes.values().copied().collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let all = UsersAndHistory::sum_over_users(changes);
+    sqlx::query(
+        "INSERT INTO fleet_status_changes_all (hour, status, delta)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[])
+         ON CONFLICT (hour, status) DO UPDATE SET delta = fleet_status_changes_all.delta + EXCLUDED.delta",
+    )
+    .bind(all.keys().map(|(hour, _)| *hour).collect::<Vec<_>>())
+    .bind(all.keys().map(|(_, status)| status.as_str()).collect::<Vec<_>>())
+    .bind(all.values().copied().collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 async fn load_devices(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {

@@ -6,11 +6,12 @@
 //! than adding deltas) makes the result independent of where batches happen to end, so a
 //! rebuild from the whole history equals what was maintained incrementally, row for row.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use event_schema::{DeviceEvent, DeviceStatus};
 use read_models::fleet::DeviceRow;
+use read_models::history::{StatusChangeKey, hour_of, is_counted};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,11 +28,59 @@ fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(at.timestamp_micros()).unwrap_or(at)
 }
 
-/// Device rows being changed by a batch (or a whole rebuild).
+/// Device rows being changed by a batch (or a whole rebuild), and the changes of the fleet's
+/// size by status they made (version 2's history).
 #[derive(Debug, Default, Clone)]
 pub struct FleetFold {
     devices: HashMap<Uuid, DeviceRow>,
     changed: BTreeSet<Uuid>,
+    /// Net change of the count per owner, UTC hour and status since the fold started or
+    /// [`FleetFold::take_status_changes`]. A key stays when its changes cancel out, so every
+    /// way of cutting the log into batches touches the same rows.
+    status_changes: BTreeMap<StatusChangeKey, i64>,
+}
+
+/// The status a device event moves its device to, and when, if it moves it at all.
+fn transition(event: &DeviceEvent) -> Option<(DeviceStatus, DateTime<Utc>)> {
+    match event {
+        DeviceEvent::DeviceCreated(e) => Some((DeviceStatus::Stopped, e.created_at)),
+        DeviceEvent::DeviceStarted(e) => Some((DeviceStatus::Running, e.started_at)),
+        DeviceEvent::DeviceStopped(e) => Some((DeviceStatus::Stopped, e.stopped_at)),
+        DeviceEvent::DeviceFailed(e) => Some((DeviceStatus::Failed, e.failed_at)),
+        DeviceEvent::DeviceDeleted(e) => Some((DeviceStatus::Deleted, e.deleted_at)),
+        DeviceEvent::DeviceResized(_) | DeviceEvent::UsageRecorded(_) => None,
+    }
+}
+
+/// Adds a device's move from `before` (`None`: it did not exist) to `after` at `at` to the
+/// net changes: one fewer in the status it left, one more in the one it entered, in the
+/// hour it happened. Deleted devices are not counted, and a move to the same status is none.
+pub fn add_transition(
+    changes: &mut BTreeMap<StatusChangeKey, i64>,
+    owner: Uuid,
+    before: Option<DeviceStatus>,
+    after: DeviceStatus,
+    at: DateTime<Utc>,
+) {
+    if before == Some(after) {
+        return;
+    }
+    let hour = hour_of(at);
+    let mut add = |status: DeviceStatus, delta: i64| {
+        if is_counted(status) {
+            *changes
+                .entry(StatusChangeKey {
+                    user_id: owner,
+                    hour,
+                    status,
+                })
+                .or_insert(0) += delta;
+        }
+    };
+    if let Some(before) = before {
+        add(before, -1);
+    }
+    add(after, 1);
 }
 
 impl FleetFold {
@@ -40,6 +89,7 @@ impl FleetFold {
         FleetFold {
             devices: rows.into_iter().map(|row| (row.device_id, row)).collect(),
             changed: BTreeSet::new(),
+            status_changes: BTreeMap::new(),
         }
     }
 
@@ -50,6 +100,13 @@ impl FleetFold {
             if self.devices.contains_key(&device_id) {
                 return Err(FleetError::CreatedTwice { device_id });
             }
+            add_transition(
+                &mut self.status_changes,
+                e.owner_id,
+                None,
+                DeviceStatus::Stopped,
+                e.created_at,
+            );
             self.devices.insert(
                 device_id,
                 DeviceRow {
@@ -73,6 +130,9 @@ impl FleetFold {
             device_id,
             event: event.event_type(),
         })?;
+        if let Some((after, at)) = transition(event) {
+            add_transition(&mut self.status_changes, row.owner_id, Some(row.status), after, at);
+        }
         match event {
             DeviceEvent::DeviceCreated(_) => {}
             DeviceEvent::DeviceStarted(e) => {
@@ -111,6 +171,17 @@ impl FleetFold {
     /// Every row the fold holds (a rebuild holds the whole fleet).
     pub fn rows(&self) -> impl Iterator<Item = &DeviceRow> {
         self.devices.values()
+    }
+
+    /// The net changes of the fleet's size by owner, hour and status folded so far, leaving
+    /// none (a batch writes them; a replay checkpoints them).
+    pub fn take_status_changes(&mut self) -> BTreeMap<StatusChangeKey, i64> {
+        std::mem::take(&mut self.status_changes)
+    }
+
+    /// How many (owner, hour, status) changes the fold holds.
+    pub fn status_change_count(&self) -> usize {
+        self.status_changes.len()
     }
 
     /// Owners whose devices changed: their `device_stats` rows must be recomputed.
@@ -196,5 +267,129 @@ mod tests {
             Err(FleetError::CreatedTwice { .. })
         ));
         assert_eq!(fold.changed_rows().count(), 1);
+    }
+
+    fn at_hour(hour: u32, minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, hour, minute, 0)
+            .single()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn each_transition_moves_one_device_between_statuses_in_the_hour_it_happened() {
+        let (owner, device) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut fold = FleetFold::default();
+        let create = DeviceCreated {
+            device_id: device,
+            owner_id: owner,
+            provider: Provider::Aws,
+            cpu_cores: 2,
+            memory_mb: 2048,
+            android_version: 14,
+            created_at: at_hour(10, 5),
+        };
+        let events: Vec<DeviceEvent> = vec![
+            create.into(),
+            DeviceStarted {
+                device_id: device,
+                started_at: at_hour(10, 30),
+            }
+            .into(),
+            DeviceStopped {
+                device_id: device,
+                reason: StopReason::Requested,
+                stopped_at: at_hour(12, 10),
+            }
+            .into(),
+            DeviceResized {
+                device_id: device,
+                from_cpu_cores: 2,
+                from_memory_mb: 2048,
+                cpu_cores: 4,
+                memory_mb: 4096,
+            }
+            .into(),
+            DeviceDeleted {
+                device_id: device,
+                deleted_at: at_hour(13, 0),
+            }
+            .into(),
+        ];
+        for (i, event) in events.iter().enumerate() {
+            assert!(fold.apply(i as i64 + 1, device, event).is_ok());
+        }
+        let key = |hour, status| StatusChangeKey {
+            user_id: owner,
+            hour: at_hour(hour, 0),
+            status,
+        };
+        let expected: BTreeMap<_, _> = [
+            // Created and started in the same hour: stopped +1 -1 (kept at 0), running +1.
+            (key(10, DeviceStatus::Stopped), 0),
+            (key(10, DeviceStatus::Running), 1),
+            (key(12, DeviceStatus::Running), -1),
+            (key(12, DeviceStatus::Stopped), 1),
+            // Deleted: leaves the count, enters nothing counted.
+            (key(13, DeviceStatus::Stopped), -1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(fold.take_status_changes(), expected);
+        assert_eq!(fold.status_change_count(), 0, "taken");
+    }
+
+    proptest::proptest! {
+        /// Whatever the events and however they are cut into batches, the net changes summed
+        /// over every hour are the live counts `device_stats` holds.
+        #[test]
+        fn the_changes_add_up_to_the_live_counts(
+            steps in proptest::collection::vec((0usize..6, 0u8..6, 0u32..72), 1..120),
+            cut in 1usize..20,
+        ) {
+            let owners = [Uuid::from_u128(1), Uuid::from_u128(2)];
+            let devices: Vec<Uuid> = (0..6).map(|i| Uuid::from_u128(100 + i)).collect();
+            let mut fold = FleetFold::default();
+            let mut changes: BTreeMap<StatusChangeKey, i64> = BTreeMap::new();
+            for (i, (device, action, hour)) in steps.into_iter().enumerate() {
+                let id = devices[device];
+                let at = at_hour(0, 0) + chrono::Duration::minutes(i64::from(hour) * 37);
+                let event: DeviceEvent = match action {
+                    0 => DeviceCreated {
+                        device_id: id,
+                        owner_id: owners[device % 2],
+                        provider: Provider::Gcp,
+                        cpu_cores: 1,
+                        memory_mb: 1024,
+                        android_version: 14,
+                        created_at: at,
+                    }
+                    .into(),
+                    1 => DeviceStarted { device_id: id, started_at: at }.into(),
+                    2 => DeviceStopped { device_id: id, reason: StopReason::Idle, stopped_at: at }.into(),
+                    3 => DeviceFailed { device_id: id, reason: "lost".into(), failed_at: at }.into(),
+                    4 => DeviceDeleted { device_id: id, deleted_at: at }.into(),
+                    _ => DeviceResized { device_id: id, from_cpu_cores: 1, from_memory_mb: 1024, cpu_cores: 2, memory_mb: 2048 }.into(),
+                };
+                let _ = fold.apply(i as i64 + 1, id, &event);
+                if i % cut == 0 {
+                    for (key, delta) in fold.take_status_changes() {
+                        *changes.entry(key).or_insert(0) += delta;
+                    }
+                }
+            }
+            for (key, delta) in fold.take_status_changes() {
+                *changes.entry(key).or_insert(0) += delta;
+            }
+            let mut counted: BTreeMap<(Uuid, DeviceStatus), i64> = BTreeMap::new();
+            for (key, delta) in &changes {
+                *counted.entry((key.user_id, key.status)).or_insert(0) += delta;
+            }
+            counted.retain(|_, n| *n != 0);
+            let mut live: BTreeMap<(Uuid, DeviceStatus), i64> = BTreeMap::new();
+            for (key, row) in stats_of(fold.rows()) {
+                *live.entry((key.user_id, key.status)).or_insert(0) += row.device_count;
+            }
+            proptest::prop_assert_eq!(counted, live);
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! Cloudphone projections: the read models dashboards query, built from the event log.
 //!
 //! - [`fleet`]: `devices` (one row per device) and `device_stats` (per user, status and
-//!   provider), one projection, one checkpoint.
+//!   provider), one projection, one checkpoint; from version 2 also [`users`] and the fleet's
+//!   size by status over time (net changes per user, hour and status).
 //! - [`usage`]: `daily_usage` (per UTC day, user and device; sessions over midnight split).
 //! - [`apply`]: a batch of events applied to a projection; [`checkpoint`] moves in the same
 //!   transaction, so a crash or a redelivery never counts an event twice.
@@ -21,6 +22,7 @@ pub mod rebuild;
 pub mod replay;
 pub mod runner;
 pub mod usage;
+pub mod users;
 
 /// Names of the metrics projectors record.
 pub mod metrics_names {
@@ -54,4 +56,4 @@ pub mod metrics_names {
     pub const REPLAY_SWAP_SECONDS: &str = "cloudphone_replay_swap_seconds";
 }
 
-pub use rebuild::fold_log;
+pub use rebuild::{fold_log, fold_users_and_history};

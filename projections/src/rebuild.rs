@@ -7,11 +7,13 @@ use event_log::{LogReader, ReadError};
 use event_schema::{DeviceEvent, Event, StreamType};
 
 use read_models::ReadModels;
+use read_models::stored::UsersAndHistory;
 
 use read_models::fleet::stats_of;
 
 use crate::fleet::FleetFold;
 use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_provider};
+use crate::users::UserFold;
 
 /// Folds the log from the start up to `to` (inclusive) into read models, reading `page`
 /// events at a time. Events that cannot be applied are left out, as the projectors park them.
@@ -49,5 +51,37 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
         daily_usage: usage,
         usage_by_provider: by_provider,
         hourly_usage: hourly,
+    })
+}
+
+/// Folds the log from the start up to `to` (inclusive) into the tables version 2 of `fleet`
+/// adds: `users` and the fleet's history. The reference its maintained tables must equal.
+pub async fn fold_users_and_history(reader: &LogReader, to: i64, page: i64) -> Result<UsersAndHistory, ReadError> {
+    let mut fleet = FleetFold::default();
+    let mut users = UserFold::default();
+    let mut after = 0;
+    while after < to {
+        let events = reader.read_all(after, page.min(to - after)).await?;
+        let Some(last) = events.last() else {
+            break;
+        };
+        after = last.position;
+        for envelope in &events {
+            match envelope.decode() {
+                Ok(Event::Device(event)) if envelope.stream_type == StreamType::Device => {
+                    let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
+                }
+                Ok(Event::User(event)) if envelope.stream_type == StreamType::User => {
+                    let _ = users.apply(envelope.position, envelope.stream_id, &event);
+                }
+                _ => {}
+            }
+        }
+    }
+    let status_changes = fleet.take_status_changes();
+    Ok(UsersAndHistory {
+        users: users.rows().map(|row| (row.user_id, row.clone())).collect(),
+        status_changes_all: UsersAndHistory::sum_over_users(&status_changes),
+        status_changes,
     })
 }

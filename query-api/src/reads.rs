@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
-use event_schema::{DeviceStatus, Provider};
+use event_schema::{DeviceStatus, Provider, Tier};
 use read_models::fleet::DeviceRow;
 use read_models::fleet::device_row;
+use read_models::users::{USER_COLUMNS, UserRow, user_row};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
@@ -694,4 +695,293 @@ pub async fn usage_by(
             .push(UsageRecord::of_days(period, currency, minutes, cost_minor));
     }
     Ok(by_id)
+}
+
+word_set!(TierSet, Tier);
+
+/// Which users a list or count covers (`users`, version 2 of the `fleet` projection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct UserFilter {
+    /// Only users of these tiers (an empty set matches nothing).
+    pub tiers: Option<TierSet>,
+    /// Only erased users (`true`) or only users not erased (`false`).
+    pub erased: Option<bool>,
+}
+
+impl UserFilter {
+    fn push(&self, sql: &mut QueryBuilder<Postgres>) {
+        if let Some(tiers) = self.tiers {
+            sql.push(" AND tier = ANY(").push_bind(tiers.spellings()).push(")");
+        }
+        if let Some(erased) = self.erased {
+            sql.push(" AND erased = ").push_bind(erased);
+        }
+    }
+}
+
+/// One page of the user list, ordered by user id (ids are UUIDv7: roughly registration
+/// order), paged by keyset on the table's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserPageRequest {
+    pub size: i64,
+    /// `after` for forward pages, `before` for backward ones.
+    pub from: Option<Uuid>,
+    pub backward: bool,
+}
+
+/// Rows of a user page in list order, and whether more follow in the paging direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserPage {
+    pub rows: Vec<UserRow>,
+    pub more: bool,
+}
+
+/// One page of the users matching `filter`.
+pub async fn user_page(pool: &PgPool, filter: &UserFilter, page: &UserPageRequest) -> Result<UserPage, sqlx::Error> {
+    let mut sql = QueryBuilder::new(format!("SELECT {USER_COLUMNS} FROM users WHERE true"));
+    filter.push(&mut sql);
+    let (comparison, direction) = if page.backward { ("<", "DESC") } else { (">", "ASC") };
+    if let Some(from) = page.from {
+        sql.push(format_args!(" AND user_id {comparison} ")).push_bind(from);
+    }
+    sql.push(format_args!(" ORDER BY user_id {direction} LIMIT "))
+        .push_bind(page.size + 1);
+    // Run even for a page of 0 rows: a fleet version without `users` must answer
+    // PROJECTION_VERSION whatever the page size.
+    let rows = sql.build().fetch_all(pool).await?;
+    let mut rows = rows.iter().map(user_row).collect::<Result<Vec<_>, _>>()?;
+    let size = usize::try_from(page.size).unwrap_or(0);
+    let more = rows.len() > size;
+    rows.truncate(size);
+    if page.backward {
+        rows.reverse();
+    }
+    Ok(UserPage { rows, more })
+}
+
+/// How many users match `filter`.
+pub async fn count_users(pool: &PgPool, filter: &UserFilter) -> Result<i64, sqlx::Error> {
+    let mut sql = QueryBuilder::new("SELECT count(*) FROM users WHERE true");
+    filter.push(&mut sql);
+    sql.build_query_scalar().fetch_one(pool).await
+}
+
+/// The `users` rows with these ids (those that exist).
+pub async fn users_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {USER_COLUMNS} FROM users WHERE user_id = ANY($1)"
+    )))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| user_row(row).map(|user| (user.user_id, user)))
+        .collect()
+}
+
+/// The periods of the fleet's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HistoryPeriod {
+    Hour,
+    Day,
+}
+
+impl HistoryPeriod {
+    fn trunc(self) -> &'static str {
+        match self {
+            HistoryPeriod::Hour => "hour",
+            HistoryPeriod::Day => "day",
+        }
+    }
+
+    pub fn length(self) -> chrono::Duration {
+        match self {
+            HistoryPeriod::Hour => chrono::Duration::hours(1),
+            HistoryPeriod::Day => chrono::Duration::days(1),
+        }
+    }
+
+    /// The start of the UTC period `at` falls in.
+    pub fn start_of(self, at: DateTime<Utc>) -> DateTime<Utc> {
+        let seconds = self.length().num_seconds();
+        let at = at.timestamp();
+        DateTime::from_timestamp(at - at.rem_euclid(seconds), 0).unwrap_or_default()
+    }
+}
+
+/// Which part of the fleet's history to read: the periods starting at `from` up to `to`
+/// (excluded), both period starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HistoryQuery {
+    pub owners: Owners,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub period: HistoryPeriod,
+}
+
+/// Net changes of the device count by status: those before the range (`period` = `None`,
+/// the base) and those of each period in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub period: Option<DateTime<Utc>>,
+    pub status: DeviceStatus,
+    pub delta: i64,
+}
+
+/// The net changes a history query sums, in one statement: the base (every change before
+/// the range, summed per status) and the changes within it per period. Everyone's history
+/// reads the all-users table, which grows with hours, not users.
+pub async fn status_changes(pool: &PgPool, query: &HistoryQuery) -> Result<Vec<StatusChange>, sqlx::Error> {
+    if query.owners == Owners::Nobody {
+        return Ok(Vec::new());
+    }
+    let (table, owner_condition) = match query.owners {
+        Owners::Only(_) => ("fleet_status_changes", "user_id = $4 AND "),
+        _ => ("fleet_status_changes_all", ""),
+    };
+    // `date_trunc` in UTC whatever the session's time zone.
+    let statement = format!(
+        "SELECT NULL::timestamptz AS period, status, sum(delta)::bigint AS delta FROM {table}
+         WHERE {owner_condition}hour < $1 GROUP BY status
+         UNION ALL
+         SELECT date_trunc($3, hour, 'UTC') AS period, status, sum(delta)::bigint AS delta FROM {table}
+         WHERE {owner_condition}hour >= $1 AND hour < $2 GROUP BY 1, 2
+         ORDER BY 1 NULLS FIRST, 2"
+    );
+    let mut read = sqlx::query_as::<_, (Option<DateTime<Utc>>, String, i64)>(AssertSqlSafe(statement))
+        .bind(query.from)
+        .bind(query.to)
+        .bind(query.period.trunc());
+    if let Owners::Only(owner) = query.owners {
+        read = read.bind(owner);
+    }
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    read.fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(|(period, status, delta)| {
+            Ok(StatusChange {
+                period,
+                status: status.parse().map_err(decode)?,
+                delta,
+            })
+        })
+        .collect()
+}
+
+/// The device count per counted status at the end of one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetSize {
+    /// The period's start.
+    pub at: DateTime<Utc>,
+    pub stopped: i64,
+    pub running: i64,
+    pub failed: i64,
+}
+
+/// The count at the end of each period from `from` up to `to` (excluded): the base plus the
+/// running sum of the periods' changes. Periods with no change repeat the count before them.
+pub fn fleet_sizes(
+    changes: &[StatusChange],
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    period: HistoryPeriod,
+) -> Vec<FleetSize> {
+    let mut count = FleetSize {
+        at: from,
+        stopped: 0,
+        running: 0,
+        failed: 0,
+    };
+    let add = |count: &mut FleetSize, change: &StatusChange| match change.status {
+        DeviceStatus::Stopped => count.stopped += change.delta,
+        DeviceStatus::Running => count.running += change.delta,
+        DeviceStatus::Failed => count.failed += change.delta,
+        DeviceStatus::Deleted => {}
+    };
+    for change in changes.iter().filter(|c| c.period.is_none()) {
+        add(&mut count, change);
+    }
+    let mut within: Vec<&StatusChange> = changes.iter().filter(|c| c.period.is_some()).collect();
+    within.sort_by_key(|c| c.period);
+    let mut within = within.into_iter().peekable();
+    let mut sizes = Vec::new();
+    let mut at = from;
+    while at < to {
+        while let Some(change) = within.next_if(|c| c.period.is_some_and(|p| p <= at)) {
+            add(&mut count, change);
+        }
+        sizes.push(FleetSize { at, ..count });
+        at += period.length();
+    }
+    sizes
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn hour(h: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().unwrap_or_default() + chrono::Duration::hours(h)
+    }
+
+    fn change(period: Option<i64>, status: DeviceStatus, delta: i64) -> StatusChange {
+        StatusChange {
+            period: period.map(hour),
+            status,
+            delta,
+        }
+    }
+
+    #[test]
+    fn the_count_at_each_hour_is_the_base_plus_the_changes_so_far() {
+        let changes = [
+            change(None, DeviceStatus::Stopped, 2),
+            change(None, DeviceStatus::Running, 1),
+            change(Some(11), DeviceStatus::Stopped, -1),
+            change(Some(11), DeviceStatus::Running, 1),
+            change(Some(13), DeviceStatus::Failed, 1),
+            change(Some(13), DeviceStatus::Running, -1),
+        ];
+        let sizes = fleet_sizes(&changes, hour(10), hour(14), HistoryPeriod::Hour);
+        let counts: Vec<(i64, i64, i64)> = sizes.iter().map(|s| (s.stopped, s.running, s.failed)).collect();
+        assert_eq!(counts, [(2, 1, 0), (1, 2, 0), (1, 2, 0), (1, 1, 1)]);
+        assert_eq!(
+            sizes.iter().map(|s| s.at).collect::<Vec<_>>(),
+            [hour(10), hour(11), hour(12), hour(13)]
+        );
+        assert_eq!(HistoryPeriod::Day.start_of(hour(30)), hour(24));
+        assert_eq!(
+            HistoryPeriod::Hour.start_of(hour(30) + chrono::Duration::minutes(59)),
+            hour(30)
+        );
+    }
+
+    proptest! {
+        /// Reading a range equals reading from the beginning of time and keeping the range.
+        #[test]
+        fn a_range_starts_from_the_sum_of_everything_before_it(
+            deltas in proptest::collection::vec((0i64..48, 0usize..3, -3i64..4), 0..60),
+            from in 0i64..48,
+            length in 1i64..24,
+        ) {
+            let statuses = [DeviceStatus::Stopped, DeviceStatus::Running, DeviceStatus::Failed];
+            let all: Vec<StatusChange> = deltas
+                .iter()
+                .map(|(h, s, d)| change(Some(*h), statuses[*s], *d))
+                .collect();
+            let everything = fleet_sizes(&all, hour(0), hour(from + length), HistoryPeriod::Hour);
+            let ranged: Vec<StatusChange> = deltas
+                .iter()
+                .map(|(h, s, d)| change((*h >= from).then_some(*h), statuses[*s], *d))
+                .filter(|c| c.period.is_none_or(|p| p < hour(from + length)))
+                .collect();
+            let sizes = fleet_sizes(&ranged, hour(from), hour(from + length), HistoryPeriod::Hour);
+            let from_index = usize::try_from(from).unwrap_or(0);
+            prop_assert_eq!(&sizes[..], &everything[from_index..]);
+        }
+    }
 }

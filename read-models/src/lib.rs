@@ -3,7 +3,9 @@
 //! - [`Projection`]: the projections and the names their checkpoints are stored under;
 //!   [`versions`]: each projection's tables by version, with their DDL.
 //! - [`fleet`]: `devices` and `device_stats` rows, and the one definition of `device_stats`
-//!   from `devices`; [`usage`]: `daily_usage`, `daily_usage_by_provider` and `hourly_usage` rows.
+//!   from `devices`; [`users`] and [`history`]: the `users` rows and the fleet's size by
+//!   status over time of `fleet` version 2; [`usage`]: `daily_usage`, `daily_usage_by_provider`
+//!   and `hourly_usage` rows.
 //! - [`status`]: where every projection stands against the log head, its live version and dead
 //!   letters, and the rebuilds in progress; [`changes`]: what a committed batch changed,
 //!   published to listeners (the query API's subscriptions).
@@ -17,9 +19,11 @@
 
 pub mod changes;
 pub mod fleet;
+pub mod history;
 pub mod status;
 pub mod stored;
 pub mod usage;
+pub mod users;
 pub mod versions;
 
 use sqlx::PgPool;
@@ -30,7 +34,7 @@ pub use stored::{ReadModels, load_read_models};
 /// The projections this code maintains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Projection {
-    /// `devices` and `device_stats`.
+    /// `devices` and `device_stats` (from version 2, `users` and the fleet's history too).
     Fleet,
     /// `daily_usage`.
     DailyUsage,

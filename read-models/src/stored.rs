@@ -8,8 +8,12 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use event_schema::DeviceStatus;
+
 use crate::fleet::{DeviceRow, StatsKey, StatsRow, device_row};
+use crate::history::StatusChangeKey;
 use crate::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use crate::users::{USER_COLUMNS, UserRow, user_row};
 
 /// Every read model, as the full history defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -150,4 +154,69 @@ pub async fn load_read_models(pool: &PgPool) -> Result<ReadModels, sqlx::Error> 
         usage_by_provider,
         hourly_usage,
     })
+}
+
+/// The tables version 2 of `fleet` adds (`users` and the fleet's history), as the full history
+/// defines them. Apart from [`ReadModels`], so the comparisons of the version 1 tables hold
+/// whichever version is live.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsersAndHistory {
+    pub users: BTreeMap<Uuid, UserRow>,
+    /// `fleet_status_changes`: every (user, hour, status) a transition touched, with the net
+    /// change of the count (0 when the hour's changes cancelled out).
+    pub status_changes: BTreeMap<StatusChangeKey, i64>,
+    /// `fleet_status_changes_all`: the same summed over users.
+    pub status_changes_all: BTreeMap<(DateTime<Utc>, DeviceStatus), i64>,
+}
+
+impl UsersAndHistory {
+    /// The all-users rows as the per-user rows define them.
+    pub fn sum_over_users(
+        status_changes: &BTreeMap<StatusChangeKey, i64>,
+    ) -> BTreeMap<(DateTime<Utc>, DeviceStatus), i64> {
+        let mut all = BTreeMap::new();
+        for (key, delta) in status_changes {
+            *all.entry((key.hour, key.status)).or_insert(0) += delta;
+        }
+        all
+    }
+}
+
+/// Reads `users` and the fleet's history (`None` when the live `fleet` version has no such
+/// tables), from the tables `pool`'s search path resolves.
+pub async fn load_users_and_history(pool: &PgPool) -> Result<Option<UsersAndHistory>, sqlx::Error> {
+    let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
+    let live: bool = sqlx::query_scalar("SELECT to_regclass('users') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if !live {
+        return Ok(None);
+    }
+    let mut models = UsersAndHistory::default();
+    let statement = format!("SELECT {USER_COLUMNS} FROM users");
+    for row in sqlx::query(sqlx::AssertSqlSafe(statement)).fetch_all(pool).await? {
+        let user = user_row(&row)?;
+        models.users.insert(user.user_id, user);
+    }
+    for row in sqlx::query("SELECT user_id, hour, status, delta FROM fleet_status_changes")
+        .fetch_all(pool)
+        .await?
+    {
+        let key = StatusChangeKey {
+            user_id: row.try_get("user_id")?,
+            hour: row.try_get("hour")?,
+            status: row.try_get::<String, _>("status")?.parse().map_err(decode)?,
+        };
+        models.status_changes.insert(key, row.try_get("delta")?);
+    }
+    for row in sqlx::query("SELECT hour, status, delta FROM fleet_status_changes_all")
+        .fetch_all(pool)
+        .await?
+    {
+        let status: DeviceStatus = row.try_get::<String, _>("status")?.parse().map_err(decode)?;
+        models
+            .status_changes_all
+            .insert((row.try_get("hour")?, status), row.try_get("delta")?);
+    }
+    Ok(Some(models))
 }

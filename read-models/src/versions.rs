@@ -5,12 +5,15 @@
 //! | projection    | version | tables                                        |
 //! |---------------|---------|-----------------------------------------------|
 //! | `fleet`       | 1       | `devices`, `device_stats`                     |
+//! | `fleet`       | 2       | v1's, and `users` (tier, quota, registration, erased; no personal data), `fleet_status_changes` (per user, UTC hour and status: the net change of the device count) and `fleet_status_changes_all` (the same over every user); served by the query API's `users`, `User.tier`/`quota`/`registeredAt`/`erased` and `fleetHistory` |
 //! | `daily_usage` | 1       | `daily_usage` keyed by day, user and device   |
 //! | `daily_usage` | 2       | `daily_usage` keyed by user, day, device and currency (v1 added the cents of two currencies into one row; the key also serves a user's days, so v1's user index is gone), and `daily_usage_by_provider`: minutes, cost and sessions per user, day, provider and currency |
 //! | `daily_usage` | 3       | version 2's tables, and `hourly_usage`: minutes and cost per user, UTC hour, device and currency, split exactly as the days are (the hours of a day always add up to its `daily_usage` row) |
 //!
 //! Version 1 of each is what the migrations create; the DDL here must say the same thing (a
 //! test compares the catalog of a rebuilt version 1 with the migrated one).
+
+use event_schema::StreamType;
 
 use crate::Projection;
 
@@ -25,7 +28,7 @@ impl Projection {
     /// The newest version this code can build and maintain.
     pub const fn latest_version(self) -> i32 {
         match self {
-            Projection::Fleet => 1,
+            Projection::Fleet => 2,
             Projection::DailyUsage => 3,
         }
     }
@@ -48,7 +51,14 @@ impl TableLayout {
     /// The tables of this version, all in one schema.
     pub fn tables(self) -> &'static [&'static str] {
         match (self.projection, self.version) {
-            (Projection::Fleet, _) => &["devices", "device_stats"],
+            (Projection::Fleet, 1) => &["devices", "device_stats"],
+            (Projection::Fleet, _) => &[
+                "devices",
+                "device_stats",
+                "users",
+                "fleet_status_changes",
+                "fleet_status_changes_all",
+            ],
             (Projection::DailyUsage, 1) => &["daily_usage"],
             (Projection::DailyUsage, 2) => &["daily_usage", "daily_usage_by_provider"],
             (Projection::DailyUsage, _) => &["daily_usage", "daily_usage_by_provider", "hourly_usage"],
@@ -58,6 +68,21 @@ impl TableLayout {
     /// True when `daily_usage` rows are keyed by currency too (version 2 and later).
     pub fn usage_keyed_by_currency(self) -> bool {
         self.projection == Projection::DailyUsage && self.version >= 2
+    }
+
+    /// True when `users` and the fleet's history by status (`fleet_status_changes`,
+    /// `fleet_status_changes_all`) are maintained (version 2 of `fleet` and later).
+    pub fn has_users_and_history(self) -> bool {
+        self.projection == Projection::Fleet && self.version >= 2
+    }
+
+    /// The streams whose events the projection folds: a rebuild reads only these.
+    pub fn stream_types(self) -> &'static [StreamType] {
+        if self.has_users_and_history() {
+            &[StreamType::Device, StreamType::User]
+        } else {
+            &[StreamType::Device]
+        }
     }
 
     /// True when `daily_usage_by_provider` is maintained.
@@ -75,8 +100,9 @@ impl TableLayout {
     pub fn table_ddl(self, schema: &str) -> String {
         let s = quote_ident(schema);
         match self.projection {
-            Projection::Fleet => format!(
-                "CREATE TABLE {s}.devices (
+            Projection::Fleet => {
+                let mut ddl = format!(
+                    "CREATE TABLE {s}.devices (
                      device_id uuid NOT NULL, owner_id uuid NOT NULL, provider text NOT NULL, status text NOT NULL,
                      cpu_cores integer NOT NULL, memory_mb integer NOT NULL, android_version smallint NOT NULL,
                      created_at timestamptz NOT NULL, last_started_at timestamptz,
@@ -85,7 +111,23 @@ impl TableLayout {
                      user_id uuid NOT NULL, status text NOT NULL, provider text NOT NULL, device_count bigint NOT NULL,
                      total_cpu_cores bigint NOT NULL, total_memory_mb bigint NOT NULL,
                      last_created_at timestamptz NOT NULL) WITH (fillfactor = 70);"
-            ),
+                );
+                if self.has_users_and_history() {
+                    // Quota limits are u32 in events: bigint holds them all. Null until the
+                    // first QuotaChanged. No email or phone: see `read_models::users`.
+                    ddl.push_str(&format!(
+                        "CREATE TABLE {s}.users (
+                             user_id uuid NOT NULL, tier text NOT NULL, max_devices bigint, max_cpu_cores bigint,
+                             max_memory_mb bigint, registered_at timestamptz NOT NULL, erased boolean NOT NULL,
+                             erased_at timestamptz, updated_position bigint NOT NULL);
+                         CREATE TABLE {s}.fleet_status_changes (
+                             user_id uuid NOT NULL, hour timestamptz NOT NULL, status text NOT NULL, delta bigint NOT NULL);
+                         CREATE TABLE {s}.fleet_status_changes_all (
+                             hour timestamptz NOT NULL, status text NOT NULL, delta bigint NOT NULL);"
+                    ));
+                }
+                ddl
+            }
             Projection::DailyUsage => {
                 let mut ddl = format!(
                     "CREATE TABLE {s}.daily_usage (
@@ -117,7 +159,8 @@ impl TableLayout {
     pub fn index_ddl(self, schema: &str) -> String {
         let s = quote_ident(schema);
         match self.projection {
-            Projection::Fleet => format!(
+            Projection::Fleet => {
+                let mut ddl = format!(
                 "ALTER TABLE {s}.devices ADD CONSTRAINT devices_pkey PRIMARY KEY (device_id);
                  CREATE INDEX devices_owner_idx ON {s}.devices (owner_id, status, provider);
                  CREATE INDEX devices_created_idx ON {s}.devices (created_at, device_id);
@@ -129,7 +172,21 @@ impl TableLayout {
                  CREATE INDEX devices_minutes_used_idx ON {s}.devices (minutes_used, device_id);
                  CREATE INDEX devices_owner_minutes_used_idx ON {s}.devices (owner_id, minutes_used, device_id);
                  ALTER TABLE {s}.device_stats ADD CONSTRAINT device_stats_pkey PRIMARY KEY (user_id, status, provider);"
-            ),
+                );
+                if self.has_users_and_history() {
+                    // `users` is listed by its key (keyset pages). The history's keys serve
+                    // its reads: one user's hours (base before a range, deltas within it),
+                    // and every user's hours in the all-users table.
+                    ddl.push_str(&format!(
+                        "ALTER TABLE {s}.users ADD CONSTRAINT users_pkey PRIMARY KEY (user_id);
+                         ALTER TABLE {s}.fleet_status_changes
+                             ADD CONSTRAINT fleet_status_changes_pkey PRIMARY KEY (user_id, hour, status);
+                         ALTER TABLE {s}.fleet_status_changes_all
+                             ADD CONSTRAINT fleet_status_changes_all_pkey PRIMARY KEY (hour, status);"
+                    ));
+                }
+                ddl
+            }
             Projection::DailyUsage => {
                 let mut ddl = if self.usage_keyed_by_currency() {
                     // Keyed by user first, the key also serves a user's range of days: no

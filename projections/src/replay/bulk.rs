@@ -6,13 +6,17 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use event_log::{LogReader, LoggedPayload, ReadError};
-use event_schema::{DeviceEvent, Event, StreamType};
+use event_schema::{DeviceEvent, Event};
 use read_models::fleet::device_row;
+use read_models::history::StatusChangeKey;
+use read_models::users::{USER_COLUMNS, UserRow, user_row};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{CopySink, copy_by_provider, copy_devices, copy_hourly, copy_usage};
+use super::copy::{
+    CopySink, copy_by_provider, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users,
+};
 use super::{Rebuild, ReplayConfig, ReplayError, ReplayObserver};
 use read_models::Projection;
 use read_models::fleet::{DeviceRow, stats_of};
@@ -22,6 +26,7 @@ use read_models::versions::{TableLayout, quote_ident};
 use crate::fleet::FleetFold;
 use crate::metrics_names as m;
 use crate::usage::{fold_hourly_shares, fold_provider_shares, fold_usage_shares};
+use crate::users::UserFold;
 
 /// What the bulk phase folded in this run, with what is not checkpointed yet.
 pub(super) struct Folded {
@@ -41,15 +46,24 @@ struct UsageBuffer {
     hourly: HashMap<HourKey, UsageDelta>,
 }
 
+/// The fleet's folds: devices always; users and the history's net changes from version 2
+/// (the user fold then stays empty on version 1, which reads no user events).
+struct FleetBulk {
+    devices: FleetFold,
+    users: UserFold,
+}
+
 enum BulkFold {
-    Fleet(FleetFold),
+    Fleet(FleetBulk),
     Usage(UsageBuffer),
 }
 
 impl BulkFold {
     fn buffered(&self) -> usize {
         match self {
-            BulkFold::Fleet(fold) => fold.changed_count(),
+            BulkFold::Fleet(fold) => {
+                fold.devices.changed_count() + fold.users.changed_count() + fold.devices.status_change_count()
+            }
             BulkFold::Usage(buffer) => buffer.usage.len() + buffer.by_provider.len() + buffer.hourly.len(),
         }
     }
@@ -66,7 +80,10 @@ pub(super) async fn bulk(
     let name = layout.projection.name();
     let mut fold = match layout.projection {
         // The device fold needs every device's state so far: the rows an earlier run wrote.
-        Projection::Fleet => BulkFold::Fleet(FleetFold::with_rows(partial_devices(pool, rebuild).await?)),
+        Projection::Fleet => BulkFold::Fleet(FleetBulk {
+            devices: FleetFold::with_rows(partial_devices(pool, rebuild).await?),
+            users: UserFold::with_rows(partial_users(pool, rebuild).await?),
+        }),
         Projection::DailyUsage => BulkFold::Usage(UsageBuffer::default()),
     };
     metrics::gauge!(m::REPLAY_TARGET_POSITION, "projection" => name).set(rebuild.target_position as f64);
@@ -74,13 +91,14 @@ pub(super) async fn bulk(
     let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<LoggedPayload>, ReadError>>(2);
     let reader = LogReader::new(pool.clone());
     let (from, target, page) = (rebuild.position, rebuild.target_position, config.page_events);
+    let stream_types = layout.stream_types();
     let read_stop = stop.child_token();
     let read_task = tokio::spawn({
         let read_stop = read_stop.clone();
         async move {
             let mut after = from;
             while after < target && !read_stop.is_cancelled() {
-                let rows = reader.read_payloads(StreamType::Device, after, target, page).await;
+                let rows = reader.read_payloads(stream_types, after, target, page).await;
                 let last = match &rows {
                     Ok(rows) => rows.last().map(|r| r.position),
                     Err(_) => None,
@@ -120,22 +138,27 @@ pub(super) async fn bulk(
             let decoded = u16::try_from(logged.schema_version)
                 .ok()
                 .and_then(|v| Event::decode_text(&logged.event_type, v, &logged.payload).ok());
-            let Some(Event::Device(event)) = decoded else {
-                not_applicable += 1;
-                continue;
-            };
-            events += 1;
-            match &mut fold {
-                BulkFold::Fleet(fleet) => {
-                    if fleet.apply(logged.position, logged.stream_id, &event).is_err() {
-                        not_applicable += 1;
-                    }
+            let applicable = match (&mut fold, decoded) {
+                (BulkFold::Fleet(fleet), Some(Event::Device(event))) => {
+                    fleet.devices.apply(logged.position, logged.stream_id, &event).is_ok()
                 }
-                BulkFold::Usage(buffer) => {
+                (BulkFold::Fleet(fleet), Some(Event::User(event))) => {
+                    fleet.users.apply(logged.position, logged.stream_id, &event).is_ok()
+                }
+                (BulkFold::Usage(buffer), Some(Event::Device(event))) => {
                     if let DeviceEvent::UsageRecorded(usage) = &event {
                         buffer_usage(buffer, layout, usage);
                     }
+                    true
                 }
+                (BulkFold::Usage(_), Some(Event::User(_))) | (_, None) => {
+                    not_applicable += 1;
+                    continue;
+                }
+            };
+            events += 1;
+            if !applicable {
+                not_applicable += 1;
             }
         }
         metrics::counter!(m::REPLAY_EVENTS_TOTAL, "projection" => name).increment(page.len() as u64);
@@ -219,6 +242,21 @@ async fn partial_devices(pool: &PgPool, rebuild: &Rebuild) -> Result<Vec<DeviceR
     Ok(rows.iter().map(device_row).collect::<Result<_, _>>()?)
 }
 
+/// User rows an earlier run of this rebuild wrote: the newest of each user (none for a
+/// version without `users`).
+async fn partial_users(pool: &PgPool, rebuild: &Rebuild) -> Result<Vec<UserRow>, ReplayError> {
+    if !rebuild.layout.has_users_and_history() {
+        return Ok(Vec::new());
+    }
+    let s = quote_ident(&rebuild.shadow_schema);
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT DISTINCT ON (user_id) {USER_COLUMNS} FROM {s}.users_partial ORDER BY user_id, updated_position DESC"
+    )))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(user_row).collect::<Result<_, _>>()?)
+}
+
 /// Writes what was folded since the last checkpoint to the partial tables, with the
 /// rebuild's position, in one transaction.
 async fn checkpoint_bulk(
@@ -236,8 +274,14 @@ async fn checkpoint_bulk(
     let mut tx = pool.begin().await?;
     match fold {
         BulkFold::Fleet(fleet) => {
-            copy_devices(&mut tx, &format!("{s}.devices_partial"), fleet.changed_rows()).await?;
-            fleet.clear_changed();
+            copy_devices(&mut tx, &format!("{s}.devices_partial"), fleet.devices.changed_rows()).await?;
+            fleet.devices.clear_changed();
+            if rebuild.layout.has_users_and_history() {
+                copy_users(&mut tx, &format!("{s}.users_partial"), fleet.users.changed_rows()).await?;
+                fleet.users.clear_changed();
+                let changes = fleet.devices.take_status_changes();
+                copy_status_changes(&mut tx, &format!("{s}.fleet_status_changes_partial"), changes.iter()).await?;
+            }
         }
         BulkFold::Usage(buffer) => {
             copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter()).await?;
@@ -289,10 +333,15 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
         .execute(&mut *tx)
         .await?;
     match folded.fold {
-        BulkFold::Fleet(fleet) => {
+        BulkFold::Fleet(mut fleet) => {
             // The fold holds every device (resumed from the partials): written whole.
-            copy_devices(&mut tx, &format!("{s}.devices"), fleet.rows()).await?;
-            let stats = stats_of(fleet.rows());
+            copy_devices(&mut tx, &format!("{s}.devices"), fleet.devices.rows()).await?;
+            if layout.has_users_and_history() {
+                // Users too; the history's net changes are sums over checkpoints.
+                copy_users(&mut tx, &format!("{s}.users"), fleet.users.rows()).await?;
+                finish_status_changes(&mut tx, &s, &fleet.devices.take_status_changes()).await?;
+            }
+            let stats = stats_of(fleet.devices.rows());
             let mut copy = CopySink::open(&mut tx, &format!("{s}.device_stats")).await?;
             for (key, row) in &stats {
                 copy.rows
@@ -418,6 +467,41 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
     if folded.last_recorded_at.is_some() {
         rebuild.last_recorded_at = folded.last_recorded_at;
     }
+    Ok(())
+}
+
+/// Writes the history's net changes: straight from the fold when nothing was checkpointed,
+/// else the fold's rest beside the partials and their sums; then the all-users rows as the
+/// per-user rows' sums (one pass over a table of one row per user, hour and status).
+async fn finish_status_changes(
+    conn: &mut PgConnection,
+    s: &str,
+    changes: &std::collections::BTreeMap<StatusChangeKey, i64>,
+) -> Result<(), sqlx::Error> {
+    let checkpointed: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM {s}.fleet_status_changes_partial)"
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    if checkpointed {
+        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes_partial"), changes.iter()).await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "INSERT INTO {s}.fleet_status_changes (user_id, hour, status, delta)
+             SELECT user_id, hour, status, sum(delta) FROM {s}.fleet_status_changes_partial
+             GROUP BY user_id, hour, status ORDER BY user_id, hour, status"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    } else {
+        // Key order: the fold's map is sorted, so the key's index builds from presorted input.
+        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes"), changes.iter()).await?;
+    }
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "INSERT INTO {s}.fleet_status_changes_all (hour, status, delta)
+         SELECT hour, status, sum(delta) FROM {s}.fleet_status_changes GROUP BY hour, status ORDER BY hour, status"
+    )))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -6,7 +6,9 @@ use sqlx::postgres::PgCopyIn;
 use uuid::Uuid;
 
 use read_models::fleet::DeviceRow;
+use read_models::history::StatusChangeKey;
 use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
+use read_models::users::UserRow;
 
 pub(super) async fn copy_devices<'r>(
     conn: &mut PgConnection,
@@ -28,6 +30,53 @@ pub(super) async fn copy_devices<'r>(
             .time(row.last_started_at)
             .int8(row.minutes_used)
             .int8(row.updated_position)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+pub(super) async fn copy_users<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl Iterator<Item = &'r UserRow>,
+) -> Result<(), sqlx::Error> {
+    let mut copy = CopySink::open(conn, table).await?;
+    for row in rows {
+        let limit = |pick: fn(&event_schema::Quota) -> u32| row.quota.as_ref().map(|q| i64::from(pick(q)));
+        copy.rows
+            .row(9)
+            .uuid(row.user_id)
+            .text(row.tier.as_str())
+            .opt_int8(limit(|q| q.max_devices))
+            .opt_int8(limit(|q| q.max_cpu_cores))
+            .opt_int8(limit(|q| q.max_memory_mb))
+            .time(Some(row.registered_at))
+            .bool(row.erased)
+            .time(row.erased_at)
+            .int8(row.updated_position)
+            .end_row();
+        copy.flush_if_full().await?;
+    }
+    copy.finish().await
+}
+
+pub(super) async fn copy_status_changes<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl ExactSizeIterator<Item = (&'r StatusChangeKey, &'r i64)>,
+) -> Result<(), sqlx::Error> {
+    if rows.len() == 0 {
+        return Ok(());
+    }
+    let mut copy = CopySink::open(conn, table).await?;
+    for (key, delta) in rows {
+        copy.rows
+            .row(4)
+            .uuid(key.user_id)
+            .time(Some(key.hour))
+            .text(key.status.as_str())
+            .int8(*delta)
             .end_row();
         copy.flush_if_full().await?;
     }
@@ -163,13 +212,26 @@ impl CopyRows {
         self.field(&value.to_be_bytes())
     }
 
+    pub(super) fn opt_int8(&mut self, value: Option<i64>) -> &mut Self {
+        match value {
+            Some(value) => self.int8(value),
+            None => self.null(),
+        }
+    }
+
+    pub(super) fn bool(&mut self, value: bool) -> &mut Self {
+        self.field(&[u8::from(value)])
+    }
+
+    fn null(&mut self) -> &mut Self {
+        self.buffer.extend_from_slice(&(-1i32).to_be_bytes());
+        self
+    }
+
     pub(super) fn time(&mut self, value: Option<DateTime<Utc>>) -> &mut Self {
         match value {
             Some(at) => self.field(&(at.timestamp_micros() - PG_EPOCH_UNIX_MICROS).to_be_bytes()),
-            None => {
-                self.buffer.extend_from_slice(&(-1i32).to_be_bytes());
-                self
-            }
+            None => self.null(),
         }
     }
 

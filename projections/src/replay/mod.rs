@@ -128,7 +128,8 @@ pub struct ReplaySummary {
     /// Log positions folded by the bulk phase in this run, and how long it took.
     pub bulk_positions: i64,
     pub bulk_seconds: f64,
-    /// Events of device streams decoded and folded in the bulk phase of this run.
+    /// Events of the streams the version folds (devices; users too from `fleet` v2) decoded
+    /// and folded in the bulk phase of this run.
     pub bulk_events: i64,
     /// Events that could not be applied (malformed, unknown types): left out, as the live
     /// projector parks them.

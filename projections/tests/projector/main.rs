@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
 mod embedded;
+mod fleet_v2;
 mod replay;
 mod support;

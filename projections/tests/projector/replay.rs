@@ -342,6 +342,16 @@ async fn a_replay_stopped_or_aborted_mid_rebuild_resumes_to_the_same_result(pool
     }
     let stored = load_read_models(&pool).await.unwrap();
     assert_eq!(stored, expected, "a resumed rebuild equals a fold of the whole log");
+    // Fleet v2's users and history too (resumed from their partial tables).
+    let reader = event_log::LogReader::new(pool.clone());
+    let head = reader.head().await.unwrap().position;
+    let users_and_history = projections::fold_users_and_history(&reader, head, 1_000).await.unwrap();
+    assert!(!users_and_history.users.is_empty() && !users_and_history.status_changes.is_empty());
+    assert_eq!(
+        read_models::stored::load_users_and_history(&pool).await.unwrap(),
+        Some(users_and_history),
+        "a resumed fleet v2 equals a fold of the whole log"
+    );
 }
 
 #[sqlx::test(migrations = false)]

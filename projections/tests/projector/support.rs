@@ -136,6 +136,29 @@ impl World {
         outcome.streams.iter().map(|s| s.version).collect()
     }
 
+    /// Runs a user command for the `n`th user (a tier change, a quota, an erasure), as the
+    /// command API would: decided on the user's state, appended at its version. Returns whether
+    /// the domain accepted it.
+    pub async fn user_command(&mut self, n: usize, command: UserCommand) -> bool {
+        let (id, state, version) = self.users[n].clone();
+        let Ok(events) = user::decide(&command, &state, self.clock.now_utc()) else {
+            return false;
+        };
+        if events.is_empty() {
+            return false;
+        }
+        let all: Vec<Event> = events.iter().cloned().map(Event::User).collect();
+        let versions = self
+            .append(vec![(id, StreamType::User, id, ExpectedVersion::Exact(version), all)])
+            .await;
+        let user = &mut self.users[n];
+        for e in &events {
+            user.1 = user::evolve(std::mem::take(&mut user.1), e);
+        }
+        user.2 = versions[0];
+        true
+    }
+
     /// Runs `steps` random valid-or-refused commands, moving the clock by up to 3 hours
     /// between them (so sessions cross midnight and month ends).
     pub async fn run(&mut self, steps: usize) {

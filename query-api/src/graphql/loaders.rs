@@ -9,6 +9,8 @@ use chrono::NaiveDate;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use read_models::users::UserRow;
+
 use crate::reads::{self, DeviceConditions, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
 
 /// Loads from the source one request was routed to.
@@ -119,6 +121,24 @@ impl Loader<StatsOf> for ReadLoader {
         Ok(keys
             .iter()
             .map(|key| (*key, stats.remove(&key.0).unwrap_or_default()))
+            .collect())
+    }
+}
+
+/// One user's `users` row (version 2 of `fleet`; `None` for a user the log never registered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserRecordOf(pub Uuid);
+
+impl Loader<UserRecordOf> for ReadLoader {
+    type Value = UserRow;
+    type Error = LoadError;
+
+    async fn load(&self, keys: &[UserRecordOf]) -> Result<HashMap<UserRecordOf, UserRow>, LoadError> {
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let mut users = reads::users_by_id(&self.pool, &ids).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|key| users.remove(&key.0).map(|row| (*key, row)))
             .collect())
     }
 }

@@ -40,8 +40,11 @@ use self::loaders::ReadLoader;
 pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
 pub use self::subscription::{Changes, Interest, Subscription};
-pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, Money, User};
-use crate::reads::{DeviceConditions, DeviceFilter, DeviceOrder, Owners, PageRequest, Period, TimeRange};
+pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, FleetSizePoint, Money, User, UserConnection};
+use crate::reads::{
+    DeviceConditions, DeviceFilter, DeviceOrder, HistoryPeriod, HistoryQuery, Owners, PageRequest, Period, TimeRange,
+    UserFilter, UserPageRequest,
+};
 
 /// The schema served at `/graphql` (subscriptions over WebSocket at the same path).
 pub type DashboardSchema = Schema<Query, EmptyMutation, Subscription>;
@@ -58,6 +61,8 @@ pub struct Limits {
     /// Longest range grouped by `HOUR`, in hours (whole days of 24): what bounds the rows of
     /// an hourly answer.
     pub max_usage_hours: i64,
+    /// Most points (hours or days) one `fleetHistory` answer may hold.
+    pub max_history_points: i64,
     /// Complexity: fields, with each connection's page size multiplying what it holds.
     pub max_complexity: usize,
     /// What a document may be before it is validated (its depth limit included).
@@ -74,6 +79,8 @@ impl Default for Limits {
             max_page_size: 100,
             max_usage_days: 366,
             max_usage_hours: 31 * 24,
+            // 31 days by the hour, about two years by the day.
+            max_history_points: 744,
             max_complexity: 5_000,
             document: document::DocumentLimits::default(),
             load_batch_window: Duration::from_millis(1),
@@ -262,6 +269,132 @@ pub enum Provider {
     Alibaba,
     /// Huawei Cloud.
     Huawei,
+}
+
+/// A customer's subscription tier: it selects default quotas and prices.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "event_schema::Tier")]
+pub enum Tier {
+    /// The free tier.
+    Free,
+    /// The basic paid tier.
+    Basic,
+    /// The professional tier.
+    Pro,
+    /// The enterprise tier.
+    Enterprise,
+}
+
+/// Which users `users` lists; every condition given must hold.
+#[derive(InputObject, Debug, Clone, Default)]
+pub struct UsersFilter {
+    /// Only users in one of these tiers (a single value is a list of one; an empty list
+    /// matches nothing).
+    pub tier: Option<Vec<Tier>>,
+    /// Only users who were erased (`true`) or only those who were not (`false`).
+    pub erased: Option<bool>,
+}
+
+impl From<UsersFilter> for UserFilter {
+    fn from(filter: UsersFilter) -> Self {
+        UserFilter {
+            tiers: filter.tier.map(|list| list.into_iter().map(Into::into).collect()),
+            erased: filter.erased,
+        }
+    }
+}
+
+/// The points of `fleetHistory`.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FleetHistoryGroupBy {
+    /// One point per UTC hour (the default).
+    #[default]
+    Hour,
+    /// One point per UTC day.
+    Day,
+}
+
+impl From<FleetHistoryGroupBy> for HistoryPeriod {
+    fn from(group: FleetHistoryGroupBy) -> Self {
+        match group {
+            FleetHistoryGroupBy::Hour => HistoryPeriod::Hour,
+            FleetHistoryGroupBy::Day => HistoryPeriod::Day,
+        }
+    }
+}
+
+/// The range of `fleetHistory`: the hours (or days) from the one holding `from` up to the one
+/// holding `to`, excluded (at most 744 points).
+#[derive(InputObject, Debug, Clone, Copy)]
+pub struct FleetHistoryFilter {
+    /// Only this user's fleet (for a `user` caller, their own id or nothing); every user's
+    /// when left out.
+    pub user_id: Option<Uuid>,
+    /// The first instant of the range: its hour (or day) is the first point.
+    pub from: DateTime<Utc>,
+    /// The first instant after the range (excluded); a partial hour (or day) counts whole.
+    pub to: DateTime<Utc>,
+}
+
+impl FleetHistoryFilter {
+    /// The history query this filter asks for, within the limits.
+    pub(crate) fn query(
+        self,
+        limits: &Limits,
+        viewer: Viewer,
+        group_by: FleetHistoryGroupBy,
+    ) -> async_graphql::Result<HistoryQuery> {
+        let period = HistoryPeriod::from(group_by);
+        if self.from >= self.to {
+            return Err(bad_input(format!(
+                "`from` ({}) must be before `to` ({})",
+                self.from, self.to
+            )));
+        }
+        for (name, at) in [("from", self.from), ("to", self.to)] {
+            if !(1..=9999).contains(&chrono::Datelike::year(&at)) {
+                return Err(bad_input(format!("`{name}` ({at}) must be in the years 1 to 9999")));
+            }
+        }
+        let from = period.start_of(self.from);
+        let last = period.start_of(self.to - chrono::Duration::microseconds(1));
+        let points = (last - from).num_seconds() / period.length().num_seconds() + 1;
+        if points > limits.max_history_points {
+            return Err(bad_input(format!(
+                "the range covers {points} points; at most {} are allowed (use `groupBy: DAY` for long ranges)",
+                limits.max_history_points
+            )));
+        }
+        Ok(HistoryQuery {
+            owners: viewer.owners(self.user_id),
+            from,
+            to: last + period.length(),
+            period,
+        })
+    }
+}
+
+/// The error of a field served by a projection version that is not live on this source.
+pub(crate) fn projection_version_error(
+    what: &str,
+    version: i32,
+    projection: &str,
+    replay: &str,
+) -> async_graphql::Error {
+    async_graphql::Error::new(format!(
+        "{what} needs version {version} of the {projection} projection, which is not live on this source yet:          run `cloudphone replay {replay}`"
+    ))
+    .extend_with(|_, e| e.set("code", "PROJECTION_VERSION"))
+}
+
+/// The error of a field served by version 2 of `fleet`, for a failed read: the version is not
+/// live (`PROJECTION_VERSION`), or the source failed.
+pub(crate) fn fleet_v2_error(read: &ReadContext, what: &str, error: &sqlx::Error) -> async_graphql::Error {
+    if is_undefined_table(error) {
+        projection_version_error(what, 2, "fleet", "fleet")
+    } else {
+        read.database_error(error)
+    }
 }
 
 /// The order of a device list (ties broken by device id, in the list's direction, so every
@@ -526,16 +659,14 @@ pub(crate) fn usage_range(
     Ok(())
 }
 
-/// Turns Relay paging arguments into a keyset page request.
-pub(crate) fn page_request(
+/// The page size, direction and cursor Relay paging arguments ask for, checked.
+fn page_direction<'a>(
     limits: &Limits,
-    order: DevicesOrderBy,
     first: Option<i32>,
-    after: Option<&str>,
+    after: Option<&'a str>,
     last: Option<i32>,
-    before: Option<&str>,
-) -> async_graphql::Result<PageRequest> {
-    let order = DeviceOrder::from(order);
+    before: Option<&'a str>,
+) -> async_graphql::Result<(i32, bool, Option<&'a str>)> {
     let (size, backward, cursor) = match (first, last) {
         (Some(_), Some(_)) => return Err(bad_input("pass `first` or `last`, not both")),
         (_, None) if before.is_some() && after.is_none() && first.is_none() => (limits.default_page_size, true, before),
@@ -558,12 +689,46 @@ pub(crate) fn page_request(
             limits.max_page_size
         )));
     }
+    Ok((size, backward, cursor))
+}
+
+/// Turns Relay paging arguments into a keyset page request.
+pub(crate) fn page_request(
+    limits: &Limits,
+    order: DevicesOrderBy,
+    first: Option<i32>,
+    after: Option<&str>,
+    last: Option<i32>,
+    before: Option<&str>,
+) -> async_graphql::Result<PageRequest> {
+    let order = DeviceOrder::from(order);
+    let (size, backward, cursor) = page_direction(limits, first, after, last, before)?;
     let from = cursor
         .map(|cursor| decode_cursor(cursor, order))
         .transpose()
         .map_err(|error| bad_input(error.to_string()))?;
     Ok(PageRequest {
         order,
+        size: i64::from(size),
+        from,
+        backward,
+    })
+}
+
+/// Turns Relay paging arguments into a keyset page request over users.
+pub(crate) fn user_page_request(
+    limits: &Limits,
+    first: Option<i32>,
+    after: Option<&str>,
+    last: Option<i32>,
+    before: Option<&str>,
+) -> async_graphql::Result<UserPageRequest> {
+    let (size, backward, cursor) = page_direction(limits, first, after, last, before)?;
+    let from = cursor
+        .map(scalars::decode_user_cursor)
+        .transpose()
+        .map_err(|error| bad_input(error.to_string()))?;
+    Ok(UserPageRequest {
         size: i64::from(size),
         from,
         backward,

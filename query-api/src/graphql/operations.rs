@@ -22,12 +22,20 @@ use super::{ProjectionState, Viewer, read_context};
 
 /// The guard of every operations field: admins pass, anyone else gets `FORBIDDEN`.
 pub(crate) fn admin_only(ctx: &Context<'_>) -> async_graphql::Result<()> {
+    only_admins_may_read(
+        ctx,
+        "the operations fields (projection versions and dead letters, `log`, `replays`)",
+    )
+}
+
+/// Admins pass; anyone else gets `FORBIDDEN`, naming `what` they may not read.
+pub(crate) fn only_admins_may_read(ctx: &Context<'_>, what: &str) -> async_graphql::Result<()> {
     match read_context(ctx).viewer {
         Viewer::Admin => Ok(()),
-        Viewer::Everyone | Viewer::User(_) => Err(async_graphql::Error::new(
-            "only admin tokens may read the operations fields (projection versions and dead letters, `log`, `replays`)",
-        )
-        .extend_with(|_, e| e.set("code", "FORBIDDEN"))),
+        Viewer::Everyone | Viewer::User(_) => {
+            Err(async_graphql::Error::new(format!("only admin tokens may read {what}"))
+                .extend_with(|_, e| e.set("code", "FORBIDDEN")))
+        }
     }
 }
 

@@ -8,11 +8,12 @@ use uuid::Uuid;
 use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
 use super::{
-    DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, Money, ProviderUsage,
-    ProviderUsageFilter, UsageFilter, UsageGroupBy, User, bad_input, is_undefined_table, page_request,
-    projection_version, read_context, usage_range, usage_read_error,
+    DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, FleetHistoryFilter,
+    FleetHistoryGroupBy, FleetSizePoint, Money, ProviderUsage, ProviderUsageFilter, UsageFilter, UsageGroupBy, User,
+    UserConnection, UsersFilter, bad_input, fleet_v2_error, is_undefined_table, page_request, projection_version,
+    read_context, usage_range, usage_read_error, user_page_request,
 };
-use crate::reads::{self, Period, UsageQuery};
+use crate::reads::{self, Period, UsageQuery, UserFilter};
 
 /// The root of every dashboard query.
 #[derive(Debug, Default)]
@@ -207,6 +208,73 @@ impl Query {
         read_context(ctx).viewer.can_see(id).then_some(User(id))
     }
 
+    /// Users as a Relay connection ordered by user id (UUIDv7: roughly registration order),
+    /// paged by keyset: tier, quota, registration and erasure, never personal data. Admin
+    /// tokens only: others get the error code `FORBIDDEN`. Served by version 2 of the `fleet`
+    /// projection: until it is live (`cloudphone replay fleet`) this answers with the error
+    /// code `PROJECTION_VERSION`, and from the swap on it answers, with no restart.
+    #[graphql(
+        guard = "users_admin_only",
+        complexity = "first.or(last).unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    async fn users(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Which users to list.")] filter: Option<UsersFilter>,
+        #[graphql(desc = "Page forward: at most this many users after `after` (0 to 100; default 20).")] first: Option<
+            i32,
+        >,
+        #[graphql(desc = "A cursor from this list: the page starts after it.")] after: Option<String>,
+        #[graphql(desc = "Page backward: at most this many users before `before` (0 to 100).")] last: Option<i32>,
+        #[graphql(desc = "A cursor from this list: the page ends before it.")] before: Option<String>,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<UserConnection> {
+        let _ = min_position;
+        let read = read_context(ctx);
+        let request = user_page_request(&read.limits, first, after.as_deref(), last, before.as_deref())?;
+        let filter = UserFilter::from(filter.unwrap_or_default());
+        let page = read
+            .read_once(format!("user_page {filter:?} {request:?}"), || {
+                reads::user_page(&read.pool, &filter, &request)
+            })
+            .await
+            .map_err(|e| fleet_v2_error(read, "users", &e))?;
+        Ok(UserConnection::new(filter, request, page))
+    }
+
+    /// The fleet's size over time, for charts: devices per status at the end of each UTC
+    /// hour (or day) of a range (at most 744 points), the current one included; deleted
+    /// devices are not counted, as in `deviceStats`. Served by version 2 of the `fleet`
+    /// projection: until it is live (`cloudphone replay fleet`) this answers with the error
+    /// code `PROJECTION_VERSION`, and from the swap on it answers, with no restart.
+    pub(crate) async fn fleet_history(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The range, and whose fleet; a `user` caller only ever sees their own.")]
+        filter: FleetHistoryFilter,
+        #[graphql(desc = "One point per hour (the default) or per day.")] group_by: Option<FleetHistoryGroupBy>,
+        #[graphql(desc = "See `deviceStats(minPosition)`.")] min_position: Option<BigInt>,
+    ) -> async_graphql::Result<Vec<FleetSizePoint>> {
+        let _ = min_position;
+        let read = read_context(ctx);
+        let query = filter.query(&read.limits, read.viewer, group_by.unwrap_or_default())?;
+        if query.owners == reads::Owners::Nobody {
+            // Another user's fleet: nothing, as every other field answers a user for it.
+            return Ok(Vec::new());
+        }
+        let changes = read
+            .read_once(format!("status_changes {query:?}"), || {
+                reads::status_changes(&read.pool, &query)
+            })
+            .await
+            .map_err(|e| fleet_v2_error(read, "the fleet's history", &e))?;
+        Ok(reads::fleet_sizes(&changes, query.from, query.to, query.period)
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
     /// How far each projection has applied the log, on the source that answered.
     #[graphql(cache_control(no_cache))]
     pub(crate) async fn projection_status(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<ProjectionState>> {
@@ -267,4 +335,9 @@ pub struct ProjectionState {
     pub lag_seconds: f64,
     /// When the last applied event was committed to the log (null before the first).
     pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+/// The guard of `users`: admins pass, anyone else gets `FORBIDDEN`.
+fn users_admin_only(ctx: &Context<'_>) -> async_graphql::Result<()> {
+    operations::only_admins_may_read(ctx, "`users`")
 }

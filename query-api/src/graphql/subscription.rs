@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use super::query::{ProjectionState, Query};
 use super::{
-    DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, UsageFilter, UsageGroupBy,
-    read_context,
+    DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, FleetHistoryFilter,
+    FleetHistoryGroupBy, FleetSizePoint, UsageFilter, UsageGroupBy, read_context,
 };
 use crate::reads::Owners;
 
@@ -95,6 +95,20 @@ impl Subscription {
         read.note_interest(Interest::device(Projection::Fleet, id));
         let device = Query.device(ctx, id, None).await?;
         Ok(stream::iter([device]))
+    }
+
+    /// `Query.fleetHistory`, live: pushed whenever a device in its scope changes status (the
+    /// newest point moves; a range that ended earlier changes only with a late event).
+    async fn fleet_history(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "As `Query.fleetHistory(filter)`.")] filter: FleetHistoryFilter,
+        #[graphql(desc = "As `Query.fleetHistory(groupBy)`.")] group_by: Option<FleetHistoryGroupBy>,
+    ) -> async_graphql::Result<impl Stream<Item = Vec<FleetSizePoint>> + use<>> {
+        let read = read_context(ctx);
+        read.note_interest(Interest::rows(Projection::Fleet, read.viewer.owners(filter.user_id)));
+        let history = Query.fleet_history(ctx, filter, group_by, None).await?;
+        Ok(stream::iter([history]))
     }
 
     /// `Query.projectionStatus`, live: pushed as projections move (at most once per

@@ -5,15 +5,17 @@ use chrono::{DateTime, NaiveDate, Utc};
 use read_models::fleet::DeviceRow;
 use uuid::Uuid;
 
-use super::loaders::{OwnerCount, OwnerPage, StatsOf, UsageOf};
-use super::scalars::{BigInt, encode_cursor};
+use super::loaders::{OwnerCount, OwnerPage, StatsOf, UsageOf, UserRecordOf};
+use super::scalars::{BigInt, encode_cursor, encode_user_cursor};
 use super::{
-    DeviceStatus, DevicesOrderBy, Provider, UsageGroupBy, UserDevicesFilter, loader, page_request, read_context,
-    usage_range, usage_read_error,
+    DeviceStatus, DevicesOrderBy, Provider, Tier, UsageGroupBy, UserDevicesFilter, fleet_v2_error, loader,
+    page_request, read_context, usage_range, usage_read_error,
 };
 use crate::reads::{
-    self, DeviceFilter, DeviceKey, Owners, Page, PageRequest, StatsRecord, StatsTotals, UsageRecord, UsageSubject,
+    self, DeviceFilter, DeviceKey, FleetSize, Owners, Page, PageRequest, StatsRecord, StatsTotals, UsageRecord,
+    UsageSubject, UserFilter, UserPage, UserPageRequest,
 };
+use read_models::users::UserRow;
 
 /// A virtual device as the fleet projection shows it.
 #[derive(Debug, Clone)]
@@ -134,12 +136,69 @@ async fn usage_of(
 #[derive(Debug, Clone, Copy)]
 pub struct User(pub Uuid);
 
-/// A user: their devices, usage and statistics.
+impl User {
+    /// The user's `users` row (batched across users), or `None` when the log never
+    /// registered them. A `User` is only ever made for a user the caller may see; the check
+    /// here keeps it so should that ever change.
+    async fn record(&self, ctx: &Context<'_>, field: &str) -> async_graphql::Result<Option<UserRow>> {
+        let read = read_context(ctx);
+        if !read.viewer.can_see(self.0) {
+            return Ok(None);
+        }
+        loader(ctx)
+            .load_one(UserRecordOf(self.0))
+            .await
+            .map_err(|e| fleet_v2_error(read, field, &e))
+    }
+}
+
+/// A user: their tier, quota and registration, their devices, usage and statistics. The
+/// fields from `tier` to `erasedAt` are served by version 2 of the `fleet` projection: until
+/// it is live (`cloudphone replay fleet`) they answer with the error code
+/// `PROJECTION_VERSION`. No personal data (email, phone) is served.
 #[Object]
 impl User {
     /// The user's id.
     async fn id(&self) -> Uuid {
         self.0
+    }
+
+    /// The user's subscription tier (null if the log holds no registration for this id).
+    async fn tier(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Tier>> {
+        Ok(self.record(ctx, "User.tier").await?.map(|row| row.tier.into()))
+    }
+
+    /// The user's device limits (null before any were set, or if the log holds no
+    /// registration for this id).
+    async fn quota(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Quota>> {
+        Ok(self
+            .record(ctx, "User.quota")
+            .await?
+            .and_then(|row| row.quota)
+            .map(|quota| Quota {
+                max_devices: BigInt(i64::from(quota.max_devices)),
+                max_cpu_cores: BigInt(i64::from(quota.max_cpu_cores)),
+                max_memory_mb: BigInt(i64::from(quota.max_memory_mb)),
+            }))
+    }
+
+    /// When the user registered (null if the log holds no registration for this id).
+    async fn registered_at(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<DateTime<Utc>>> {
+        Ok(self
+            .record(ctx, "User.registeredAt")
+            .await?
+            .map(|row| row.registered_at))
+    }
+
+    /// Whether the user asked to be forgotten: their personal data was crypto-shredded (null
+    /// if the log holds no registration for this id).
+    async fn erased(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<bool>> {
+        Ok(self.record(ctx, "User.erased").await?.map(|row| row.erased))
+    }
+
+    /// When the user was erased (null if they were not).
+    async fn erased_at(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<DateTime<Utc>>> {
+        Ok(self.record(ctx, "User.erasedAt").await?.and_then(|row| row.erased_at))
     }
 
     /// The user's devices (batched across users: one statement per page shape).
@@ -243,16 +302,40 @@ pub struct DeviceEdge {
 /// Where a page sits in its list.
 #[derive(SimpleObject, Debug, Clone)]
 pub struct PageInfo {
-    /// For a forward page, whether more devices follow; for a backward page, whether a
+    /// For a forward page, whether more rows follow; for a backward page, whether a
     /// `before` cursor was given (rows exist after it).
     pub has_next_page: bool,
     /// For a forward page, whether an `after` cursor was given (rows exist before it).
-    /// For a backward page, whether more devices come before it.
+    /// For a backward page, whether more rows come before it.
     pub has_previous_page: bool,
-    /// The cursor of the page's first device (null for an empty page).
+    /// The cursor of the page's first row (null for an empty page).
     pub start_cursor: Option<String>,
-    /// The cursor of the page's last device (null for an empty page): `after` for the next page.
+    /// The cursor of the page's last row (null for an empty page): `after` for the next page.
     pub end_cursor: Option<String>,
+}
+
+impl PageInfo {
+    /// Where a page read in the direction `backward` from a cursor (`paged_from`) sits, with
+    /// `more` rows beyond it in that direction.
+    fn of(
+        backward: bool,
+        paged_from: bool,
+        more: bool,
+        start_cursor: Option<String>,
+        end_cursor: Option<String>,
+    ) -> Self {
+        let (has_next_page, has_previous_page) = if backward {
+            (paged_from, more)
+        } else {
+            (more, paged_from)
+        };
+        PageInfo {
+            has_next_page,
+            has_previous_page,
+            start_cursor,
+            end_cursor,
+        }
+    }
 }
 
 /// A page of devices (a Relay connection): the devices, their cursors, where the page sits
@@ -278,18 +361,13 @@ impl DeviceConnection {
 
     /// Where the page sits in the list.
     async fn page_info(&self) -> PageInfo {
-        let paged_from = self.request.from.is_some();
-        let (has_next_page, has_previous_page) = if self.request.backward {
-            (paged_from, self.page.more)
-        } else {
-            (self.page.more, paged_from)
-        };
-        PageInfo {
-            has_next_page,
-            has_previous_page,
-            start_cursor: self.page.rows.first().map(|row| self.cursor(row)),
-            end_cursor: self.page.rows.last().map(|row| self.cursor(row)),
-        }
+        PageInfo::of(
+            self.request.backward,
+            self.request.from.is_some(),
+            self.page.more,
+            self.page.rows.first().map(|row| self.cursor(row)),
+            self.page.rows.last().map(|row| self.cursor(row)),
+        )
     }
 
     /// Devices matching the filter, across every page.
@@ -312,6 +390,114 @@ impl DeviceConnection {
                 .map_err(|e| read.database_error(&e))?,
         };
         Ok(BigInt(count))
+    }
+}
+
+/// A user's device limits.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct Quota {
+    /// Most devices the user may have (deleted ones not counted).
+    pub max_devices: BigInt,
+    /// Most virtual CPU cores over the user's devices.
+    pub max_cpu_cores: BigInt,
+    /// Most memory in MiB over the user's devices.
+    pub max_memory_mb: BigInt,
+}
+
+/// A page of users (a Relay connection), ordered by user id: the users, their cursors, where
+/// the page sits and how many users match across every page.
+#[derive(Debug, Clone)]
+pub struct UserConnection {
+    filter: UserFilter,
+    request: UserPageRequest,
+    page: UserPage,
+}
+
+impl UserConnection {
+    pub(crate) fn new(filter: UserFilter, request: UserPageRequest, page: UserPage) -> Self {
+        UserConnection { filter, request, page }
+    }
+}
+
+/// A user with their cursor.
+#[derive(SimpleObject, Debug, Clone)]
+pub struct UserEdge {
+    /// Opaque: pass it as `after` or `before` to page on from this user.
+    pub cursor: String,
+    /// The user.
+    pub node: User,
+}
+
+/// A page of users (a Relay connection), ordered by user id: the users, their cursors, where
+/// the page sits and how many users match across every page.
+#[Object]
+impl UserConnection {
+    /// The page's users with their cursors.
+    async fn edges(&self) -> Vec<UserEdge> {
+        self.page
+            .rows
+            .iter()
+            .map(|row| UserEdge {
+                cursor: encode_user_cursor(row.user_id),
+                node: User(row.user_id),
+            })
+            .collect()
+    }
+
+    /// The page's users (as `edges`, without cursors).
+    async fn nodes(&self) -> Vec<User> {
+        self.page.rows.iter().map(|row| User(row.user_id)).collect()
+    }
+
+    /// Where the page sits in the list.
+    async fn page_info(&self) -> PageInfo {
+        PageInfo::of(
+            self.request.backward,
+            self.request.from.is_some(),
+            self.page.more,
+            self.page.rows.first().map(|row| encode_user_cursor(row.user_id)),
+            self.page.rows.last().map(|row| encode_user_cursor(row.user_id)),
+        )
+    }
+
+    /// Users matching the filter, across every page.
+    async fn total_count(&self, ctx: &Context<'_>) -> async_graphql::Result<BigInt> {
+        let read = read_context(ctx);
+        let count = read
+            .read_once(format!("count_users {:?}", self.filter), || {
+                reads::count_users(&read.pool, &self.filter)
+            })
+            .await
+            .map_err(|e| fleet_v2_error(read, "users", &e))?;
+        Ok(BigInt(count))
+    }
+}
+
+/// The fleet's size at one point: devices per status at the end of the hour (or day) that
+/// starts at `at`, or now for the current one. Deleted devices are not counted.
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct FleetSizePoint {
+    /// The start of the UTC hour (or day).
+    pub at: DateTime<Utc>,
+    /// Devices stopped (created and not running).
+    pub stopped: BigInt,
+    /// Devices running.
+    pub running: BigInt,
+    /// Devices failed.
+    pub failed: BigInt,
+    /// Every device counted: `stopped + running + failed`.
+    pub total: BigInt,
+}
+
+impl From<FleetSize> for FleetSizePoint {
+    fn from(size: FleetSize) -> Self {
+        FleetSizePoint {
+            at: size.at,
+            stopped: BigInt(size.stopped),
+            running: BigInt(size.running),
+            failed: BigInt(size.failed),
+            total: BigInt(size.stopped + size.running + size.failed),
+        }
     }
 }
 

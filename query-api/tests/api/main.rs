@@ -1,6 +1,7 @@
 //! The query API over HTTP against a real PostgreSQL: every query and filter over known rows
 //! (`graphql`), device lists in every order under combined filters (`device_lists`), the
-//! admin's operations fields (`operations`), the web console's files and development tokens
+//! admin's operations fields (`operations`), version 2 of `fleet`: users and the fleet's
+//! history (`fleet_v2`), the web console's files and development tokens
 //! (`console`), hostile clients (`hostile`, in the nextest `load` group: it asserts
 //! latencies), read routing through a real streaming replica (`replicas`, in the `replica`
 //! group: one of them stops the replica), and subscriptions over WebSocket
@@ -11,6 +12,7 @@
 
 mod console;
 mod device_lists;
+mod fleet_v2;
 mod graphql;
 mod hostile;
 mod operations;
