@@ -29,6 +29,8 @@ pub struct CacheKeyParts<'a> {
     pub variables: &'a str,
     pub scope: &'a str,
     pub checkpoints: &'a [i64],
+    /// The live version of each projection's tables on the source that answered.
+    pub versions: &'a [i32],
 }
 
 /// A SHA-256 over the parts, each length-prefixed so no two tuples share an encoding.
@@ -45,8 +47,12 @@ pub fn cache_key(parts: &CacheKeyParts<'_>) -> CacheKey {
         hash.update((part.len() as u64).to_le_bytes());
         hash.update(part.as_bytes());
     }
+    hash.update((parts.checkpoints.len() as u64).to_le_bytes());
     for checkpoint in parts.checkpoints {
         hash.update(checkpoint.to_le_bytes());
+    }
+    for version in parts.versions {
+        hash.update(version.to_le_bytes());
     }
     hash.finalize().into()
 }
@@ -270,6 +276,7 @@ mod tests {
             variables: "{}",
             scope: "everyone",
             checkpoints: &[1, 2],
+            versions: &[1, 1],
         };
         let key = cache_key(&base);
         assert_ne!(
@@ -283,6 +290,13 @@ mod tests {
             key,
             cache_key(&CacheKeyParts {
                 checkpoints: &[1, 3],
+                ..base
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyParts {
+                versions: &[1, 2],
                 ..base
             })
         );

@@ -49,7 +49,7 @@ pub(crate) fn min_position(
 /// The position an answer read on `route` reflects at least: the source had applied this
 /// much before the query read it (none when the source's checkpoints are unknown).
 pub(crate) fn read_position(route: &Route) -> Option<i64> {
-    route.checkpoints.as_ref().and_then(|c| c.iter().min().copied())
+    route.checkpoints.as_ref().map(crate::sources::Checkpoints::least)
 }
 
 /// Tells the caller, in `X-Read-Position`, the position its answer reflects at least.

@@ -74,7 +74,28 @@ pub struct Route {
     pub source: Source,
     /// Each projection's checkpoint (in the order of [`Projection::ALL`]) the source had
     /// reached at least; `None` when not known recently (answers are then not cached).
-    pub checkpoints: Option<Vec<i64>>,
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// A source's projection checkpoints, each in the order of [`Projection::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoints {
+    /// The log position each projection has applied.
+    pub positions: Vec<i64>,
+    /// The version of each projection's live tables. A replay's swap changes it without
+    /// moving a position, and an answer read before the swap must not be served after it.
+    pub versions: Vec<i32>,
+}
+
+impl Checkpoints {
+    /// The position every projection has applied.
+    pub fn least(&self) -> i64 {
+        self.positions.iter().copied().min().unwrap_or(0)
+    }
+
+    fn all_reached(&self, position: i64) -> bool {
+        self.positions.iter().all(|&p| p >= position)
+    }
 }
 
 /// Which database answered.
@@ -259,7 +280,7 @@ impl ReadSources {
         // A watermark that already covers the position needs no round trip.
         for replica in &rotation {
             if let Some(at) = replica.watermark.get(fresh)
-                && at.iter().all(|&p| p >= wanted)
+                && at.all_reached(wanted)
             {
                 return Ok(Route {
                     pool: replica.pool.clone(),
@@ -270,7 +291,7 @@ impl ReadSources {
         }
         if self.replicas.is_empty()
             && let Some(at) = self.primary_watermark.get(fresh)
-            && at.iter().all(|&p| p >= wanted)
+            && at.all_reached(wanted)
         {
             return Ok(Route {
                 pool: self.primary.clone(),
@@ -290,7 +311,7 @@ impl ReadSources {
         let fresh = self.config.watermark_max_age;
         for replica in self.rotation() {
             if let Some(at) = replica.watermark.get(fresh)
-                && least(&at) >= position
+                && at.least() >= position
             {
                 return Route {
                     pool: replica.pool.clone(),
@@ -416,7 +437,7 @@ impl ReadSources {
             for replica in &rotation {
                 if let Ok(Ok(at)) = tokio::time::timeout(self.config.probe_timeout, checkpoints(&replica.pool)).await {
                     replica.watermark.set(at.clone());
-                    if least(&at) >= position {
+                    if at.least() >= position {
                         return Ok(Route {
                             pool: replica.pool.clone(),
                             source: Source::Replica(replica.name.clone()),
@@ -427,7 +448,7 @@ impl ReadSources {
             }
             let at = checkpoints(&self.primary).await?;
             self.primary_watermark.set(at.clone());
-            let reached = least(&at);
+            let reached = at.least();
             // Waiting only helps when a replica in rotation may still catch up.
             if reached >= position && (rotation.is_empty() || started.elapsed() >= self.config.position_wait) {
                 if !self.replicas.is_empty() {
@@ -466,34 +487,30 @@ impl ReadSources {
     }
 }
 
-/// Every projection's checkpoint, in the order of [`Projection::ALL`] (0 for one that has
-/// not run yet).
-async fn checkpoints(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+/// Every projection's checkpoint and live version, in the order of [`Projection::ALL`]
+/// (position 0 and version 1 for one that has not run yet).
+async fn checkpoints(pool: &PgPool) -> Result<Checkpoints, sqlx::Error> {
     let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT projection, position FROM projection_checkpoints WHERE projection = ANY($1)")
+    let rows: Vec<(String, i64, i32)> =
+        sqlx::query_as("SELECT projection, position, version FROM projection_checkpoints WHERE projection = ANY($1)")
             .bind(&names)
             .fetch_all(pool)
             .await?;
-    Ok(names
-        .iter()
-        .map(|name| rows.iter().find(|(p, _)| p == name).map_or(0, |(_, at)| *at))
-        .collect())
-}
-
-/// The position every projection has applied.
-fn least(checkpoints: &[i64]) -> i64 {
-    checkpoints.iter().copied().min().unwrap_or(0)
+    let row = |name: &&str| rows.iter().find(|(p, _, _)| p == name);
+    Ok(Checkpoints {
+        positions: names.iter().map(|name| row(name).map_or(0, |r| r.1)).collect(),
+        versions: names.iter().map(|name| row(name).map_or(1, |r| r.2)).collect(),
+    })
 }
 
 /// A source's projection checkpoints as last read, with when.
 #[derive(Debug, Default)]
 struct Watermark {
-    read: Mutex<Option<(Instant, Vec<i64>)>>,
+    read: Mutex<Option<(Instant, Checkpoints)>>,
 }
 
 impl Watermark {
-    fn set(&self, checkpoints: Vec<i64>) {
+    fn set(&self, checkpoints: Checkpoints) {
         if let Ok(mut read) = self.read.lock() {
             *read = Some((Instant::now(), checkpoints));
         }
@@ -506,7 +523,7 @@ impl Watermark {
     }
 
     /// The checkpoints, if read within `max_age`.
-    fn get(&self, max_age: Duration) -> Option<Vec<i64>> {
+    fn get(&self, max_age: Duration) -> Option<Checkpoints> {
         let read = self.read.lock().ok()?;
         read.as_ref()
             .filter(|(at, _)| at.elapsed() <= max_age)

@@ -14,9 +14,7 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{
-    CopySink, copy_by_provider, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users,
-};
+use super::copy::{CopySink, copy_by_provider, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users};
 use super::{Rebuild, ReplayConfig, ReplayError, ReplayObserver};
 use read_models::Projection;
 use read_models::fleet::{DeviceRow, stats_of};

@@ -93,7 +93,8 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
                 operation_name: question.operation_name.as_deref(),
                 variables: &question.variables_key,
                 scope: &asked.viewer.cache_scope(),
-                checkpoints: &state.epoch.key_for(seen, question.min_position),
+                checkpoints: &state.epoch.key_for(&seen.positions, question.min_position),
+                versions: &seen.versions,
             })
         });
         if let (Some(cache), Some(key)) = (&state.cache, &key)

@@ -197,6 +197,7 @@ impl Hub {
             variables: &question.variables_key,
             scope: &viewer.cache_scope(),
             checkpoints: &[],
+            versions: &[],
         });
         let (group, receiver, new) = {
             let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);

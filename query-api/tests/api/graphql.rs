@@ -990,6 +990,52 @@ async fn usage_by_provider_answers_once_daily_usage_v2_is_swapped_in_with_no_res
     assert_eq!(answer.data()["usageByProvider"], json!([]), "{answer:?}");
 }
 
+#[sqlx::test(migrations = false)]
+async fn an_answer_cached_before_a_replay_swap_is_not_served_after_it(pool: PgPool) {
+    known_data(&pool).await;
+    let api = start(&pool, test_config()).await;
+    let admin = admin();
+    let query = "query($f: UsageFilter!) { dailyUsage(filter: $f) { totals { minutes } } }";
+    let filter = json!({"f": {"from": "2026-01-01", "to": "2026-12-31"}});
+    let minutes = |answer: &Answer| big(&answer.data()["dailyUsage"]["totals"]["minutes"]);
+    let first = api.query(&admin, query, filter.clone()).await;
+    let again = api.query(&admin, query, filter.clone()).await;
+    assert_eq!((minutes(&first), again.cache.as_deref()), (204, Some("hit")));
+
+    // The log is empty, so the rebuilt version holds no usage, and the swap leaves every
+    // checkpoint at the position it had: only the version tells the answers apart.
+    let summary = projections::replay::replay(
+        &pool,
+        read_models::Projection::DailyUsage,
+        Some(2),
+        projections::replay::ReplayConfig::default(),
+        &projections::replay::Unobserved,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.version, 2);
+    let positions: Vec<i64> = sqlx::query_scalar("SELECT position FROM projection_checkpoints ORDER BY projection")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(positions, [0, 0]);
+    // Once the API has read the new version (its watermark refresh), the old answer is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = api.query(&admin, query, filter.clone()).await;
+        if minutes(&after) == 0 {
+            assert_ne!(after.cache.as_deref(), Some("hit"), "{after:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the v1 answer is still served: {after:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Appends `sessions` random usage sessions of A's two devices and B's one (created first if
 /// `create`): starts over March 2026's first twenty days, lengths from a minute to thirty
 /// hours (so many cross midnight and several hours), odd costs in two currencies. Returns
