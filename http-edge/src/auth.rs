@@ -76,6 +76,9 @@ pub struct Principal {
     /// The subject as a user id, for `user` and `admin` tokens.
     pub user_id: Option<Uuid>,
     pub scopes: Vec<String>,
+    /// The token's `exp` (Unix seconds): what a long-lived connection authenticated with it
+    /// may not outlast (by more than [`LEEWAY_SECONDS`]).
+    pub expires_at: i64,
 }
 
 impl Principal {
@@ -299,6 +302,7 @@ impl TokenVerifier {
             user_id,
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
             subject: claims.sub,
+            expires_at: claims.exp,
         })
     }
 }

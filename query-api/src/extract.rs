@@ -310,6 +310,7 @@ mod tests {
             subject: "someone".to_owned(),
             user_id,
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            expires_at: i64::MAX,
         }
     }
 

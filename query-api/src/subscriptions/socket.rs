@@ -138,11 +138,22 @@ async fn serve(state: AppState, mut socket: WebSocket, protocol: Protocol, princ
     tokio::pin!(init_deadline);
     let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + config.keep_alive, config.keep_alive);
     let mut heard = Instant::now();
+    // Armed once the caller is known: a socket may not outlive its token.
+    let expiry = tokio::time::sleep(config.init_timeout);
+    tokio::pin!(expiry);
+    let mut expiry_armed = false;
     let ending = loop {
+        if !expiry_armed && let Some(principal) = session.principal.as_ref().filter(|_| session.viewer.is_some()) {
+            expiry.as_mut().reset(token_deadline(principal));
+            expiry_armed = true;
+        }
         let next = tokio::select! {
             () = closing.cancelled() => Next::Close(close::GOING_AWAY, "the server is shutting down".to_owned()),
             () = &mut init_deadline, if session.viewer.is_none() => {
                 Next::Close(close::INIT_TIMEOUT, "Connection initialisation timeout".to_owned())
+            }
+            () = &mut expiry, if expiry_armed => {
+                Next::Close(close::FORBIDDEN, "Forbidden: the token expired; reconnect with a fresh one".to_owned())
             }
             frame = socket.recv() => {
                 heard = Instant::now();
@@ -373,6 +384,19 @@ async fn question(state: &AppState, payload: &serde_json::Value) -> Result<Quest
             "TIMEOUT",
         )),
     }
+}
+
+/// When a socket authenticated by `principal` must close: its token's `exp`, with the clock
+/// skew every token check tolerates.
+fn token_deadline(principal: &Principal) -> tokio::time::Instant {
+    let now = chrono::Utc::now().timestamp();
+    let left = principal
+        .expires_at
+        .saturating_add(http_edge::auth::LEEWAY_SECONDS as i64)
+        .saturating_sub(now);
+    // At most a year ahead: `Instant` arithmetic must not overflow on a far-off `exp`.
+    let left = Duration::from_secs(u64::try_from(left).unwrap_or(0).min(365 * 24 * 3600));
+    tokio::time::Instant::now() + left
 }
 
 /// Sends one message within `timeout`; false when the client did not take it in time.

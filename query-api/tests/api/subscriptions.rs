@@ -427,6 +427,34 @@ async fn the_legacy_protocol_and_a_token_on_the_upgrade_request_work(pool: PgPoo
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_socket_is_closed_when_its_token_expires(pool: PgPool) {
+    let api = live_api(&pool, LiveConfig::default()).await;
+    let owner = Uuid::now_v7();
+    // Expired 24 s ago: still accepted within the 30 s of clock skew every check allows, and
+    // past it 6 s from now.
+    let expiring = http_edge::auth::mint_token(
+        test_support::query::SECRET,
+        &owner.to_string(),
+        Role::User,
+        &[],
+        Utc::now() - chrono::Duration::seconds(24),
+        chrono::Duration::zero(),
+    )
+    .unwrap();
+    let mut socket = LiveClient::connect(api.addr, &expiring).await;
+    socket.subscribe("1", DEVICES, json!({})).await;
+    assert_eq!(total(&socket.next_of("1").await), 0);
+    // A fresh token's socket stays.
+    let mut fresh = LiveClient::connect(api.addr, &token(owner, Role::User)).await;
+    fresh.subscribe("1", DEVICES, json!({})).await;
+    fresh.next_of("1").await;
+    let closed = socket.closed().await;
+    assert_eq!(closed.code, 4403, "{closed:?}");
+    assert!(closed.reason.contains("expired"), "{closed:?}");
+    assert!(fresh.message_within(Duration::from_millis(500)).await.is_none());
+}
+
+#[sqlx::test(migrations = false)]
 async fn hostile_sockets_are_closed_with_a_code_that_says_why(pool: PgPool) {
     let api = live_api(
         &pool,
