@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use event_log::{LogReader, ReadError};
-use event_schema::{DeviceEvent, Event, StreamType};
+use event_schema::{DeviceEvent, Event, EventEnvelope, StreamType};
 
 use read_models::ReadModels;
 use read_models::stored::UsersAndHistory;
@@ -22,28 +22,21 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
     let mut usage = BTreeMap::new();
     let mut by_provider = BTreeMap::new();
     let mut hourly = BTreeMap::new();
-    let mut after = 0;
-    while after < to {
-        let events = reader.read_all(after, page.min(to - after)).await?;
-        let Some(last) = events.last() else {
-            break;
+    for_each_event(reader, to, page, |envelope, event| {
+        let Event::Device(event) = event else {
+            return;
         };
-        after = last.position;
-        for envelope in &events {
-            let Ok(Event::Device(event)) = envelope.decode() else {
-                continue;
-            };
-            if envelope.stream_type != StreamType::Device {
-                continue;
-            }
-            if let DeviceEvent::UsageRecorded(recorded) = &event {
-                fold_usage(&mut usage, recorded);
-                fold_usage_by_provider(&mut by_provider, recorded);
-                fold_hourly_usage(&mut hourly, recorded);
-            }
-            let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
+        if envelope.stream_type != StreamType::Device {
+            return;
         }
-    }
+        if let DeviceEvent::UsageRecorded(recorded) = &event {
+            fold_usage(&mut usage, recorded);
+            fold_usage_by_provider(&mut by_provider, recorded);
+            fold_hourly_usage(&mut hourly, recorded);
+        }
+        let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
+    })
+    .await?;
     let devices: BTreeMap<_, _> = fleet.rows().map(|row| (row.device_id, row.clone())).collect();
     Ok(ReadModels {
         device_stats: stats_of(devices.values()),
@@ -59,6 +52,33 @@ pub async fn fold_log(reader: &LogReader, to: i64, page: i64) -> Result<ReadMode
 pub async fn fold_users_and_history(reader: &LogReader, to: i64, page: i64) -> Result<UsersAndHistory, ReadError> {
     let mut fleet = FleetFold::default();
     let mut users = UserFold::default();
+    for_each_event(reader, to, page, |envelope, event| match event {
+        Event::Device(event) if envelope.stream_type == StreamType::Device => {
+            let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
+        }
+        Event::User(event) if envelope.stream_type == StreamType::User => {
+            let _ = users.apply(envelope.position, envelope.stream_id, &event);
+        }
+        _ => {}
+    })
+    .await?;
+    let status_changes = fleet.take_status_changes();
+    Ok(UsersAndHistory {
+        users: users.rows().map(|row| (row.user_id, row.clone())).collect(),
+        status_changes_all: UsersAndHistory::sum_over_users(&status_changes),
+        status_changes,
+    })
+}
+
+/// Calls `apply` with every event of the log from the start up to `to` (inclusive) that
+/// decodes, reading `page` events at a time (one that does not decode is left out, as the
+/// projectors park it).
+async fn for_each_event(
+    reader: &LogReader,
+    to: i64,
+    page: i64,
+    mut apply: impl FnMut(&EventEnvelope, Event),
+) -> Result<(), ReadError> {
     let mut after = 0;
     while after < to {
         let events = reader.read_all(after, page.min(to - after)).await?;
@@ -67,21 +87,10 @@ pub async fn fold_users_and_history(reader: &LogReader, to: i64, page: i64) -> R
         };
         after = last.position;
         for envelope in &events {
-            match envelope.decode() {
-                Ok(Event::Device(event)) if envelope.stream_type == StreamType::Device => {
-                    let _ = fleet.apply(envelope.position, envelope.stream_id, &event);
-                }
-                Ok(Event::User(event)) if envelope.stream_type == StreamType::User => {
-                    let _ = users.apply(envelope.position, envelope.stream_id, &event);
-                }
-                _ => {}
+            if let Ok(event) = envelope.decode() {
+                apply(envelope, event);
             }
         }
     }
-    let status_changes = fleet.take_status_changes();
-    Ok(UsersAndHistory {
-        users: users.rows().map(|row| (row.user_id, row.clone())).collect(),
-        status_changes_all: UsersAndHistory::sum_over_users(&status_changes),
-        status_changes,
-    })
+    Ok(())
 }

@@ -382,7 +382,8 @@ pub(crate) fn projection_version_error(
     replay: &str,
 ) -> async_graphql::Error {
     async_graphql::Error::new(format!(
-        "{what} needs version {version} of the {projection} projection, which is not live on this source yet:          run `cloudphone replay {replay}`"
+        "{what} needs version {version} of the {projection} projection, which is not live on this \
+         source yet: run `cloudphone replay {replay}`"
     ))
     .extend_with(|_, e| e.set("code", "PROJECTION_VERSION"))
 }
@@ -603,19 +604,15 @@ fn is_undefined_table(error: &sqlx::Error) -> bool {
 
 /// The error of a field that needs a version of the `daily_usage` projection this source does
 /// not have live yet (its statement named a table that is not there).
-pub(crate) fn projection_version(what: &str, version: i32) -> async_graphql::Error {
-    async_graphql::Error::new(format!(
-        "{what} needs version {version} of the daily_usage projection, which is not live on this \
-         source yet: run `cloudphone replay daily-usage`"
-    ))
-    .extend_with(|_, e| e.set("code", "PROJECTION_VERSION"))
+pub(crate) fn daily_usage_version_error(what: &str, version: i32) -> async_graphql::Error {
+    projection_version_error(what, version, "daily_usage", "daily-usage")
 }
 
 /// How a failed usage read answers: an hourly read on a source without `hourly_usage` needs
 /// version 3; anything else is the source's failure.
 pub(crate) fn usage_read_error(read: &ReadContext, period: Period, error: &sqlx::Error) -> async_graphql::Error {
     if period == Period::Hour && is_undefined_table(error) {
-        projection_version("usage by hour", 3)
+        daily_usage_version_error("usage by hour", 3)
     } else {
         read.database_error(error)
     }

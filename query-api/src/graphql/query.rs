@@ -10,8 +10,8 @@ use super::scalars::BigInt;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, FleetHistoryFilter,
     FleetHistoryGroupBy, FleetSizePoint, Money, ProviderUsage, ProviderUsageFilter, UsageFilter, UsageGroupBy, User,
-    UserConnection, UsersFilter, bad_input, fleet_v2_error, is_undefined_table, page_request, projection_version,
-    read_context, usage_range, usage_read_error, user_page_request,
+    UserConnection, UsersFilter, bad_input, daily_usage_version_error, fleet_v2_error, is_undefined_table,
+    page_request, read_context, usage_range, usage_read_error, user_page_request,
 };
 use crate::reads::{self, Period, UsageQuery, UserFilter};
 
@@ -115,7 +115,7 @@ impl Query {
             .await
         {
             Ok(records) => records,
-            Err(error) if is_undefined_table(&error) => return Err(projection_version("usage by provider", 2)),
+            Err(error) if is_undefined_table(&error) => return Err(daily_usage_version_error("usage by provider", 2)),
             Err(error) => return Err(read.database_error(&error)),
         };
         records
