@@ -58,9 +58,11 @@ pub struct TelemetryArgs {
 pub struct PlatformArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
-    /// Apply the migrations at start (idempotent, serialised by an advisory lock). Turn off
-    /// for a role that connects through PgBouncer in transaction mode, where a session lock
-    /// would outlive its client; run `cloudphone migrate` directly on the primary instead.
+    /// Create the database if missing and apply the migrations at start (idempotent,
+    /// serialised by an advisory lock). Turn off for a role that connects through PgBouncer
+    /// in transaction mode, where a session lock would outlive its client; run `cloudphone
+    /// migrate` directly on the primary instead. Off, the role creates nothing and refuses
+    /// to start on a database that is missing or older than this binary.
     #[arg(long, env = "CLOUDPHONE_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
     /// Read replicas, comma-separated [default: none; reads go to the primary].
@@ -346,7 +348,8 @@ pub enum Command {
         #[command(subcommand)]
         action: PartitionsAction,
     },
-    /// Rebuild a projection from the whole history beside the live one, then swap it in.
+    /// Rebuild a projection from the whole history beside the live one, then swap it in
+    /// (on a database `cloudphone migrate` brought to this binary's schema).
     Replay(ReplayArgs),
     /// Export event history as NDJSON or CSV (with a trailer that `verify --file` checks).
     Export(ExportArgs),

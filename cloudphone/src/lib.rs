@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod errors;
 pub mod telemetry;
 
 use crate::cli::{Cli, Command};

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     let telemetry = match cloudphone::telemetry::init(&cli.telemetry) {
         Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", cloudphone::errors::one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            // One line, each cause once, no PostgreSQL internals (see `errors`).
+            eprintln!("error: {}", cloudphone::errors::one_line(&error));
             ExitCode::FAILURE
         }
     }

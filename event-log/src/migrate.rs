@@ -6,10 +6,12 @@
 //! sure partitions exist for this month and the next ones. Safe to run twice and while the
 //! platform is up.
 
+use std::collections::BTreeSet;
+
 use chrono::Utc;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::partitions::ensure_partitions;
 
@@ -57,6 +59,22 @@ pub async fn migrate(pool: &PgPool) -> Result<(), MigrateError> {
     drop(conn);
     ensure_partitions(pool, Utc::now(), DEFAULT_PARTITIONS_AHEAD).await?;
     Ok(())
+}
+
+/// The versions `_sqlx_migrations` records as applied (the log's and the projections'), or
+/// `None` when the database has no such table: nobody migrated it. Reads only, so verbs that
+/// must not change a schema can tell an unmigrated or outdated database from a current one.
+pub async fn applied_versions(conn: &mut PgConnection) -> Result<Option<BTreeSet<i64>>, sqlx::Error> {
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !recorded {
+        return Ok(None);
+    }
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Some(versions.into_iter().collect()))
 }
 
 /// Creates the database named in `options` if it does not exist, connecting to the

@@ -10,7 +10,9 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/cloud
 // clap would make it the `about` of a verb that flattens this group and has none of its own.)
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// The primary PostgreSQL database; created if it does not exist.
+    /// The primary PostgreSQL database. `migrate`, `serve` and roles that migrate on start
+    /// create it if it does not exist; every other verb needs it migrated
+    /// (`cloudphone migrate`) and creates nothing.
     #[arg(long, env = "CLOUDPHONE_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     pub database_url: String,
     /// Most connections this process opens to the primary.

@@ -54,7 +54,13 @@ impl Projection {
 
 /// Applies the read-model migrations (versions 1000+; the event log's are ignored here).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrator().run(pool).await
+}
+
+/// The read-model migrations embedded in the binary (versions 1000+), told to ignore the
+/// event log's versions recorded in the same table.
+pub fn migrator() -> Migrator {
     let mut migrator: Migrator = sqlx::migrate!("./migrations");
     migrator.set_ignore_missing(true);
-    migrator.run(pool).await
+    migrator
 }

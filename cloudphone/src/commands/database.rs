@@ -1,30 +1,128 @@
 //! Connecting to the primary the way every verb does.
+//!
+//! Only `migrate`, `serve` and the roles that migrate on start may create the database or
+//! change its schema: they use [`connect`]. Every other verb uses [`connect_existing`],
+//! which creates nothing and refuses, in one line, a database that is missing, was never
+//! migrated, or is older than this binary.
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
 
 use anyhow::Context;
-use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::cli::DatabaseArgs;
 
-/// Connects to the primary, creating its database first if it does not exist.
+/// The schema a verb reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// The event log's tables (verify, export, keys, partitions).
+    Log,
+    /// The log and the read models (replay, the roles).
+    LogAndReadModels,
+}
+
+/// Connects to the primary, creating its database first if it does not exist. Only for the
+/// verbs that migrate.
 pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(&args.database_url)
-        .context("CLOUDPHONE_DATABASE_URL / --database-url is not a valid PostgreSQL URL")?;
-    if event_log::create_database_if_missing(&options)
-        .await
-        .with_context(|| format!("cannot reach PostgreSQL at {}", redact(&args.database_url)))?
-    {
-        tracing::info!(
+    let options = parse(args)?;
+    match event_log::create_database_if_missing(&options).await {
+        Ok(true) => tracing::info!(
             database = options.get_database().unwrap_or_default(),
             "created database"
+        ),
+        Ok(false) => {}
+        Err(error) => return Err(unreachable(args, &options, error)),
+    }
+    event_log::pool_options(args.database_max_connections)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
+}
+
+/// Connects to a primary that must already hold this binary's `schema`: creates no
+/// database and applies no migration.
+pub async fn connect_existing(args: &DatabaseArgs, schema: Schema) -> anyhow::Result<PgPool> {
+    let options = parse(args)?;
+    let name = options.get_database().unwrap_or("postgres").to_owned();
+    let at = address(&options);
+    // One connection first: a pool would retry a refused connection until it timed out,
+    // hiding why.
+    let mut conn = match options.connect().await {
+        Ok(conn) => conn,
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(INVALID_CATALOG_NAME) => {
+            anyhow::bail!(
+                "database {name} does not exist at {at}; check the URL, or run `cloudphone migrate` to create it"
+            )
+        }
+        Err(error) => return Err(unreachable(args, &options, error)),
+    };
+    let applied = event_log::applied_versions(&mut conn)
+        .await
+        .with_context(|| format!("cannot read the schema version of database {name} at {at}"))?;
+    // Closing politely only saves the server a log line; the answer is already in.
+    let _ = conn.close().await;
+    let mut wanted: BTreeSet<i64> = versions(&event_log::migrator());
+    if schema == Schema::LogAndReadModels {
+        wanted.extend(versions(&read_models::migrator()));
+    }
+    let applied = applied.unwrap_or_default();
+    if applied.is_disjoint(&wanted) {
+        anyhow::bail!("database {name} at {at} has no Cloudphone schema; run `cloudphone migrate`");
+    }
+    let pending: Vec<String> = wanted.difference(&applied).map(i64::to_string).collect();
+    if !pending.is_empty() {
+        anyhow::bail!(
+            "database {name} at {at} has a schema older than this binary (migrations {} not applied); run `cloudphone migrate`",
+            pending.join(", ")
         );
     }
     event_log::pool_options(args.database_max_connections)
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
+}
+
+/// SQLSTATE 3D000: the database named in the connection does not exist.
+const INVALID_CATALOG_NAME: &str = "3D000";
+
+fn parse(args: &DatabaseArgs) -> anyhow::Result<PgConnectOptions> {
+    PgConnectOptions::from_str(&args.database_url)
+        .context("CLOUDPHONE_DATABASE_URL / --database-url is not a valid PostgreSQL URL")
+}
+
+fn versions(migrator: &sqlx::migrate::Migrator) -> BTreeSet<i64> {
+    migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .map(|m| m.version)
+        .collect()
+}
+
+/// `host:port`, or the socket directory.
+fn address(options: &PgConnectOptions) -> String {
+    match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    }
+}
+
+/// The error of a server that could not be reached; when nothing listens on this machine,
+/// how to get a PostgreSQL here (the project's own script) is part of the message.
+fn unreachable(args: &DatabaseArgs, options: &PgConnectOptions, error: sqlx::Error) -> anyhow::Error {
+    let refused_here = matches!(&error, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused)
+        && options.get_socket().is_none()
+        && matches!(options.get_host(), "127.0.0.1" | "localhost" | "::1" | "[::1]");
+    let context = format!("cannot reach PostgreSQL at {}", redact(&args.database_url));
+    if refused_here {
+        anyhow::anyhow!(
+            "{context}: nothing answers at {}; `ops/dev/postgres.sh ensure` (in the repository) installs and starts one on 127.0.0.1:5432, or set --database-url / CLOUDPHONE_DATABASE_URL",
+            address(options)
+        )
+    } else {
+        anyhow::Error::new(error).context(context)
+    }
 }
 
 /// Connects to the primary (which must exist) with a `statement_timeout` on every connection:

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt as _;
 
 use crate::cli::{ExportArgs, ExportFormatArg, PersonalArg};
-use crate::commands::database;
+use crate::commands::database::{self, Schema};
 
 /// What an export wrote, as printed at the end.
 #[derive(Debug, Serialize)]
@@ -46,7 +46,7 @@ pub async fn run(args: &ExportArgs) -> anyhow::Result<()> {
     if let (Some(from), Some(to)) = (args.from, args.to) {
         anyhow::ensure!(from < to, "--from must be before --to");
     }
-    let pool = database::connect(&args.database).await?;
+    let pool = database::connect_existing(&args.database, Schema::Log).await?;
     let filter = HistoryFilter {
         owner_id: args.user_id,
         stream_id: args.stream_id,

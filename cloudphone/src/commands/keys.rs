@@ -10,7 +10,7 @@ use event_log::personal::{MasterKey, PersonalDataKeys};
 use operator_console::Progress;
 
 use crate::cli::KeysAction;
-use crate::commands::database;
+use crate::commands::database::{self, Schema};
 
 pub async fn run(action: &KeysAction) -> anyhow::Result<()> {
     match action {
@@ -28,7 +28,7 @@ pub async fn run(action: &KeysAction) -> anyhow::Result<()> {
             batch,
         } => {
             let keyring = master_keys.keyring()?;
-            let pool = database::connect(database).await?;
+            let pool = database::connect_existing(database, Schema::Log).await?;
             let keys = PersonalDataKeys::new(pool, keyring.clone());
             let before = keys.inventory().await?;
             let pending: i64 = before
@@ -51,7 +51,7 @@ pub async fn run(action: &KeysAction) -> anyhow::Result<()> {
             print_inventory(&keys).await
         }
         KeysAction::Status { database, master_keys } => {
-            let pool = database::connect(database).await?;
+            let pool = database::connect_existing(database, Schema::Log).await?;
             let keys = PersonalDataKeys::new(pool, master_keys.keyring()?);
             print_inventory(&keys).await
         }

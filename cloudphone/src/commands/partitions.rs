@@ -5,15 +5,15 @@ use chrono::{NaiveDate, Utc};
 use event_log::partitions;
 
 use crate::cli::{DatabaseArgs, PartitionsAction};
-use crate::commands::database;
+use crate::commands::database::{self, Schema};
 
 pub async fn run(args: &DatabaseArgs, action: &PartitionsAction) -> anyhow::Result<()> {
-    let pool = database::connect(args).await?;
+    let pool = database::connect_existing(args, Schema::Log).await?;
     match action {
         PartitionsAction::Ensure { months_ahead } => {
             let created = partitions::ensure_partitions(&pool, Utc::now(), *months_ahead)
                 .await
-                .context("ensuring partitions failed (has `cloudphone migrate` run?)")?;
+                .context("ensuring partitions failed")?;
             println!("created {created} partitions");
         }
         PartitionsAction::List => {

@@ -3,21 +3,18 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use operator_console::BarObserver;
 use projections::replay::{self, ReplayConfig};
 use read_models::Projection;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ReplayArgs;
-use crate::commands::{database, role_endpoints};
+use crate::commands::database::{self, Schema};
+use crate::commands::role_endpoints;
 
 pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
-    let pool = database::connect(&args.database).await?;
-    event_log::migrate(&pool).await.context("migration failed")?;
-    read_models::migrate(&pool)
-        .await
-        .context("read model migration failed")?;
+    // Rebuilds tables of the schema `cloudphone migrate` made; changes no schema version.
+    let pool = database::connect_existing(&args.database, Schema::LogAndReadModels).await?;
     let projection = args.projection.map(Projection::from);
     if args.status {
         return print_status(&pool).await;

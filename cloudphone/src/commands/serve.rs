@@ -20,7 +20,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{AppendModeArg, AuthArgs, PlatformArgs};
-use crate::commands::{database, role_endpoints, sampler};
+use crate::commands::database::{self, Schema};
+use crate::commands::{role_endpoints, sampler};
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +36,18 @@ pub enum Roles {
 }
 
 pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
-    let pool = database::connect(&args.database).await?;
-    if args.migrate_on_start {
+    let pool = if args.migrate_on_start {
         // Idempotent and safe while other instances run: a fresh machine needs nothing else.
+        let pool = database::connect(&args.database).await?;
         event_log::migrate(&pool).await.context("migration failed")?;
         read_models::migrate(&pool)
             .await
             .context("read model migration failed")?;
-    }
+        pool
+    } else {
+        // The schema is `cloudphone migrate`'s: this role creates nothing.
+        database::connect_existing(&args.database, Schema::LogAndReadModels).await?
+    };
     let metrics = http_edge::telemetry::prometheus();
     register_role_metrics(roles, args.kafka_brokers.is_some());
     let stop = CancellationToken::new();

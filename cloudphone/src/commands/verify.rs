@@ -10,7 +10,7 @@ use event_schema::ChainHash;
 use operator_console::Progress;
 
 use crate::cli::{ExportFormatArg, VerifyArgs};
-use crate::commands::database;
+use crate::commands::database::{self, Schema};
 
 pub async fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     match &args.file {
@@ -20,7 +20,7 @@ pub async fn run(args: &VerifyArgs) -> anyhow::Result<()> {
 }
 
 async fn verify_log(args: &VerifyArgs) -> anyhow::Result<()> {
-    let pool = database::connect(&args.database).await?;
+    let pool = database::connect_existing(&args.database, Schema::Log).await?;
     let reader = LogReader::new(pool);
     let head = reader.head().await?;
     let to = args.to.unwrap_or(head.position).min(head.position);
@@ -147,7 +147,7 @@ async fn compare_every_hash(args: &VerifyArgs, path: std::path::PathBuf, format:
         }
         Ok(())
     });
-    let reader = LogReader::new(database::connect(&args.database).await?);
+    let reader = LogReader::new(database::connect_existing(&args.database, Schema::Log).await?);
     let mut compared = 0u64;
     while let Some(batch) = received.recv().await {
         let wanted: Vec<i64> = batch.iter().map(|(position, _)| *position).collect();
@@ -176,7 +176,7 @@ async fn compare_with_log(args: &VerifyArgs, verified: &ExportVerification) -> a
         println!("the file holds no events: nothing to compare with the log");
         return Ok(());
     };
-    let reader = LogReader::new(database::connect(&args.database).await?);
+    let reader = LogReader::new(database::connect_existing(&args.database, Schema::Log).await?);
     let stored_hash = |position: i64| {
         let reader = reader.clone();
         async move {

@@ -25,6 +25,7 @@ mod kafka;
 mod load;
 mod metrics;
 mod ops;
+mod readonly;
 mod replay;
 mod replicas;
 mod support;
