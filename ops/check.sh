@@ -99,6 +99,43 @@ for script in check.sh deploy/cloudphone-entrypoint.sh deploy/postgres/*.sh depl
     echo "ok $script"
 done
 
+# ------------------------------------------------------------------ Scrape targets
+step "every port a role serves metrics on is a Prometheus scrape target"
+# Debian's python3 has PyYAML (docker-compose, installed above, depends on python3-yaml).
+/usr/bin/python3 - "$ops" <<'PY'
+import os, re, sys
+import yaml
+
+ops = sys.argv[1]
+compose = yaml.safe_load(open(os.path.join(ops, "deploy/compose.yaml")))
+prometheus = yaml.safe_load(open(os.path.join(ops, "prometheus/prometheus.yml")))
+targets = set()
+for job in prometheus.get("scrape_configs", []):
+    for sd in job.get("dns_sd_configs", []):
+        for name in sd.get("names", []):
+            targets.add((name, int(sd["port"])))
+    for static in job.get("static_configs", []):
+        for target in static.get("targets", []):
+            host, _, port = target.rpartition(":")
+            targets.add((host, int(port)))
+# Every listener a role opens serves /metrics: the APIs' own, the projector's and relay's
+# ops listener, the replay's.
+listener = re.compile(r"^CLOUDPHONE_(\w+_)?LISTEN$")
+missing, found = [], 0
+for name, service in (compose.get("services") or {}).items():
+    for key, value in (service.get("environment") or {}).items():
+        if listener.match(key) and value:
+            found += 1
+            port = int(str(value).rpartition(":")[2])
+            if (name, port) not in targets:
+                missing.append(f"{name}:{port} ({key})")
+if found == 0:
+    sys.exit("no CLOUDPHONE_*_LISTEN in deploy/compose.yaml: the check reads nothing")
+if missing:
+    sys.exit("not scraped by prometheus/prometheus.yml: " + ", ".join(missing))
+print(f"{found} listeners, each a scrape target")
+PY
+
 # ------------------------------------------------------------------ Grafana and cross-checks
 step "Grafana dashboards, runbook links, metric reference"
 for dashboard in grafana/dashboards/*.json; do
