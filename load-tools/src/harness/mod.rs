@@ -12,6 +12,7 @@
 
 pub mod databases;
 pub mod metrics;
+pub mod portal;
 pub mod postgraphile;
 pub mod report;
 pub mod roles;

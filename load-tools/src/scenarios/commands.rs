@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::cli::LoadCommandsArgs;
 use crate::harness::databases::fresh_database;
+use crate::harness::portal::register_user;
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::tokens::{SECRET, load_token};
 use crate::workloads::portal::{Device, Operation, PortalCommand};
@@ -188,17 +189,7 @@ async fn provision(client: &reqwest::Client, base: &str, count: usize) -> anyhow
     let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
     let mut users = Vec::with_capacity(count);
     for _ in 0..count {
-        let id = Uuid::now_v7();
-        let token = load_token(&id.to_string(), Role::User)?;
-        let registered = client
-            .post(format!("{base}/v1/users"))
-            .bearer_auth(&token)
-            .json(&json!({"tier": "enterprise", "email": "load@example.com", "phone": "+4915112345678"}))
-            .send()
-            .await?;
-        if !registered.status().is_success() {
-            bail!("provisioning a user failed: {}", registered.status());
-        }
+        let (id, token) = register_user(client, base).await?;
         let quota = client
             .put(format!("{base}/v1/users/{id}/quota"))
             .bearer_auth(&admin)

@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::cli::LoadHostileArgs;
 use crate::harness::databases::recreate_database;
 use crate::harness::metrics::metric;
+use crate::harness::portal::register_user;
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::roles::ServeProcess;
 use crate::harness::sampling::cpu_seconds;
@@ -173,22 +174,7 @@ pub async fn run(args: &LoadHostileArgs) -> anyhow::Result<()> {
 async fn register_users(client: &reqwest::Client, command: &str, count: usize) -> anyhow::Result<Vec<String>> {
     let mut tokens = Vec::new();
     for _ in 0..count {
-        let user = Uuid::now_v7();
-        let token = load_token(&user.to_string(), Role::User)?;
-        let answer = client
-            .post(format!("{command}/v1/users"))
-            .bearer_auth(&token)
-            .json(&json!({"tier": "enterprise", "email": "load@example.com", "phone": "+4915112345678"}))
-            .send()
-            .await?;
-        if answer.status() != 201 {
-            bail!(
-                "registering a user answered {}: {}",
-                answer.status(),
-                answer.text().await?
-            );
-        }
-        tokens.push(token);
+        tokens.push(register_user(client, command).await?.1);
     }
     Ok(tokens)
 }

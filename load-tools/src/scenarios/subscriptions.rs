@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
-use http_edge::auth::Role;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -49,10 +48,10 @@ use uuid::Uuid;
 use crate::cli::LoadSubscriptionsArgs;
 use crate::harness::databases::{database_url_of, recreate_database};
 use crate::harness::metrics::metric;
+use crate::harness::portal::register_user;
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::roles::RoleProcess;
 use crate::harness::sampling::{cpu_seconds, vm_rss_mib};
-use crate::harness::tokens::load_token;
 
 const DATABASE: &str = "cloudphone_load_subscriptions";
 /// Devices a user's fleet grows to at most, so every device fits on the dashboard's page.
@@ -544,17 +543,7 @@ pub async fn run(args: &LoadSubscriptionsArgs) -> anyhow::Result<()> {
 async fn register(client: &reqwest::Client, base: &str, count: usize) -> anyhow::Result<Vec<User>> {
     futures::stream::iter(0..count)
         .map(|_| async move {
-            let id = Uuid::now_v7();
-            let token = load_token(&id.to_string(), Role::User)?;
-            let registered = client
-                .post(format!("{base}/v1/users"))
-                .bearer_auth(&token)
-                .json(&json!({"tier": "enterprise", "email": "load@example.com", "phone": "+4915112345678"}))
-                .send()
-                .await?;
-            if !registered.status().is_success() {
-                bail!("registering a user failed: {}", registered.status());
-            }
+            let (id, token) = register_user(client, base).await?;
             Ok(User {
                 id,
                 token,
