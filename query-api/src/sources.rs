@@ -92,10 +92,6 @@ impl Checkpoints {
     pub fn least(&self) -> i64 {
         self.positions.iter().copied().min().unwrap_or(0)
     }
-
-    fn all_reached(&self, position: i64) -> bool {
-        self.positions.iter().all(|&p| p >= position)
-    }
 }
 
 /// Which database answered.
@@ -280,7 +276,7 @@ impl ReadSources {
         // A watermark that already covers the position needs no round trip.
         for replica in &rotation {
             if let Some(at) = replica.watermark.get(fresh)
-                && at.all_reached(wanted)
+                && at.least() >= wanted
             {
                 return Ok(Route {
                     pool: replica.pool.clone(),
@@ -291,7 +287,7 @@ impl ReadSources {
         }
         if self.replicas.is_empty()
             && let Some(at) = self.primary_watermark.get(fresh)
-            && at.all_reached(wanted)
+            && at.least() >= wanted
         {
             return Ok(Route {
                 pool: self.primary.clone(),
