@@ -11,6 +11,8 @@
 //! - [`history`] streams the history out for auditors in the [`export`] file format, which
 //!   [`export::verify_export`] checks; [`personal`] keeps per-user data keys so personal
 //!   fields are stored encrypted and a user can be erased by destroying their key.
+//! - [`pooler`] tells whether a connection keeps a session of its own or goes through a
+//!   transaction pooler (PgBouncer), where session locks, `LISTEN` and settings do not hold.
 //!
 //! # Why no reader ever skips an event
 //!
@@ -47,6 +49,7 @@ pub mod idempotency;
 mod migrate;
 pub mod partitions;
 pub mod personal;
+pub mod pooler;
 mod read;
 pub mod server;
 mod tail;

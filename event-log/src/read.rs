@@ -233,8 +233,11 @@ impl LogReader {
         let row: Option<(Vec<u8>, Value)> =
             sqlx::query_as("SELECT request_hash, outcome FROM append_idempotency WHERE key = $1")
                 .bind(key)
-                // Planned each time, never as a cached generic plan (see the writer's probe).
-                .persistent(false)
+                // A named statement, unlike the writer's probe: outside a transaction, an
+                // unnamed one's Parse and Bind can reach different server connections behind a
+                // transaction pooler (PgBouncer), and bind to another client's statement. The
+                // writer's reason for planning each time does not apply to a primary-key
+                // equality, whose generic plan is an index scan however empty the table was.
                 .fetch_optional(&mut *self.conn().await?)
                 .await?;
         row.map(|(hash, outcome)| {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian machine it first installs and starts what the tests
-# need (PostgreSQL, a Kafka-protocol broker, a streaming replica, a headless browser), checks
-# ops/ (ops/check.sh), then runs every test of the workspace with cargo-nextest against those
-# real services.
+# need (PostgreSQL, a Kafka-protocol broker, a streaming replica, a headless browser,
+# PgBouncer), checks ops/ (ops/check.sh), then runs every test of the workspace with
+# cargo-nextest against those real services.
 #
 # Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
 # arguments, the command API is then also fuzzed against its OpenAPI document
@@ -18,6 +18,9 @@ ops/dev/broker.sh fresh
 ops/dev/replica.sh start
 # Headless chromium and playwright-core for the web console's browser test (cached).
 ops/dev/browser.sh ensure
+# PgBouncer in transaction mode on port 6432 in front of it, for the roles-through-PgBouncer
+# tests (Debian's source package built once when the distribution's is too old; cached).
+ops/dev/pgbouncer.sh ensure
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "test.sh: installing cargo-nextest" >&2

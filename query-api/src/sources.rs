@@ -485,7 +485,7 @@ impl ReadSources {
 
 /// Every projection's checkpoint and live version, in the order of [`Projection::ALL`]
 /// (position 0 and version 1 for one that has not run yet).
-async fn checkpoints(pool: &PgPool) -> Result<Checkpoints, sqlx::Error> {
+pub(crate) async fn checkpoints(pool: &PgPool) -> Result<Checkpoints, sqlx::Error> {
     let names: Vec<&str> = Projection::ALL.iter().map(|p| p.name()).collect();
     let rows: Vec<(String, i64, i32)> =
         sqlx::query_as("SELECT projection, position, version FROM projection_checkpoints WHERE projection = ANY($1)")

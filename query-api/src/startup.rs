@@ -103,7 +103,7 @@ impl QueryApi {
                 }
             })
         };
-        let listening = tokio::spawn(crate::subscriptions::listener::listen_for_changes(
+        let listening = tokio::spawn(crate::subscriptions::listener::follow_changes(
             Arc::clone(&state.live),
             state.sources.primary().clone(),
         ));

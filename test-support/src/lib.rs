@@ -3,8 +3,8 @@
 //! tests use stay in that binary's `support` module, and what more than one crate needs is
 //! here:
 //!
-//! - [`urls`]: the PostgreSQL server of `DATABASE_URL`, and a test's own database on it and on
-//!   the streaming replica.
+//! - [`urls`]: the PostgreSQL server of `DATABASE_URL`, and a test's own database on it, on
+//!   the streaming replica and through PgBouncer.
 //! - `tokens` (feature `tokens`): bearer tokens for a role, signed with a test's secret or
 //!   the development one.
 //! - [`roles`]: `cloudphone` roles as child processes with JSON logs, killed however a test

@@ -35,3 +35,12 @@ pub async fn replica_database(pool: &PgPool) -> String {
     let port = std::env::var("CLOUDPHONE_REPLICA_PORT").unwrap_or_else(|_| "5433".into());
     format!("postgres://postgres@127.0.0.1:{port}/{name}")
 }
+
+/// The test's own database through the development PgBouncer in transaction mode
+/// (ops/dev/pgbouncer.sh; port `CLOUDPHONE_PGBOUNCER_PORT`, 6432 by default), which reaches
+/// every database of the server by name.
+pub async fn pooled_database(pool: &PgPool) -> String {
+    let name = database_name(pool).await;
+    let port = std::env::var("CLOUDPHONE_PGBOUNCER_PORT").unwrap_or_else(|_| "6432".into());
+    format!("postgres://postgres@127.0.0.1:{port}/{name}")
+}

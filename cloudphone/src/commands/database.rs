@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 
 use anyhow::Context;
+use event_log::pooler::ConnectionPath;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgPool};
 
@@ -24,9 +25,22 @@ pub enum Schema {
 }
 
 /// Connects to the primary, creating its database first if it does not exist. Only for the
-/// verbs that migrate.
+/// verbs that migrate, which must reach PostgreSQL directly: migrations run under a session
+/// advisory lock. A transaction pooler is refused before anything is created.
 pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
     let options = parse(args)?;
+    let probed = event_log::pooler::probe_connection_path(&options).await;
+    let missing =
+        matches!(&probed, Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(INVALID_CATALOG_NAME));
+    if !missing {
+        // PostgreSQL itself said the database is missing, so the path is direct; otherwise
+        // the probe's answer (or its failure) stands.
+        refuse_pooler(
+            args,
+            probed.map_err(|error| unreachable(args, &options, error))?,
+            MIGRATIONS_NEED_A_SESSION,
+        )?;
+    }
     match event_log::create_database_if_missing(&options).await {
         Ok(true) => tracing::info!(
             database = options.get_database().unwrap_or_default(),
@@ -40,6 +54,8 @@ pub async fn connect(args: &DatabaseArgs) -> anyhow::Result<PgPool> {
         .await
         .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
 }
+
+const MIGRATIONS_NEED_A_SESSION: &str = "migrations run under a session advisory lock; run `cloudphone migrate` against PostgreSQL directly, and start the roles behind the pooler with --migrate-on-start=false";
 
 /// Connects to a primary that must already hold this binary's `schema`: creates no
 /// database and applies no migration.
@@ -84,6 +100,30 @@ pub async fn connect_existing(args: &DatabaseArgs, schema: Schema) -> anyhow::Re
         .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
 }
 
+/// How `--database-url` reaches PostgreSQL: directly, or through a transaction pooler.
+pub async fn connection_path(args: &DatabaseArgs) -> anyhow::Result<ConnectionPath> {
+    let options = parse(args)?;
+    event_log::pooler::probe_connection_path(&options)
+        .await
+        .map_err(|error| unreachable(args, &options, error))
+}
+
+/// Refuses, in one line, a `--database-url` that goes through a transaction pooler, for work
+/// that needs a session of its own (`needs` says which and what to do instead).
+pub async fn require_session(args: &DatabaseArgs, needs: &str) -> anyhow::Result<()> {
+    refuse_pooler(args, connection_path(args).await?, needs)
+}
+
+fn refuse_pooler(args: &DatabaseArgs, path: ConnectionPath, needs: &str) -> anyhow::Result<()> {
+    match path {
+        ConnectionPath::Direct => Ok(()),
+        ConnectionPath::TransactionPooler { evidence } => anyhow::bail!(
+            "{} goes through a transaction pooler such as PgBouncer ({evidence}); {needs}",
+            redact(&args.database_url)
+        ),
+    }
+}
+
 /// SQLSTATE 3D000: the database named in the connection does not exist.
 const INVALID_CATALOG_NAME: &str = "3D000";
 
@@ -126,18 +166,42 @@ fn unreachable(args: &DatabaseArgs, options: &PgConnectOptions, error: sqlx::Err
 }
 
 /// Connects to the primary (which must exist) with a `statement_timeout` on every connection:
-/// for roles that only read.
+/// for roles that only read. Directly, each connection sets it at connect. A transaction
+/// pooler refuses settings at connect, so there the server must set one for the user or
+/// database (`ALTER ROLE ... SET statement_timeout`); a primary without any is refused, since a
+/// runaway query would then hold a server connection of the pool for good.
 pub async fn connect_with_statement_timeout(
     args: &DatabaseArgs,
     timeout: std::time::Duration,
+    path: &ConnectionPath,
 ) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(&args.database_url)
-        .context("CLOUDPHONE_DATABASE_URL / --database-url is not a valid PostgreSQL URL")?
-        .options([("statement_timeout", timeout.as_millis().to_string())]);
-    event_log::pool_options(args.database_max_connections)
+    let mut options = parse(args)?;
+    if !path.is_pooled() {
+        options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
+    }
+    let pool = event_log::pool_options(args.database_max_connections)
         .connect_with(options)
         .await
-        .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))
+        .with_context(|| format!("cannot connect to {}", redact(&args.database_url)))?;
+    if path.is_pooled() {
+        let set = event_log::pooler::server_statement_timeout(&pool)
+            .await
+            .context("cannot read the server's statement_timeout")?;
+        match set {
+            None => anyhow::bail!(
+                "{} goes through a transaction pooler, which cannot carry the query API's statement_timeout; set one on the server for the user the pooler logs in as (e.g. ALTER ROLE <user> SET statement_timeout = '{}ms'), or connect to PostgreSQL directly",
+                redact(&args.database_url),
+                timeout.as_millis()
+            ),
+            Some(set) if set > timeout => tracing::warn!(
+                server_ms = set.as_millis() as u64,
+                wanted_ms = timeout.as_millis() as u64,
+                "the server's statement_timeout is longer than the query timeout asks for"
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(pool)
 }
 
 /// The URL without its password, for messages.

@@ -27,6 +27,11 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     let Some(projection) = projection else {
         anyhow::bail!("name the projection to replay: fleet or daily-usage");
     };
+    database::require_session(
+        &args.database,
+        "a replay holds a session advisory lock and session settings for its whole run; run it against PostgreSQL directly",
+    )
+    .await?;
     if args.abandon {
         match replay::abandon(&pool, projection).await? {
             Some(id) => println!("abandoned rebuild {id} of {}", projection.name()),

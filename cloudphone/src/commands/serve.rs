@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use command_api::{ApiConfig, AppendMode, Application};
 use event_log::partitions::{PartitionPolicy, run_partition_maintenance};
+use event_log::pooler::ConnectionPath;
 use event_log::{EventStore, StoreConfig, SystemClock};
 use http_edge::auth::{DEVELOPMENT_SECRET, KeySource};
 use kafka_adapters::projector::{KafkaProjectorConfig, run_kafka_projector};
@@ -14,6 +15,7 @@ use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::graphql::Limits;
 use query_api::graphql::document::DocumentLimits;
 use query_api::safelist::Safelist;
+use query_api::subscriptions::ChangeFeed;
 use query_api::{QueryApi, QueryApiConfig, SourcesConfig};
 use read_models::Projection;
 use sqlx::PgPool;
@@ -22,6 +24,11 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{AppendModeArg, AuthArgs, PlatformArgs};
 use crate::commands::database::{self, Schema};
 use crate::commands::{role_endpoints, sampler};
+
+/// How often roles behind a transaction pooler look for what notifications would have told
+/// them: new events (projectors) and moved checkpoints (subscriptions). One indexed read
+/// each; the added latency is at most this.
+const POOLED_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Which roles this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +55,24 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         // The schema is `cloudphone migrate`'s: this role creates nothing.
         database::connect_existing(&args.database, Schema::LogAndReadModels).await?
     };
+    // `connect` refused a transaction pooler already (migrations need a session).
+    let path = if args.migrate_on_start {
+        ConnectionPath::Direct
+    } else {
+        database::connection_path(&args.database).await?
+    };
+    if path.is_pooled() && args.kafka_brokers.is_some() && matches!(roles, Roles::All | Roles::Relay) {
+        database::require_session(
+            &args.database,
+            "the relay leads under a session advisory lock and LISTENs for appends; connect it to PostgreSQL directly",
+        )
+        .await?;
+    }
     let metrics = http_edge::telemetry::prometheus();
     register_role_metrics(roles, args.kafka_brokers.is_some());
     let stop = CancellationToken::new();
     let mut background = match roles {
-        Roles::All | Roles::Projector => start_projectors(args, &pool, &stop),
+        Roles::All | Roles::Projector => start_projectors(args, &pool, &path, &stop),
         Roles::CommandApi | Roles::QueryApi | Roles::Relay => Vec::new(),
     };
     if matches!(roles, Roles::All | Roles::Relay) {
@@ -129,7 +149,7 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
         ));
     }
     if matches!(roles, Roles::All | Roles::QueryApi) {
-        let (app, query_pool) = query_api(args, metrics.clone()).await?;
+        let (app, query_pool) = query_api(args, &path, metrics.clone()).await?;
         pools.push(("query", query_pool));
         tracing::info!(address = %app.local_addr(), replicas = args.replica_urls.len(), "query API listening");
         servers.push((
@@ -207,13 +227,23 @@ async fn command_api(
 /// statement timeouts on every source; returns that pool too, for the connection gauges.
 async fn query_api(
     args: &PlatformArgs,
+    path: &ConnectionPath,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<(QueryApi, PgPool)> {
     let q = &args.query;
     let query_timeout = Duration::from_millis(q.query_timeout_ms.max(1));
     // A statement a little longer than the query: the query's own limit answers first.
     let statement_timeout = query_timeout + Duration::from_millis(500);
-    let primary = database::connect_with_statement_timeout(&args.database, statement_timeout).await?;
+    let primary = database::connect_with_statement_timeout(&args.database, statement_timeout, path).await?;
+    let mut live = q.live();
+    if path.is_pooled() {
+        // Notifications do not pass a transaction pooler: watch the checkpoints instead.
+        live.change_feed = ChangeFeed::PollCheckpoints(POOLED_POLL_INTERVAL);
+        tracing::info!(
+            interval_ms = POOLED_POLL_INTERVAL.as_millis() as u64,
+            "behind a transaction pooler: subscriptions follow the projections' checkpoints by polling"
+        );
+    }
     let config = QueryApiConfig {
         listen: args.query_listen,
         replica_urls: args.replica_urls.clone(),
@@ -257,7 +287,7 @@ async fn query_api(
             ..SourcesConfig::default()
         },
         connections: args.connection_limits(),
-        live: q.live(),
+        live,
         cors_origins: args.cors_origins.clone(),
         ..QueryApiConfig::default()
     };
@@ -269,9 +299,27 @@ async fn query_api(
 
 /// One projector per projection: following the PostgreSQL log (embedded), or consuming the
 /// relay's topic when brokers are configured.
-fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+fn start_projectors(
+    args: &PlatformArgs,
+    pool: &PgPool,
+    path: &ConnectionPath,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(brokers) = &args.kafka_brokers else {
-        return spawn_log_projectors(pool, ProjectorConfig::default(), stop);
+        let config = if path.is_pooled() {
+            tracing::info!(
+                interval_ms = POOLED_POLL_INTERVAL.as_millis() as u64,
+                "behind a transaction pooler: projectors follow the log by polling (LISTEN needs a session)"
+            );
+            ProjectorConfig {
+                listen: false,
+                poll_interval: POOLED_POLL_INTERVAL,
+                ..ProjectorConfig::default()
+            }
+        } else {
+            ProjectorConfig::default()
+        };
+        return spawn_log_projectors(pool, config, stop);
     };
     Projection::ALL
         .into_iter()

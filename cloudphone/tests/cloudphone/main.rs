@@ -2,7 +2,7 @@
 //! verbs and roles as processes, the roles together (the command API, the projectors, the
 //! relay and the query API), the web console in a real browser, faults, hostile clients and
 //! the load tools. One module per
-//! feature; `support` holds what several of them share.
+//! feature; `support` and `portal` (clients under load) hold what several of them share.
 //!
 //! Some modules stop shared services or load both cores: .config/nextest.toml puts them in
 //! test groups by module (`kafka::`, `ops::`, `faults::`, `replicas::`, `fuzz::`, `history::`,
@@ -25,6 +25,8 @@ mod kafka;
 mod load;
 mod metrics;
 mod ops;
+mod pgbouncer;
+mod portal;
 mod readonly;
 mod replay;
 mod replicas;

@@ -40,7 +40,7 @@ fn cloudphone(database_url: &str, args: &[&str]) -> Output {
 
 /// The one line a failed verb printed, checked: non-zero exit, a single line, no PostgreSQL
 /// source location, no cause twice.
-fn refusal(args: &[&str], output: &Output) -> String {
+pub(crate) fn refusal(args: &[&str], output: &Output) -> String {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),

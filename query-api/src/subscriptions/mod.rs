@@ -8,7 +8,8 @@
 //! - `hub`: identical subscriptions (same document, variables and caller scope) share one
 //!   evaluation; the groups a batch touched are evaluated again, at most once per interval.
 //! - `listener`: the projectors' change notices (`read_models::changes`), received with
-//!   `LISTEN` on the primary.
+//!   `LISTEN` on the primary; behind a transaction pooler, which delivers no notifications,
+//!   the projections' checkpoints polled instead ([`ChangeFeed`]).
 //!
 //! Reading from replicas, a round reads from one that has replayed everything the primary had
 //! committed when the round began, so an answer is pushed only once its source holds the
@@ -66,6 +67,20 @@ pub struct LiveConfig {
     pub send_timeout: Duration,
     /// Largest message a client may send.
     pub max_message_bytes: usize,
+    /// How the hub learns that projections wrote.
+    pub change_feed: ChangeFeed,
+}
+
+/// How the hub learns that projections wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// `LISTEN` for the projectors' change notices on the primary (a session of its own):
+    /// each notice names the owners and devices a batch touched.
+    Listen,
+    /// Read the projections' checkpoints this often and count a moved one as "everything of
+    /// that projection changed": for a primary behind a transaction pooler. Costs one indexed
+    /// read per interval and broader evaluation rounds.
+    PollCheckpoints(Duration),
 }
 
 impl Default for LiveConfig {
@@ -80,6 +95,7 @@ impl Default for LiveConfig {
             init_timeout: Duration::from_secs(5),
             send_timeout: Duration::from_secs(10),
             max_message_bytes: 64 * 1024,
+            change_feed: ChangeFeed::Listen,
         }
     }
 }
