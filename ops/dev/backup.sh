@@ -27,7 +27,8 @@
 #       lay the newest base backup that finished before the target into <pgdata> (which must
 #       be empty or absent), recover from <repo>/wal up to the target time
 #       (recovery_target_time, then promote), start the server on 127.0.0.1:<port>, wait until
-#       recovery is over, and remove the recovery settings
+#       recovery is over, and remove the recovery settings. CLOUDPHONE_RESTORE_BASE=<dir>
+#       picks a base backup instead (an older one replays more WAL)
 #
 # Why pg_basebackup and not pgBackRest: it ships with every PostgreSQL (Debian's packages and
 # the postgres image the deploy topology runs), needs no stanza, configuration file or second
@@ -171,6 +172,10 @@ restore() {
             chosen=${dir%/}
         fi
     done
+    # Or the one named (a directory of <repo>/base), to replay more of the archive.
+    if [ -n "${CLOUDPHONE_RESTORE_BASE:-}" ]; then
+        chosen=${CLOUDPHONE_RESTORE_BASE%/}
+    fi
     if [ -z "$chosen" ]; then
         say "no base backup in $repo/base finished before $target"
         exit 1
@@ -188,6 +193,9 @@ restore() {
             echo "recovery_target_time = '$target'"
         fi
         echo "recovery_target_action = 'promote'"
+        # The base backup's own timeline: deterministic however many restores (each on a new
+        # timeline, archived beside it) came before. After a restore, take a new base backup.
+        echo "recovery_target_timeline = 'current'"
     } >>"$pgdata/postgresql.auto.conf"
     touch "$pgdata/recovery.signal"
     own "$pgdata"
@@ -213,7 +221,8 @@ restore() {
     done
     # Promoted, on a new timeline: the recovery settings must not apply to the next start.
     psql_at "$url" -c "ALTER SYSTEM RESET recovery_target_time" \
-        -c "ALTER SYSTEM RESET recovery_target_action" >/dev/null
+        -c "ALTER SYSTEM RESET recovery_target_action" \
+        -c "ALTER SYSTEM RESET recovery_target_timeline" >/dev/null
     say "recovered: $(psql_at "$url" -c "SELECT 'timeline ' || timeline_id FROM pg_control_checkpoint()")"
 }
 
