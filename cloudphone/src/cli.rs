@@ -629,6 +629,11 @@ pub struct ErasuresArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Ledger files (repeat, or comma-separated: one per command API instance).
-    #[arg(long = "ledger", env = "CLOUDPHONE_ERASURE_LEDGER", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "ledger",
+        env = "CLOUDPHONE_ERASURE_LEDGER",
+        value_delimiter = ',',
+        required = true
+    )]
     pub ledgers: Vec<std::path::PathBuf>,
 }

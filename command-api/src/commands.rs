@@ -116,7 +116,9 @@ pub async fn erase_user(state: &AppState, ctx: &CommandContext, user_id: Uuid) -
         };
         if let Err(error) = ledger.record_blocking(record).await {
             tracing::error!(%user_id, error = %error, "erasure not recorded in the ledger; refused");
-            return Err(ApiError::unavailable("the erasure ledger cannot be written; retry later"));
+            return Err(ApiError::unavailable(
+                "the erasure ledger cannot be written; retry later",
+            ));
         }
     }
     if state.personal.erase(user_id, now).await? {

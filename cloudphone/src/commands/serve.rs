@@ -198,7 +198,9 @@ async fn command_api(
         connections: args.connection_limits(),
         cors_origins: args.cors_origins.clone(),
         erasure_ledger: match &args.erasure_ledger {
-            Some(path) => Some(Arc::new(ErasureLedger::open(path).context("cannot open the erasure ledger")?)),
+            Some(path) => Some(Arc::new(
+                ErasureLedger::open(path).context("cannot open the erasure ledger")?,
+            )),
             None => None,
         },
         ..ApiConfig::default()

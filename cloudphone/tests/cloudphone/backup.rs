@@ -64,7 +64,12 @@ async fn append_history(pool: &PgPool, seed: u64, events: i64) {
     let target = reader.head().await.unwrap().position + events;
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
     let done = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write_history(Arc::clone(&store), Arc::clone(&done), seed, Duration::ZERO));
+    let writer = tokio::spawn(write_history(
+        Arc::clone(&store),
+        Arc::clone(&done),
+        seed,
+        Duration::ZERO,
+    ));
     let deadline = Instant::now() + Duration::from_secs(60);
     while reader.head().await.unwrap().position < target {
         assert!(Instant::now() < deadline, "history not written within 60 s");
@@ -102,7 +107,15 @@ async fn erase(client: &reqwest::Client, command: &str, user: Uuid) -> reqwest::
 fn personal_status(url: &str, user: Uuid) -> String {
     let output = cloudphone(
         url,
-        &["export", "--user", &user.to_string(), "--event-type", "UserRegistered", "-o", "-"],
+        &[
+            "export",
+            "--user",
+            &user.to_string(),
+            "--event-type",
+            "UserRegistered",
+            "-o",
+            "-",
+        ],
     );
     assert!(output.status.success(), "export: {}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -179,7 +192,10 @@ async fn a_restore_to_a_point_in_time_verifies_rebuilds_and_keeps_erasures_erase
     // After the backup, before T.
     append_history(&pool, 2, 300).await;
     let head_at_t = head(&pool).await;
-    let t: String = sqlx::query_scalar("SELECT clock_timestamp()::text").fetch_one(&pool).await.unwrap();
+    let t: String = sqlx::query_scalar("SELECT clock_timestamp()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
 
     // After T: more history, and ada erased (in the ledger before it was acknowledged).
     append_history(&pool, 3, 300).await;
@@ -200,7 +216,11 @@ async fn a_restore_to_a_point_in_time_verifies_rebuilds_and_keeps_erasures_erase
     let restore_took = started.elapsed();
     let restored_url = restored.url("cloudphone");
     let restored_pool = PgPool::connect(&restored_url).await.unwrap();
-    assert_eq!(head(&restored_pool).await, head_at_t, "the log does not end at the last event before T");
+    assert_eq!(
+        head(&restored_pool).await,
+        head_at_t,
+        "the log does not end at the last event before T"
+    );
     let verified = cloudphone(&restored_url, &["verify"]);
     assert!(verified.status.success(), "verify: {}", text(&verified));
     assert!(
@@ -296,11 +316,12 @@ async fn an_erasure_the_ledger_cannot_record_is_not_acknowledged(pool: PgPool) {
     let refused = erase(&client, &command, kept).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(personal_status(&url, kept), "decrypted");
-    let key_destroyed: bool = sqlx::query_scalar("SELECT erased_at IS NOT NULL FROM personal_data_keys WHERE user_id = $1")
-        .bind(kept)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let key_destroyed: bool =
+        sqlx::query_scalar("SELECT erased_at IS NOT NULL FROM personal_data_keys WHERE user_id = $1")
+            .bind(kept)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert!(!key_destroyed);
     api.assert_alive();
     assert!(!Path::new(&ledger).exists());
