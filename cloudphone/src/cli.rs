@@ -101,6 +101,14 @@ pub struct PlatformArgs {
     pub auth: AuthArgs,
     #[command(flatten)]
     pub master_keys: MasterKeyArgs,
+    /// The erasure ledger: a file on storage a database restore does not roll back (another
+    /// volume or host, backed up on its own). The command API appends each erasure to it,
+    /// fsync'd, before destroying the data key, refuses the erasure (503) when it cannot, and
+    /// at start reapplies every erasure it holds (see `cloudphone erasures reapply`). Give
+    /// each command API instance a file of its own [default: none; erasures are only in the
+    /// database, and a restore to an earlier point undoes them].
+    #[arg(long, env = "CLOUDPHONE_ERASURE_LEDGER")]
+    pub erasure_ledger: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub query: QueryArgs,
     /// Requests per second each client (token subject) may send.
@@ -360,6 +368,12 @@ pub enum Command {
     },
     /// Recompute the hash chain over the log and report the first position where it breaks.
     Verify(VerifyArgs),
+    /// The erasure ledger: after a restore, destroy again the data keys of every user it
+    /// names (see ops/runbooks/restore-from-backup.md).
+    Erasures {
+        #[command(subcommand)]
+        action: ErasuresAction,
+    },
     /// Drive the platform with a realistic load and report.
     #[cfg(feature = "load")]
     Load {
@@ -595,4 +609,31 @@ pub enum KeysAction {
         #[command(flatten)]
         master_keys: MasterKeyArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ErasuresAction {
+    /// Destroy again the data key of every user the ledgers name (the erasures a restore of
+    /// the database rolled back); users the database does not know get a tombstone, so no
+    /// key is ever made for them. Idempotent: run it after every restore, before any role
+    /// serves; prints how many keys were shredded again. Exits 1 when a ledger cannot be
+    /// read or holds lines that do not parse (after reapplying what it could read).
+    Reapply(ErasuresArgs),
+    /// What `reapply` would do, changing nothing; exits 1 when the database lacks an erasure
+    /// the ledgers hold.
+    Check(ErasuresArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ErasuresArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Ledger files (repeat, or comma-separated: one per command API instance).
+    #[arg(
+        long = "ledger",
+        env = "CLOUDPHONE_ERASURE_LEDGER",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub ledgers: Vec<std::path::PathBuf>,
 }

@@ -28,6 +28,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => commands::replay::run(args).await,
         Command::Export(args) => commands::export::run(args).await,
         Command::Keys { action } => commands::keys::run(action).await,
+        Command::Erasures { action } => commands::erasures::run(action).await,
         #[cfg(feature = "load")]
         Command::Load { kind } => load_tools::run(kind).await,
         Command::Token(args) => commands::token::run(args),

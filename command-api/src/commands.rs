@@ -4,6 +4,7 @@
 use domain::DomainError;
 use domain::device::{self, DeviceCommand, DeviceContext};
 use domain::user::{self, UserCommand};
+use event_log::erasure_ledger::ErasureRecord;
 use event_log::{AppendBatch, AppendError, AppendOutcome, ExpectedVersion, NewEvent, StreamAppend};
 use event_schema::{Actor, ActorRole, Event, EventMetadata, StreamType};
 use serde::{Deserialize, Serialize};
@@ -105,7 +106,22 @@ pub async fn run_user_command(
 pub async fn erase_user(state: &AppState, ctx: &CommandContext, user_id: Uuid) -> Result<CommandAccepted, ApiError> {
     let command = UserCommand::Erase;
     authorize_user_command(&ctx.principal, user_id, &command)?;
-    if state.personal.erase(user_id, state.clock.now()).await? {
+    let now = state.clock.now();
+    // The ledger first: an erasure it does not hold is never acknowledged, so a restore of
+    // the database can always be followed by reapplying every acknowledged erasure.
+    if let Some(ledger) = &state.config.erasure_ledger {
+        let record = ErasureRecord {
+            user_id,
+            erased_at: now,
+        };
+        if let Err(error) = ledger.record_blocking(record).await {
+            tracing::error!(%user_id, error = %error, "erasure not recorded in the ledger; refused");
+            return Err(ApiError::unavailable(
+                "the erasure ledger cannot be written; retry later",
+            ));
+        }
+    }
+    if state.personal.erase(user_id, now).await? {
         metrics::counter!(crate::telemetry::PERSONAL_DATA_KEYS_DESTROYED_TOTAL).increment(1);
         tracing::info!(%user_id, "personal data key destroyed");
     }

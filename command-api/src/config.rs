@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use event_log::erasure_ledger::ErasureLedger;
 use event_log::personal::MasterKeyring;
 
 use http_edge::auth::KeySource;
@@ -43,6 +44,11 @@ pub struct ApiConfig {
     /// Origins of browser apps allowed to call this API (see `http_edge::cors`); none by
     /// default.
     pub cors_origins: Vec<axum::http::HeaderValue>,
+    /// The erasure ledger (event_log::erasure_ledger): each erasure is written there, fsync'd,
+    /// before the data key is destroyed, and at start every erasure it names is reapplied to
+    /// the database (a restore may have rolled them back). `None`: erasures are only in the
+    /// database.
+    pub erasure_ledger: Option<Arc<ErasureLedger>>,
 }
 
 impl Default for ApiConfig {
@@ -61,6 +67,7 @@ impl Default for ApiConfig {
             master_keys: Arc::new(MasterKeyring::development()),
             connections: http_edge::connections::ConnectionLimits::default(),
             cors_origins: Vec::new(),
+            erasure_ledger: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use event_log::erasure_ledger::{self, LedgerError};
 use event_log::{Clock, EventStore, StoreConfig, SystemClock};
 use http_edge::auth::{KeyError, TokenVerifier};
 use http_edge::body::BodyError;
@@ -37,6 +38,8 @@ pub enum StartupError {
     EventLog(#[from] sqlx::Error),
     #[error("token keys: {0}")]
     Keys(#[from] KeyError),
+    #[error("cannot reapply the erasure ledger: {0}")]
+    ErasureLedger(#[from] LedgerError),
 }
 
 /// The command API, bound and ready to serve.
@@ -73,6 +76,9 @@ impl Application {
     ) -> Result<Self, StartupError> {
         let verifier = TokenVerifier::new(&config.keys)?.with_max_lifetime(config.max_token_lifetime);
         telemetry::describe_metrics();
+        if let Some(ledger) = &config.erasure_ledger {
+            reapply_erasures(ledger.path(), &store).await?;
+        }
         let listener = connections::bind(config.listen).map_err(|source| StartupError::Bind {
             addr: config.listen,
             source,
@@ -120,6 +126,34 @@ impl Application {
         tracing::info!("command API stopped");
         served
     }
+}
+
+/// Before serving: every erasure the ledger holds is applied to the database, which a
+/// restore may have taken back to before some of them (idempotent; a no-op normally).
+async fn reapply_erasures(path: &std::path::Path, store: &EventStore) -> Result<(), LedgerError> {
+    let owned = path.to_owned();
+    let contents = tokio::task::spawn_blocking(move || erasure_ledger::read(&owned))
+        .await
+        .map_err(|join| LedgerError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(join.to_string()),
+        })??;
+    if !contents.unreadable_lines.is_empty() {
+        tracing::error!(ledger = %path.display(), lines = ?contents.unreadable_lines, "erasure ledger lines that do not parse");
+    }
+    let report = erasure_ledger::reapply(store.pool(), &contents.users()).await?;
+    if report.changed() {
+        tracing::warn!(
+            ledger = %path.display(),
+            users = report.users,
+            reshredded = report.reshredded,
+            tombstoned = report.tombstoned,
+            "erasures missing from the database (restored from a backup?) reapplied from the ledger"
+        );
+    } else {
+        tracing::info!(ledger = %path.display(), users = report.users, "every erasure in the ledger is in the database");
+    }
+    Ok(())
 }
 
 /// The full router with its layers.

@@ -43,6 +43,7 @@ mod append;
 pub mod chain;
 pub mod clock;
 pub mod db_error;
+pub mod erasure_ledger;
 pub mod export;
 pub mod history;
 pub mod idempotency;

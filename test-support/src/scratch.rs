@@ -1,6 +1,7 @@
 //! A PostgreSQL cluster of a test's own (ops/dev/scratch-postgres.sh), for tests that stop
-//! and restart the primary: never the shared server.
+//! and restart the primary or restore a backup (ops/dev/backup.sh): never the shared server.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use crate::services::{ops_script, run_script};
@@ -14,18 +15,39 @@ pub struct ScratchPostgres {
 impl ScratchPostgres {
     /// A new, running cluster.
     pub async fn fresh() -> Self {
-        // A port nobody listens on now (the kernel's pick), released for the cluster.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let cluster = ScratchPostgres { port };
         assert!(
             cluster.run("fresh").await,
             "cannot create a scratch cluster on port {port}"
         );
         cluster
+    }
+
+    /// A new cluster restored by `ops/dev/backup.sh restore` from the base backups and WAL
+    /// archive in `repo` to `target` (a PostgreSQL timestamp, or `latest`), recovered and
+    /// promoted; its data directory is where scratch-postgres.sh keeps this port's.
+    pub async fn restored(repo: &Path, target: &str) -> Self {
+        let port = free_port();
+        let cluster = ScratchPostgres { port };
+        let dir = format!("/tmp/cloudphone-scratch-postgres-{port}");
+        let args = vec![
+            "restore".to_owned(),
+            repo.display().to_string(),
+            dir,
+            port.to_string(),
+            target.to_owned(),
+        ];
+        assert!(
+            run_script("backup.sh", args).await,
+            "cannot restore {} to {target} on port {port}",
+            repo.display()
+        );
+        cluster
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL of `database` on this cluster.
@@ -38,6 +60,15 @@ impl ScratchPostgres {
     pub async fn run(&self, action: &str) -> bool {
         run_script("scratch-postgres.sh", vec![action.to_owned(), self.port.to_string()]).await
     }
+}
+
+/// A port nobody listens on now (the kernel's pick), released for a cluster.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for ScratchPostgres {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use command_api::{ApiConfig, AppendMode, Application};
+use event_log::erasure_ledger::ErasureLedger;
 use event_log::partitions::{PartitionPolicy, run_partition_maintenance};
 use event_log::pooler::ConnectionPath;
 use event_log::{EventStore, StoreConfig, SystemClock};
@@ -216,6 +217,12 @@ async fn command_api(
         master_keys: args.master_keys.keyring()?,
         connections: args.connection_limits(),
         cors_origins: args.cors_origins.clone(),
+        erasure_ledger: match &args.erasure_ledger {
+            Some(path) => Some(Arc::new(
+                ErasureLedger::open(path).context("cannot open the erasure ledger")?,
+            )),
+            None => None,
+        },
         ..ApiConfig::default()
     };
     Application::with_store(config, store, metrics, Arc::new(SystemClock))

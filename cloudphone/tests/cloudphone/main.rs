@@ -11,6 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
 mod audit;
+mod backup;
 mod cli;
 mod console;
 mod crash;
