@@ -251,6 +251,19 @@ pub async fn retry(
     actor: &str,
 ) -> Result<RetryReport, DeadLetterError> {
     let actor = valid_note(actor, MAX_ACTOR_CHARS).ok_or(DeadLetterError::BadActor)?;
+    // The event, read from the log before the transaction starts: the log is immutable, and
+    // a read on a second connection while holding the transaction's could exhaust the pool
+    // when retries run concurrently (each holding one connection, waiting for another).
+    let envelope = match read_models::dead_letters::get(pool, id).await? {
+        Some(known) if known.event_id.is_some() && known.position > 0 => LogReader::new(pool.clone())
+            .read_all(known.position - 1, 1)
+            .await?
+            .into_iter()
+            .next()
+            .filter(|e| e.position == known.position && Some(e.event_id) == known.event_id),
+        Some(_) => None,
+        None => return Err(DeadLetterError::NotFound(id)),
+    };
     let mut tx = pool.begin().await?;
     let letter = lock_letter(&mut tx, id, expected).await?;
     let report = |outcome| RetryReport {
@@ -287,13 +300,6 @@ pub async fn retry(
     if let Some(refusal) = refusal(&mut tx, projection, &letter).await? {
         return Ok(report(RetryOutcome::Refused(refusal)));
     }
-    // The log is immutable: read outside the transaction, on the pool.
-    let envelope = LogReader::new(pool.clone())
-        .read_all(letter.position - 1, 1)
-        .await?
-        .into_iter()
-        .next()
-        .filter(|e| e.position == letter.position && Some(e.event_id) == letter.event_id);
     let Some(envelope) = envelope else {
         return Ok(report(RetryOutcome::Refused(Refusal::NotInLog)));
     };
