@@ -105,7 +105,9 @@ impl fmt::Display for Refusal {
                 f,
                 "the log holds no event with this letter's position and event id; skip it"
             ),
-            Refusal::ParkedElsewhere { parked_in: Some(schema) } => write!(
+            Refusal::ParkedElsewhere {
+                parked_in: Some(schema),
+            } => write!(
                 f,
                 "parked by a replay writing its shadow tables (schema {schema}), not by the live projector: \
                  the live tables may hold the event; replay the projection, or skip it"
@@ -286,13 +288,12 @@ pub async fn retry(
     lock_for_retry(&mut tx, projection).await?;
     // Locked too: a replay's swap moves the checkpoint (and the version) in the transaction
     // that replaces the tables, so the version read here stays the live one until commit.
-    let (checkpoint, version): (i64, i32) = sqlx::query_as(
-        "SELECT position, version FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-    )
-    .bind(projection.name())
-    .fetch_optional(&mut *tx)
-    .await?
-    .unwrap_or((0, 1));
+    let (checkpoint, version): (i64, i32) =
+        sqlx::query_as("SELECT position, version FROM projection_checkpoints WHERE projection = $1 FOR UPDATE")
+            .bind(projection.name())
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or((0, 1));
     let layout = projection.layout(version).ok_or(DeadLetterError::UnknownVersion {
         projection: projection.name(),
         version,
@@ -304,7 +305,8 @@ pub async fn retry(
         return Ok(report(RetryOutcome::Refused(Refusal::NotInLog)));
     };
     if projection == Projection::Fleet
-        && let Some(applied_position) = stream_row_position(&mut tx, layout, envelope.stream_type, envelope.stream_id).await?
+        && let Some(applied_position) =
+            stream_row_position(&mut tx, layout, envelope.stream_type, envelope.stream_id).await?
         && applied_position >= envelope.position
     {
         return Ok(report(RetryOutcome::Refused(Refusal::LaterEventApplied {
@@ -369,12 +371,11 @@ async fn refusal(
             parked_in: letter.parked_in.clone(),
         }));
     }
-    let swapped_at: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT max(swapped_at) FROM projection_rebuilds WHERE projection = $1 AND state = 'live'",
-    )
-    .bind(projection.name())
-    .fetch_one(&mut *conn)
-    .await?;
+    let swapped_at: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT max(swapped_at) FROM projection_rebuilds WHERE projection = $1 AND state = 'live'")
+            .bind(projection.name())
+            .fetch_one(&mut *conn)
+            .await?;
     Ok(match swapped_at {
         Some(swapped_at) if letter.created_at <= swapped_at => Some(Refusal::SupersededByReplay { swapped_at }),
         _ => None,
@@ -476,7 +477,9 @@ pub async fn watch_pending(pool: PgPool, stop: tokio_util::sync::CancellationTok
                     crate::metrics_names::PROJECTION_DEAD_LETTERS_PENDING, "projection" => projection.name()
                 )
                 .set(pending as f64),
-                Err(error) => tracing::debug!(projection = projection.name(), %error, "cannot count pending dead letters"),
+                Err(error) => {
+                    tracing::debug!(projection = projection.name(), %error, "cannot count pending dead letters")
+                }
             }
         }
     }

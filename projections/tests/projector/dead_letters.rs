@@ -50,7 +50,11 @@ async fn project_as_an_older_binary(pool: &PgPool, unknown: &[i64]) {
             last_recorded_at: Some(last.recorded_at),
             version: at.version,
         };
-        assert!(checkpoint::advance(&mut tx, projection, at.position, next).await.unwrap());
+        assert!(
+            checkpoint::advance(&mut tx, projection, at.position, next)
+                .await
+                .unwrap()
+        );
         tx.commit().await.unwrap();
     }
 }
@@ -64,16 +68,24 @@ async fn assert_equals_rebuild(pool: &PgPool) {
         .without_provider_breakdown();
     let stored = load_read_models(pool).await.unwrap();
     assert_eq!(stored.devices, rebuilt.devices, "devices differ from a rebuild");
-    assert_eq!(stored.device_stats, rebuilt.device_stats, "device_stats differ from a rebuild");
-    assert_eq!(stored.daily_usage, rebuilt.daily_usage, "daily_usage differs from a rebuild");
+    assert_eq!(
+        stored.device_stats, rebuilt.device_stats,
+        "device_stats differ from a rebuild"
+    );
+    assert_eq!(
+        stored.daily_usage, rebuilt.daily_usage,
+        "daily_usage differs from a rebuild"
+    );
 }
 
 /// The device events of the log, in order: (position, device, event type).
 async fn device_events(pool: &PgPool) -> Vec<(i64, Uuid, String)> {
-    sqlx::query_as("SELECT position, stream_id, event_type FROM user_events WHERE stream_type = 'device' ORDER BY position")
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT position, stream_id, event_type FROM user_events WHERE stream_type = 'device' ORDER BY position",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 /// A device with usage: its creation's position and its first usage's.
@@ -138,14 +150,21 @@ async fn events_an_older_projector_parked_are_listed_then_retried_in_log_order_t
     );
     let first = fleet.iter().find(|l| l.position == created).unwrap();
     assert!(first.error.contains("99"), "{}", first.error);
-    assert!(fleet.iter().all(|l| l.attempts == 1 && l.state == DeadLetterState::Pending));
+    assert!(
+        fleet
+            .iter()
+            .all(|l| l.attempts == 1 && l.state == DeadLetterState::Pending)
+    );
     let usage_letters = pending(&pool, Some(Projection::DailyUsage)).await;
     assert_eq!(
         usage_letters.iter().map(|l| l.position).collect::<Vec<_>>(),
         [created, usage]
     );
     let stored = load_read_models(&pool).await.unwrap();
-    assert!(!stored.devices.contains_key(&device), "the device is missing before the retry");
+    assert!(
+        !stored.devices.contains_key(&device),
+        "the device is missing before the retry"
+    );
 
     let reports = dead_letters::retry_pending(&pool, None, ACTOR).await.unwrap();
     assert_eq!(reports.len(), fleet.len() + usage_letters.len());
@@ -181,12 +200,7 @@ async fn a_letter_retried_twice_or_concurrently_is_applied_once(pool: PgPool) {
     let (_, _, usage) = a_device_with_usage(&pool).await;
     // The last event of some device: nothing of its stream comes after it, so fleet applies it.
     let events = device_events(&pool).await;
-    let last = events
-        .iter()
-        .rev()
-        .map(|(p, _, _)| *p)
-        .find(|p| *p != usage)
-        .unwrap();
+    let last = events.iter().rev().map(|(p, _, _)| *p).find(|p| *p != usage).unwrap();
     let last_stream = events.iter().find(|(p, _, _)| *p == last).unwrap().1;
     assert!(!events.iter().any(|(p, d, _)| *d == last_stream && *p > last));
     project_as_an_older_binary(&pool, &[usage, last]).await;
@@ -208,7 +222,13 @@ async fn a_letter_retried_twice_or_concurrently_is_applied_once(pool: PgPool) {
     );
     assert!(
         outcomes.iter().all(|o| *o == RetryOutcome::Applied
-            || matches!(o, RetryOutcome::AlreadyResolved { state: DeadLetterState::Retried, .. })),
+            || matches!(
+                o,
+                RetryOutcome::AlreadyResolved {
+                    state: DeadLetterState::Retried,
+                    ..
+                }
+            )),
         "{outcomes:#?}"
     );
     // And once more, later: nothing done, and it says so.
@@ -230,11 +250,16 @@ async fn a_letter_retried_twice_or_concurrently_is_applied_once(pool: PgPool) {
     assert_eq!(outcomes, ["already_resolved", "applied"]);
     // What is left pending: the usage event's fleet letter (refused, its stream moved on) and
     // the daily_usage letter of `last` (applied now).
-    let rest = dead_letters::retry_pending(&pool, Some(Projection::DailyUsage), ACTOR).await.unwrap();
+    let rest = dead_letters::retry_pending(&pool, Some(Projection::DailyUsage), ACTOR)
+        .await
+        .unwrap();
     assert!(rest.iter().all(|r| r.outcome == RetryOutcome::Applied), "{rest:?}");
     let reader = LogReader::new(pool.clone());
     let head = reader.head().await.unwrap().position;
-    let rebuilt = fold_log(&reader, head, 1_000).await.unwrap().without_provider_breakdown();
+    let rebuilt = fold_log(&reader, head, 1_000)
+        .await
+        .unwrap()
+        .without_provider_breakdown();
     assert_eq!(load_read_models(&pool).await.unwrap().daily_usage, rebuilt.daily_usage);
     assert_eq!(letter_at(&pool, Projection::DailyUsage, usage).await.attempts, 2);
 }
@@ -245,14 +270,23 @@ async fn a_retry_that_fails_again_keeps_the_letter_pending_with_its_new_error_an
     world.run(20).await;
     let device = device_events(&pool).await[0].1;
     // Malformed in the log itself: no code will ever decode it.
-    append_raw(&pool, device, "DeviceStarted", 1, json!({"device_id": device, "started_at": "not a time"})).await;
+    append_raw(
+        &pool,
+        device,
+        "DeviceStarted",
+        1,
+        json!({"device_id": device, "started_at": "not a time"}),
+    )
+    .await;
     project_as_an_older_binary(&pool, &[]).await;
     let letter = pending(&pool, Some(Projection::Fleet)).await.remove(0);
     assert_eq!(letter.attempts, 1);
     assert!(letter.last_attempt_at.is_none());
 
     for attempt in 2..=3 {
-        let report = dead_letters::retry(&pool, letter.id, Some(Projection::Fleet), ACTOR).await.unwrap();
+        let report = dead_letters::retry(&pool, letter.id, Some(Projection::Fleet), ACTOR)
+            .await
+            .unwrap();
         match report.outcome {
             RetryOutcome::Failed { error, attempts } => {
                 assert_eq!(attempts, attempt);
@@ -287,7 +321,12 @@ async fn an_old_device_event_is_refused_once_a_later_one_is_applied_and_old_usag
     let fleet = letter_at(&pool, Projection::Fleet, usage).await;
     let report = dead_letters::retry(&pool, fleet.id, None, ACTOR).await.unwrap();
     match &report.outcome {
-        RetryOutcome::Refused(refusal @ Refusal::LaterEventApplied { stream_id, applied_position }) => {
+        RetryOutcome::Refused(
+            refusal @ Refusal::LaterEventApplied {
+                stream_id,
+                applied_position,
+            },
+        ) => {
             assert_eq!(*stream_id, device);
             assert!(*applied_position > usage);
             assert!(refusal.to_string().contains("cloudphone replay"), "{refusal}");
@@ -296,7 +335,11 @@ async fn an_old_device_event_is_refused_once_a_later_one_is_applied_and_old_usag
     }
     let still = read_models::dead_letters::get(&pool, fleet.id).await.unwrap().unwrap();
     assert_eq!((still.state, still.attempts), (DeadLetterState::Pending, 1));
-    assert_eq!(load_read_models(&pool).await.unwrap().devices, before.devices, "the device row changed");
+    assert_eq!(
+        load_read_models(&pool).await.unwrap().devices,
+        before.devices,
+        "the device row changed"
+    );
 
     // Usage sums are order-free: the same event is added to daily_usage now.
     let usage_letter = letter_at(&pool, Projection::DailyUsage, usage).await;
@@ -304,7 +347,10 @@ async fn an_old_device_event_is_refused_once_a_later_one_is_applied_and_old_usag
     assert_eq!(report.outcome, RetryOutcome::Applied);
     let reader = LogReader::new(pool.clone());
     let head = reader.head().await.unwrap().position;
-    let rebuilt = fold_log(&reader, head, 1_000).await.unwrap().without_provider_breakdown();
+    let rebuilt = fold_log(&reader, head, 1_000)
+        .await
+        .unwrap()
+        .without_provider_breakdown();
     assert_eq!(load_read_models(&pool).await.unwrap().daily_usage, rebuilt.daily_usage);
 }
 
@@ -316,12 +362,24 @@ async fn a_skip_keeps_the_letter_with_its_reason_and_refuses_a_bad_one(pool: PgP
     project_as_an_older_binary(&pool, &[usage]).await;
     let letter = letter_at(&pool, Projection::DailyUsage, usage).await;
 
-    for bad in ["", "   ", "line\nbreak", &"x".repeat(dead_letters::MAX_REASON_CHARS + 1)] {
+    for bad in [
+        "",
+        "   ",
+        "line\nbreak",
+        &"x".repeat(dead_letters::MAX_REASON_CHARS + 1),
+    ] {
         let refused = dead_letters::skip(&pool, letter.id, None, bad, ACTOR).await;
-        assert!(matches!(refused, Err(DeadLetterError::BadReason)), "{bad:?}: {refused:?}");
+        assert!(
+            matches!(refused, Err(DeadLetterError::BadReason)),
+            "{bad:?}: {refused:?}"
+        );
     }
     assert_eq!(
-        read_models::dead_letters::get(&pool, letter.id).await.unwrap().unwrap().state,
+        read_models::dead_letters::get(&pool, letter.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         DeadLetterState::Pending
     );
 
@@ -338,20 +396,33 @@ async fn a_skip_keeps_the_letter_with_its_reason_and_refuses_a_bad_one(pool: PgP
     // Resolved for good: neither a second skip nor a retry changes it or applies the event.
     let before = load_read_models(&pool).await.unwrap();
     assert!(matches!(
-        dead_letters::skip(&pool, letter.id, None, "again", ACTOR).await.unwrap(),
-        SkipOutcome::AlreadyResolved { state: DeadLetterState::Skipped, .. }
+        dead_letters::skip(&pool, letter.id, None, "again", ACTOR)
+            .await
+            .unwrap(),
+        SkipOutcome::AlreadyResolved {
+            state: DeadLetterState::Skipped,
+            ..
+        }
     ));
     assert!(matches!(
-        dead_letters::retry(&pool, letter.id, None, ACTOR).await.unwrap().outcome,
-        RetryOutcome::AlreadyResolved { state: DeadLetterState::Skipped, .. }
+        dead_letters::retry(&pool, letter.id, None, ACTOR)
+            .await
+            .unwrap()
+            .outcome,
+        RetryOutcome::AlreadyResolved {
+            state: DeadLetterState::Skipped,
+            ..
+        }
     ));
     assert_eq!(load_read_models(&pool).await.unwrap().daily_usage, before.daily_usage);
     let stored = read_models::dead_letters::get(&pool, letter.id).await.unwrap().unwrap();
     assert_eq!(stored.resolution_note.as_deref(), Some(reason));
-    assert!(dead_letters::retry_pending(&pool, Some(Projection::DailyUsage), ACTOR)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(
+        dead_letters::retry_pending(&pool, Some(Projection::DailyUsage), ACTOR)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[sqlx::test(migrations = false)]
@@ -379,11 +450,16 @@ async fn hostile_ids_projections_and_limits_are_refused_or_bounded(pool: PgPool)
         "{wrong:?}"
     );
     let wrong = dead_letters::skip(&pool, letter.id, Some(Projection::Fleet), "why", ACTOR).await;
-    assert!(matches!(wrong, Err(DeadLetterError::WrongProjection { .. })), "{wrong:?}");
+    assert!(
+        matches!(wrong, Err(DeadLetterError::WrongProjection { .. })),
+        "{wrong:?}"
+    );
     let stored = read_models::dead_letters::get(&pool, letter.id).await.unwrap().unwrap();
     assert_eq!((stored.state, stored.attempts), (DeadLetterState::Pending, 1));
     // retry --all --projection fleet leaves daily_usage's letters alone.
-    dead_letters::retry_pending(&pool, Some(Projection::Fleet), ACTOR).await.unwrap();
+    dead_letters::retry_pending(&pool, Some(Projection::Fleet), ACTOR)
+        .await
+        .unwrap();
     assert_eq!(pending(&pool, Some(Projection::DailyUsage)).await.len(), 1);
     // A blank actor is refused too (it is the record of who did it).
     assert!(matches!(
@@ -403,7 +479,10 @@ async fn hostile_ids_projections_and_limits_are_refused_or_bounded(pool: PgPool)
     }
     let all = DeadLetterFilter::default();
     assert_eq!(
-        read_models::dead_letters::list(&pool, all, i64::MAX).await.unwrap().len() as i64,
+        read_models::dead_letters::list(&pool, all, i64::MAX)
+            .await
+            .unwrap()
+            .len() as i64,
         MAX_PAGE
     );
     assert_eq!(read_models::dead_letters::list(&pool, all, -5).await.unwrap().len(), 1);
