@@ -270,10 +270,14 @@ async fn query_api(
 /// One projector per projection: following the PostgreSQL log (embedded), or consuming the
 /// relay's topic when brokers are configured.
 fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    // The gauge of pending dead letters, in either mode.
+    let gauge = tokio::spawn(projections::dead_letters::watch_pending(pool.clone(), stop.clone()));
     let Some(brokers) = &args.kafka_brokers else {
-        return spawn_log_projectors(pool, ProjectorConfig::default(), stop);
+        let mut tasks = spawn_log_projectors(pool, ProjectorConfig::default(), stop);
+        tasks.push(gauge);
+        return tasks;
     };
-    Projection::ALL
+    let mut tasks: Vec<_> = Projection::ALL
         .into_iter()
         .map(|projection| {
             let config = KafkaProjectorConfig {
@@ -288,7 +292,9 @@ fn start_projectors(args: &PlatformArgs, pool: &PgPool, stop: &CancellationToken
             };
             tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
         })
-        .collect()
+        .collect();
+    tasks.push(gauge);
+    tasks
 }
 
 /// Deletes idempotency keys older than `retention`, at start and every ten minutes.

@@ -14,6 +14,7 @@ mod audit;
 mod cli;
 mod console;
 mod crash;
+mod dead_letters;
 mod faults;
 mod fuzz;
 // These drive `cloudphone load ...` through the binary: nothing to run without the verb.
