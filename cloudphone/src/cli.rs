@@ -359,6 +359,13 @@ pub enum Command {
     /// Rebuild a projection from the whole history beside the live one, then swap it in
     /// (on a database `cloudphone migrate` brought to this binary's schema).
     Replay(ReplayArgs),
+    /// Events a projection parked because it could not apply them: list, retry, skip.
+    DeadLetters {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
     /// Export event history as NDJSON or CSV (with a trailer that `verify --file` checks).
     Export(ExportArgs),
     /// Master keys of personal data: generate one, rotate data keys to the active one, status.
@@ -426,6 +433,98 @@ pub enum PartitionsAction {
         /// The month, as YYYY-MM.
         month: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersAction {
+    /// List dead letters, oldest first (pending ones unless --state says otherwise).
+    List {
+        /// Only this projection's.
+        #[arg(long, value_enum)]
+        projection: Option<ProjectionArg>,
+        /// Only letters in this state.
+        #[arg(long, value_enum, default_value = "pending")]
+        state: DeadLetterStateArg,
+        /// Only letters with an id above this (the last id of the previous page).
+        #[arg(long)]
+        after: Option<i64>,
+        /// Most letters to list (at most 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply parked events again, once their cause is fixed: in log order, exactly once,
+    /// refused where applying an old event now would fold it out of order.
+    Retry {
+        /// The letter to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Retry every pending letter (of --projection, if given).
+        #[arg(long)]
+        all: bool,
+        /// Only letters of this projection: a letter of another one is refused.
+        #[arg(long, value_enum)]
+        projection: Option<ProjectionArg>,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+    /// Give up a parked event, recording why (the letter is kept, as `skipped`).
+    Skip {
+        /// The letter to skip.
+        id: i64,
+        /// Why (kept with the letter): not blank, at most 1000 characters.
+        #[arg(long)]
+        reason: String,
+        /// Only a letter of this projection: a letter of another one is refused.
+        #[arg(long, value_enum)]
+        projection: Option<ProjectionArg>,
+        #[command(flatten)]
+        actor: ActorArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ActorArgs {
+    /// Who resolves the letter, for the record [default: $USER].
+    #[arg(long, env = "CLOUDPHONE_ACTOR")]
+    pub actor: Option<String>,
+}
+
+impl ActorArgs {
+    /// The name recorded with a resolution.
+    pub fn name(&self) -> String {
+        self.actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cloudphone-cli".to_owned())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeadLetterStateArg {
+    /// Parked, not applied.
+    Pending,
+    /// Applied by a retry.
+    Retried,
+    /// Given up, with a reason.
+    Skipped,
+    /// Any state.
+    All,
+}
+
+impl DeadLetterStateArg {
+    /// The state to filter on (`None`: any).
+    pub fn state(self) -> Option<read_models::dead_letters::DeadLetterState> {
+        use read_models::dead_letters::DeadLetterState;
+        match self {
+            DeadLetterStateArg::Pending => Some(DeadLetterState::Pending),
+            DeadLetterStateArg::Retried => Some(DeadLetterState::Retried),
+            DeadLetterStateArg::Skipped => Some(DeadLetterState::Skipped),
+            DeadLetterStateArg::All => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

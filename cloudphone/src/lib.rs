@@ -26,6 +26,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projector(args) => commands::serve::run(args, commands::serve::Roles::Projector).await,
         Command::Relay(args) => commands::serve::run(args, commands::serve::Roles::Relay).await,
         Command::Replay(args) => commands::replay::run(args).await,
+        Command::DeadLetters { database, action } => commands::dead_letters::run(database, action).await,
         Command::Export(args) => commands::export::run(args).await,
         Command::Keys { action } => commands::keys::run(action).await,
         Command::Erasures { action } => commands::erasures::run(action).await,

@@ -35,9 +35,9 @@ pub struct Applied {
 }
 
 /// An event the projection cannot apply, with why.
-struct DeadLetter<'a> {
-    envelope: &'a EventEnvelope,
-    error: String,
+pub(crate) struct DeadLetter<'a> {
+    pub(crate) envelope: &'a EventEnvelope,
+    pub(crate) error: String,
 }
 
 /// Decodes envelopes for a projection: unknown types are skipped, malformed ones parked.
@@ -88,11 +88,32 @@ pub async fn begin_batch(
 
 /// Applies `events` (in position order) to the tables of `layout` that `conn`'s search path
 /// resolves (the live ones, or a replay's shadow schema), inside the caller's transaction.
+/// Events that cannot be applied are parked in `projection_dead_letters`.
 pub async fn apply_events(
     conn: &mut PgConnection,
     layout: TableLayout,
     events: &[EventEnvelope],
 ) -> Result<Applied, sqlx::Error> {
+    let projection = layout.projection;
+    let (mut applied, dead) = apply_unparked(conn, layout, events).await?;
+    for letter in &dead {
+        park(conn, projection, letter).await?;
+    }
+    applied.dead_lettered = dead.len();
+    if !dead.is_empty() {
+        metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name())
+            .increment(dead.len() as u64);
+    }
+    Ok(applied)
+}
+
+/// Applies what of `events` it can, like [`apply_events`], and returns the events it could
+/// not apply instead of parking them (a retry updates the letter it already has).
+pub(crate) async fn apply_unparked<'a>(
+    conn: &mut PgConnection,
+    layout: TableLayout,
+    events: &'a [EventEnvelope],
+) -> Result<(Applied, Vec<DeadLetter<'a>>), sqlx::Error> {
     let projection = layout.projection;
     let mut applied = Applied::default();
     let mut dead = Vec::new();
@@ -114,15 +135,31 @@ pub async fn apply_events(
         Projection::Fleet => apply_fleet(conn, layout, &decoded, &mut applied, &mut dead).await?,
         Projection::DailyUsage => apply_usage(conn, layout, &decoded, &mut applied).await?,
     }
-    for letter in &dead {
-        park(conn, projection, letter).await?;
-    }
-    applied.dead_lettered = dead.len();
-    if !dead.is_empty() {
-        metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name())
-            .increment(dead.len() as u64);
-    }
-    Ok(applied)
+    Ok((applied, dead))
+}
+
+/// The advisory lock that orders a dead-letter retry against the projector batches of its
+/// projection. A batch reads rows, folds them in memory and writes them back: a retry
+/// writing the same device row, or the same owner's `device_stats`, between that read and
+/// that write would be overwritten (a lost update). Batches hold the lock shared (they never
+/// wait for each other, so Kafka workers stay parallel); a retry holds it exclusively, so it
+/// sees no batch in flight and none starts until it commits. Transaction-scoped: released at
+/// commit or rollback, and safe behind a transaction pooler.
+pub async fn lock_for_batch(conn: &mut PgConnection, projection: Projection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtext('cloudphone.projection.' || $1))")
+        .bind(projection.name())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The exclusive side of [`lock_for_batch`], for a retry.
+pub(crate) async fn lock_for_retry(conn: &mut PgConnection, projection: Projection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('cloudphone.projection.' || $1))")
+        .bind(projection.name())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Parks a message that is not even an envelope (a foreign producer, a corrupted record).
@@ -137,8 +174,8 @@ pub async fn park_unreadable(
     metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name()).increment(1);
     let raw = serde_json::Value::String(String::from_utf8_lossy(raw).into_owned());
     sqlx::query(
-        "INSERT INTO projection_dead_letters (projection, position, event_type, schema_version, error, envelope)
-         VALUES ($1, $2, '?', 0, $3, $4)",
+        "INSERT INTO projection_dead_letters (projection, position, event_type, schema_version, error, envelope, parked_in)
+         VALUES ($1, $2, '?', 0, $3, $4, current_schema())",
     )
     .bind(projection.name())
     .bind(position)
@@ -149,6 +186,9 @@ pub async fn park_unreadable(
     Ok(())
 }
 
+/// Parks `letter`, noting the schema whose tables the batch was writing (`current_schema()`:
+/// the live schema, or a replay's shadow schema): a retry applies only letters parked against
+/// the live tables.
 async fn park(conn: &mut PgConnection, projection: Projection, letter: &DeadLetter<'_>) -> Result<(), sqlx::Error> {
     tracing::warn!(
         projection = projection.name(),
@@ -158,8 +198,9 @@ async fn park(conn: &mut PgConnection, projection: Projection, letter: &DeadLett
         "event parked in the dead-letter table"
     );
     sqlx::query(
-        "INSERT INTO projection_dead_letters (projection, position, event_id, event_type, schema_version, error, envelope)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO projection_dead_letters (projection, position, event_id, event_type, schema_version, error, envelope,
+                                              parked_in)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, current_schema())",
     )
     .bind(projection.name())
     .bind(letter.envelope.position)

@@ -6,6 +6,8 @@
 //! - [`usage`]: `daily_usage` (per UTC day, user and device; sessions over midnight split).
 //! - [`apply`]: a batch of events applied to a projection; [`checkpoint`] moves in the same
 //!   transaction, so a crash or a redelivery never counts an event twice.
+//! - [`dead_letters`]: retrying a parked event once its cause is fixed (exactly once, in log
+//!   order, refused where it would fold out of order), or skipping it with a reason.
 //! - [`replay`]: rebuilding a version from the whole log beside the live one and swapping it
 //!   in (`cloudphone replay`). The tables' shape (rows, versions, status) is `read-models`'.
 //! - [`runner`]: the embedded projector that follows the PostgreSQL log directly (the
@@ -17,6 +19,7 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod dead_letters;
 pub mod fleet;
 pub mod rebuild;
 pub mod replay;
@@ -42,6 +45,8 @@ pub mod metrics_names {
     pub const PROJECTION_SKIPPED_TOTAL: &str = "cloudphone_projection_skipped_total";
     /// Counter: events parked in the dead-letter table.
     pub const PROJECTION_DEAD_LETTERS_TOTAL: &str = "cloudphone_projection_dead_letters_total";
+    /// Gauge: dead letters of a projection still pending (neither retried nor skipped).
+    pub const PROJECTION_DEAD_LETTERS_PENDING: &str = "cloudphone_projection_dead_letters_pending";
     /// Gauge: position a replay's rebuild has reached, per projection.
     pub const REPLAY_POSITION: &str = "cloudphone_replay_position";
     /// Gauge: position a replay is heading for (the head at its start; the head while tailing).

@@ -7,7 +7,7 @@ use event_log::{LogReader, LogTail, TailConfig};
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{apply_events, begin_batch};
+use crate::apply::{apply_events, begin_batch, lock_for_batch};
 use crate::checkpoint::{self, CheckpointMoved, ProjectionCheckpoint};
 use read_models::Projection;
 use read_models::changes::{self, ChangeNotice};
@@ -158,6 +158,7 @@ async fn follow(
         };
         let started = Instant::now();
         let mut tx = begin_batch(pool, events.len()).await?;
+        lock_for_batch(&mut tx, projection).await?;
         let applied = apply_events(&mut tx, layout, &events).await?;
         // Also when no row changed: the checkpoint moved (live projection status).
         changes::publish(

@@ -8,7 +8,8 @@
 //!   and `hourly_usage` rows.
 //! - [`status`]: where every projection stands against the log head, its live version and dead
 //!   letters, and the rebuilds in progress; [`changes`]: what a committed batch changed,
-//!   published to listeners (the query API's subscriptions).
+//!   published to listeners (the query API's subscriptions); [`dead_letters`]: the events a
+//!   projection parked and what operators did about them.
 //! - [`migrate()`]: the tables' migrations (versions 1000 and up, in `migrations/`), the
 //!   projectors' bookkeeping (checkpoints, Kafka offsets, dead letters) included.
 //! - [`stored`]: every read model at once, in memory and as read from the tables.
@@ -18,6 +19,7 @@
 //! writer's job.
 
 pub mod changes;
+pub mod dead_letters;
 pub mod fleet;
 pub mod history;
 pub mod status;

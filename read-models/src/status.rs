@@ -52,17 +52,18 @@ pub struct ProjectionHealth {
     pub projection: String,
     /// The version of the live tables (`projection_checkpoints.version`).
     pub version: i32,
-    /// Events parked in `projection_dead_letters` because they could not be applied.
+    /// Events parked in `projection_dead_letters` because they could not be applied, and not
+    /// resolved since (retried or skipped).
     pub dead_letters: i64,
 }
 
 /// Every projection's live version and dead-letter count, by projection name.
 pub async fn projection_health(pool: &PgPool) -> Result<Vec<ProjectionHealth>, sqlx::Error> {
-    // Counted per checkpoint through projection_dead_letters_projection_idx: an index-only
-    // count, never a scan of the parked envelopes.
+    // Counted per checkpoint through projection_dead_letters_pending_idx (partial, pending
+    // letters only): an index-only count, never a scan of the parked envelopes.
     let rows: Vec<(String, i32, i64)> = sqlx::query_as(
         "SELECT c.projection, c.version,
-                (SELECT count(*) FROM projection_dead_letters d WHERE d.projection = c.projection)
+                (SELECT count(*) FROM projection_dead_letters d WHERE d.projection = c.projection AND d.state = 'pending')
          FROM projection_checkpoints c ORDER BY c.projection",
     )
     .fetch_all(pool)

@@ -1,6 +1,7 @@
 //! One module per verb.
 
 pub mod database;
+pub mod dead_letters;
 pub mod erasures;
 pub mod export;
 pub mod keys;

@@ -312,6 +312,8 @@ fn start_projectors(
     path: &ConnectionPath,
     stop: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
+    // The gauge of pending dead letters, in either mode.
+    let gauge = tokio::spawn(projections::dead_letters::watch_pending(pool.clone(), stop.clone()));
     let Some(brokers) = &args.kafka_brokers else {
         let config = if path.is_pooled() {
             tracing::info!(
@@ -326,9 +328,11 @@ fn start_projectors(
         } else {
             ProjectorConfig::default()
         };
-        return spawn_log_projectors(pool, config, stop);
+        let mut tasks = spawn_log_projectors(pool, config, stop);
+        tasks.push(gauge);
+        return tasks;
     };
-    Projection::ALL
+    let mut tasks: Vec<_> = Projection::ALL
         .into_iter()
         .map(|projection| {
             let config = KafkaProjectorConfig {
@@ -343,7 +347,9 @@ fn start_projectors(
             };
             tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))
         })
-        .collect()
+        .collect();
+    tasks.push(gauge);
+    tasks
 }
 
 /// Deletes idempotency keys older than `retention`, at start and every ten minutes.

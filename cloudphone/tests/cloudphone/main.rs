@@ -15,6 +15,7 @@ mod backup;
 mod cli;
 mod console;
 mod crash;
+mod dead_letters;
 mod faults;
 mod fuzz;
 // These drive `cloudphone load ...` through the binary: nothing to run without the verb.

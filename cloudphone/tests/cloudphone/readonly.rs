@@ -12,8 +12,10 @@ use uuid::Uuid;
 
 /// The verbs that must not create a database or migrate one (a role told not to migrate
 /// included).
-const NON_MIGRATING: [&[&str]; 9] = [
+const NON_MIGRATING: [&[&str]; 11] = [
     &["verify"],
+    &["dead-letters", "list"],
+    &["dead-letters", "retry", "--all"],
     &["replay", "--status"],
     &["replay", "fleet"],
     &["partitions", "list"],

@@ -1,6 +1,7 @@
 //! What the web console's admin view watches: each projection's live version and dead
 //! letters ([`ProjectionState`]'s admin fields), the log's head and monthly partitions
-//! ([`LogStatus`]) and the projection rebuilds in progress ([`Replay`]).
+//! ([`LogStatus`]), the projection rebuilds in progress ([`Replay`]) and the parked events
+//! themselves ([`DeadLetterConnection`]).
 //!
 //! Admin tokens only ([`admin_only`]). Any other caller, read-only services included, gets an
 //! error with the code `FORBIDDEN` rather than a null: the fields are non-null, and the
@@ -11,20 +12,26 @@
 //! None of them is cached (they describe the source right now, not its read models), and an
 //! admin's answers are cached apart from a service's anyway (see [`Viewer::cache_scope`]).
 
-use async_graphql::{ComplexObject, Context, Enum, ErrorExtensions, SimpleObject};
+use async_graphql::{ComplexObject, Context, Enum, ErrorExtensions, InputObject, Object, SimpleObject};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Months, Utc};
 use event_log::partitions::{PartitionInfo, list_partitions};
 use event_log::{LogReader, ReadError};
+use read_models::Projection;
+use read_models::dead_letters::{self, DeadLetterFilter};
 use read_models::status::{self, ProjectionHealth, RebuildProgress};
+use uuid::Uuid;
 
 use super::scalars::BigInt;
-use super::{ProjectionState, Viewer, read_context};
+use super::types::PageInfo;
+use super::{ProjectionState, Viewer, bad_input, read_context};
 
 /// The guard of every operations field: admins pass, anyone else gets `FORBIDDEN`.
 pub(crate) fn admin_only(ctx: &Context<'_>) -> async_graphql::Result<()> {
     only_admins_may_read(
         ctx,
-        "the operations fields (projection versions and dead letters, `log`, `replays`)",
+        "the operations fields (projection versions and dead letters, `log`, `replays`, `deadLetters`)",
     )
 }
 
@@ -208,4 +215,217 @@ pub(crate) async fn replays(ctx: &Context<'_>) -> async_graphql::Result<Vec<Repl
     .into_iter()
     .map(|rebuild| Replay::new(rebuild).ok_or_else(|| internal_error("a rebuild's state")))
     .collect()
+}
+
+/// Where a parked event stands.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[graphql(remote = "read_models::dead_letters::DeadLetterState")]
+pub enum DeadLetterState {
+    /// Parked: the event is missing from the projection's read model.
+    Pending,
+    /// Applied by `cloudphone dead-letters retry`.
+    Retried,
+    /// Given up by an operator, with a reason (`resolutionNote`).
+    Skipped,
+}
+
+/// Which dead letters to list.
+#[derive(InputObject, Debug, Clone, Default)]
+pub struct DeadLettersFilter {
+    /// Only this projection's (`fleet`, `daily_usage`).
+    pub projection: Option<String>,
+    /// Only letters in this state.
+    pub state: Option<DeadLetterState>,
+}
+
+/// An event a projection parked because it could not apply it (see the runbook
+/// `ops/runbooks/dead-letters.md`), and what an operator did about it.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(cache_control(no_cache))]
+pub struct DeadLetter {
+    /// The letter's id, as `cloudphone dead-letters retry|skip` take it.
+    pub id: BigInt,
+    /// The projection that parked it (`fleet`, `daily_usage`).
+    pub projection: String,
+    /// The event's log position (-1: a message on the topic with no position).
+    pub position: BigInt,
+    /// The event's id; null for a message that was not an event envelope.
+    pub event_id: Option<Uuid>,
+    /// The event's type (`?` for a message that was not an envelope).
+    pub event_type: String,
+    /// The event's schema version.
+    pub schema_version: i32,
+    /// Why the last attempt to apply it failed.
+    pub error: String,
+    pub state: DeadLetterState,
+    /// Times the projection tried to apply it: 1 when parked, one more per retry.
+    pub attempts: i32,
+    /// When it was parked.
+    pub created_at: DateTime<Utc>,
+    /// When it was last retried (null: never).
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    /// When it was retried successfully or skipped (null while pending).
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Who retried or skipped it.
+    pub resolved_by: Option<String>,
+    /// Why it was skipped (null otherwise).
+    pub resolution_note: Option<String>,
+}
+
+impl From<dead_letters::DeadLetter> for DeadLetter {
+    fn from(l: dead_letters::DeadLetter) -> Self {
+        DeadLetter {
+            id: BigInt(l.id),
+            projection: l.projection,
+            position: BigInt(l.position),
+            event_id: l.event_id,
+            event_type: l.event_type,
+            schema_version: l.schema_version,
+            error: l.error,
+            state: l.state.into(),
+            attempts: l.attempts,
+            created_at: l.created_at,
+            last_attempt_at: l.last_attempt_at,
+            resolved_at: l.resolved_at,
+            resolved_by: l.resolved_by,
+            resolution_note: l.resolution_note,
+        }
+    }
+}
+
+/// A dead letter with its cursor.
+#[derive(SimpleObject, Debug, Clone)]
+#[graphql(cache_control(no_cache))]
+pub struct DeadLetterEdge {
+    /// Opaque: pass it as `after` to page on from this letter.
+    pub cursor: String,
+    /// The letter.
+    pub node: DeadLetter,
+}
+
+/// A page of dead letters (a Relay connection, forward only), oldest first.
+#[derive(Debug, Clone)]
+pub struct DeadLetterConnection {
+    filter: DeadLetterFilter,
+    paged_from: bool,
+    letters: Vec<DeadLetter>,
+    more: bool,
+}
+
+/// A page of dead letters (a Relay connection, forward only), oldest first.
+#[Object(cache_control(no_cache))]
+impl DeadLetterConnection {
+    /// The page's letters with their cursors.
+    async fn edges(&self) -> Vec<DeadLetterEdge> {
+        self.letters
+            .iter()
+            .map(|letter| DeadLetterEdge {
+                cursor: encode_dead_letter_cursor(letter.id.0),
+                node: letter.clone(),
+            })
+            .collect()
+    }
+
+    /// The page's letters (as `edges`, without cursors).
+    async fn nodes(&self) -> Vec<DeadLetter> {
+        self.letters.clone()
+    }
+
+    /// Where the page sits in the list.
+    async fn page_info(&self) -> PageInfo {
+        PageInfo {
+            has_next_page: self.more,
+            has_previous_page: self.paged_from,
+            start_cursor: self.letters.first().map(|l| encode_dead_letter_cursor(l.id.0)),
+            end_cursor: self.letters.last().map(|l| encode_dead_letter_cursor(l.id.0)),
+        }
+    }
+
+    /// Letters matching the filter, across every page.
+    async fn total_count(&self, ctx: &Context<'_>) -> async_graphql::Result<BigInt> {
+        let read = read_context(ctx);
+        let count = read
+            .read_once(format!("count_dead_letters {:?}", self.filter), || {
+                dead_letters::count(&read.pool, self.filter)
+            })
+            .await
+            .map_err(|e| read.database_error(&e))?;
+        Ok(BigInt(count))
+    }
+}
+
+fn encode_dead_letter_cursor(id: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("dl1:{id}"))
+}
+
+/// The letter id a dead-letter cursor holds; any other cursor is refused.
+fn decode_dead_letter_cursor(cursor: &str) -> async_graphql::Result<i64> {
+    let invalid = || {
+        bad_input(format!(
+            "`after` is not a cursor of this list: {}",
+            cursor.chars().take(64).collect::<String>()
+        ))
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(cursor.trim()).map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    text.strip_prefix("dl1:")
+        .and_then(|id| id.parse::<i64>().ok())
+        .ok_or_else(invalid)
+}
+
+/// One page of dead letters (admins only: see the module's docs).
+pub(crate) async fn dead_letter_page(
+    ctx: &Context<'_>,
+    filter: Option<DeadLettersFilter>,
+    first: Option<i32>,
+    after: Option<String>,
+) -> async_graphql::Result<DeadLetterConnection> {
+    let read = read_context(ctx);
+    let filter = filter.unwrap_or_default();
+    let projection = filter
+        .projection
+        .as_deref()
+        .map(|name| {
+            Projection::named(name).ok_or_else(|| {
+                bad_input(format!(
+                    "unknown projection `{}`: fleet or daily_usage",
+                    name.chars().take(64).collect::<String>()
+                ))
+            })
+        })
+        .transpose()?;
+    let size = first.unwrap_or(read.limits.default_page_size);
+    if size < 0 || size > read.limits.max_page_size {
+        return Err(bad_input(format!(
+            "page size {size} is out of range: `first` takes 0 to {}",
+            read.limits.max_page_size
+        )));
+    }
+    let after_id = after.as_deref().map(decode_dead_letter_cursor).transpose()?;
+    let filter = DeadLetterFilter {
+        projection,
+        state: filter.state.map(Into::into),
+        after_id,
+    };
+    let mut letters = if size == 0 {
+        Vec::new()
+    } else {
+        // One more than asked: whether another page follows.
+        read.read_once(format!("dead_letters {filter:?} {size}"), || {
+            dead_letters::list(&read.pool, filter, i64::from(size) + 1)
+        })
+        .await
+        .map_err(|e| read.database_error(&e))?
+    };
+    let more = letters.len() > usize::try_from(size).unwrap_or_default();
+    letters.truncate(usize::try_from(size).unwrap_or_default());
+    Ok(DeadLetterConnection {
+        filter: DeadLetterFilter {
+            after_id: None,
+            ..filter
+        },
+        paged_from: after_id.is_some(),
+        letters: letters.into_iter().map(DeadLetter::from).collect(),
+        more,
+    })
 }

@@ -310,6 +310,24 @@ impl Query {
         operations::log_status(ctx).await
     }
 
+    /// Events projections parked because they could not apply them, oldest first, with what
+    /// operators did about each (`cloudphone dead-letters retry|skip`). Admin tokens only:
+    /// others get the error code `FORBIDDEN`.
+    #[graphql(
+        guard = "operations::admin_only",
+        cache_control(no_cache),
+        complexity = "first.unwrap_or(20).clamp(1, 100) as usize * child_complexity + 1"
+    )]
+    async fn dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Which letters to list.")] filter: Option<operations::DeadLettersFilter>,
+        #[graphql(desc = "At most this many letters after `after` (0 to 100; default 20).")] first: Option<i32>,
+        #[graphql(desc = "A cursor from this list: the page starts after it.")] after: Option<String>,
+    ) -> async_graphql::Result<operations::DeadLetterConnection> {
+        operations::dead_letter_page(ctx, filter, first, after).await
+    }
+
     /// Projection rebuilds in progress (`cloudphone replay`), oldest first; empty when none
     /// runs. Admin tokens only: others get the error code `FORBIDDEN`.
     #[graphql(guard = "operations::admin_only", cache_control(no_cache))]

@@ -154,3 +154,104 @@ async fn no_rebuild_in_progress_is_an_empty_list(pool: PgPool) {
         .await;
     assert_eq!(answer.data(), &json!({"replays": [], "log": {"head": "0"}}));
 }
+
+const DEAD_LETTERS: &str = "query($filter: DeadLettersFilter, $first: Int, $after: String) {
+    deadLetters(filter: $filter, first: $first, after: $after) {
+        totalCount
+        pageInfo { hasNextPage hasPreviousPage endCursor }
+        nodes { projection position eventType schemaVersion error state attempts resolvedBy resolutionNote }
+    }
+}";
+
+#[sqlx::test(migrations = false)]
+async fn an_admin_lists_dead_letters_page_by_page_and_no_other_token_does(pool: PgPool) {
+    operations_data(&pool).await;
+    sqlx::query(
+        "INSERT INTO projection_dead_letters (projection, position, event_type, schema_version, error, envelope,
+                                              state, resolved_at, resolved_by, resolution_note)
+         VALUES ('fleet', 8, 'DeviceStarted', 1, 'bad payload', '{}', 'skipped', now(), 'ops', 'duplicate of 7')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let api = start(&pool, test_config()).await;
+
+    let first = api
+        .query(
+            &admin(),
+            DEAD_LETTERS,
+            json!({"filter": {"projection": "daily_usage"}, "first": 1}),
+        )
+        .await;
+    let page = &first.data()["deadLetters"];
+    assert_eq!(page["totalCount"], "2");
+    assert_eq!(
+        page["nodes"],
+        json!([{
+            "projection": "daily_usage", "position": "7", "eventType": "DeviceStopped", "schemaVersion": 9,
+            "error": "unknown schema version", "state": "PENDING", "attempts": 1, "resolvedBy": null,
+            "resolutionNote": null,
+        }])
+    );
+    assert_eq!(page["pageInfo"]["hasNextPage"], true);
+    assert_eq!(page["pageInfo"]["hasPreviousPage"], false);
+    let cursor = page["pageInfo"]["endCursor"].as_str().unwrap().to_owned();
+    let second = api
+        .query(
+            &admin(),
+            DEAD_LETTERS,
+            json!({"filter": {"projection": "daily_usage"}, "first": 1, "after": cursor}),
+        )
+        .await;
+    let page = &second.data()["deadLetters"];
+    assert_eq!(page["nodes"][0]["position"], "9");
+    assert_eq!(page["pageInfo"]["hasNextPage"], false);
+    assert_eq!(page["pageInfo"]["hasPreviousPage"], true);
+
+    let skipped = api
+        .query(&admin(), DEAD_LETTERS, json!({"filter": {"state": "SKIPPED"}}))
+        .await;
+    let page = &skipped.data()["deadLetters"];
+    assert_eq!(page["totalCount"], "1");
+    assert_eq!(page["nodes"][0]["projection"], "fleet");
+    assert_eq!(page["nodes"][0]["resolvedBy"], "ops");
+    assert_eq!(page["nodes"][0]["resolutionNote"], "duplicate of 7");
+    let all = api.query(&admin(), DEAD_LETTERS, json!({})).await;
+    assert_eq!(all.data()["deadLetters"]["totalCount"], "3");
+    // The same counts the operations view shows: pending letters only.
+    let status = api
+        .query(&admin(), "{ projectionStatus { name deadLetters } }", json!({}))
+        .await;
+    assert_eq!(
+        status.data()["projectionStatus"],
+        json!([{"name": "daily_usage", "deadLetters": "2"}, {"name": "fleet", "deadLetters": "0"}])
+    );
+
+    // Hostile arguments: refused, not clamped silently or passed to SQL.
+    for variables in [
+        json!({"first": 1_000_000}),
+        json!({"first": -1}),
+        json!({"filter": {"projection": "fleet'; DROP TABLE devices; --"}}),
+        json!({"after": "not a cursor"}),
+        json!({"after": "dTE6MDE5M2Y1ZjAtMDAwMC03MDAwLTgwMDAtMDAwMDAwMDAwMDAw"}),
+    ] {
+        let answer = api.query(&admin(), DEAD_LETTERS, variables.clone()).await;
+        assert_eq!(answer.error_code(), "BAD_USER_INPUT", "{variables}: {answer:?}");
+    }
+
+    let reporting = test_support::tokens::signed(SECRET, "bi", Role::Service, &[scope::DASHBOARDS_READ]);
+    for caller in [&reporting, &token(A, Role::User)] {
+        let answer = api.query(caller, DEAD_LETTERS, json!({})).await;
+        assert!(answer.status.is_success(), "{answer:?}");
+        assert_eq!(answer.error_code(), "FORBIDDEN", "{answer:?}");
+        let data = answer.body["data"].to_string();
+        for leaked in [
+            "DeviceStopped",
+            "unknown schema version",
+            "duplicate of 7",
+            "totalCount",
+        ] {
+            assert!(!data.contains(leaked), "{answer:?}");
+        }
+    }
+}
