@@ -45,8 +45,8 @@ check() {
     mkdir -p "$dir/generated"
     "$bin/openapi-typescript" command-api/openapi.json -o "$dir/generated/command-api.ts" --silent
     "$bin/openapi-typescript" query-api/openapi.json -o "$dir/generated/query-api.ts" --silent
-    (cd "$dir" && node_modules/.bin/graphql-codegen --config codegen.yml --silent)
-    for file in command-api.ts query-api.ts graphql.ts; do
+    (cd "$dir" && node_modules/.bin/graphql-codegen --config codegen.yml)
+    for file in command-api.ts query-api.ts schema.ts operations.ts; do
         if [ ! -s "$dir/generated/$file" ]; then
             say "$dir/generated/$file was not generated"
             exit 1

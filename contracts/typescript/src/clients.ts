@@ -11,7 +11,8 @@ import type {
   DashboardQueryVariables,
   LiveDeviceStatsSubscription,
   LiveDeviceStatsSubscriptionVariables,
-} from "../generated/graphql";
+} from "../generated/operations";
+import type { DeviceStats } from "../generated/schema";
 
 type Problem = CommandComponents["schemas"]["Problem"];
 type Tier = CommandComponents["schemas"]["TierName"];
@@ -134,6 +135,9 @@ export function liveDeviceStats(variables: LiveDeviceStatsSubscriptionVariables)
 } {
   return {
     subscribe: JSON.stringify({ id: "1", type: "subscribe", payload: { query: LIVE_DEVICE_STATS, variables } }),
-    read: (payload) => payload.data.deviceStats.totals.deviceCount,
+    read: (payload) => {
+      const totals: Pick<DeviceStats["totals"], "deviceCount"> = payload.data.deviceStats.totals;
+      return totals.deviceCount;
+    },
   };
 }
