@@ -1,6 +1,11 @@
 //! The OpenAPI 3.1 document, generated from the handlers and types.
 
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use http_edge::openapi::{
+    add_bearer_scheme, document_edge_headers, document_problem_examples, operations, problem_example, request_header,
+    response_header, string,
+};
+use serde_json::Value;
+use utoipa::openapi::schema::SchemaFormat;
 use utoipa::{Modify, OpenApi};
 
 use crate::commands::CommandAccepted;
@@ -53,17 +58,65 @@ struct BearerAuth;
 
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
+        add_bearer_scheme(openapi);
     }
+}
+
+/// The headers every operation takes or answers, added to each operation here rather than
+/// in each `#[utoipa::path]`, so no route can forget one; and an example problem document
+/// for each error status.
+struct Headers;
+
+impl Modify for Headers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for operation in operations(item) {
+                // Every operation of this API is a command, and every command honours it.
+                operation.parameters.get_or_insert_with(Vec::new).push(request_header(
+                    "Idempotency-Key",
+                    "Makes a retry safe: the same key with the same request answers the \
+                     original outcome without writing again (keys are kept 24 hours); with \
+                     another request it is 422 `idempotency_key_reused`. 1 to 200 visible \
+                     ASCII characters, else 400 `invalid_idempotency_key`.",
+                    string()
+                        .min_length(Some(1))
+                        .max_length(Some(200))
+                        .pattern(Some("^[!-~]+$")),
+                ));
+                document_edge_headers(operation);
+                if let Some(utoipa::openapi::RefOr::T(created)) = operation.responses.responses.get_mut("201") {
+                    created.headers.insert(
+                        "Location".into(),
+                        response_header(
+                            string().format(Some(SchemaFormat::Custom("uri-reference".into()))),
+                            "The path of the created user or device.",
+                            true,
+                        ),
+                    );
+                }
+                document_problem_examples(operation, command_problem_example);
+            }
+        }
+    }
+}
+
+/// One typical problem document per error status, built as the API builds them.
+fn command_problem_example(status: u16) -> Option<Value> {
+    let (code, detail) = match status {
+        400 => ("invalid_body", "unknown field `device_id`"),
+        401 => ("unauthorized", "a bearer token is required"),
+        403 => ("forbidden", "this token may not act on this user"),
+        404 => ("device_not_found", "device not found"),
+        408 => ("body_timeout", "the request body did not arrive within 10s"),
+        409 => ("device_already_running", "device is already running"),
+        413 => ("payload_too_large", "the request body is larger than the limit"),
+        415 => ("unsupported_media_type", "expected Content-Type: application/json"),
+        422 => ("quota_exceeded", "quota exceeded for devices: limit 10, would use 11"),
+        429 => ("rate_limited", "rate limit exceeded"),
+        503 => ("unavailable", "the service is temporarily unavailable; retry later"),
+        _ => return None,
+    };
+    problem_example(status, code, detail)
 }
 
 #[derive(Debug, OpenApi)]
@@ -77,8 +130,10 @@ impl Modify for BearerAuth {
         devices::create, devices::start, devices::stop, devices::resize, devices::report_failure,
         devices::remove, batch::run_batch,
     ),
-    components(schemas(CommandAccepted, Problem, devices::ProviderName)),
-    modifiers(&BearerAuth),
+    components(schemas(
+        CommandAccepted, Problem, devices::ProviderName, devices::StopReasonName, users::TierName,
+    )),
+    modifiers(&BearerAuth, &Headers),
     tags((name = "users"), (name = "devices")),
 )]
 pub struct ApiDoc;
@@ -86,7 +141,7 @@ pub struct ApiDoc;
 #[cfg(test)]
 mod tests {
     use domain::limits;
-    use event_schema::Provider;
+    use event_schema::{Provider, StopReason, Tier};
     use serde_json::Value;
 
     use super::*;
@@ -135,5 +190,64 @@ mod tests {
         assert_eq!(failure["maxLength"], limits::MAX_FAILURE_REASON_CHARS);
         let providers: Vec<String> = Provider::ALL.iter().map(|p| p.as_str().to_owned()).collect();
         assert_eq!(schema("ProviderName")["enum"], serde_json::json!(providers));
+    }
+
+    /// Closed sets are enums in the document, with the domain's words: a word added to the
+    /// domain but not here would be refused by generated clients.
+    #[test]
+    fn documented_tiers_and_stop_reasons_are_the_domains() {
+        let tiers: Vec<&str> = Tier::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(schema("TierName")["enum"], serde_json::json!(tiers));
+        let reasons: Vec<&str> = StopReason::ALL
+            .iter()
+            .filter(|r| **r != StopReason::Deleted)
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(schema("StopReasonName")["enum"], serde_json::json!(reasons));
+    }
+
+    /// Every operation states the headers clients may send and the ones they get back, so
+    /// generated clients can set and read them.
+    #[test]
+    fn every_operation_documents_its_headers() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let mut operations = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                operations += 1;
+                let names: Vec<&str> = operation["parameters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|p| p["in"] == "header")
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                assert_eq!(
+                    names,
+                    ["Idempotency-Key", "traceparent", "x-request-id"],
+                    "{method} {path}"
+                );
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    let headers = &response["headers"];
+                    assert!(headers["x-trace-id"].is_object(), "{method} {path} {status}");
+                    let retry = matches!(status.as_str(), "429" | "503");
+                    assert_eq!(
+                        headers["Retry-After"]["required"] == true,
+                        retry,
+                        "{method} {path} {status}"
+                    );
+                    assert_eq!(
+                        headers["Location"]["required"] == true,
+                        status == "201",
+                        "{method} {path} {status}"
+                    );
+                    if status.starts_with(['4', '5']) {
+                        let example = &response["content"]["application/problem+json"]["example"];
+                        assert_eq!(example["status"].to_string(), *status, "{method} {path}");
+                    }
+                }
+            }
+        }
+        assert_eq!(operations, 11);
     }
 }

@@ -21,6 +21,7 @@ pub mod body;
 pub mod connections;
 pub mod cors;
 pub mod layers;
+pub mod openapi;
 pub mod problem;
 pub mod rate_limit;
 pub mod telemetry;

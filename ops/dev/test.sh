@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian machine it first installs and starts what the tests
 # need (PostgreSQL, a Kafka-protocol broker, a streaming replica, a headless browser,
-# PgBouncer), checks ops/ (ops/check.sh), then runs every test of the workspace with
-# cargo-nextest against those real services.
+# PgBouncer), checks ops/ (ops/check.sh) and that the contracts' TypeScript clients compile
+# (ops/dev/contracts-ts.sh), then runs every test of the workspace with cargo-nextest against
+# those real services.
 #
 # Arguments are passed to `cargo nextest run` (e.g. `ops/dev/test.sh -p event-log`). Without
 # arguments, the command API is then also fuzzed against its OpenAPI document
@@ -31,6 +32,9 @@ fi
 # the deploy topology): static checks, with promtool and docker-compose from Debian.
 if [ "$#" -eq 0 ]; then
     ops/check.sh
+    # TypeScript clients generated from the checked-in contracts must compile (Node.js and
+    # the pinned npm packages installed on first use, then cached).
+    ops/dev/contracts-ts.sh
 fi
 
 # A run that finds no tests must not pass: nextest fails on an empty run by default, and the

@@ -137,6 +137,30 @@ impl AuditParams {
     }
 }
 
+/// Export the event history (admins and auditors) as NDJSON (default) or CSV, streamed, with
+/// a trailer record; a download that stops early lacks it, and `after` resumes.
+#[utoipa::path(get, path = "/v1/audit/events", tag = "audit",
+    params(
+        ("userId" = Option<Uuid>, Query, description = "Only this user's events and their devices'."),
+        ("streamId" = Option<Uuid>, Query, description = "Only this stream's events."),
+        ("eventType" = Option<String>, Query, description = "Only events of this type."),
+        ("from" = Option<DateTime<Utc>>, Query, description = "RFC 3339; events recorded at or after it."),
+        ("to" = Option<DateTime<Utc>>, Query, description = "RFC 3339; events recorded before it (after `from`)."),
+        ("after" = Option<i64>, Query, minimum = 0, description = "Resume after this position."),
+        ("until" = Option<i64>, Query, minimum = 0,
+            description = "Stop at this position [default: the head when the export starts]."),
+        ("format" = Option<crate::openapi::ExportFormatName>, Query,
+            description = "[default: `csv` when Accept names text/csv, else `ndjson`]"),
+        ("personal" = Option<crate::openapi::PersonalFieldsName>, Query,
+            description = "`decrypt` (default): personal fields shown decrypted (or as erased) \
+                beside the stored ciphertext; `omit`: ciphertext only."),
+    ),
+    responses(
+        (status = 200, description = "The export file, streamed; it ends with a trailer record",
+            content((String = "application/x-ndjson"), (String = "text/csv"))),
+        crate::openapi::AuditErrors,
+    ),
+    security(("bearer" = [])))]
 pub(crate) async fn audit_events(
     State(state): State<AppState>,
     Auditor(principal): Auditor,

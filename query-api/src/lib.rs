@@ -40,6 +40,7 @@ pub(crate) mod console;
 pub mod executor;
 pub(crate) mod extract;
 pub mod graphql;
+pub mod openapi;
 pub mod persisted;
 pub mod reads;
 pub(crate) mod reply;

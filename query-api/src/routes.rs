@@ -1,5 +1,6 @@
 //! The query API's routes: `POST /graphql` (and at `GET /graphql` subscriptions over a
-//! WebSocket upgrade, or GraphiQL), the audit export, `/healthz`, `/readyz`, `/metrics`, the
+//! WebSocket upgrade, or GraphiQL), the audit export and its OpenAPI document
+//! (`/openapi.json`), `/healthz`, `/readyz`, `/metrics`, the
 //! web console (`/`, [`crate::console`]); the fallbacks for unknown routes and methods; and
 //! how the HTTP edge's refusals are answered here (GraphQL errors with codes).
 
@@ -32,6 +33,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json::ok("{\"status\":\"ok\"}") }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/openapi.json", get(openapi))
         .merge(crate::console::router(&state))
         // A method a route does not take gets a coded error too (axum's own 405 has no body).
         .method_not_allowed_fallback(|| async {
@@ -125,4 +127,16 @@ async fn render_metrics(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The OpenAPI 3.1 document of the audit export (`crate::openapi`).
+async fn openapi() -> Response {
+    use utoipa::OpenApi as _;
+    match crate::openapi::ApiDoc::openapi().to_json() {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "the OpenAPI document did not serialise");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::Location;
 use crate::commands::{CommandAccepted, CommandContext, run_device_command};
 use crate::extract::{Caller, IdParam, JsonBody, OptionalJsonBody, RequestMeta};
 use crate::openapi::CommandErrors;
@@ -77,7 +78,7 @@ pub async fn create(
     Caller(principal): Caller,
     meta: RequestMeta,
     body: JsonBody<CreateDevice>,
-) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
+) -> Result<(StatusCode, Location, Json<CommandAccepted>), ApiError> {
     let Some(owner_id) = body.value.owner_id.or(principal
         .user_id
         .filter(|_| principal.role == http_edge::auth::Role::User))
@@ -106,7 +107,11 @@ pub async fn create(
         android_version,
     };
     let accepted = run_device_command(&state, &ctx, device_id, command).await?;
-    Ok((StatusCode::CREATED, Json(accepted)))
+    Ok((
+        StatusCode::CREATED,
+        Location::of("/v1/devices", accepted.id),
+        Json(accepted),
+    ))
 }
 
 /// Start a device; a usage session begins.
@@ -129,9 +134,22 @@ pub async fn start(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopDevice {
-    /// requested (default), idle or maintenance.
-    #[schema(value_type = Option<String>, example = "requested", pattern = "^(requested|idle|maintenance)$")]
+    /// `requested` when absent.
+    #[schema(value_type = Option<StopReasonName>, example = "requested")]
     pub reason: Option<StopReason>,
+}
+
+/// Why a device is stopped (`deleted` is the platform's own reason, for a stop caused by a
+/// delete; sent by a client it is 422 `invalid_stop_reason`).
+// `event_schema::StopReason` without `deleted`, kept equal by
+// `openapi::tests::documented_tiers_and_stop_reasons_are_the_domains`.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // describes the schema only
+pub enum StopReasonName {
+    Requested,
+    Idle,
+    Maintenance,
 }
 
 /// Stop a device; its usage session is billed. The body is optional.

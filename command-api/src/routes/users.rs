@@ -10,6 +10,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::Location;
 use crate::commands::{CommandAccepted, CommandContext, erase_user, run_user_command};
 use crate::extract::{Caller, IdParam, JsonBody, RequestMeta};
 use crate::openapi::CommandErrors;
@@ -30,7 +31,7 @@ pub struct RegisterUser {
     /// The new user's id. Defaults to the caller's own id for a `user` token; required for
     /// `admin` and `service` tokens.
     pub user_id: Option<Uuid>,
-    #[schema(value_type = String, example = "pro", pattern = "^(free|basic|pro|enterprise)$")]
+    #[schema(value_type = TierName, example = "pro")]
     pub tier: Tier,
     /// Personal data: encrypted at rest, shredded on erasure.
     #[schema(
@@ -45,6 +46,19 @@ pub struct RegisterUser {
     pub phone: String,
 }
 
+/// A user's subscription tier; it selects default quotas and prices.
+// Documents `tier` as the closed set it is: the words of `event_schema::Tier`, kept equal by
+// `openapi::tests::documented_tiers_and_stop_reasons_are_the_domains`.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)] // describes the schema only
+pub enum TierName {
+    Free,
+    Basic,
+    Pro,
+    Enterprise,
+}
+
 /// Register a user (a user registering themselves, a `users:write` service, or an admin).
 #[utoipa::path(post, path = "/v1/users", tag = "users", request_body = RegisterUser,
     responses((status = 201, description = "Registered", body = CommandAccepted), CommandErrors),
@@ -54,7 +68,7 @@ pub async fn register(
     Caller(principal): Caller,
     meta: RequestMeta,
     body: JsonBody<RegisterUser>,
-) -> Result<(StatusCode, Json<CommandAccepted>), ApiError> {
+) -> Result<(StatusCode, Location, Json<CommandAccepted>), ApiError> {
     let user_id = match (body.value.user_id, principal.user_id) {
         (Some(id), _) => id,
         (None, Some(own)) if principal.role == http_edge::auth::Role::User => own,
@@ -74,7 +88,11 @@ pub async fn register(
         phone: Personal::new(phone),
     };
     let accepted = run_user_command(&state, &ctx, user_id, command).await?;
-    Ok((StatusCode::CREATED, Json(accepted)))
+    Ok((
+        StatusCode::CREATED,
+        Location::of("/v1/users", accepted.id),
+        Json(accepted),
+    ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -114,7 +132,7 @@ pub async fn set_quota(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangeTier {
-    #[schema(value_type = String, example = "enterprise", pattern = "^(free|basic|pro|enterprise)$")]
+    #[schema(value_type = TierName, example = "enterprise")]
     pub tier: Tier,
 }
 

@@ -25,6 +25,7 @@ async fn a_device_lives_its_whole_life_through_the_api(pool: PgPool) {
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
     let device: Uuid = created.body["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(created.headers["location"], format!("/v1/devices/{device}").as_str());
     assert_eq!(created.body["stream_version"], 1);
     assert_eq!(
         created.body["position"],
@@ -119,6 +120,7 @@ async fn admins_and_scoped_services_manage_users(pool: PgPool) {
         )
         .await;
     assert_eq!(registered.status, StatusCode::CREATED, "{registered:?}");
+    assert_eq!(registered.headers["location"], format!("/v1/users/{user}").as_str());
 
     let quota = app
         .send(
@@ -267,6 +269,15 @@ async fn health_readiness_metrics_and_openapi_answer(pool: PgPool) {
     }
     let doc = app.send(Method::GET, "/openapi.json", None, None, &[]).await;
     assert_eq!(doc.body["openapi"], "3.1.0");
+    // What is served is the contract clients generate code from (the lib test keeps the
+    // file equal to the generated document; this keeps the route serving that document).
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    let checked_in: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(
+        doc.body == checked_in,
+        "GET /openapi.json differs from {path}; if the change is meant, run \
+         CLOUDPHONE_BLESS_CONTRACTS=1 cargo test -p command-api --lib and review the diff"
+    );
     for path in [
         "/v1/users",
         "/v1/devices",
