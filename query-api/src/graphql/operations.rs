@@ -257,6 +257,7 @@ pub struct DeadLetter {
     pub schema_version: i32,
     /// Why the last attempt to apply it failed.
     pub error: String,
+    /// Pending (waiting for an operator), retried (applied once by a retry) or skipped.
     pub state: DeadLetterState,
     /// Times the projection tried to apply it: 1 when parked, one more per retry.
     pub attempts: i32,
