@@ -151,15 +151,10 @@ mod tests {
     #[test]
     fn the_document_is_the_checked_in_one() {
         let document = ApiDoc::openapi().to_pretty_json().unwrap() + "\n";
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
-        if std::env::var_os("CLOUDPHONE_BLESS_CONTRACTS").is_some() {
-            std::fs::write(path, &document).unwrap();
-        }
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            document == checked_in,
-            "the OpenAPI document differs from {path}; if the change is meant, rerun with \
-             CLOUDPHONE_BLESS_CONTRACTS=1 and review the diff"
+        test_support::contracts::assert_checked_in(
+            &document,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json"),
+            "cargo test -p command-api --lib",
         );
     }
 

@@ -139,15 +139,10 @@ mod tests {
     #[test]
     fn the_document_is_the_checked_in_one() {
         let document = ApiDoc::openapi().to_pretty_json().unwrap() + "\n";
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
-        if std::env::var_os("CLOUDPHONE_BLESS_CONTRACTS").is_some() {
-            std::fs::write(path, &document).unwrap();
-        }
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            document == checked_in,
-            "the query API's OpenAPI document differs from {path}; if the change is meant, run \
-             CLOUDPHONE_BLESS_CONTRACTS=1 cargo test -p query-api --lib and review the diff"
+        test_support::contracts::assert_checked_in(
+            &document,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json"),
+            "cargo test -p query-api --lib",
         );
     }
 

@@ -9,6 +9,9 @@
 //!   the development one.
 //! - [`roles`]: `cloudphone` roles as child processes with JSON logs, killed however a test
 //!   ends; test logs of in-process roles.
+//! - [`contracts`]: the checked-in contracts' drift check (`CLOUDPHONE_BLESS_CONTRACTS`).
+//! - `older_projector` (feature `projector`): a projector that parks events it does not know,
+//!   for the dead-letter tests.
 //! - [`db`]: migrations, and changing stored events past the append-only triggers.
 //! - [`fixtures`]: events to append.
 //! - [`services`]: the shared broker and replica the test command starts (`ops/dev/`).
@@ -26,10 +29,13 @@
 // Test support: a broken expectation is a failed test, so panicking is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod contracts;
 pub mod db;
 pub mod fixtures;
 #[cfg(feature = "query-api")]
 pub mod live;
+#[cfg(feature = "projector")]
+pub mod older_projector;
 #[cfg(feature = "query-api")]
 pub mod query;
 pub mod roles;

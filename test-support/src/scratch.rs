@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::services::{ops_script, run_script};
+use crate::services::{free_port, ops_script, run_script};
 
 /// A scratch cluster on a free port, destroyed when dropped.
 #[derive(Debug)]
@@ -60,15 +60,6 @@ impl ScratchPostgres {
     pub async fn run(&self, action: &str) -> bool {
         run_script("scratch-postgres.sh", vec![action.to_owned(), self.port.to_string()]).await
     }
-}
-
-/// A port nobody listens on now (the kernel's pick), released for a cluster.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Drop for ScratchPostgres {

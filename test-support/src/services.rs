@@ -13,6 +13,16 @@ pub fn ops_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/dev").join(name)
 }
 
+/// A port nobody listens on now (the kernel's pick), released for a service of a test's own
+/// (a scratch cluster, a PgBouncer).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs an ops/dev script off the async workers (it may take seconds); true when it succeeded.
 pub async fn run_script(name: &'static str, args: Vec<String>) -> bool {
     tokio::task::spawn_blocking(move || {

@@ -11,12 +11,10 @@ use event_schema::{
     Currency, DeviceCreated, DeviceStarted, DeviceStopped, Event, EventMetadata, Money, Provider, StopReason,
     StreamType, UsageRecorded,
 };
-use projections::apply::apply_events;
-use projections::checkpoint::{self, ProjectionCheckpoint};
-use read_models::Projection;
 use read_models::stored::load_read_models;
 use serde_json::Value;
 use sqlx::PgPool;
+use test_support::older_projector::project_as_an_older_binary;
 use test_support::{db, urls};
 use uuid::Uuid;
 
@@ -99,38 +97,6 @@ async fn device_session(pool: &PgPool) -> Uuid {
     device
 }
 
-/// Projects the log as a projector older than the event at `unknown` did: the real
-/// `apply_events` sees it as a schema version from the future and parks it (see the
-/// projections tests for why this is the parking that a fix can cure).
-async fn project_as_an_older_binary(pool: &PgPool, unknown: i64) {
-    let reader = LogReader::new(pool.clone());
-    let head = reader.head().await.unwrap().position;
-    for projection in Projection::ALL {
-        let mut tx = pool.begin().await.unwrap();
-        let at = checkpoint::load(&mut tx, projection).await.unwrap();
-        let layout = projection.layout(at.version).unwrap();
-        let mut events = reader.read_all(at.position, head - at.position).await.unwrap();
-        let last = events.last().cloned().unwrap();
-        for event in &mut events {
-            if event.position == unknown {
-                event.schema_version = 99;
-            }
-        }
-        apply_events(&mut tx, layout, &events).await.unwrap();
-        let next = ProjectionCheckpoint {
-            position: last.position,
-            last_recorded_at: Some(last.recorded_at),
-            version: at.version,
-        };
-        assert!(
-            checkpoint::advance(&mut tx, projection, at.position, next)
-                .await
-                .unwrap()
-        );
-        tx.commit().await.unwrap();
-    }
-}
-
 fn listed(url: &str, args: &[&str]) -> Value {
     let output = cloudphone(url, &[&["dead-letters", "list", "--json"][..], args].concat());
     assert!(output.status.success(), "{}", stderr(&output));
@@ -152,7 +118,7 @@ async fn an_operator_lists_retries_once_and_skips_dead_letters_with_a_reason(poo
     db::migrated(&pool).await;
     let url = urls::database(&pool).await;
     device_session(&pool).await;
-    project_as_an_older_binary(&pool, 3).await;
+    project_as_an_older_binary(&pool, &[3]).await;
     assert!(
         !daily_usage_equals_a_rebuild(&pool).await,
         "the usage is missing before the retry"

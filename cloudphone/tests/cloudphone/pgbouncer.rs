@@ -331,12 +331,7 @@ struct OwnPgBouncer {
 
 impl OwnPgBouncer {
     async fn start() -> Self {
-        // A port nobody listens on now (the kernel's pick), released for PgBouncer.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = test_support::services::free_port();
         let own = OwnPgBouncer { port };
         assert!(own.run("ensure").await, "cannot start PgBouncer on port {port}");
         own

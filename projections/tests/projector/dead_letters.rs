@@ -2,15 +2,12 @@
 //! applied exactly once (also when retried twice or concurrently), in log order, and refused
 //! where it would fold out of order; a skip keeps the letter with its reason.
 //!
-//! "An older projector binary" parks the events here: the log's events are real and current
-//! (this code decodes them), and the helper below shows the chosen ones to the real
-//! `apply_events` as a schema version from the future, which is exactly what a projector
-//! older than the command API saw. The fix is deploying this code; a retry reads the event
-//! again from the log.
+//! "An older projector binary" (`test_support::older_projector`) parks the events here: the
+//! log's events are real and current, shown to the real `apply_events` as a schema version
+//! from the future. The fix is deploying this code; a retry reads the event again from the
+//! log.
 
 use event_log::LogReader;
-use projections::apply::apply_events;
-use projections::checkpoint::{self, ProjectionCheckpoint};
 use projections::dead_letters::{self, DeadLetterError, Refusal, RetryOutcome, SkipOutcome};
 use projections::fold_log;
 use read_models::Projection;
@@ -18,46 +15,12 @@ use read_models::dead_letters::{DeadLetterFilter, DeadLetterState, MAX_PAGE};
 use read_models::stored::load_read_models;
 use serde_json::json;
 use sqlx::PgPool;
+use test_support::older_projector::project_as_an_older_binary;
 use uuid::Uuid;
 
 use crate::support::*;
 
 const ACTOR: &str = "test-operator";
-
-/// Projects the log up to its head as a projector that did not know the schema version of
-/// the events at `unknown` did: they are parked by the real `apply_events` (and the fold then
-/// parks the later events of a device whose creation it never saw), with the checkpoint in
-/// the same transaction.
-async fn project_as_an_older_binary(pool: &PgPool, unknown: &[i64]) {
-    let reader = LogReader::new(pool.clone());
-    let head = reader.head().await.unwrap().position;
-    for projection in Projection::ALL {
-        let mut tx = pool.begin().await.unwrap();
-        let at = checkpoint::load(&mut tx, projection).await.unwrap();
-        let layout = projection.layout(at.version).unwrap();
-        let mut events = reader.read_all(at.position, head - at.position).await.unwrap();
-        let Some(last) = events.last().cloned() else {
-            continue;
-        };
-        for event in &mut events {
-            if unknown.contains(&event.position) {
-                event.schema_version = 99;
-            }
-        }
-        apply_events(&mut tx, layout, &events).await.unwrap();
-        let next = ProjectionCheckpoint {
-            position: last.position,
-            last_recorded_at: Some(last.recorded_at),
-            version: at.version,
-        };
-        assert!(
-            checkpoint::advance(&mut tx, projection, at.position, next)
-                .await
-                .unwrap()
-        );
-        tx.commit().await.unwrap();
-    }
-}
 
 async fn assert_equals_rebuild(pool: &PgPool) {
     let reader = LogReader::new(pool.clone());

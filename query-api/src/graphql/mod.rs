@@ -768,15 +768,10 @@ mod tests {
     #[test]
     fn the_schema_is_the_checked_in_one() {
         let sdl = build_schema(&Limits::default(), true).sdl();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql");
-        if std::env::var_os("CLOUDPHONE_BLESS_CONTRACTS").is_some() {
-            std::fs::write(path, &sdl).unwrap();
-        }
-        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(
-            sdl == checked_in,
-            "the GraphQL schema differs from {path}; if the change is meant, rerun with \
-             CLOUDPHONE_BLESS_CONTRACTS=1 and review the diff"
+        test_support::contracts::assert_checked_in(
+            &sdl,
+            concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql"),
+            "cargo test -p query-api --lib",
         );
     }
 
