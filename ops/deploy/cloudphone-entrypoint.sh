@@ -7,7 +7,16 @@
 #   DB_PASSWORD_FILE=/run/secrets/db_password
 #       replaces the placeholder __DB_PASSWORD__ in CLOUDPHONE_DATABASE_URL and
 #       CLOUDPHONE_REPLICA_URLS (the password must be URL-safe: [A-Za-z0-9._~-]).
+#   CLOUDPHONE_ERASURE_LEDGER_DIR=/dir (and no CLOUDPHONE_ERASURE_LEDGER)
+#       CLOUDPHONE_ERASURE_LEDGER=/dir/erasures-<hostname>.ndjson: each command API
+#       instance appends to a ledger file of its own in the shared directory.
 set -eu
+
+if [ -n "${CLOUDPHONE_ERASURE_LEDGER_DIR:-}" ] && [ -z "${CLOUDPHONE_ERASURE_LEDGER:-}" ]; then
+    CLOUDPHONE_ERASURE_LEDGER="$CLOUDPHONE_ERASURE_LEDGER_DIR/erasures-$(hostname).ndjson"
+    export CLOUDPHONE_ERASURE_LEDGER
+fi
+unset CLOUDPHONE_ERASURE_LEDGER_DIR
 
 for name in $(env | sed -n 's/^\(CLOUDPHONE_[A-Z0-9_]*\)__FILE=.*$/\1/p'); do
     eval "file=\${${name}__FILE}"
