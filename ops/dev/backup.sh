@@ -66,13 +66,8 @@ bin() {
     echo "/usr/lib/postgresql/$version/bin"
 }
 
-as_postgres() {
-    if [ "$(id -u)" -eq 0 ]; then
-        (cd / && runuser -u postgres -- "$@")
-    else
-        (cd / && "$@")
-    fi
-}
+# shellcheck source=ops/dev/as-postgres.sh
+. "$(dirname "${BASH_SOURCE[0]}")/as-postgres.sh"
 
 own() {
     if [ "$(id -u)" -eq 0 ]; then

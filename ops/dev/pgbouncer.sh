@@ -38,14 +38,8 @@ server="postgres://postgres@127.0.0.1:$port/postgres"
 
 say() { echo "pgbouncer.sh: $*" >&2; }
 
-# PgBouncer refuses to run as root.
-as_postgres() {
-    if [ "$(id -u)" -eq 0 ]; then
-        runuser -u postgres -- "$@"
-    else
-        "$@"
-    fi
-}
+# shellcheck source=ops/dev/as-postgres.sh
+. ops/dev/as-postgres.sh  # the working directory is the repository's root
 
 packaged_is_new_enough() {
     local candidate minor

@@ -37,14 +37,8 @@ bin() {
     echo "/usr/lib/postgresql/$version/bin"
 }
 
-# Runs a command as the owner of PostgreSQL's files (postgres when we are root).
-as_owner() {
-    if [ "$(id -u)" -eq 0 ]; then
-        runuser -u postgres -- "$@"
-    else
-        "$@"
-    fi
-}
+# shellcheck source=ops/dev/as-postgres.sh
+. ops/dev/as-postgres.sh  # the working directory is the repository's root
 
 answers() {
     [ "$(psql "$replica" -Atqc 'SELECT pg_is_in_recovery()' 2>/dev/null)" = "t" ]
@@ -83,12 +77,12 @@ create() {
     fi
     say "base backup of the primary into $dir"
     mkdir -p "$(dirname "$dir")"
-    as_owner "$(bin)/pg_basebackup" --host 127.0.0.1 --port 5432 --username postgres \
+    as_postgres "$(bin)/pg_basebackup" --host 127.0.0.1 --port 5432 --username postgres \
         --pgdata "$dir" --write-recovery-conf --wal-method stream --checkpoint fast \
         --create-slot --slot "$slot"
     # Debian keeps its configuration outside the data directory; the copy needs its own.
-    as_owner touch "$dir/postgresql.conf"
-    cat <<EOF | as_owner tee -a "$dir/postgresql.auto.conf" >/dev/null
+    as_postgres touch "$dir/postgresql.conf"
+    cat <<EOF | as_postgres tee -a "$dir/postgresql.auto.conf" >/dev/null
 port = $port
 listen_addresses = '127.0.0.1'
 hot_standby = on
@@ -117,7 +111,7 @@ start() {
         rm -rf "$dir"
         create
     fi
-    as_owner "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/replica.log" --wait --timeout 60 start >/dev/null
+    as_postgres "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/replica.log" --wait --timeout 60 start >/dev/null
     for _ in $(seq 1 120); do
         if answers; then
             return 0
@@ -131,7 +125,7 @@ start() {
 
 stop() {
     if [ -f "$dir/postmaster.pid" ]; then
-        as_owner "$(bin)/pg_ctl" --pgdata "$dir" --mode fast --wait stop >/dev/null 2>&1 || true
+        as_postgres "$(bin)/pg_ctl" --pgdata "$dir" --mode fast --wait stop >/dev/null 2>&1 || true
     fi
 }
 

@@ -50,22 +50,15 @@ bin() {
     echo "/usr/lib/postgresql/$version/bin"
 }
 
-# Runs a command as the owner of the cluster (postgres when we are root), from a directory
-# it can read.
-as_owner() {
-    if [ "$(id -u)" -eq 0 ]; then
-        (cd / && runuser -u postgres -- "$@")
-    else
-        (cd / && "$@")
-    fi
-}
+# shellcheck source=ops/dev/as-postgres.sh
+. "$(dirname "${BASH_SOURCE[0]}")/as-postgres.sh"
 
 answers() {
     "$(bin)/psql" "$url" -Atqc 'SELECT 1' >/dev/null 2>&1
 }
 
 running() {
-    [ -f "$dir/postmaster.pid" ] && as_owner "$(bin)/pg_ctl" --pgdata "$dir" status >/dev/null 2>&1
+    [ -f "$dir/postmaster.pid" ] && as_postgres "$(bin)/pg_ctl" --pgdata "$dir" status >/dev/null 2>&1
 }
 
 create() {
@@ -75,9 +68,9 @@ create() {
         chown postgres:postgres "$dir"
     fi
     chmod 0700 "$dir"
-    as_owner "$(bin)/initdb" --pgdata "$dir" --username postgres --auth trust \
+    as_postgres "$(bin)/initdb" --pgdata "$dir" --username postgres --auth trust \
         --encoding UTF8 --no-locale >/dev/null
-    cat <<EOF | as_owner tee -a "$dir/postgresql.auto.conf" >/dev/null
+    cat <<EOF | as_postgres tee -a "$dir/postgresql.auto.conf" >/dev/null
 port = $port
 listen_addresses = '127.0.0.1'
 # TCP only: no socket file to collide with another cluster's.
@@ -98,7 +91,7 @@ start() {
         create
     fi
     if ! running; then
-        as_owner "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/server.log" --wait --timeout 60 start >/dev/null
+        as_postgres "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/server.log" --wait --timeout 60 start >/dev/null
     fi
     for _ in $(seq 1 120); do
         if answers; then
@@ -113,7 +106,7 @@ start() {
 
 stop() {
     if [ -f "$dir/postmaster.pid" ]; then
-        as_owner "$(bin)/pg_ctl" --pgdata "$dir" --mode "${1:-fast}" --wait --timeout 60 stop >/dev/null 2>&1 || true
+        as_postgres "$(bin)/pg_ctl" --pgdata "$dir" --mode "${1:-fast}" --wait --timeout 60 stop >/dev/null 2>&1 || true
     fi
 }
 
