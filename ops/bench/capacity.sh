@@ -201,6 +201,16 @@ run_load() {
         --json "$work/load-$1.json" >"$work/load-$1.txt" 2>&1
 }
 
+# Waits until the phase's clients have disconnected and their backends have been reaped: an
+# exiting backend's CPU moves into the postmaster's cutime only when reaped, and a read in
+# between would count it nowhere.
+settle() {
+    until [ "$(sql "$server" "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")" = "0" ]; do
+        sleep 0.05
+    done
+    sleep 0.5
+}
+
 measure() { # name; the phase's commands follow
     local name=$1
     shift
@@ -212,6 +222,7 @@ measure() { # name; the phase's commands follow
     t0=$(date +%s.%N)
     "$@"
     t1=$(date +%s.%N)
+    settle
     ticks1=$(cluster_ticks "$primary_dir")
     bg1=$(titled_ticks "$primary_dir" "$background")
     lsn1=$(primary_lsn)
