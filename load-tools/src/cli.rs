@@ -7,8 +7,9 @@ use operator_console::flags::{DatabaseArgs, MasterKeyArgs};
 // `cloudphone load <kind>`: which load to drive. (No doc comment: clap would show it.)
 #[derive(Debug, Subcommand)]
 pub enum LoadKind {
-    /// Portal commands over HTTP against the command API, group commit against the
-    /// one-transaction-per-command baseline.
+    /// Portal commands over HTTP against the command API (a child process), group commit
+    /// against the one-transaction-per-command baseline, beside the HTTP stack alone and
+    /// PostgreSQL alone writing the same rows; CPU per command of each process.
     Commands(LoadCommandsArgs),
     /// The projectors: catch-up throughput over a generated history and event-to-read-model
     /// latency under a steady stream, against `REFRESH MATERIALIZED VIEW CONCURRENTLY` of
@@ -53,6 +54,17 @@ pub enum LoadKind {
     /// command's acknowledgement to the first answer showing it, evaluations and database
     /// transactions per second, the query API's CPU and memory per subscription.
     Subscriptions(LoadSubscriptionsArgs),
+    /// The HTTP stack alone, for `load commands` to drive as its ceiling: the command API's
+    /// edge answering every command with a fixed answer (no token check, no database).
+    #[command(hide = true)]
+    FixedAnswerServer(FixedAnswerServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FixedAnswerServerArgs {
+    /// Where to listen.
+    #[arg(long)]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -363,6 +375,10 @@ pub struct LoadCommandsArgs {
     /// Skip the one-transaction-per-command baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Skip the parts alone: the HTTP stack answering fixed answers, and PostgreSQL writing
+    /// the group-commit phase's rows again with pgbench.
+    #[arg(long)]
+    pub no_limits: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

@@ -6,14 +6,17 @@
 //!   load; the projections' checkpoints.
 //! - [`tokens`]: the secret every run's servers check tokens with, and tokens signed with it.
 //! - [`roles`]: roles as child processes of this binary; [`postgraphile`] and [`views`]: the
-//!   baselines runs compare against.
+//!   baselines runs compare against; [`fixed_answer`] and [`postgres_alone`]: the HTTP stack
+//!   and PostgreSQL alone, the ceilings a figure is a fraction of.
 //! - [`report`]: latency histograms and the JSON report; [`metrics`]: Prometheus scrapes;
 //!   [`sampling`]: CPU and RSS from /proc.
 
 pub mod databases;
+pub mod fixed_answer;
 pub mod metrics;
 pub mod portal;
 pub mod postgraphile;
+pub mod postgres_alone;
 pub mod report;
 pub mod roles;
 pub mod sampling;

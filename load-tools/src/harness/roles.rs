@@ -29,31 +29,65 @@ impl RoleProcess {
     /// Starts `cloudphone <name>` on a free port against `database_url`, logging to
     /// `<logs>/<name>.log`.
     pub fn start(name: &'static str, database_url: &str, logs: &Path) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let listen = format!("127.0.0.1:{port}");
-        let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        Self::start_with(name, database_url, logs, &[])
+    }
+
+    /// [`RoleProcess::start`] with more environment (`CLOUDPHONE_APPEND_MODE`, say).
+    pub fn start_with(
+        name: &'static str,
+        database_url: &str,
+        logs: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let listen_variable = match name {
+            "projector" => "CLOUDPHONE_OPS_LISTEN",
+            "command-api" => "CLOUDPHONE_COMMAND_LISTEN",
+            _ => "CLOUDPHONE_QUERY_LISTEN",
+        };
+        let mut command = Self::command(&[name])?;
+        command
+            .env("CLOUDPHONE_DATABASE_URL", database_url)
+            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
+            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
+            .env(listen_variable, &listen);
+        Self::spawn(name, command, listen, logs)
+    }
+
+    /// Starts `cloudphone <args...> --listen <a free port>` (a load verb that serves, such
+    /// as `load fixed-answer-server`), logging to `<logs>/<name>.log`.
+    pub fn start_verb(name: &'static str, args: &[&str], logs: &Path) -> anyhow::Result<Self> {
+        let listen = format!("127.0.0.1:{}", free_port()?);
+        let mut command = Self::command(args)?;
+        command.arg("--listen").arg(&listen);
+        Self::spawn(name, command, listen, logs)
+    }
+
+    /// This binary with `args` and the environment every role of a load run shares.
+    fn command(args: &[&str]) -> anyhow::Result<Command> {
         let exe = std::env::current_exe().context("this binary")?;
         let mut command = Command::new(exe);
         command
-            .arg(name)
-            .env("CLOUDPHONE_DATABASE_URL", database_url)
+            .args(args)
             .env("CLOUDPHONE_JWT_SECRET", SECRET)
             .env("CLOUDPHONE_LOG", "warn")
             .env("CLOUDPHONE_LOG_FORMAT", "text")
             .env("CLOUDPHONE_RATE_LIMIT", "1000000")
-            .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
-            .env("CLOUDPHONE_COMMAND_LISTEN", "127.0.0.1:0")
-            .env("CLOUDPHONE_QUERY_LISTEN", "127.0.0.1:0")
             .env_remove("CLOUDPHONE_KAFKA_BROKERS")
-            .stdout(Stdio::null())
-            .stderr(file.try_clone()?);
-        match name {
-            "projector" => command.env("CLOUDPHONE_OPS_LISTEN", &listen),
-            "command-api" => command.env("CLOUDPHONE_COMMAND_LISTEN", &listen),
-            _ => command.env("CLOUDPHONE_QUERY_LISTEN", &listen),
-        };
-        let child = command.spawn().with_context(|| format!("start the {name}"))?;
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        Ok(command)
+    }
+
+    fn spawn(name: &'static str, mut command: Command, listen: String, logs: &Path) -> anyhow::Result<Self> {
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let child = command
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("start the {name}"))?;
         Ok(RoleProcess {
             name,
             pid: child.id(),

@@ -30,3 +30,64 @@ pub fn vm_hwm_mib(pid: u32) -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// The parent process id of `pid`, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name: state, then the parent's id.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU of a PostgreSQL server over an interval: its postmaster and every process it forked
+/// (backends, the WAL writer, the checkpointer, autovacuum, WAL senders), including those
+/// started during the interval; a process that exits during it is not counted.
+#[derive(Debug)]
+pub struct PostgresCpu {
+    postmaster: u32,
+    start: std::collections::HashMap<u32, f64>,
+}
+
+impl PostgresCpu {
+    /// Starts counting for the server `pool` talks to (on this machine; `None` when its
+    /// processes are not visible here).
+    pub async fn start(pool: &sqlx::PgPool) -> Option<Self> {
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(pool)
+            .await
+            .ok()?;
+        let postmaster = parent_of(u32::try_from(backend).ok()?)?;
+        let mut meter = PostgresCpu {
+            postmaster,
+            start: std::collections::HashMap::new(),
+        };
+        meter.start = meter.now();
+        Some(meter)
+    }
+
+    /// CPU seconds of each of the server's processes now.
+    fn now(&self) -> std::collections::HashMap<u32, f64> {
+        let mut processes = std::collections::HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return processes;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+                continue;
+            };
+            if (pid == self.postmaster || parent_of(pid) == Some(self.postmaster))
+                && let Some(seconds) = cpu_seconds(pid)
+            {
+                processes.insert(pid, seconds);
+            }
+        }
+        processes
+    }
+
+    /// CPU seconds the server has used since [`PostgresCpu::start`].
+    pub fn seconds(&self) -> f64 {
+        self.now()
+            .into_iter()
+            .map(|(pid, seconds)| seconds - self.start.get(&pid).copied().unwrap_or(0.0))
+            .sum()
+    }
+}
