@@ -169,9 +169,13 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
     wait_for_replicas(&pool).await;
 
     let url = database_url_of(&args.database.database_url, DATABASE)?;
-    let old_args: Vec<String> = ["--max-events-per-second=0", "--max-write-mib-per-second=0", "--index-workers=2"]
-        .map(String::from)
-        .to_vec();
+    let old_args: Vec<String> = [
+        "--max-events-per-second=0",
+        "--max-write-mib-per-second=0",
+        "--index-workers=2",
+    ]
+    .map(String::from)
+    .to_vec();
     let mut new_args: Vec<String> = Vec::new();
     if let Some(replica) = &args.replica_url {
         new_args.push(format!("--history-url={}", database_url_of(replica, DATABASE)?));
@@ -247,7 +251,12 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
 
 /// `cloudphone replay <projection> --version <version> --keep-old 0 --json`, as an operator
 /// runs it: a process of its own beside the appends, with `extra` arguments.
-async fn child_replay(url: &str, projection: Projection, version: i32, extra: &[String]) -> anyhow::Result<ChildReplay> {
+async fn child_replay(
+    url: &str,
+    projection: Projection,
+    version: i32,
+    extra: &[String],
+) -> anyhow::Result<ChildReplay> {
     let exe = std::env::current_exe().context("the path of this binary")?;
     let started = Instant::now();
     let output = tokio::process::Command::new(exe)
@@ -436,13 +445,27 @@ fn print(report: &Report) {
             report.replay_vs_refresh
         );
     }
-    println!("\nreplays beside {} single-event appends/s, as `cloudphone replay` processes:", report.append_rate);
+    println!(
+        "\nreplays beside {} single-event appends/s, as `cloudphone replay` processes:",
+        report.append_rate
+    );
     for mode in &report.modes {
-        println!("{} mode: cloudphone replay ... {}", mode.mode, mode.replay_args.join(" "));
+        println!(
+            "{} mode: cloudphone replay ... {}",
+            mode.mode,
+            mode.replay_args.join(" ")
+        );
         for r in &mode.replays {
             println!(
                 "  {:<12} v{} from the {:<7} wall {:>7.1} s (bulk {:.1} s, finish {:.1} s, tail {} events, swap {:.0} ms)",
-                r.projection, r.version, r.history, r.wall_seconds, r.bulk_seconds, r.finish_seconds, r.tail_events, r.swap_ms
+                r.projection,
+                r.version,
+                r.history,
+                r.wall_seconds,
+                r.bulk_seconds,
+                r.finish_seconds,
+                r.tail_events,
+                r.swap_ms
             );
         }
         let (q, d) = (&mode.appends_quiet, &mode.appends_during_replays);

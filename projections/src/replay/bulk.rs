@@ -233,7 +233,11 @@ async fn read_page(
     loop {
         match reader.read_payloads(stream_types, after, target, page).await {
             Err(ReadError::Database(error)) if attempt < ATTEMPTS && is_recovery_conflict(&error) => {
-                tracing::warn!(attempt, after, "history read cancelled by the replica's recovery: reading again");
+                tracing::warn!(
+                    attempt,
+                    after,
+                    "history read cancelled by the replica's recovery: reading again"
+                );
                 attempt += 1;
             }
             rows => return rows,
@@ -318,17 +322,41 @@ async fn checkpoint_bulk(
     let mut tx = pool.begin().await?;
     match fold {
         BulkFold::Fleet(fleet) => {
-            copy_devices(&mut tx, &format!("{s}.devices_partial"), fleet.devices.changed_rows(), write_rate).await?;
+            copy_devices(
+                &mut tx,
+                &format!("{s}.devices_partial"),
+                fleet.devices.changed_rows(),
+                write_rate,
+            )
+            .await?;
             fleet.devices.clear_changed();
             if rebuild.layout.has_users_and_history() {
-                copy_users(&mut tx, &format!("{s}.users_partial"), fleet.users.changed_rows(), write_rate).await?;
+                copy_users(
+                    &mut tx,
+                    &format!("{s}.users_partial"),
+                    fleet.users.changed_rows(),
+                    write_rate,
+                )
+                .await?;
                 fleet.users.clear_changed();
                 let changes = fleet.devices.take_status_changes();
-                copy_status_changes(&mut tx, &format!("{s}.fleet_status_changes_partial"), changes.iter(), write_rate).await?;
+                copy_status_changes(
+                    &mut tx,
+                    &format!("{s}.fleet_status_changes_partial"),
+                    changes.iter(),
+                    write_rate,
+                )
+                .await?;
             }
         }
         BulkFold::Usage(buffer) => {
-            copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter(), write_rate).await?;
+            copy_usage(
+                &mut tx,
+                &format!("{s}.daily_usage_partial"),
+                buffer.usage.iter(),
+                write_rate,
+            )
+            .await?;
             copy_by_provider(
                 &mut tx,
                 &format!("{s}.daily_usage_by_provider_partial"),
@@ -336,7 +364,13 @@ async fn checkpoint_bulk(
                 write_rate,
             )
             .await?;
-            copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter(), write_rate).await?;
+            copy_hourly(
+                &mut tx,
+                &format!("{s}.hourly_usage_partial"),
+                buffer.hourly.iter(),
+                write_rate,
+            )
+            .await?;
             buffer.usage.clear();
             buffer.by_provider.clear();
             buffer.hourly.clear();
@@ -439,7 +473,13 @@ pub(super) async fn finish_bulk(
                         _ => merged.push(((*key, currency.clone()), *delta)),
                     }
                 }
-                copy_usage(&mut tx, &format!("{s}.daily_usage"), merged.iter().map(|(k, v)| (k, v)), write_rate).await?;
+                copy_usage(
+                    &mut tx,
+                    &format!("{s}.daily_usage"),
+                    merged.iter().map(|(k, v)| (k, v)),
+                    write_rate,
+                )
+                .await?;
             } else if !checkpointed {
                 // Everything is in memory, one row per key: straight into the tables, in
                 // key order (PostgreSQL's sort finds the input presorted when it builds the
@@ -462,22 +502,34 @@ pub(super) async fn finish_bulk(
                     &mut tx,
                     &format!("{s}.daily_usage_by_provider"),
                     by_provider.into_iter(),
-                write_rate,
-            )
+                    write_rate,
+                )
                 .await?;
                 let mut hourly: Vec<_> = buffer.hourly.iter().collect();
                 hourly.sort_unstable_by_key(|(key, _)| *key);
                 copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter(), write_rate).await?;
             } else {
-                copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter(), write_rate).await?;
+                copy_usage(
+                    &mut tx,
+                    &format!("{s}.daily_usage_partial"),
+                    buffer.usage.iter(),
+                    write_rate,
+                )
+                .await?;
                 copy_by_provider(
                     &mut tx,
                     &format!("{s}.daily_usage_by_provider_partial"),
                     buffer.by_provider.iter(),
-                write_rate,
-            )
+                    write_rate,
+                )
                 .await?;
-                copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter(), write_rate).await?;
+                copy_hourly(
+                    &mut tx,
+                    &format!("{s}.hourly_usage_partial"),
+                    buffer.hourly.iter(),
+                    write_rate,
+                )
+                .await?;
                 sum_usage_partials(&mut tx, layout, &s).await?;
             }
         }
@@ -545,7 +597,13 @@ async fn finish_status_changes(
     .fetch_one(&mut *conn)
     .await?;
     if checkpointed {
-        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes_partial"), changes.iter(), write_rate).await?;
+        copy_status_changes(
+            &mut *conn,
+            &format!("{s}.fleet_status_changes_partial"),
+            changes.iter(),
+            write_rate,
+        )
+        .await?;
         sqlx::raw_sql(AssertSqlSafe(format!(
             "INSERT INTO {s}.fleet_status_changes (user_id, hour, status, delta)
              SELECT user_id, hour, status, sum(delta) FROM {s}.fleet_status_changes_partial
@@ -555,7 +613,13 @@ async fn finish_status_changes(
         .await?;
     } else {
         // Key order: the fold's map is sorted, so the key's index builds from presorted input.
-        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes"), changes.iter(), write_rate).await?;
+        copy_status_changes(
+            &mut *conn,
+            &format!("{s}.fleet_status_changes"),
+            changes.iter(),
+            write_rate,
+        )
+        .await?;
     }
     sqlx::raw_sql(AssertSqlSafe(format!(
         "INSERT INTO {s}.fleet_status_changes_all (hour, status, delta)

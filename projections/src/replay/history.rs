@@ -197,7 +197,9 @@ async fn identity(conn: &mut PgConnection) -> Result<Identity, sqlx::Error> {
 /// How far the log is on this server: `log_head` moves in the transaction of every append,
 /// and a standby applies commits in order, so every event up to it is visible there.
 async fn replayed_position(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT position FROM log_head").fetch_one(conn).await
+    sqlx::query_scalar("SELECT position FROM log_head")
+        .fetch_one(conn)
+        .await
 }
 
 async fn hash_at(conn: &mut PgConnection, position: i64) -> Result<Option<Vec<u8>>, sqlx::Error> {

@@ -55,10 +55,10 @@ mod tail;
 mod throttle;
 
 pub use admin::{RebuildStatus, abandon, drop_replaced, rebuilds};
-pub use history::History;
-pub use throttle::Throttle;
 use bulk::{bulk, finish_bulk};
+pub use history::History;
 use tail::tail_and_swap;
+pub use throttle::Throttle;
 
 /// How a replay reads, checkpoints and swaps.
 #[derive(Debug, Clone, Copy)]

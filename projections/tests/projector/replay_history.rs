@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use projections::replay::{self, History, ReplayConfig, ReplayError, ReplayObserver, ReplayPhase, Throttle, Unobserved};
+use projections::replay::{
+    self, History, ReplayConfig, ReplayError, ReplayObserver, ReplayPhase, Throttle, Unobserved,
+};
 use read_models::Projection;
 use read_models::stored::load_read_models;
 use sqlx::PgPool;
@@ -172,7 +174,11 @@ async fn a_replica_behind_is_waited_for_then_read(pool: PgPool) {
         }
     });
     observer.waiting.notified().await;
-    assert_eq!(rebuilds_and_schemas(&pool).await, (0, 0), "nothing registered while waiting");
+    assert_eq!(
+        rebuilds_and_schemas(&pool).await,
+        (0, 0),
+        "nothing registered while waiting"
+    );
     drop(paused);
     let summary = replay.await.unwrap().unwrap();
     assert!(summary.bulk_events > 0);
