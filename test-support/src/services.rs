@@ -81,6 +81,7 @@ pub async fn replica_of(pool: &sqlx::PgPool) -> String {
 
 /// WAL replay paused on the shared replica (`pg_wal_replay_pause()`: it answers queries but
 /// falls behind); resumed when dropped, so a failing test cannot leave it paused.
+#[derive(Debug)]
 pub struct ReplayPaused {
     url: String,
 }
