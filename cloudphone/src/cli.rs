@@ -589,6 +589,30 @@ pub struct ReplayArgs {
     /// those tables wait behind it meanwhile).
     #[arg(long, env = "CLOUDPHONE_REPLAY_LOCK_TIMEOUT_MS", default_value_t = 2_000)]
     pub lock_timeout_ms: u64,
+    /// Read the history (the bulk phase's scan of the whole log) from this streaming replica
+    /// of the primary instead of the primary. It must be a standby of the primary's database
+    /// (checked: system identifier, database, recovery) and is waited for until it has
+    /// replayed the position the replay targets; the tail and the swap stay on the primary.
+    /// Empty: read the primary [default: read the primary].
+    #[arg(long, env = "CLOUDPHONE_REPLAY_HISTORY_URL", hide_env_values = true)]
+    pub history_url: Option<String>,
+    /// Longest wait, in seconds, for the history replica to replay the log up to the
+    /// replay's target before giving up (nothing is changed then).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_HISTORY_WAIT_SECS", default_value_t = 600)]
+    pub history_wait_secs: u64,
+    /// Log positions the bulk phase reads and folds per second at most, so that live
+    /// appends keep their latency (0: no limit). The default holds appends' p99 within 2x
+    /// of quiet on a 2-core primary (BENCHMARKS.md).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_MAX_EVENTS_PER_SECOND", default_value_t = DEFAULT_MAX_EVENTS_PER_SECOND)]
+    pub max_events_per_second: u64,
+    /// MiB per second the replay writes into its tables on the primary at most (each MiB is
+    /// WAL that live commits flush behind; 0: no limit).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_MAX_WRITE_MIB_PER_SECOND", default_value_t = DEFAULT_MAX_WRITE_MIB_PER_SECOND)]
+    pub max_write_mib_per_second: u64,
+    /// Parallel workers each key or index build of the replay may start on the primary
+    /// (max_parallel_maintenance_workers; each is a core busy building).
+    #[arg(long, env = "CLOUDPHONE_REPLAY_INDEX_WORKERS", default_value_t = 0)]
+    pub index_workers: u32,
     /// Serve /metrics, /healthz and /readyz here while the replay runs [default: not served].
     #[arg(long, env = "CLOUDPHONE_REPLAY_OPS_LISTEN")]
     pub ops_listen: Option<std::net::SocketAddr>,
@@ -596,6 +620,11 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// The bulk phase's default pace (see BENCHMARKS.md, "Replays beside live appends").
+pub const DEFAULT_MAX_EVENTS_PER_SECOND: u64 = 150_000;
+/// The default cap on what a replay writes into its tables per second, in MiB.
+pub const DEFAULT_MAX_WRITE_MIB_PER_SECOND: u64 = 16;
 
 /// `cloudphone verify`: the log's hash chain, or an export file's.
 #[derive(Debug, Args)]

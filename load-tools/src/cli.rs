@@ -262,6 +262,18 @@ pub struct LoadReplayArgs {
     /// Seed of the generated history.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// A streaming replica of the server (its URL; the database part is replaced by the
+    /// run's), read by the replays of the new mode (`--history-url`) [default: the new mode
+    /// reads the primary, throttled].
+    #[arg(long, env = "CLOUDPHONE_LOAD_REPLICA_URL")]
+    pub replica_url: Option<String>,
+    /// An argument added to the new mode's `cloudphone replay` (repeatable), e.g.
+    /// `--new-mode-arg=--max-events-per-second=100000` to try other limits than its defaults.
+    #[arg(long, allow_hyphen_values = true)]
+    pub new_mode_arg: Vec<String>,
+    /// Leave out the materialized views' refresh (the baseline of issue #7).
+    #[arg(long)]
+    pub skip_views: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

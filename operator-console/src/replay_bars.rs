@@ -45,6 +45,14 @@ impl ReplayObserver for BarObserver {
                 }
                 *bar = Some(Progress::resumed("replay", total, done));
             }
+            ReplayPhase::WaitingForHistory { replayed, target } => {
+                tracing::info!(replayed, target, "waiting for the history replica to replay the target");
+                *bar = Some(Progress::resumed(
+                    "replica",
+                    u64::try_from(target).unwrap_or(0),
+                    u64::try_from(replayed).unwrap_or(0),
+                ));
+            }
             ReplayPhase::Finishing => tracing::info!("bulk phase done: writing tables, keys and indexes"),
             ReplayPhase::Tailing => {
                 tracing::info!("following the head until close enough to swap");

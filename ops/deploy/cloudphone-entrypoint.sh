@@ -5,8 +5,9 @@
 #   CLOUDPHONE_<NAME>__FILE=/run/secrets/x  ->  CLOUDPHONE_<NAME>=<contents of x>
 #       (double underscore, so a real flag such as CLOUDPHONE_JWKS_FILE is left alone)
 #   DB_PASSWORD_FILE=/run/secrets/db_password
-#       replaces the placeholder __DB_PASSWORD__ in CLOUDPHONE_DATABASE_URL and
-#       CLOUDPHONE_REPLICA_URLS (the password must be URL-safe: [A-Za-z0-9._~-]).
+#       replaces the placeholder __DB_PASSWORD__ in CLOUDPHONE_DATABASE_URL,
+#       CLOUDPHONE_REPLICA_URLS and CLOUDPHONE_REPLAY_HISTORY_URL (the password must be
+#       URL-safe: [A-Za-z0-9._~-]).
 #   CLOUDPHONE_ERASURE_LEDGER_DIR=/dir (and no CLOUDPHONE_ERASURE_LEDGER)
 #       CLOUDPHONE_ERASURE_LEDGER=/dir/erasures-<hostname>.ndjson: each command API
 #       instance appends to a ledger file of its own in the shared directory.
@@ -48,6 +49,10 @@ if [ -n "${DB_PASSWORD_FILE:-}" ]; then
     if [ -n "${CLOUDPHONE_REPLICA_URLS:-}" ]; then
         CLOUDPHONE_REPLICA_URLS=$(printf '%s' "$CLOUDPHONE_REPLICA_URLS" | sed "s/__DB_PASSWORD__/$password/g")
         export CLOUDPHONE_REPLICA_URLS
+    fi
+    if [ -n "${CLOUDPHONE_REPLAY_HISTORY_URL:-}" ]; then
+        CLOUDPHONE_REPLAY_HISTORY_URL=$(printf '%s' "$CLOUDPHONE_REPLAY_HISTORY_URL" | sed "s/__DB_PASSWORD__/$password/g")
+        export CLOUDPHONE_REPLAY_HISTORY_URL
     fi
     unset DB_PASSWORD_FILE password
 fi

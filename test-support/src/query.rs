@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{db, services, tokens, urls};
+use crate::{services, tokens, urls};
 
 /// The secret of [`test_config`]'s keys.
 pub const SECRET: &str = "query-api-test-secret";
@@ -182,34 +182,11 @@ async fn answer(response: reqwest::Response) -> Answer {
 /// Starts the shared replica, migrates the test's database, waits until the replica has
 /// replayed that, and returns read sources over both with the replica in rotation.
 pub async fn replica_sources(pool: &PgPool) -> ReadSources {
-    services::replica("start");
-    db::migrated(pool).await;
+    let url = services::replica_of(pool).await;
     let config = SourcesConfig {
         position_wait: Duration::from_secs(5),
         ..SourcesConfig::default()
     };
-    let url = urls::replica_database(pool).await;
-    // The replica replays the test database's creation and migrations a moment later.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let migrated = match sqlx::PgPool::connect(&url).await {
-            Ok(replica) => {
-                let table: Option<Option<String>> =
-                    sqlx::query_scalar("SELECT to_regclass('projection_checkpoints')::text")
-                        .fetch_optional(&replica)
-                        .await
-                        .unwrap_or(None);
-                replica.close().await;
-                table.flatten().is_some()
-            }
-            Err(_) => false,
-        };
-        if migrated {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the replica never replayed the migrations");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let sources = ReadSources::new(pool.clone(), &[url], config).unwrap();
     in_rotation(&sources, true).await;
     sources

@@ -47,3 +47,66 @@ pub fn replica(action: &str) {
     let status = Command::new(ops_script("replica.sh")).arg(action).status().unwrap();
     assert!(status.success(), "ops/dev/replica.sh {action} failed");
 }
+
+/// Starts the shared replica and waits (at most 30 s) until it has replayed the creation and
+/// migrations of `pool`'s database; that database's URL on the replica.
+pub async fn replica_of(pool: &sqlx::PgPool) -> String {
+    replica("start");
+    crate::db::migrated(pool).await;
+    let url = crate::urls::replica_database(pool).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let migrated = match sqlx::PgPool::connect(&url).await {
+            Ok(replica) => {
+                let table: Option<Option<String>> =
+                    sqlx::query_scalar("SELECT to_regclass('projection_checkpoints')::text")
+                        .fetch_optional(&replica)
+                        .await
+                        .unwrap_or(None);
+                replica.close().await;
+                table.flatten().is_some()
+            }
+            Err(_) => false,
+        };
+        if migrated {
+            return url;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never replayed the migrations"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// WAL replay paused on the shared replica (`pg_wal_replay_pause()`: it answers queries but
+/// falls behind); resumed when dropped, so a failing test cannot leave it paused.
+#[derive(Debug)]
+pub struct ReplayPaused {
+    url: String,
+}
+
+impl ReplayPaused {
+    /// Pauses replay on the replica server of `url` (any of its databases).
+    pub async fn pause(url: &str) -> Self {
+        let replica = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::query("SELECT pg_wal_replay_pause()")
+            .execute(&replica)
+            .await
+            .unwrap();
+        replica.close().await;
+        ReplayPaused { url: url.to_owned() }
+    }
+}
+
+impl Drop for ReplayPaused {
+    fn drop(&mut self) {
+        let resumed = Command::new("psql")
+            .args([self.url.as_str(), "-Atqc", "SELECT pg_wal_replay_resume()"])
+            .status();
+        assert!(
+            resumed.is_ok_and(|s| s.success()),
+            "could not resume replay on the replica"
+        );
+    }
+}

@@ -204,6 +204,14 @@ pub async fn connect_with_statement_timeout(
     Ok(pool)
 }
 
+/// A pool on another server (a replica) that connects when first used: its checks then say
+/// in one line what is wrong with it. Only the URL's form is checked here.
+pub fn connect_lazy(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options =
+        PgConnectOptions::from_str(url).with_context(|| format!("{} is not a valid PostgreSQL URL", redact(url)))?;
+    Ok(event_log::pool_options(max_connections.max(1)).connect_lazy_with(options))
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use operator_console::BarObserver;
-use projections::replay::{self, ReplayConfig};
+use projections::replay::{self, History, ReplayConfig, Throttle};
 use read_models::Projection;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +49,19 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // An empty URL reads the primary (to override a deployment's environment).
+    let history = match args.history_url.as_deref().filter(|url| !url.is_empty()) {
+        Some(url) => History::replica(
+            database::connect_lazy(url, args.database.database_max_connections.min(4))?,
+            Duration::from_secs(args.history_wait_secs),
+        ),
+        None => History::primary(),
+    };
+    let throttle = Throttle {
+        events_per_second: Some(args.max_events_per_second).filter(|&rate| rate > 0),
+        write_bytes_per_second: Some(args.max_write_mib_per_second.saturating_mul(1 << 20)).filter(|&rate| rate > 0),
+        index_workers: Some(args.index_workers),
+    };
     let config = ReplayConfig {
         page_events: args.page_events.max(1),
         checkpoint_every: Duration::from_millis(args.checkpoint_every_ms),
@@ -56,6 +69,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
         swap_lag_events: args.swap_lag_events.max(0),
         lock_timeout: Duration::from_millis(args.lock_timeout_ms.max(1)),
         keep_old: args.keep_old,
+        throttle,
         ..ReplayConfig::default()
     };
     let observer = BarObserver::default();
@@ -66,7 +80,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
             interrupted.cancel();
         }
     });
-    let outcome = replay::replay(&pool, projection, args.version, config, &observer, &stop).await;
+    let outcome = replay::replay_from(&pool, &history, projection, args.version, config, &observer, &stop).await;
     observer.finish();
     stop.cancel();
     if let Some(endpoints) = endpoints {
@@ -76,6 +90,7 @@ pub async fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     if args.json {
         let json = serde_json::json!({
             "projection": summary.projection.name(),
+            "history": if history.is_replica() { "replica" } else { "primary" },
             "version": summary.version,
             "rebuild_id": summary.rebuild_id,
             "resumed": summary.resumed,

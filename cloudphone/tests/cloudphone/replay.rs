@@ -314,3 +314,54 @@ async fn a_replay_process_killed_mid_rebuild_resumes_to_the_same_result(pool: Pg
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stdout).contains("dropped 2 replaced version(s)"));
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_replay_reads_its_history_from_the_replica_and_refuses_one_that_is_not_a_standby(pool: PgPool) {
+    db::migrated(&pool).await;
+    let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
+    history(&pool, &store, 500, 5).await;
+    let url = urls::database(&pool).await;
+    let replica = test_support::services::replica_of(&pool).await;
+    let nowhere = format!(
+        "postgres://postgres:secret@127.0.0.1:{}/nowhere",
+        test_support::services::free_port()
+    );
+    for (history_url, says) in [
+        (nowhere.as_str(), "cannot use the history replica 127.0.0.1:"),
+        (url.as_str(), "is not a standby of this primary: it is not in recovery"),
+    ] {
+        let output = replay_process(&url, "fleet")
+            .args(["--history-url", history_url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        assert!(errors[0].contains(says), "{stderr}");
+        assert!(!stderr.contains("secret"), "no password in messages: {stderr}");
+        let rebuilds: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rebuilds, 0, "a refused replay changes nothing: {stderr}");
+    }
+
+    let output = replay_process(&url, "fleet")
+        .args(["--history-url", replica.as_str(), "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["history"], "replica", "{summary}");
+    let reader = LogReader::new(pool.clone());
+    let folded = fold_log(&reader, head(&pool).await, 5_000).await.unwrap();
+    let models = load_read_models(&pool).await.unwrap();
+    assert_eq!(models.devices, folded.devices);
+    assert_eq!(models.device_stats, folded.device_stats);
+}

@@ -1,19 +1,22 @@
 //! `cloudphone load replay`: how fast a replay rebuilds each projection from the whole log,
-//! what it does to live append latency, against the roadmap's design — the read models as
-//! materialized views over the log, rebuilt with `REFRESH MATERIALIZED VIEW` — in the same
-//! run, on the same data.
+//! what it does to live append latency with and without its throttle and replica, against
+//! the roadmap's design — the read models as materialized views over the log, rebuilt with
+//! `REFRESH MATERIALIZED VIEW` — in the same run, on the same data.
 //!
 //! Phases, in one fresh database `cloudphone_load_replay`:
 //! 1. history: `--events` events of device lifecycles over six months (bulk appends);
 //! 2. first build: both projections replayed at version 1 from an empty live version (no
-//!    other load), which also gives the live projectors their starting point;
-//! 3. quiet: the embedded projectors follow the log while `--rate` single-event appends per
-//!    second are made for `--duration` seconds (append latency with no replay);
-//! 4. replays under load: `fleet` (v1 again) and `daily_usage` v1 -> v2, while the same
-//!    stream runs (append latency during replays);
-//! 5. baseline: the equivalent views (as in `load projections`) are created, then each is
-//!    rebuilt with `REFRESH MATERIALIZED VIEW` and timed.
+//!    other load, in this process), which also gives the live projectors their starting point;
+//! 3. for each mode, old then new: `--rate` single-event appends per second for `--duration`
+//!    seconds with the embedded projectors following (quiet), then the same stream while
+//!    `fleet` (v1 again) and `daily_usage` (v2) are replayed by `cloudphone replay` child
+//!    processes, as an operator runs them. The old mode is unthrottled and reads the primary
+//!    (what replays did before issue #24); the new mode is the binary's defaults (throttled),
+//!    reading `--replica-url` when given;
+//! 4. baseline (unless `--skip-views`): the equivalent views (as in `load projections`) are
+//!    created, then each is rebuilt with `REFRESH MATERIALIZED VIEW` and timed.
 
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cli::LoadReplayArgs;
-use crate::harness::databases::{recreate_database, settle_database};
+use crate::harness::databases::{database_url_of, recreate_database, settle_database, wait_for_replicas};
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::views::VIEWS;
 use crate::world::history::write_history;
@@ -83,19 +86,70 @@ struct ViewFigures {
     concurrent_refresh_seconds: f64,
 }
 
+/// One `cloudphone replay` child process under load.
+#[derive(Debug, Serialize)]
+struct ChildReplay {
+    projection: &'static str,
+    version: i32,
+    /// Where the bulk phase read the history (`primary` or `replica`).
+    history: String,
+    /// The child's wall time: start, waiting for the replica, bulk, finish, tail, swap.
+    wall_seconds: f64,
+    bulk_seconds: f64,
+    finish_seconds: f64,
+    tail_events: i64,
+    swap_ms: f64,
+    total_seconds: f64,
+}
+
+/// What the `--json` summary of `cloudphone replay` holds that this report uses.
+#[derive(Debug, serde::Deserialize)]
+struct ChildSummary {
+    history: String,
+    bulk_seconds: f64,
+    finish_seconds: f64,
+    tail_events: i64,
+    swap_seconds: f64,
+    total_seconds: f64,
+}
+
+/// How the replays of one mode run, and what the appends saw.
+#[derive(Debug, Serialize)]
+struct ModeFigures {
+    mode: &'static str,
+    /// The `cloudphone replay` arguments of this mode beyond the projection and version.
+    replay_args: Vec<String>,
+    /// Appends just before this mode's replays, with nothing else running.
+    appends_quiet: Latency,
+    appends_during_replays: Latency,
+    /// During / quiet, at each quantile.
+    p50_ratio: f64,
+    p99_ratio: f64,
+    p999_ratio: f64,
+    replays: Vec<ChildReplay>,
+    /// Both replays' wall time.
+    replay_seconds: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     events: i64,
     seed: u64,
     first_build: Vec<ReplayFigures>,
-    under_load: Vec<ReplayFigures>,
+    /// The replays as `cloudphone replay` processes beside live appends: unthrottled from the
+    /// primary (the old behaviour), then with this binary's defaults (throttled) and the
+    /// replica when one is given.
+    modes: Vec<ModeFigures>,
+    /// The new mode's replays' wall time over the old mode's.
+    new_over_old_replay_seconds: f64,
     views: Vec<ViewFigures>,
-    /// Both projections replayed (under load) against both views refreshed, events/s.
+    /// Both projections replayed (old mode, under load) against both views refreshed.
     replay_vs_refresh: f64,
-    appends_quiet: Latency,
-    appends_during_replay: Latency,
     append_rate: u64,
 }
+
+/// The replays each mode runs, in order.
+const REPLAYS: [(Projection, i32); 2] = [(Projection::Fleet, 1), (Projection::DailyUsage, 2)];
 
 pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
     let pool = recreate_database(&args.database.database_url, DATABASE, 32).await?;
@@ -112,28 +166,56 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
         first_build.push(ReplayFigures::of(&summary, history));
     }
     settle_database(&pool).await?;
+    wait_for_replicas(&pool).await;
+
+    let url = database_url_of(&args.database.database_url, DATABASE)?;
+    let old_args: Vec<String> = [
+        "--max-events-per-second=0",
+        "--max-write-mib-per-second=0",
+        "--index-workers=2",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut new_args: Vec<String> = Vec::new();
+    if let Some(replica) = &args.replica_url {
+        new_args.push(format!("--history-url={}", database_url_of(replica, DATABASE)?));
+    }
+    new_args.extend(args.new_mode_arg.iter().cloned());
 
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await?);
     let stop_projectors = CancellationToken::new();
     let projectors = spawn_log_projectors(&pool, ProjectorConfig::default(), &stop_projectors);
-    let quiet = {
-        let stop = CancellationToken::new();
-        let stream = tokio::spawn(append_stream(Arc::clone(&store), args.rate, stop.clone()));
-        tokio::time::sleep(Duration::from_secs(args.duration)).await;
-        stop.cancel();
-        stream.await??
-    };
-    let (under_load, during) = {
-        let stop = CancellationToken::new();
-        let stream = tokio::spawn(append_stream(Arc::clone(&store), args.rate, stop.clone()));
-        let mut figures = Vec::new();
-        for (projection, version) in [(Projection::Fleet, 1), (Projection::DailyUsage, 2)] {
-            let summary = run_replay(&pool, projection, version, config).await?;
-            figures.push(ReplayFigures::of(&summary, history));
-        }
-        stop.cancel();
-        (figures, stream.await??)
-    };
+    let mut modes = Vec::new();
+    for (mode, replay_args) in [("old", old_args), ("new", new_args)] {
+        eprintln!("{mode} mode: quiet appends for {} s", args.duration);
+        let ((), quiet) = appends_while(&store, args.rate, async {
+            tokio::time::sleep(Duration::from_secs(args.duration)).await;
+            Ok(())
+        })
+        .await?;
+        eprintln!("{mode} mode: replays ({})", replay_args.join(" "));
+        let (replays, during) = appends_while(&store, args.rate, async {
+            let mut replays = Vec::new();
+            for (projection, version) in REPLAYS {
+                replays.push(child_replay(&url, projection, version, &replay_args).await?);
+            }
+            Ok(replays)
+        })
+        .await?;
+        let (quiet, during) = (Latency::of(&quiet), Latency::of(&during));
+        let ratio = |during: f64, quiet: f64| during / quiet.max(1e-9);
+        modes.push(ModeFigures {
+            mode,
+            replay_args,
+            p50_ratio: ratio(during.p50_ms, quiet.p50_ms),
+            p99_ratio: ratio(during.p99_ms, quiet.p99_ms),
+            p999_ratio: ratio(during.p999_ms, quiet.p999_ms),
+            appends_quiet: quiet,
+            appends_during_replays: during,
+            replay_seconds: replays.iter().map(|r| r.wall_seconds).sum(),
+            replays,
+        });
+    }
     stop_projectors.cancel();
     for task in projectors {
         let _ = task.await;
@@ -142,18 +224,22 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
         store.shutdown().await;
     }
 
-    let views = refresh_views(&pool, history).await?;
-    let replay_seconds: f64 = under_load.iter().map(|f| f.total_seconds).sum();
+    let views = if args.skip_views {
+        Vec::new()
+    } else {
+        refresh_views(&pool, history).await?
+    };
+    let old_seconds = modes.first().map_or(0.0, |m| m.replay_seconds);
+    let new_seconds = modes.last().map_or(0.0, |m| m.replay_seconds);
     let refresh_seconds: f64 = views.iter().map(|v| v.refresh_seconds).sum();
     let report = Report {
         events: history,
         seed: args.seed,
         first_build,
-        under_load,
+        modes,
+        new_over_old_replay_seconds: new_seconds / old_seconds.max(1e-9),
         views,
-        replay_vs_refresh: refresh_seconds / replay_seconds.max(1e-9),
-        appends_quiet: Latency::of(&quiet),
-        appends_during_replay: Latency::of(&during),
+        replay_vs_refresh: refresh_seconds / old_seconds.max(1e-9),
         append_rate: args.rate,
     };
     print(&report);
@@ -161,6 +247,68 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
         write_json(path, &report)?;
     }
     Ok(())
+}
+
+/// `cloudphone replay <projection> --version <version> --keep-old 0 --json`, as an operator
+/// runs it: a process of its own beside the appends, with `extra` arguments.
+async fn child_replay(
+    url: &str,
+    projection: Projection,
+    version: i32,
+    extra: &[String],
+) -> anyhow::Result<ChildReplay> {
+    let exe = std::env::current_exe().context("the path of this binary")?;
+    let started = Instant::now();
+    let output = tokio::process::Command::new(exe)
+        .args(["--log", "warn", "replay", projection.name().replace('_', "-").as_str()])
+        .args(["--version", &version.to_string(), "--keep-old", "0", "--json"])
+        .args(extra)
+        .env("CLOUDPHONE_DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("run cloudphone replay")?;
+    let wall_seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        output.status.success(),
+        "cloudphone replay {} --version {version} {} failed ({})",
+        projection.name(),
+        extra.join(" "),
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: ChildSummary = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .with_context(|| format!("no JSON summary from cloudphone replay: {stdout}"))?;
+    Ok(ChildReplay {
+        projection: projection.name(),
+        version,
+        history: summary.history,
+        wall_seconds,
+        bulk_seconds: summary.bulk_seconds,
+        finish_seconds: summary.finish_seconds,
+        tail_events: summary.tail_events,
+        swap_ms: summary.swap_seconds * 1000.0,
+        total_seconds: summary.total_seconds,
+    })
+}
+
+/// Runs `work` while the append stream runs at `rate`; its result and the appends' latency.
+async fn appends_while<T>(
+    store: &Arc<EventStore>,
+    rate: u64,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Histogram<u64>)> {
+    let stop = CancellationToken::new();
+    let stream = tokio::spawn(append_stream(Arc::clone(store), rate, stop.clone()));
+    let outcome = work.await;
+    stop.cancel();
+    let latencies = stream.await??;
+    Ok((outcome?, latencies))
 }
 
 async fn run_replay(
@@ -272,20 +420,18 @@ fn print(report: &Report) {
         "{:<34} {:>3} {:>14} {:>9} {:>9} {:>8} {:>9} {:>14}",
         "replay", "v", "bulk events/s", "bulk s", "finish s", "tail", "swap ms", "overall ev/s"
     );
-    for (label, figures) in [("first build", &report.first_build), ("under load", &report.under_load)] {
-        for f in figures {
-            println!(
-                "{:<34} {:>3} {:>14.0} {:>9.1} {:>9.1} {:>8} {:>9.1} {:>14.0}",
-                format!("{} ({label})", f.projection),
-                f.version,
-                f.bulk_events_per_second,
-                f.bulk_seconds,
-                f.finish_seconds,
-                f.tail_events,
-                f.swap_ms,
-                f.overall_events_per_second
-            );
-        }
+    for f in &report.first_build {
+        println!(
+            "{:<34} {:>3} {:>14.0} {:>9.1} {:>9.1} {:>8} {:>9.1} {:>14.0}",
+            format!("{} (first build)", f.projection),
+            f.version,
+            f.bulk_events_per_second,
+            f.bulk_seconds,
+            f.finish_seconds,
+            f.tail_events,
+            f.swap_ms,
+            f.overall_events_per_second
+        );
     }
     for v in &report.views {
         println!(
@@ -293,22 +439,47 @@ fn print(report: &Report) {
             v.view, "", v.events_per_second, v.refresh_seconds, v.concurrent_refresh_seconds
         );
     }
-    let replays: f64 = report.under_load.iter().map(|f| f.total_seconds).sum();
-    let refreshes: f64 = report.views.iter().map(|v| v.refresh_seconds).sum();
+    if !report.views.is_empty() {
+        println!(
+            "refresh time of both views / replay time of both projections (old mode, under load) = {:.2}",
+            report.replay_vs_refresh
+        );
+    }
     println!(
-        "both projections replayed under load {replays:.1} s vs both views refreshed {refreshes:.1} s: refresh time / replay time = {:.2}",
-        report.replay_vs_refresh
+        "\nreplays beside {} single-event appends/s, as `cloudphone replay` processes:",
+        report.append_rate
     );
+    for mode in &report.modes {
+        println!(
+            "{} mode: cloudphone replay ... {}",
+            mode.mode,
+            mode.replay_args.join(" ")
+        );
+        for r in &mode.replays {
+            println!(
+                "  {:<12} v{} from the {:<7} wall {:>7.1} s (bulk {:.1} s, finish {:.1} s, tail {} events, swap {:.0} ms)",
+                r.projection,
+                r.version,
+                r.history,
+                r.wall_seconds,
+                r.bulk_seconds,
+                r.finish_seconds,
+                r.tail_events,
+                r.swap_ms
+            );
+        }
+        let (q, d) = (&mode.appends_quiet, &mode.appends_during_replays);
+        println!(
+            "  appends quiet  p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends)",
+            q.p50_ms, q.p99_ms, q.p999_ms, q.count
+        );
+        println!(
+            "  appends during p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends): during/quiet p50 {:.2}x p99 {:.2}x p999 {:.2}x",
+            d.p50_ms, d.p99_ms, d.p999_ms, d.count, mode.p50_ratio, mode.p99_ratio, mode.p999_ratio
+        );
+    }
     println!(
-        "appends at {}/s: quiet p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends); during replays p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends)",
-        report.append_rate,
-        report.appends_quiet.p50_ms,
-        report.appends_quiet.p99_ms,
-        report.appends_quiet.p999_ms,
-        report.appends_quiet.count,
-        report.appends_during_replay.p50_ms,
-        report.appends_during_replay.p99_ms,
-        report.appends_during_replay.p999_ms,
-        report.appends_during_replay.count
+        "new mode's replays take {:.2}x the old mode's wall time",
+        report.new_over_old_replay_seconds
     );
 }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::copy::{CopySink, copy_by_provider, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users};
+use super::throttle::{Pacer, Throttle, pace};
 use super::{Rebuild, ReplayConfig, ReplayError, ReplayObserver};
 use read_models::Projection;
 use read_models::fleet::{DeviceRow, stats_of};
@@ -67,8 +68,12 @@ impl BulkFold {
     }
 }
 
+/// Folds the log up to the rebuild's target, reading it from `history` (the primary or a
+/// replica that has replayed the target) at most `config.throttle.events_per_second`;
+/// checkpoints go to the primary, `pool`.
 pub(super) async fn bulk(
     pool: &PgPool,
+    history: &PgPool,
     rebuild: &mut Rebuild,
     config: ReplayConfig,
     observer: &dyn ReplayObserver,
@@ -87,8 +92,9 @@ pub(super) async fn bulk(
     metrics::gauge!(m::REPLAY_TARGET_POSITION, "projection" => name).set(rebuild.target_position as f64);
     // One task reads the next page while this one folds the last.
     let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<LoggedPayload>, ReadError>>(2);
-    let reader = LogReader::new(pool.clone());
+    let reader = LogReader::new(history.clone());
     let (from, target, page) = (rebuild.position, rebuild.target_position, config.page_events);
+    let mut pacer = Pacer::new(config.throttle.events_per_second);
     let stream_types = layout.stream_types();
     let read_stop = stop.child_token();
     let read_task = tokio::spawn({
@@ -96,7 +102,7 @@ pub(super) async fn bulk(
         async move {
             let mut after = from;
             while after < target && !read_stop.is_cancelled() {
-                let rows = reader.read_payloads(stream_types, after, target, page).await;
+                let rows = read_page(&reader, stream_types, after, target, page).await;
                 let last = match &rows {
                     Ok(rows) => rows.last().map(|r| r.position),
                     Err(_) => None,
@@ -106,7 +112,12 @@ pub(super) async fn bulk(
                     return;
                 }
                 match last {
-                    Some(position) => after = position,
+                    // Positions, not events of these streams, measure the pace: the read
+                    // covers the positions in between either way.
+                    Some(position) => {
+                        pace(&mut pacer, u64::try_from(position - after).unwrap_or(0)).await;
+                        after = position;
+                    }
                     None => return,
                 }
             }
@@ -174,6 +185,7 @@ pub(super) async fn bulk(
                 position,
                 last_recorded_at,
                 events - checkpointed,
+                config.throttle,
             )
             .await?;
             checkpointed = events;
@@ -189,6 +201,7 @@ pub(super) async fn bulk(
             position,
             last_recorded_at,
             events - checkpointed,
+            config.throttle,
         )
         .await?;
         return Err(ReplayError::Stopped);
@@ -204,6 +217,41 @@ pub(super) async fn bulk(
         unsaved_events: events - checkpointed,
         last_recorded_at,
     })
+}
+
+/// Reads a page; a read a hot standby cancelled for a conflict with its recovery (it had to
+/// apply WAL that removes rows the read might see) is tried again.
+async fn read_page(
+    reader: &LogReader,
+    stream_types: &[event_schema::StreamType],
+    after: i64,
+    target: i64,
+    page: i64,
+) -> Result<Vec<LoggedPayload>, ReadError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match reader.read_payloads(stream_types, after, target, page).await {
+            Err(ReadError::Database(error)) if attempt < ATTEMPTS && is_recovery_conflict(&error) => {
+                tracing::warn!(
+                    attempt,
+                    after,
+                    "history read cancelled by the replica's recovery: reading again"
+                );
+                attempt += 1;
+            }
+            rows => return rows,
+        }
+    }
+}
+
+/// SQLSTATE 40001 (serialization_failure) is what a standby answers when it cancels a query
+/// for a recovery conflict; on the primary these reads never get it.
+fn is_recovery_conflict(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40001")
 }
 
 fn buffer_usage(buffer: &mut UsageBuffer, layout: TableLayout, usage: &event_schema::UsageRecorded) {
@@ -264,32 +312,65 @@ async fn checkpoint_bulk(
     position: i64,
     last_recorded_at: Option<DateTime<Utc>>,
     new_events: i64,
+    throttle: Throttle,
 ) -> Result<(), ReplayError> {
     if position == rebuild.position {
         return Ok(());
     }
+    let write_rate = throttle.write_bytes_per_second;
     let s = quote_ident(&rebuild.shadow_schema);
     let mut tx = pool.begin().await?;
     match fold {
         BulkFold::Fleet(fleet) => {
-            copy_devices(&mut tx, &format!("{s}.devices_partial"), fleet.devices.changed_rows()).await?;
+            copy_devices(
+                &mut tx,
+                &format!("{s}.devices_partial"),
+                fleet.devices.changed_rows(),
+                write_rate,
+            )
+            .await?;
             fleet.devices.clear_changed();
             if rebuild.layout.has_users_and_history() {
-                copy_users(&mut tx, &format!("{s}.users_partial"), fleet.users.changed_rows()).await?;
+                copy_users(
+                    &mut tx,
+                    &format!("{s}.users_partial"),
+                    fleet.users.changed_rows(),
+                    write_rate,
+                )
+                .await?;
                 fleet.users.clear_changed();
                 let changes = fleet.devices.take_status_changes();
-                copy_status_changes(&mut tx, &format!("{s}.fleet_status_changes_partial"), changes.iter()).await?;
+                copy_status_changes(
+                    &mut tx,
+                    &format!("{s}.fleet_status_changes_partial"),
+                    changes.iter(),
+                    write_rate,
+                )
+                .await?;
             }
         }
         BulkFold::Usage(buffer) => {
-            copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter()).await?;
+            copy_usage(
+                &mut tx,
+                &format!("{s}.daily_usage_partial"),
+                buffer.usage.iter(),
+                write_rate,
+            )
+            .await?;
             copy_by_provider(
                 &mut tx,
                 &format!("{s}.daily_usage_by_provider_partial"),
                 buffer.by_provider.iter(),
+                write_rate,
             )
             .await?;
-            copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter()).await?;
+            copy_hourly(
+                &mut tx,
+                &format!("{s}.hourly_usage_partial"),
+                buffer.hourly.iter(),
+                write_rate,
+            )
+            .await?;
             buffer.usage.clear();
             buffer.by_provider.clear();
             buffer.hourly.clear();
@@ -321,26 +402,39 @@ async fn checkpoint_bulk(
 /// Writes the version's tables from the fold (and the partial tables earlier checkpoints
 /// left), adds keys and indexes, and marks the rebuild `tailing` at its target, in one
 /// transaction.
-pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Folded) -> Result<(), ReplayError> {
+pub(super) async fn finish_bulk(
+    pool: &PgPool,
+    rebuild: &mut Rebuild,
+    folded: Folded,
+    throttle: Throttle,
+) -> Result<(), ReplayError> {
     let started = Instant::now();
     let layout = rebuild.layout;
     let s = quote_ident(&rebuild.shadow_schema);
+    let write_rate = throttle.write_bytes_per_second;
     let mut tx = pool.begin().await?;
     // Key and index builds on freshly loaded tables sort in memory rather than on disk.
     sqlx::query("SET LOCAL maintenance_work_mem = '512MB'")
         .execute(&mut *tx)
         .await?;
+    if let Some(workers) = throttle.index_workers {
+        // Each parallel worker is another core building an index; live appends need one.
+        sqlx::query("SELECT set_config('max_parallel_maintenance_workers', $1, true)")
+            .bind(workers.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
     match folded.fold {
         BulkFold::Fleet(mut fleet) => {
             // The fold holds every device (resumed from the partials): written whole.
-            copy_devices(&mut tx, &format!("{s}.devices"), fleet.devices.rows()).await?;
+            copy_devices(&mut tx, &format!("{s}.devices"), fleet.devices.rows(), write_rate).await?;
             if layout.has_users_and_history() {
                 // Users too; the history's net changes are sums over checkpoints.
-                copy_users(&mut tx, &format!("{s}.users"), fleet.users.rows()).await?;
-                finish_status_changes(&mut tx, &s, &fleet.devices.take_status_changes()).await?;
+                copy_users(&mut tx, &format!("{s}.users"), fleet.users.rows(), write_rate).await?;
+                finish_status_changes(&mut tx, &s, &fleet.devices.take_status_changes(), write_rate).await?;
             }
             let stats = stats_of(fleet.devices.rows());
-            let mut copy = CopySink::open(&mut tx, &format!("{s}.device_stats")).await?;
+            let mut copy = CopySink::open(&mut tx, &format!("{s}.device_stats"), write_rate).await?;
             for (key, row) in &stats {
                 copy.rows
                     .row(7)
@@ -379,7 +473,13 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                         _ => merged.push(((*key, currency.clone()), *delta)),
                     }
                 }
-                copy_usage(&mut tx, &format!("{s}.daily_usage"), merged.iter().map(|(k, v)| (k, v))).await?;
+                copy_usage(
+                    &mut tx,
+                    &format!("{s}.daily_usage"),
+                    merged.iter().map(|(k, v)| (k, v)),
+                    write_rate,
+                )
+                .await?;
             } else if !checkpointed {
                 // Everything is in memory, one row per key: straight into the tables, in
                 // key order (PostgreSQL's sort finds the input presorted when it builds the
@@ -388,7 +488,7 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                 usage.sort_unstable_by(|((a, ac), _), ((b, bc), _)| {
                     (a.user_id, a.day, a.device_id, ac).cmp(&(b.user_id, b.day, b.device_id, bc))
                 });
-                copy_usage(&mut tx, &format!("{s}.daily_usage"), usage.into_iter()).await?;
+                copy_usage(&mut tx, &format!("{s}.daily_usage"), usage.into_iter(), write_rate).await?;
                 let mut by_provider: Vec<_> = buffer.by_provider.iter().collect();
                 by_provider.sort_unstable_by(|(a, _), (b, _)| {
                     (a.user_id, a.day, a.provider.as_str(), &a.currency).cmp(&(
@@ -402,20 +502,34 @@ pub(super) async fn finish_bulk(pool: &PgPool, rebuild: &mut Rebuild, folded: Fo
                     &mut tx,
                     &format!("{s}.daily_usage_by_provider"),
                     by_provider.into_iter(),
+                    write_rate,
                 )
                 .await?;
                 let mut hourly: Vec<_> = buffer.hourly.iter().collect();
                 hourly.sort_unstable_by_key(|(key, _)| *key);
-                copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter()).await?;
+                copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter(), write_rate).await?;
             } else {
-                copy_usage(&mut tx, &format!("{s}.daily_usage_partial"), buffer.usage.iter()).await?;
+                copy_usage(
+                    &mut tx,
+                    &format!("{s}.daily_usage_partial"),
+                    buffer.usage.iter(),
+                    write_rate,
+                )
+                .await?;
                 copy_by_provider(
                     &mut tx,
                     &format!("{s}.daily_usage_by_provider_partial"),
                     buffer.by_provider.iter(),
+                    write_rate,
                 )
                 .await?;
-                copy_hourly(&mut tx, &format!("{s}.hourly_usage_partial"), buffer.hourly.iter()).await?;
+                copy_hourly(
+                    &mut tx,
+                    &format!("{s}.hourly_usage_partial"),
+                    buffer.hourly.iter(),
+                    write_rate,
+                )
+                .await?;
                 sum_usage_partials(&mut tx, layout, &s).await?;
             }
         }
@@ -475,6 +589,7 @@ async fn finish_status_changes(
     conn: &mut PgConnection,
     s: &str,
     changes: &std::collections::BTreeMap<StatusChangeKey, i64>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     let checkpointed: bool = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT EXISTS (SELECT 1 FROM {s}.fleet_status_changes_partial)"
@@ -482,7 +597,13 @@ async fn finish_status_changes(
     .fetch_one(&mut *conn)
     .await?;
     if checkpointed {
-        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes_partial"), changes.iter()).await?;
+        copy_status_changes(
+            &mut *conn,
+            &format!("{s}.fleet_status_changes_partial"),
+            changes.iter(),
+            write_rate,
+        )
+        .await?;
         sqlx::raw_sql(AssertSqlSafe(format!(
             "INSERT INTO {s}.fleet_status_changes (user_id, hour, status, delta)
              SELECT user_id, hour, status, sum(delta) FROM {s}.fleet_status_changes_partial
@@ -492,7 +613,13 @@ async fn finish_status_changes(
         .await?;
     } else {
         // Key order: the fold's map is sorted, so the key's index builds from presorted input.
-        copy_status_changes(&mut *conn, &format!("{s}.fleet_status_changes"), changes.iter()).await?;
+        copy_status_changes(
+            &mut *conn,
+            &format!("{s}.fleet_status_changes"),
+            changes.iter(),
+            write_rate,
+        )
+        .await?;
     }
     sqlx::raw_sql(AssertSqlSafe(format!(
         "INSERT INTO {s}.fleet_status_changes_all (hour, status, delta)

@@ -10,12 +10,15 @@ use read_models::history::StatusChangeKey;
 use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 use read_models::users::UserRow;
 
+use super::throttle::{Pacer, pace};
+
 pub(super) async fn copy_devices<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl Iterator<Item = &'r DeviceRow>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for row in rows {
         copy.rows
             .row(11)
@@ -40,8 +43,9 @@ pub(super) async fn copy_users<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl Iterator<Item = &'r UserRow>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for row in rows {
         let limit = |pick: fn(&event_schema::Quota) -> u32| row.quota.as_ref().map(|q| i64::from(pick(q)));
         copy.rows
@@ -65,11 +69,12 @@ pub(super) async fn copy_status_changes<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl ExactSizeIterator<Item = (&'r StatusChangeKey, &'r i64)>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     if rows.len() == 0 {
         return Ok(());
     }
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for (key, delta) in rows {
         copy.rows
             .row(4)
@@ -87,11 +92,12 @@ pub(super) async fn copy_usage<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl ExactSizeIterator<Item = (&'r (UsageKey, String), &'r UsageDelta)>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     if rows.len() == 0 {
         return Ok(());
     }
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for ((key, currency), delta) in rows {
         copy.rows
             .row(6)
@@ -111,12 +117,13 @@ pub(super) async fn copy_by_provider<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl ExactSizeIterator<Item = (&'r ProviderDayKey, &'r ProviderUsage)>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     // Also how version 1 (which has no such table) skips it.
     if rows.len() == 0 {
         return Ok(());
     }
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for (key, delta) in rows {
         copy.rows
             .row(7)
@@ -137,12 +144,13 @@ pub(super) async fn copy_hourly<'r>(
     conn: &mut PgConnection,
     table: &str,
     rows: impl ExactSizeIterator<Item = (&'r HourKey, &'r UsageDelta)>,
+    write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
     // Also how versions 1 and 2 (which have no such table) skip it.
     if rows.len() == 0 {
         return Ok(());
     }
-    let mut copy = CopySink::open(conn, table).await?;
+    let mut copy = CopySink::open(conn, table, write_rate).await?;
     for (key, delta) in rows {
         copy.rows
             .row(6)
@@ -249,12 +257,19 @@ impl CopyRows {
 pub(super) struct CopySink<'c> {
     copy: PgCopyIn<&'c mut PgConnection>,
     pub(super) rows: CopyRows,
+    /// Bytes per second sent, when throttled.
+    pacer: Option<Pacer>,
 }
 
 impl<'c> CopySink<'c> {
     const CHUNK_BYTES: usize = 1 << 20;
 
-    pub(super) async fn open(conn: &'c mut PgConnection, table: &str) -> Result<Self, sqlx::Error> {
+    /// Opens a COPY into `table` that sends at most `write_rate` bytes per second.
+    pub(super) async fn open(
+        conn: &'c mut PgConnection,
+        table: &str,
+        write_rate: Option<u64>,
+    ) -> Result<Self, sqlx::Error> {
         let copy = conn
             .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
             .await?;
@@ -264,13 +279,16 @@ impl<'c> CopySink<'c> {
                 buffer: CopyRows::header(),
                 rows: 0,
             },
+            pacer: Pacer::new(write_rate),
         })
     }
 
     pub(super) async fn flush_if_full(&mut self) -> Result<(), sqlx::Error> {
         if self.rows.buffer.len() >= Self::CHUNK_BYTES {
             let chunk = std::mem::take(&mut self.rows.buffer);
+            let bytes = chunk.len() as u64;
             self.copy.send(chunk).await?;
+            pace(&mut self.pacer, bytes).await;
         }
         Ok(())
     }
@@ -278,8 +296,10 @@ impl<'c> CopySink<'c> {
     pub(super) async fn finish(mut self) -> Result<(), sqlx::Error> {
         self.rows.buffer.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
         let chunk = std::mem::take(&mut self.rows.buffer);
+        let bytes = chunk.len() as u64;
         self.copy.send(chunk).await?;
         self.copy.finish().await?;
+        pace(&mut self.pacer, bytes).await;
         Ok(())
     }
 }

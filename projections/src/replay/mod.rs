@@ -24,6 +24,11 @@
 //!    A live projector still folding the old version finds its checkpoint moved (or its version
 //!    changed), rolls its batch back and resumes at the new version.
 //!
+//! Beside live appends, a replay can read the history from a streaming replica (`history.rs`:
+//! only a standby of this database that has replayed the target) and bounds its share of the
+//! primary (`throttle.rs`: events folded per second, COPY bytes per second, index build
+//! workers).
+//!
 //! One file per phase: `bulk.rs` (bulk and finish, writing through `copy.rs`'s binary COPY),
 //! `tail.rs` and `swap.rs`; `admin.rs` has what operators run around replays (status,
 //! abandon, dropping replaced versions). This file holds the public types, the replay lock
@@ -44,12 +49,16 @@ use crate::metrics_names as m;
 mod admin;
 mod bulk;
 mod copy;
+mod history;
 mod swap;
 mod tail;
+mod throttle;
 
 pub use admin::{RebuildStatus, abandon, drop_replaced, rebuilds};
 use bulk::{bulk, finish_bulk};
+pub use history::History;
 use tail::tail_and_swap;
+pub use throttle::Throttle;
 
 /// How a replay reads, checkpoints and swaps.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +79,8 @@ pub struct ReplayConfig {
     pub swap_attempts: u32,
     /// Replaced versions kept after a swap (older ones are dropped); `None` keeps them all.
     pub keep_old: Option<usize>,
+    /// How much of the primary the replay may take.
+    pub throttle: Throttle,
 }
 
 impl Default for ReplayConfig {
@@ -84,6 +95,7 @@ impl Default for ReplayConfig {
             lock_timeout: Duration::from_secs(2),
             swap_attempts: 30,
             keep_old: None,
+            throttle: Throttle::UNLIMITED,
         }
     }
 }
@@ -91,6 +103,8 @@ impl Default for ReplayConfig {
 /// Where a replay is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayPhase {
+    /// Waiting for the history replica to replay the log up to `target`.
+    WaitingForHistory { replayed: i64, target: i64 },
     /// Folding the history up to `target`.
     Bulk { resumed_at: i64, target: i64 },
     /// Writing the final tables, keys and indexes.
@@ -104,7 +118,8 @@ pub enum ReplayPhase {
 /// Told about a replay's progress (the CLI draws a bar; tests kill it at some point).
 pub trait ReplayObserver: Send + Sync {
     fn phase(&self, phase: ReplayPhase);
-    /// The rebuild has every event up to `position`, of `target`.
+    /// The rebuild has every event up to `position`, of `target` (while waiting for the
+    /// history replica: the replica has replayed up to `position`).
     fn progress(&self, position: i64, target: i64);
 }
 
@@ -178,6 +193,29 @@ pub enum ReplayError {
     SwapLocked { projection: &'static str, attempts: u32 },
     #[error("replay stopped before the swap; run it again to resume from its checkpoint")]
     Stopped,
+    #[error("cannot use the history replica {at}: {source}")]
+    HistoryUnreachable {
+        at: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "the history replica {at} is not a standby of this primary: {reason}; point --history-url at a streaming replica of this database, or leave it out to read the primary"
+    )]
+    NotAStandby { at: String, reason: String },
+    #[error(
+        "the history replica {at} had replayed the log to position {replayed} of the {target} this replay needs after waiting {waited_seconds} s; check its replication (ops/dev/replica.sh lag), wait longer (--history-wait-secs), or leave --history-url out to read the primary"
+    )]
+    HistoryBehind {
+        at: String,
+        replayed: i64,
+        target: i64,
+        waited_seconds: u64,
+    },
+    #[error(
+        "the history replica {at} holds another event than the primary at position {position}: it is not a copy of this log"
+    )]
+    HistoryDiverged { at: String, position: i64 },
     #[error("replay database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("log read failed: {0}")]
@@ -207,6 +245,20 @@ pub async fn replay(
     observer: &dyn ReplayObserver,
     stop: &CancellationToken,
 ) -> Result<ReplaySummary, ReplayError> {
+    replay_from(pool, &History::primary(), projection, version, config, observer, stop).await
+}
+
+/// [`replay`], with the bulk phase reading the history from `history` (a replica of `pool`'s
+/// database, checked before anything changes). The tail and the swap use `pool`.
+pub async fn replay_from(
+    pool: &PgPool,
+    history: &History,
+    projection: Projection,
+    version: Option<i32>,
+    config: ReplayConfig,
+    observer: &dyn ReplayObserver,
+    stop: &CancellationToken,
+) -> Result<ReplaySummary, ReplayError> {
     let started = Instant::now();
     let version = version.unwrap_or(projection.latest_version());
     let layout = projection.layout(version).ok_or(ReplayError::UnknownVersion {
@@ -215,8 +267,9 @@ pub async fn replay(
         latest: projection.latest_version(),
     })?;
     refuse_kafka_mode(pool, projection).await?;
+    history.check_standby(pool).await?;
     let lock = ReplayLock::take(pool, projection).await?;
-    let outcome = run(pool, layout, config, observer, stop, started).await;
+    let outcome = run(pool, history, layout, config, observer, stop, started).await;
     lock.release().await;
     outcome
 }
@@ -260,6 +313,7 @@ impl ReplayLock {
 
 async fn run(
     pool: &PgPool,
+    history: &History,
     layout: TableLayout,
     config: ReplayConfig,
     observer: &dyn ReplayObserver,
@@ -275,8 +329,21 @@ async fn run(
                 version: rebuild.layout.version,
             });
         }
-        Some(rebuild) => (rebuild, true),
-        None => (start_rebuild(pool, layout).await?, false),
+        Some(rebuild) => {
+            if rebuild.state == "building" {
+                history.wait_for(pool, rebuild.target_position, observer).await?;
+            }
+            (rebuild, true)
+        }
+        None => {
+            // The target is the head now; the replica must reach it before anything is
+            // registered, so a replica that never does leaves no rebuild behind.
+            let target: i64 = sqlx::query_scalar("SELECT position FROM log_head")
+                .fetch_one(pool)
+                .await?;
+            history.wait_for(pool, target, observer).await?;
+            (start_rebuild(pool, layout, target).await?, false)
+        }
     };
     tracing::info!(
         projection = projection.name(),
@@ -286,6 +353,7 @@ async fn run(
         resumed,
         position = rebuild.position,
         target = rebuild.target_position,
+        history = if history.is_replica() { "replica" } else { "primary" },
         "replay started"
     );
     let mut summary = ReplaySummary {
@@ -312,14 +380,14 @@ async fn run(
             resumed_at: from,
             target: rebuild.target_position,
         });
-        let folded = bulk(pool, &mut rebuild, config, observer, stop).await?;
+        let folded = bulk(pool, history.pool(pool), &mut rebuild, config, observer, stop).await?;
         summary.bulk_positions = rebuild.target_position - from;
         summary.bulk_events = folded.events;
         summary.not_applicable = folded.not_applicable;
         summary.bulk_seconds = bulk_started.elapsed().as_secs_f64();
         observer.phase(ReplayPhase::Finishing);
         let finish_started = Instant::now();
-        finish_bulk(pool, &mut rebuild, folded).await?;
+        finish_bulk(pool, &mut rebuild, folded, config.throttle).await?;
         summary.finish_seconds = finish_started.elapsed().as_secs_f64();
     }
     observer.phase(ReplayPhase::Tailing);
@@ -402,12 +470,10 @@ async fn in_progress(pool: &PgPool, projection: Projection) -> Result<Option<Reb
     }
 }
 
-/// Registers a rebuild targeting the current head and creates its schema and tables.
-async fn start_rebuild(pool: &PgPool, layout: TableLayout) -> Result<Rebuild, ReplayError> {
+/// Registers a rebuild targeting `target` (the head a moment ago) and creates its schema
+/// and tables.
+async fn start_rebuild(pool: &PgPool, layout: TableLayout, target: i64) -> Result<Rebuild, ReplayError> {
     let mut tx = pool.begin().await?;
-    let target: i64 = sqlx::query_scalar("SELECT position FROM log_head")
-        .fetch_one(&mut *tx)
-        .await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO projection_rebuilds (projection, version, state, shadow_schema, target_position)
          VALUES ($1, $2, 'building', '', $3) RETURNING id",

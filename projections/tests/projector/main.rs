@@ -7,4 +7,5 @@ mod dead_letters;
 mod embedded;
 mod fleet_v2;
 mod replay;
+mod replay_history;
 mod support;

@@ -2,7 +2,6 @@
 //! replica while it is well, survive it stopping, come back when it restarts; a read with a
 //! position sees that write every time, and so does an audit export with one.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +10,7 @@ use event_log::{EventStore, StoreConfig};
 use projections::runner::{ProjectorConfig, spawn_log_projectors};
 use query_api::{ReadError, ReadSources, Source, SourcesConfig};
 use sqlx::PgPool;
-use test_support::services::replica;
+use test_support::services::{ReplayPaused, replica};
 use test_support::urls;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -237,35 +236,6 @@ async fn graphql_queries_never_fail_while_the_replica_stops_and_use_it_again_whe
     );
     let readiness = api.readiness().await;
     assert_eq!(readiness["replicas"][0]["in_rotation"], true, "{readiness}");
-}
-
-/// Resumes WAL replay on the shared replica when dropped, so a failing test cannot leave it paused.
-struct ReplayPaused {
-    url: String,
-}
-
-impl ReplayPaused {
-    async fn pause(url: &str) -> Self {
-        let replica = PgPool::connect(url).await.unwrap();
-        sqlx::query("SELECT pg_wal_replay_pause()")
-            .execute(&replica)
-            .await
-            .unwrap();
-        replica.close().await;
-        ReplayPaused { url: url.to_owned() }
-    }
-}
-
-impl Drop for ReplayPaused {
-    fn drop(&mut self) {
-        let resumed = Command::new("psql")
-            .args([self.url.as_str(), "-Atqc", "SELECT pg_wal_replay_resume()"])
-            .status();
-        assert!(
-            resumed.is_ok_and(|s| s.success()),
-            "could not resume replay on the replica"
-        );
-    }
 }
 
 #[sqlx::test(migrations = false)]
