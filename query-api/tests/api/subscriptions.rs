@@ -579,26 +579,33 @@ async fn hostile_sockets_are_closed_with_a_code_that_says_why(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn a_client_that_stops_reading_is_closed_and_holds_no_backlog(pool: PgPool) {
-    let api = live_api(
-        &pool,
-        LiveConfig {
-            send_timeout: Duration::from_millis(300),
-            evaluation_interval: Duration::from_millis(5),
-            // Pings are not what closes it here (a loaded machine can take that long).
-            keep_alive: Duration::from_secs(600),
-            ..LiveConfig::default()
-        },
+    // Every step is bounded: this test once hung in CI (under a loaded run) with nothing to
+    // say where, so a hang now names its step.
+    let api = within(
+        PATIENCE * 3,
+        "the API's start",
+        live_api(
+            &pool,
+            LiveConfig {
+                send_timeout: Duration::from_millis(300),
+                evaluation_interval: Duration::from_millis(5),
+                // Pings are not what closes it here (a loaded machine can take that long).
+                keep_alive: Duration::from_secs(600),
+                ..LiveConfig::default()
+            },
+        ),
     )
     .await;
-    let writer = Writer::start(&pool).await;
+    let writer = within(PATIENCE, "the writer's start", Writer::start(&pool)).await;
     let owner = Uuid::now_v7();
     let token = token(owner, Role::User);
     // Large answers (a page of 100 devices with every field, about 35 KB), to fill the
     // connection's send buffer (256 KiB, which Linux doubles) in a few pushes.
     let wide = "subscription { devices(first: 100) { totalCount nodes { id ownerId provider status cpuCores memoryMb \
                 androidVersion createdAt lastStartedAt minutesUsed updatedPosition } } }";
-    for _ in 0..100 {
-        writer.create_device(owner).await;
+    for _ in 0..10 {
+        let created = futures::future::join_all((0..10).map(|_| writer.create_device(owner)));
+        within(PATIENCE, "ten appends before the socket", created).await;
     }
     let stalled = within(
         PATIENCE,
@@ -626,14 +633,19 @@ async fn a_client_that_stops_reading_is_closed_and_holds_no_backlog(pool: PgPool
             metric(&api, "cloudphone_subscription_pushes_total").await
         );
     }
-    let metrics = api.metrics().await;
+    let metrics = within(PATIENCE, "the last metrics scrape", api.metrics()).await;
     assert!(
         metrics.contains("cloudphone_subscription_closed_total{reason=\"too_slow\"} 1"),
         "closed for another reason: {metrics}"
     );
     // What the server wrote before giving up is bounded by the send buffer, not by the
     // kernel's autotuning (which took about 100 answers of this size before the bound).
-    let pushed = metric(&api, "cloudphone_subscription_pushes_total").await;
+    let pushed = within(
+        PATIENCE,
+        "a metrics scrape",
+        metric(&api, "cloudphone_subscription_pushes_total"),
+    )
+    .await;
     assert!(pushed <= 40.0, "{pushed} answers went to a client that read none");
     drop(stalled);
 }
