@@ -177,18 +177,10 @@ impl ServeProcess {
         let (command, query) = (format!("127.0.0.1:{}", free()?), format!("127.0.0.1:{}", free()?));
         let log = logs.join("serve.log");
         let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let child = Command::new(std::env::current_exe().context("this binary")?)
-            .arg("serve")
+        let child = RoleProcess::command(&["serve"])?
             .env("CLOUDPHONE_DATABASE_URL", database_url)
-            .env("CLOUDPHONE_JWT_SECRET", SECRET)
-            .env("CLOUDPHONE_LOG", "warn")
-            .env("CLOUDPHONE_LOG_FORMAT", "text")
-            .env("CLOUDPHONE_RATE_LIMIT", "1000000")
             .env("CLOUDPHONE_COMMAND_LISTEN", &command)
             .env("CLOUDPHONE_QUERY_LISTEN", &query)
-            .env_remove("CLOUDPHONE_KAFKA_BROKERS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .context("start cloudphone serve")?;
