@@ -12,7 +12,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
 /// The database of `load commands` and `load projections`.
-const LOAD_DATABASE: &str = "cloudphone_load";
+pub const LOAD_DATABASE: &str = "cloudphone_load";
 
 /// A fresh database for one mode, so each starts from the same empty state.
 pub async fn fresh_database(url: &str) -> anyhow::Result<PgPool> {

@@ -22,7 +22,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::cli::LoadCommandsArgs;
-use crate::harness::databases::{database_url_of, fresh_database};
+use crate::harness::databases::{LOAD_DATABASE, database_url_of, fresh_database};
 use crate::harness::fixed_answer;
 use crate::harness::metrics::metric;
 use crate::harness::portal::register_user;
@@ -32,9 +32,6 @@ use crate::harness::roles::RoleProcess;
 use crate::harness::sampling::{PostgresCpu, cpu_seconds};
 use crate::harness::tokens::load_token;
 use crate::workloads::portal::{Device, Operation, PortalCommand};
-
-/// The database each mode recreates (`fresh_database`'s).
-const LOAD_DATABASE: &str = "cloudphone_load";
 
 /// What a phase drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
