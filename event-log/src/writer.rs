@@ -13,12 +13,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use event_schema::canonical::CanonicalEvent;
 use event_schema::{ChainHash, StreamType};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -61,7 +63,8 @@ impl Default for StoreConfig {
 pub struct EventStore {
     inner: Arc<Inner>,
     sender: mpsc::Sender<Job>,
-    writer: tokio::task::JoinHandle<()>,
+    /// Answered (or dropped) when the writer has stopped.
+    writer_stopped: oneshot::Receiver<()>,
 }
 
 #[derive(Debug)]
@@ -80,7 +83,14 @@ struct Job {
 
 impl EventStore {
     /// Opens the store on a migrated database: makes sure partitions exist for now and the
-    /// months ahead, and starts the writer task.
+    /// months ahead, and starts the writer on a thread of its own.
+    ///
+    /// The writer is the one path every append goes through, one group at a time, and each
+    /// group waits on four round trips to PostgreSQL. On the runtime that serves HTTP, each
+    /// answer from PostgreSQL would wake the writer behind every request task queued there:
+    /// under load that wait was as long as PostgreSQL's own work on the group. On its own
+    /// thread, with its own connection (one more than the pool's), it runs as soon as the
+    /// answer comes.
     pub async fn open(pool: PgPool, config: StoreConfig) -> Result<Self, sqlx::Error> {
         Self::open_with_clock(pool, config, Arc::new(SystemClock)).await
     }
@@ -93,14 +103,31 @@ impl EventStore {
         let partitions = PartitionCache::new(config.partitions_ahead);
         partitions.ensure_covering(&pool, clock.now()).await?;
         let (sender, receiver) = mpsc::channel(config.queue_depth.max(1));
+        let connection = WriterConnection::own((*pool.connect_options()).clone());
         let inner = Arc::new(Inner {
             pool,
             clock,
             config,
             partitions,
         });
-        let writer = tokio::spawn(run_writer(Arc::clone(&inner), receiver));
-        Ok(EventStore { inner, sender, writer })
+        let (stopped, writer_stopped) = oneshot::channel();
+        let writer_inner = Arc::clone(&inner);
+        std::thread::Builder::new()
+            .name("event-log-writer".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(run_writer(writer_inner, receiver, connection)),
+                    // Appends then fail with `WriterStopped`: the receiver is gone.
+                    Err(error) => tracing::error!(%error, "cannot start the event log writer's runtime"),
+                }
+                let _ = stopped.send(());
+            })
+            .map_err(sqlx::Error::Io)?;
+        Ok(EventStore {
+            inner,
+            sender,
+            writer_stopped,
+        })
     }
 
     /// Appends a batch through group commit. Returns after the batch's transaction committed
@@ -120,7 +147,8 @@ impl EventStore {
     /// Same guarantees, same checks; only the grouping differs.
     pub async fn append_unbatched(&self, batch: AppendBatch) -> Result<AppendOutcome, AppendError> {
         let batch = batch.check(&self.inner.config.limits)?;
-        let mut results = self.inner.commit_group(&[&batch]).await;
+        let mut connection = WriterConnection::pooled();
+        let mut results = self.inner.commit_group(&mut connection, &[&batch]).await;
         results.pop().unwrap_or(Err(AppendError::WriterStopped))
     }
 
@@ -140,11 +168,11 @@ impl EventStore {
     /// Stops accepting appends, lets the writer finish everything queued, and waits for it.
     pub async fn shutdown(self) {
         drop(self.sender);
-        let _ = self.writer.await;
+        let _ = self.writer_stopped.await;
     }
 }
 
-async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>) {
+async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut connection: WriterConnection) {
     let mut carried: Option<Job> = None;
     loop {
         let first = match carried.take() {
@@ -170,13 +198,79 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>) {
             }
         }
         let batches: Vec<&CheckedBatch> = group.iter().map(|job| &job.batch).collect();
-        let results = inner.commit_group(&batches).await;
+        let results = inner.commit_group(&mut connection, &batches).await;
         for (job, result) in group.into_iter().zip(results) {
             // A caller that gave up waiting still had its append committed; nothing to undo.
             let _ = job.reply.send(result);
         }
     }
     tracing::debug!("event log writer stopped");
+}
+
+/// Where a group's transaction runs.
+///
+/// The writer's own connection, kept from one group to the next: sqlx's pool pings a
+/// connection when it hands it out and again when it takes it back, two round trips on top
+/// of a group's own. One idle longer than `PING_AFTER_IDLE` is pinged first, and one that
+/// fails is closed and opened again, so a server restart between quiet moments costs no
+/// failed group. The unbatched baseline takes a pooled connection for each transaction.
+enum WriterConnection {
+    Own {
+        options: PgConnectOptions,
+        held: Option<(PgConnection, Instant)>,
+    },
+    Pooled(Option<PoolConnection<Postgres>>),
+}
+
+impl WriterConnection {
+    const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+    fn own(options: PgConnectOptions) -> Self {
+        WriterConnection::Own { options, held: None }
+    }
+
+    fn pooled() -> Self {
+        WriterConnection::Pooled(None)
+    }
+
+    async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
+        match self {
+            WriterConnection::Own { options, held } => {
+                if let Some((conn, last_used)) = held
+                    && last_used.elapsed() > Self::PING_AFTER_IDLE
+                    && conn.ping().await.is_err()
+                {
+                    *held = None;
+                }
+                let (conn, last_used) = match held {
+                    Some(held) => held,
+                    None => held.insert((PgConnection::connect_with(options).await?, Instant::now())),
+                };
+                *last_used = Instant::now();
+                Ok(conn)
+            }
+            WriterConnection::Pooled(held) => {
+                let conn = match held {
+                    Some(conn) => conn,
+                    None => held.insert(pool.acquire().await?),
+                };
+                Ok(&mut **conn)
+            }
+        }
+    }
+
+    /// After a connection error: never used again.
+    fn discard(&mut self) {
+        match self {
+            // Dropping it closes the socket.
+            WriterConnection::Own { held, .. } => *held = None,
+            WriterConnection::Pooled(held) => {
+                if let Some(mut conn) = held.take() {
+                    conn.close_on_drop();
+                }
+            }
+        }
+    }
 }
 
 /// Why a group transaction did not commit.
@@ -203,11 +297,15 @@ struct CommitProbe {
 }
 
 impl Inner {
-    async fn commit_group(&self, batches: &[&CheckedBatch]) -> Vec<Result<AppendOutcome, AppendError>> {
+    async fn commit_group(
+        &self,
+        connection: &mut WriterConnection,
+        batches: &[&CheckedBatch],
+    ) -> Vec<Result<AppendOutcome, AppendError>> {
         let started = Instant::now();
         let mut retried_partition = false;
         let results = loop {
-            match self.try_commit(batches).await {
+            match self.try_commit(connection, batches).await {
                 Ok(results) => break results,
                 Err(GroupFailure::MissingPartition(at)) if !retried_partition => {
                     retried_partition = true;
@@ -231,7 +329,7 @@ impl Inner {
                     tracing::warn!(%error, batches = batches.len(), "group rejected; committing its batches one by one");
                     let mut results = Vec::with_capacity(batches.len());
                     for batch in batches {
-                        results.push(match self.try_commit(&[batch]).await {
+                        results.push(match self.try_commit(connection, &[batch]).await {
                             Ok(mut single) => single.pop().unwrap_or(Err(AppendError::WriterStopped)),
                             Err(failure) => Err(self.settle_single(failure).await),
                         });
@@ -307,6 +405,22 @@ impl Inner {
 
     async fn try_commit(
         &self,
+        connection: &mut WriterConnection,
+        batches: &[&CheckedBatch],
+    ) -> Result<Vec<Result<AppendOutcome, AppendError>>, GroupFailure> {
+        let result = self.try_commit_on(connection, batches).await;
+        if matches!(
+            result,
+            Err(GroupFailure::Unavailable(_) | GroupFailure::CommitUnknown { .. })
+        ) {
+            connection.discard();
+        }
+        result
+    }
+
+    async fn try_commit_on(
+        &self,
+        connection: &mut WriterConnection,
         batches: &[&CheckedBatch],
     ) -> Result<Vec<Result<AppendOutcome, AppendError>>, GroupFailure> {
         let now = truncate_to_micros(self.clock.now());
@@ -315,8 +429,8 @@ impl Inner {
             .await
             .map_err(GroupFailure::Unavailable)?;
 
-        let mut conn = self.pool.acquire().await.map_err(GroupFailure::Unavailable)?;
-        match self.write_group(&mut conn, batches, now).await {
+        let conn = connection.get(&self.pool).await.map_err(GroupFailure::Unavailable)?;
+        match self.write_group(conn, batches, now).await {
             Ok(GroupWrite::Written { plan, probe }) => match sqlx::query("COMMIT").execute(&mut *conn).await {
                 Ok(_) => {
                     metrics::counter!(m::APPEND_EVENTS_TOTAL).increment(plan.event_count as u64);
@@ -335,8 +449,10 @@ impl Inner {
                 Ok(results)
             }
             Err(failure) => {
-                // Best effort: a broken connection is discarded by the pool anyway.
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                // A connection that cannot even roll back is not given to the next group.
+                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    connection.discard();
+                }
                 Err(failure)
             }
         }

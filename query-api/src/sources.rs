@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use read_models::Projection;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 /// Names of the metrics the router records.
@@ -144,8 +144,7 @@ impl ReadSources {
                 if let Some(timeout) = config.statement_timeout {
                     options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
                 }
-                let pool = PgPoolOptions::new()
-                    .max_connections(config.max_connections)
+                let pool = event_log::pool_options(config.max_connections)
                     .acquire_timeout(config.probe_timeout)
                     .connect_lazy_with(options);
                 Ok(Replica {
