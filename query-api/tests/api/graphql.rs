@@ -440,7 +440,7 @@ async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
     }
     set_checkpoints(&pool, 1).await;
     // A window long enough that no sibling misses its batch however busy the machine (the
-    // default 1 ms is what production trades against latency).
+    // default, none, batches siblings on a quiet machine; see `Limits::load_batch_window`).
     let config = query_api::QueryApiConfig {
         cache_max_bytes: 0,
         watermark_interval: Duration::from_secs(3600),
