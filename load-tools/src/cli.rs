@@ -314,12 +314,13 @@ pub struct LoadQueriesArgs {
     /// Skip the PostGraphile baseline (it needs Node 18+ and npm).
     #[arg(long)]
     pub no_postgraphile: bool,
-    /// Where the PostGraphile baseline lives (`run.sh`, `queries.json`)
-    /// [default: ops/bench/postgraphile of this repository].
+    /// Where a PostGraphile baseline lives (`run.sh`, `queries.json`, `package.json`); give it
+    /// once per baseline [default: ops/bench/postgraphile (v4) and ops/bench/postgraphile-v5
+    /// of this repository].
     #[arg(long)]
-    pub postgraphile_dir: Option<std::path::PathBuf>,
-    /// Run PostGraphile with this many cluster workers (`PGL_CLUSTER_WORKERS`)
-    /// [default: one process, PostGraphile's default].
+    pub postgraphile_dir: Vec<std::path::PathBuf>,
+    /// Run PostGraphile with this many cluster workers (`PGL_CLUSTER_WORKERS`; v4 only, v5
+    /// has none) [default: one process, PostGraphile's default].
     #[arg(long)]
     pub postgraphile_workers: Option<u32>,
     /// Also measure the cached query API while the projections' checkpoints advance every

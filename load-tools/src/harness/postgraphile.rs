@@ -1,6 +1,7 @@
-//! The generic GraphQL-over-PostgreSQL baseline of `load queries`: PostGraphile v4 as a child
-//! process (`ops/bench/postgraphile/run.sh`), started on a free port, polled until it answers
-//! with data, and stopped as its documentation says.
+//! The generic GraphQL-over-PostgreSQL baselines of `load queries`: PostGraphile v4 and v5 as
+//! child processes (`ops/bench/postgraphile/run.sh`, `ops/bench/postgraphile-v5/run.sh`), each
+//! started on a free port, polled until it answers with data, and stopped as its
+//! documentation says.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,29 +16,48 @@ use tokio::io::AsyncReadExt;
 /// Longest PostGraphile may take to answer its first query (it may run `npm ci` first).
 const POSTGRAPHILE_START: Duration = Duration::from_secs(180);
 
-/// The PostGraphile baseline's directory: `given` (`--postgraphile-dir`), or this
-/// repository's.
-pub fn postgraphile_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let dir = match given {
-        Some(dir) => dir.to_owned(),
-        None => {
-            let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/bench/postgraphile");
-            if in_repo.is_dir() {
-                in_repo
-            } else {
-                PathBuf::from("ops/bench/postgraphile")
+/// The PostGraphile baselines' directories: `given` (`--postgraphile-dir`, repeatable), or
+/// this repository's two, v4 and v5.
+pub fn postgraphile_dirs(given: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let dirs = if given.is_empty() {
+        ["postgraphile", "postgraphile-v5"]
+            .iter()
+            .map(|name| {
+                let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/bench").join(name);
+                if in_repo.is_dir() {
+                    in_repo
+                } else {
+                    Path::new("ops/bench").join(name)
+                }
+            })
+            .collect()
+    } else {
+        given.to_vec()
+    };
+    for dir in &dirs {
+        for file in ["run.sh", "queries.json", "package.json"] {
+            if !dir.join(file).is_file() {
+                bail!(
+                    "the PostGraphile baseline is missing {} (pass --postgraphile-dir, or --no-postgraphile to skip it)",
+                    dir.join(file).display()
+                );
             }
         }
-    };
-    for file in ["run.sh", "queries.json"] {
-        if !dir.join(file).is_file() {
-            bail!(
-                "the PostGraphile baseline is missing {} (pass --postgraphile-dir, or --no-postgraphile to skip it)",
-                dir.join(file).display()
-            );
-        }
     }
-    Ok(dir)
+    Ok(dirs)
+}
+
+/// "PostGraphile v4" or "v5": the major version its `package.json` pins.
+pub fn postgraphile_label(dir: &Path) -> anyhow::Result<&'static str> {
+    let manifest = std::fs::read_to_string(dir.join("package.json"))
+        .with_context(|| format!("read {}", dir.join("package.json").display()))?;
+    let manifest: Value = serde_json::from_str(&manifest).context("package.json is not JSON")?;
+    let version = manifest["dependencies"]["postgraphile"].as_str().unwrap_or_default();
+    Ok(match version.trim_start_matches(['^', '~', '=']).split('.').next() {
+        Some("4") => "PostGraphile v4",
+        Some("5") => "PostGraphile v5",
+        _ => "PostGraphile",
+    })
 }
 
 /// The PostGraphile baseline, a child process (killed when dropped).
@@ -59,7 +79,7 @@ impl PostGraphile {
         match node {
             Ok(output) if output.status.success() => {}
             _ => bail!(
-                "`node` is not installed or does not run: the PostGraphile baseline needs Node 18+ (and npm if {} has no node_modules); \
+                "`node` is not installed or does not run: the PostGraphile baselines need Node 18+ (and npm if {} has no node_modules; v5 installs its own Node 22); \
                  install it or pass --no-postgraphile",
                 dir.display()
             ),
