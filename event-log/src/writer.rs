@@ -216,7 +216,7 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut co
 /// failed group. The unbatched baseline takes a pooled connection for each transaction.
 enum WriterConnection {
     Own {
-        options: PgConnectOptions,
+        options: Box<PgConnectOptions>,
         held: Option<(PgConnection, Instant)>,
     },
     Pooled(Option<PoolConnection<Postgres>>),
@@ -226,7 +226,10 @@ impl WriterConnection {
     const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
     fn own(options: PgConnectOptions) -> Self {
-        WriterConnection::Own { options, held: None }
+        WriterConnection::Own {
+            options: Box::new(options),
+            held: None,
+        }
     }
 
     fn pooled() -> Self {
