@@ -224,6 +224,7 @@ enum WriterConnection {
 
 impl WriterConnection {
     const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
     fn own(options: PgConnectOptions) -> Self {
         WriterConnection::Own {
@@ -247,7 +248,13 @@ impl WriterConnection {
                 }
                 let (conn, last_used) = match held {
                     Some(held) => held,
-                    None => held.insert((PgConnection::connect_with(options).await?, Instant::now())),
+                    None => {
+                        // Bounded as the pool's acquire is: an unreachable server is a quick 503.
+                        let conn = tokio::time::timeout(Self::CONNECT_TIMEOUT, PgConnection::connect_with(options))
+                            .await
+                            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                        held.insert((conn, Instant::now()))
+                    }
                 };
                 *last_used = Instant::now();
                 Ok(conn)
