@@ -106,27 +106,8 @@ pub async fn create_database_if_missing(options: &PgConnectOptions) -> Result<bo
 
 /// A pool to the primary with settings suited to the log: short acquire timeout so an
 /// outage surfaces as a quick error (503) rather than a hung request.
-///
-/// sqlx pings every idle connection it hands out by default: a round trip before each
-/// statement, which a read of one row pays twice over. Here only a connection idle for
-/// longer than [`PING_AFTER_IDLE`] is pinged. One used more recently was working a moment
-/// ago; should the server have gone in between, the statement fails as it would have
-/// during the outage, and the pool closes that connection when it comes back (sqlx tests
-/// every connection returned to it).
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(3))
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for > PING_AFTER_IDLE {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
 }
-
-/// How long a pooled connection may sit idle and still be handed out without a ping.
-pub const PING_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);

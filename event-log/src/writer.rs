@@ -218,6 +218,8 @@ enum WriterConnection {
     Own {
         options: Box<PgConnectOptions>,
         held: Option<(PgConnection, Instant)>,
+        /// The last `get` handed out a connection kept from an earlier group.
+        kept: bool,
     },
     Pooled(Option<PoolConnection<Postgres>>),
 }
@@ -230,6 +232,7 @@ impl WriterConnection {
         WriterConnection::Own {
             options: Box::new(options),
             held: None,
+            kept: false,
         }
     }
 
@@ -239,13 +242,14 @@ impl WriterConnection {
 
     async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
         match self {
-            WriterConnection::Own { options, held } => {
+            WriterConnection::Own { options, held, kept } => {
                 if let Some((conn, last_used)) = held
                     && last_used.elapsed() > Self::PING_AFTER_IDLE
                     && conn.ping().await.is_err()
                 {
                     *held = None;
                 }
+                *kept = held.is_some();
                 let (conn, last_used) = match held {
                     Some(held) => held,
                     None => {
@@ -267,6 +271,12 @@ impl WriterConnection {
                 Ok(&mut **conn)
             }
         }
+    }
+
+    /// Whether the last connection handed out was kept from an earlier group (one the pool
+    /// hands out it has just checked).
+    fn was_kept(&self) -> bool {
+        matches!(self, WriterConnection::Own { kept: true, .. })
     }
 
     /// After a connection error: never used again.
@@ -314,6 +324,7 @@ impl Inner {
     ) -> Vec<Result<AppendOutcome, AppendError>> {
         let started = Instant::now();
         let mut retried_partition = false;
+        let mut reconnected = false;
         let results = loop {
             match self.try_commit(connection, batches).await {
                 Ok(results) => break results,
@@ -331,6 +342,13 @@ impl Inner {
                         .iter()
                         .map(|_| Err(AppendError::Database(missing_partition_error(at))))
                         .collect();
+                }
+                // The kept connection died while idle (a terminated backend, a restarted
+                // server): nothing was written, so the group goes again on a new one, as it
+                // would have had the pool checked the connection before handing it out.
+                Err(GroupFailure::Unavailable(error)) if !reconnected && connection.was_kept() => {
+                    reconnected = true;
+                    tracing::info!(%error, "the writer's connection failed; committing the group on a new one");
                 }
                 Err(GroupFailure::Unavailable(error)) => break unavailable_for_all(batches.len(), error),
                 Err(GroupFailure::Rejected(error)) if batches.len() > 1 => {
