@@ -209,30 +209,25 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut co
 
 /// Where a group's transaction runs.
 ///
-/// The writer's own connection, kept from one group to the next: sqlx's pool pings a
-/// connection when it hands it out and again when it takes it back, two round trips on top
-/// of a group's own. One idle longer than `PING_AFTER_IDLE` is pinged first, and one that
-/// fails is closed and opened again, so a server restart between quiet moments costs no
-/// failed group. The unbatched baseline takes a pooled connection for each transaction.
+/// The writer's own connection, kept from one group to the next and pinged before each (as
+/// the pool pings what it hands out; it also pings what it takes back, which a kept
+/// connection is spared). One that fails is closed and opened again. The unbatched baseline
+/// takes a pooled connection for each transaction.
 enum WriterConnection {
     Own {
         options: Box<PgConnectOptions>,
-        held: Option<(PgConnection, Instant)>,
-        /// The last `get` handed out a connection kept from an earlier group.
-        kept: bool,
+        held: Option<PgConnection>,
     },
     Pooled(Option<PoolConnection<Postgres>>),
 }
 
 impl WriterConnection {
-    const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
     fn own(options: PgConnectOptions) -> Self {
         WriterConnection::Own {
             options: Box::new(options),
             held: None,
-            kept: false,
         }
     }
 
@@ -242,25 +237,24 @@ impl WriterConnection {
 
     async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
         match self {
-            WriterConnection::Own { options, held, kept } => {
-                if let Some((conn, last_used)) = held
-                    && last_used.elapsed() > Self::PING_AFTER_IDLE
+            WriterConnection::Own { options, held } => {
+                // Checked before each group as the pool checks what it hands out: a backend
+                // terminated while the connection waited costs no failed group.
+                if let Some(conn) = held
                     && conn.ping().await.is_err()
                 {
                     *held = None;
                 }
-                *kept = held.is_some();
-                let (conn, last_used) = match held {
-                    Some(held) => held,
+                let conn = match held {
+                    Some(conn) => conn,
                     None => {
                         // Bounded as the pool's acquire is: an unreachable server is a quick 503.
                         let conn = tokio::time::timeout(Self::CONNECT_TIMEOUT, PgConnection::connect_with(options))
                             .await
                             .map_err(|_| sqlx::Error::PoolTimedOut)??;
-                        held.insert((conn, Instant::now()))
+                        held.insert(conn)
                     }
                 };
-                *last_used = Instant::now();
                 Ok(conn)
             }
             WriterConnection::Pooled(held) => {
@@ -271,12 +265,6 @@ impl WriterConnection {
                 Ok(&mut **conn)
             }
         }
-    }
-
-    /// Whether the last connection handed out was kept from an earlier group (one the pool
-    /// hands out it has just checked).
-    fn was_kept(&self) -> bool {
-        matches!(self, WriterConnection::Own { kept: true, .. })
     }
 
     /// After a connection error: never used again.
@@ -324,7 +312,6 @@ impl Inner {
     ) -> Vec<Result<AppendOutcome, AppendError>> {
         let started = Instant::now();
         let mut retried_partition = false;
-        let mut reconnected = false;
         let results = loop {
             match self.try_commit(connection, batches).await {
                 Ok(results) => break results,
@@ -342,13 +329,6 @@ impl Inner {
                         .iter()
                         .map(|_| Err(AppendError::Database(missing_partition_error(at))))
                         .collect();
-                }
-                // The kept connection died while idle (a terminated backend, a restarted
-                // server): nothing was written, so the group goes again on a new one, as it
-                // would have had the pool checked the connection before handing it out.
-                Err(GroupFailure::Unavailable(error)) if !reconnected && connection.was_kept() => {
-                    reconnected = true;
-                    tracing::info!(%error, "the writer's connection failed; committing the group on a new one");
                 }
                 Err(GroupFailure::Unavailable(error)) => break unavailable_for_all(batches.len(), error),
                 Err(GroupFailure::Rejected(error)) if batches.len() > 1 => {
