@@ -86,7 +86,8 @@ impl EventStore {
     /// months ahead, and starts the writer on a thread of its own.
     ///
     /// The writer is the one path every append goes through, one group at a time, and each
-    /// group waits on four round trips to PostgreSQL. On the runtime that serves HTTP, each
+    /// group waits on five round trips to PostgreSQL (a ping, the head lock, the streams, the
+    /// write, COMMIT). On the runtime that serves HTTP, each
     /// answer from PostgreSQL would wake the writer behind every request task queued there:
     /// under load that wait was as long as PostgreSQL's own work on the group. On its own
     /// thread, with its own connection (one more than the pool's), it runs as soon as the
