@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use event_schema::canonical::CanonicalEvent;
@@ -223,8 +223,6 @@ enum WriterConnection {
 }
 
 impl WriterConnection {
-    const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
     fn own(options: PgConnectOptions) -> Self {
         WriterConnection::Own {
             options: Box::new(options),
@@ -249,8 +247,10 @@ impl WriterConnection {
                 let conn = match held {
                     Some(conn) => conn,
                     None => {
-                        // Bounded as the pool's acquire is: an unreachable server is a quick 503.
-                        let conn = tokio::time::timeout(Self::CONNECT_TIMEOUT, PgConnection::connect_with(options))
+                        // Bounded by the pool's acquire timeout: an unreachable server is as
+                        // quick a 503 as an exhausted pool.
+                        let bound = pool.options().get_acquire_timeout();
+                        let conn = tokio::time::timeout(bound, PgConnection::connect_with(options))
                             .await
                             .map_err(|_| sqlx::Error::PoolTimedOut)??;
                         held.insert(conn)
