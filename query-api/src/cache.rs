@@ -17,6 +17,9 @@ pub mod metrics_names {
     pub const HIT_RATIO: &str = "cloudphone_query_cache_hit_ratio";
     /// Gauge: bytes of answers held.
     pub const SIZE_BYTES: &str = "cloudphone_query_cache_size_bytes";
+    /// Gauge: requests waiting for the answer another request is computing under the same
+    /// key (see [`crate::single_flight`]).
+    pub const WAITING: &str = "cloudphone_query_cache_waiting";
 }
 use metrics_names as m;
 

@@ -19,9 +19,7 @@ use http_edge::auth::{Principal, Role, scope};
 use http_edge::problem::EdgeError;
 use serde::Deserialize;
 
-use crate::cache::normalize_query;
 use crate::consistency::min_position;
-use crate::graphql::document::check_document;
 use crate::graphql::{ReadContext, Viewer, request_data};
 use crate::persisted::PersistedQuery;
 use crate::reply::Rejection;
@@ -133,13 +131,13 @@ impl FromRequestParts<AppState> for Auditor {
 }
 
 /// What a request asks: its document resolved (safelist, persisted queries), measured,
-/// parsed and normalized, its variables, and the position it must read at.
+/// parsed and normalized (once per text, see [`crate::documents`]), its variables, and the position it must read at.
 #[derive(Debug)]
 pub(crate) struct Question {
     pub(crate) query: Arc<str>,
-    pub(crate) document: ExecutableDocument,
+    pub(crate) document: Arc<ExecutableDocument>,
     /// The query as the cache keys it.
-    pub(crate) normalized: String,
+    pub(crate) normalized: Arc<str>,
     pub(crate) operation_name: Option<String>,
     pub(crate) variables: serde_json::Value,
     /// The variables as the cache keys them.
@@ -153,7 +151,7 @@ impl Question {
     pub(crate) fn request(&self, read: Arc<ReadContext>) -> async_graphql::Request {
         let mut request = async_graphql::Request::new(self.query.to_string())
             .variables(async_graphql::Variables::from_json(self.variables.clone()));
-        request.set_parsed_query(self.document.clone());
+        request.set_parsed_query(ExecutableDocument::clone(&self.document));
         if let Some(name) = &self.operation_name {
             request = request.operation_name(name.clone());
         }
@@ -247,16 +245,19 @@ pub(crate) fn prepare(state: &Inner, headers: &HeaderMap, body: &[u8]) -> Result
         }
     };
     // Measured before anything expands it: a document over a limit costs microseconds.
-    let checked = check_document(&query, &state.config.limits.document).map_err(|error| {
-        tracing::info!(%error, "query refused before validation");
-        Rejection::new(StatusCode::OK, error.to_string(), error.code())
-    })?;
-    let min_position = min_position(headers, &checked.document, body.operation_name.as_deref(), &variables)
+    let read = state
+        .documents
+        .read(&query, &state.config.limits.document)
+        .map_err(|error| {
+            tracing::info!(%error, "query refused before validation");
+            Rejection::new(StatusCode::OK, error.to_string(), error.code())
+        })?;
+    let min_position = min_position(headers, &read.document, body.operation_name.as_deref(), &variables)
         .map_err(|message| Rejection::new(StatusCode::BAD_REQUEST, message, "BAD_USER_INPUT"))?;
     Ok(Question {
-        normalized: normalize_query(&query),
+        normalized: read.normalized,
         query,
-        document: checked.document,
+        document: read.document,
         operation_name: body.operation_name,
         variables_key: event_schema::canonical::canonical_json(&variables),
         variables,

@@ -19,10 +19,12 @@
 //! - [`sources`]: the primary and its replicas, health-checked rotation, fallback, and
 //!   read-your-writes (a source whose projections reached the caller's position).
 //! - [`cache`]: answers kept in memory, keyed by what was asked, by whom, and the checkpoints
-//!   they were read at; [`persisted`]: automatic persisted queries; [`safelist`]: only
-//!   registered documents, when an operator asks for that.
+//!   they were read at; [`single_flight`]: concurrent misses of one key computed once;
+//!   [`persisted`]: automatic persisted queries; [`safelist`]: only registered documents,
+//!   when an operator asks for that.
 //! - [`graphql::document`]: a document measured (tokens, nesting, fragments expanded without
-//!   expanding them, depth, introspection) before anything expensive sees it; [`executor`]:
+//!   expanding them, depth, introspection) before anything expensive sees it, and
+//!   [`documents`] each text read once; [`executor`]:
 //!   the threads validation and execution run on, apart from every other role's.
 //! - [`subscriptions`]: the same questions kept live over WebSocket (`GET /graphql` upgraded),
 //!   evaluated again when a projection batch touched what they read, pushed when changed.
@@ -37,6 +39,7 @@ pub mod cache;
 pub mod config;
 pub mod consistency;
 pub(crate) mod console;
+pub mod documents;
 pub mod executor;
 pub(crate) mod extract;
 pub mod graphql;
@@ -46,6 +49,7 @@ pub mod reads;
 pub(crate) mod reply;
 pub(crate) mod routes;
 pub mod safelist;
+pub mod single_flight;
 pub mod sources;
 pub mod startup;
 pub(crate) mod state;

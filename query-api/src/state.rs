@@ -8,16 +8,23 @@ use http_edge::auth::TokenVerifier;
 use http_edge::rate_limit::ClientLimiter;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::cache::{CacheEpoch, ResponseCache};
+use crate::cache::{CacheEpoch, CacheKey, ResponseCache};
 use crate::config::QueryApiConfig;
+use crate::documents::ReadDocuments;
 use crate::executor::Executor;
+use crate::graphql::handler::Computed;
 use crate::graphql::{DashboardSchema, build_schema};
 use crate::persisted::PersistedQueries;
 use crate::safelist::Safelist;
+use crate::single_flight::SingleFlight;
 use crate::sources::ReadSources;
 use crate::subscriptions::hub::Hub;
 
 pub(crate) type AppState = Arc<Inner>;
+
+/// Memory for documents already read: thousands of dashboard documents, and a flood of
+/// distinct ones pushes out only documents.
+const READ_DOCUMENTS_MAX_BYTES: u64 = 32 * 1024 * 1024;
 
 pub(crate) struct Inner {
     pub(crate) config: QueryApiConfig,
@@ -25,8 +32,12 @@ pub(crate) struct Inner {
     pub(crate) sources: ReadSources,
     pub(crate) master_keys: Arc<MasterKeyring>,
     pub(crate) cache: Option<ResponseCache>,
+    /// Cache misses being computed: a key asked again meanwhile waits for the first.
+    pub(crate) computing: SingleFlight<CacheKey, Computed>,
     pub(crate) epoch: CacheEpoch,
     pub(crate) persisted: PersistedQueries,
+    /// Documents already parsed, measured and normalized, by text.
+    pub(crate) documents: ReadDocuments,
     /// With a safelist only its documents run (and persisted queries are not registered).
     pub(crate) safelist: Option<Arc<Safelist>>,
     pub(crate) executor: Executor,
@@ -51,8 +62,10 @@ impl Inner {
             live: Arc::new(Hub::new(config.live)),
             schema: build_schema(&config.limits, config.introspection),
             cache: (config.cache_max_bytes > 0).then(|| ResponseCache::new(config.cache_max_bytes)),
+            computing: SingleFlight::new(crate::cache::metrics_names::WAITING),
             epoch: CacheEpoch::new(config.cache_staleness),
             persisted: PersistedQueries::new(config.persisted_queries),
+            documents: ReadDocuments::new(READ_DOCUMENTS_MAX_BYTES),
             safelist: config.safelist.clone(),
             executor: Executor::for_this_machine(config.executor_nice)?,
             master_keys: Arc::clone(&config.master_keys),

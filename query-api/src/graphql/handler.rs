@@ -1,8 +1,9 @@
 //! `POST /graphql`, step by step: the extractors take when the query's time started, who
 //! asks and what (see [`crate::extract`]); the question is routed to a source (a replica in
 //! rotation, one that reached the caller's position, or the primary), answered from the
-//! cache when the same question was answered at the same checkpoints, and otherwise executed
-//! on the executor's threads by the deadline. A replica that fails under a query is taken out
+//! cache when the same question was answered at the same checkpoints, handed the answer of a
+//! request computing the same question right now, and otherwise executed on the executor's
+//! threads by the deadline. A replica that fails under a query is taken out
 //! of rotation and the query runs again elsewhere, so one replica dying fails no query.
 
 use std::sync::Arc;
@@ -13,11 +14,12 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::cache::{CacheKeyParts, CachedAnswer, cache_key};
+use crate::cache::{CacheKey, CacheKeyParts, CachedAnswer, cache_key};
 use crate::consistency::{read_position, tell_read_position};
 use crate::extract::{Deadline, Question, Reader};
 use crate::graphql::{ReadContext, Viewer};
 use crate::reply::{Json, graphql_error, metrics_names as m};
+use crate::single_flight::Flight;
 use crate::sources::{ReadError, Route, Source};
 use crate::state::{AppState, Inner};
 
@@ -110,9 +112,28 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
                 position: cached.position,
             };
         }
-        match execute(state, asked, &route).await {
+        let (computed, store_under) = match compute_once(state, asked, &route, key).await {
+            Obtained::Led(computed, store_under) => (computed, store_under),
+            Obtained::Shared {
+                body,
+                ok,
+                source,
+                position,
+            } => {
+                return Answer {
+                    status: StatusCode::OK,
+                    body,
+                    cache: "shared",
+                    outcome: if ok { "ok" } else { "error" },
+                    source: Some(source),
+                    position,
+                };
+            }
+            Obtained::TimedOut => return timed_out(state),
+        };
+        match computed.executed {
             Executed::Answered { body, cacheable, ok } => {
-                let stored = match (&state.cache, key) {
+                let stored = match (&state.cache, store_under) {
                     (Some(cache), Some(key)) if cacheable => cache.insert(
                         key,
                         CachedAnswer {
@@ -155,6 +176,27 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
     }
 }
 
+/// The answer to a query whose time ran out (waiting for another's answer counts).
+fn timed_out(state: &Inner) -> Answer {
+    Answer {
+        status: StatusCode::OK,
+        body: timeout_body(state),
+        cache: "bypass",
+        outcome: "error",
+        source: None,
+        position: None,
+    }
+}
+
+fn timeout_body(state: &Inner) -> Bytes {
+    let timeout = state.config.query_timeout;
+    let body = serde_json::json!({ "errors": [graphql_error(
+        format!("the query took longer than {timeout:?} and was stopped; ask for less"),
+        "TIMEOUT",
+    )] });
+    Bytes::from(body.to_string())
+}
+
 fn unroutable(error: &ReadError) -> Answer {
     let (status, code) = match error {
         // Not a failure of the service: the caller may retry or drop the position.
@@ -178,6 +220,66 @@ fn unroutable(error: &ReadError) -> Answer {
     }
 }
 
+/// How a request came by its answer.
+enum Obtained {
+    /// Executed for this request; to be cached under the key, if any.
+    Led(Computed, Option<CacheKey>),
+    /// Another request's answer to the same question at the same checkpoints.
+    Shared {
+        body: Bytes,
+        ok: bool,
+        source: Source,
+        position: Option<i64>,
+    },
+    /// The deadline passed while waiting for another request's answer.
+    TimedOut,
+}
+
+/// Executes the question on `route`; or, when another request is computing the same key,
+/// waits for its answer instead (concurrent misses computed once, see
+/// [`crate::single_flight`]).
+async fn compute_once(state: &Inner, asked: &Asked, route: &Route, key: Option<CacheKey>) -> Obtained {
+    let here = || async {
+        Computed {
+            executed: execute(state, asked, route).await,
+            source: route.source.clone(),
+            position: read_position(route),
+        }
+    };
+    let Some(key) = key.filter(|_| state.cache.is_some()) else {
+        return Obtained::Led(here().await, None);
+    };
+    match tokio::time::timeout_at(asked.deadline, state.computing.run(key, here)).await {
+        Ok(Flight::Led(computed)) => Obtained::Led(computed, Some(key)),
+        Ok(Flight::Shared(Computed {
+            executed: Executed::Answered { body, ok, .. },
+            source,
+            position,
+        })) => Obtained::Shared {
+            body,
+            ok,
+            source,
+            position,
+        },
+        // Its source failed, perhaps not this request's: this one asks for itself.
+        Ok(Flight::Shared(Computed {
+            executed: Executed::SourceFailed(_),
+            ..
+        })) => Obtained::Led(here().await, None),
+        Err(_) => Obtained::TimedOut,
+    }
+}
+
+/// An execution's outcome, where it ran and the position it reflects: what requests waiting
+/// for the same key are handed.
+#[derive(Debug, Clone)]
+pub(crate) struct Computed {
+    executed: Executed,
+    source: Source,
+    position: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
 enum Executed {
     Answered {
         body: Bytes,
@@ -210,7 +312,6 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
         };
         (body, ok, cacheable)
     };
-    let timeout = state.config.query_timeout;
     let (body, ok, cacheable) = match tokio::time::timeout_at(asked.deadline, state.executor.run(work)).await {
         Ok(Ok(executed)) => executed,
         Ok(Err(error)) => {
@@ -223,12 +324,8 @@ async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
             };
         }
         Err(_) => {
-            let body = serde_json::json!({ "errors": [graphql_error(
-                format!("the query took longer than {timeout:?} and was stopped; ask for less"),
-                "TIMEOUT",
-            )] });
             return Executed::Answered {
-                body: Bytes::from(body.to_string()),
+                body: timeout_body(state),
                 cacheable: false,
                 ok: false,
             };

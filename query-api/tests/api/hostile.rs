@@ -10,6 +10,8 @@
 //!   introspection is refused quickly, and an answer over the cache's per-answer cap is not
 //!   kept;
 //! - a cached answer reports the position it was read at, never a newer one;
+//! - a herd asking one question at once has it computed once, and requests waiting on a
+//!   question stuck behind a lock time out at their deadline, leaving nothing cached;
 //! - with a safelist only registered documents run;
 //! - tokens not yet valid, issued in the future or living too long are refused.
 
@@ -1616,6 +1618,132 @@ async fn schema_tooling_introspects_under_the_default_limits_and_abusive_introsp
     .map(|a| a.cache)
     .collect();
     assert_eq!(caches, [Some("miss".to_owned()), Some("hit".to_owned())]);
+}
+
+/// Backends of the test's database waiting for a lock.
+async fn waiting_for_a_lock(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Takes the devices' read models from every reader until the transaction ends.
+async fn lock_devices(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE devices, device_stats IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    lock
+}
+
+/// Awaits `reached` (checked every 10 ms), failing with `what` after 20 s.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, reached: impl Fn() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !reached().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_herd_asking_one_question_at_once_has_it_computed_once(pool: PgPool) {
+    seeded(&pool).await;
+    let api = Arc::new(start(&pool, test_config()).await);
+    let admin = admin();
+    // With the devices locked, the first request to read them stays in progress while the
+    // rest of the herd arrives (as at an epoch change, when every dashboard asks anew).
+    let lock = lock_devices(&pool).await;
+    let count = "{ devices { totalCount } }";
+    let ask = || {
+        let (api, admin) = (Arc::clone(&api), admin.clone());
+        tokio::spawn(async move { api.query(&admin, count, json!({})).await })
+    };
+    let first = ask();
+    let db = &pool;
+    until("the first request reads", || async move {
+        waiting_for_a_lock(db).await == 1
+    })
+    .await;
+    let herd: Vec<_> = (0..9).map(|_| ask()).collect();
+    let served = &*api;
+    until("the herd waits for the first answer", || async move {
+        served.metric("cloudphone_query_cache_waiting").await == 9.0
+    })
+    .await;
+    assert_eq!(waiting_for_a_lock(&pool).await, 1, "only the first request reads");
+    lock.commit().await.unwrap();
+
+    let first = first.await.unwrap();
+    assert_eq!(
+        (first.cache.as_deref(), first.data()["devices"]["totalCount"].as_str()),
+        (Some("miss"), Some("3"))
+    );
+    for answer in herd {
+        let answer = answer.await.unwrap();
+        assert_eq!(
+            (answer.cache.as_deref(), answer.data()["devices"]["totalCount"].as_str()),
+            (Some("shared"), Some("3"))
+        );
+        assert_eq!(answer.position, first.position, "the position the answer was read at");
+    }
+    assert_eq!(api.metric("cloudphone_query_cache_waiting").await, 0.0);
+    // Shared only while in progress; afterwards the cache answers.
+    assert_eq!(api.query(&admin, count, json!({})).await.cache.as_deref(), Some("hit"));
+    // Another caller's scope is another question: a user's herd is not handed the admin's.
+    let user = token(A, Role::User);
+    let mine = api.query(&user, count, json!({})).await;
+    assert_eq!(
+        (mine.cache.as_deref(), mine.data()["devices"]["totalCount"].as_str()),
+        (Some("miss"), Some("2"))
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn requests_waiting_on_a_stuck_question_time_out_at_their_deadline_and_nothing_is_cached(pool: PgPool) {
+    seeded(&pool).await;
+    let timeout = Duration::from_secs(1);
+    let api = Arc::new(
+        start(
+            &pool,
+            query_api::QueryApiConfig {
+                query_timeout: timeout,
+                ..test_config()
+            },
+        )
+        .await,
+    );
+    let admin = admin();
+    let lock = lock_devices(&pool).await;
+    let count = "{ devices { totalCount } }";
+    let started = Instant::now();
+    let asks: Vec<_> = (0..5)
+        .map(|_| {
+            let (api, admin) = (Arc::clone(&api), admin.clone());
+            tokio::spawn(async move { (api.query(&admin, count, json!({})).await, started.elapsed()) })
+        })
+        .collect();
+    for ask in asks {
+        let (answer, took) = ask.await.unwrap();
+        assert_eq!(
+            (answer.status, answer.error_code()),
+            (reqwest::StatusCode::OK, "TIMEOUT"),
+            "{}",
+            answer.body
+        );
+        assert!(took < timeout * 3, "answered after {took:?}");
+    }
+    assert_eq!(api.metric("cloudphone_query_cache_waiting").await, 0.0);
+    lock.commit().await.unwrap();
+    let after = api.query(&admin, count, json!({})).await;
+    assert_eq!(
+        (after.cache.as_deref(), after.data()["devices"]["totalCount"].as_str()),
+        (Some("miss"), Some("3")),
+        "a timeout is not an answer to keep"
+    );
 }
 
 #[sqlx::test(migrations = false)]
