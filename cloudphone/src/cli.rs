@@ -601,8 +601,9 @@ pub struct ReplayArgs {
     #[arg(long, env = "CLOUDPHONE_REPLAY_HISTORY_WAIT_SECS", default_value_t = 600)]
     pub history_wait_secs: u64,
     /// Log positions the bulk phase reads and folds per second at most, so that live
-    /// appends keep their latency (0: no limit). The default holds appends' p99 within 2x
-    /// of quiet on a 2-core primary (BENCHMARKS.md).
+    /// appends keep their latency (0: no limit). With the default, appends' p99 stayed
+    /// within 2x of quiet during replays of 1M and 2M events on a 2-core primary; 10M is not
+    /// yet measured (BENCHMARKS.md).
     #[arg(long, env = "CLOUDPHONE_REPLAY_MAX_EVENTS_PER_SECOND", default_value_t = DEFAULT_MAX_EVENTS_PER_SECOND)]
     pub max_events_per_second: u64,
     /// MiB per second the replay writes into its tables on the primary at most (each MiB is
