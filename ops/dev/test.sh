@@ -56,6 +56,12 @@ fi
 if [ "$#" -ne 0 ]; then
     exec cargo nextest run --profile "$profile" "$@"
 fi
-cargo nextest run --workspace --profile "$profile"
+# The event log's 64-writer load test saturates the shared PostgreSQL for minutes. Beside it,
+# the projectors of other tests' databases were seen to stand still for 30 s and more (cause
+# not found yet), failing those tests' read-your-writes budgets; alone it is the load test it
+# means to be. So it runs by itself, after the rest.
+saturating='package(event-log) & test(sixty_four_writers_times_ten_thousand_appends_while_readers_tail)'
+cargo nextest run --workspace --profile "$profile" -E "not ($saturating)"
+cargo nextest run --workspace --profile "$profile" -E "$saturating"
 # Then the command API against its own OpenAPI document; any finding fails the suite.
 ops/dev/schemathesis.sh
