@@ -11,7 +11,7 @@ use event_schema::{DeviceStatus, Provider, Tier};
 use read_models::fleet::DeviceRow;
 use read_models::fleet::device_row;
 use read_models::users::{USER_COLUMNS, UserRow, user_row};
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 const DEVICE_COLUMNS: &str = "device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, \
@@ -303,11 +303,7 @@ fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
 }
 
 /// One page of the devices matching `filter`.
-pub async fn device_page(
-    db: &mut PgConnection,
-    filter: &DeviceFilter,
-    page: &PageRequest,
-) -> Result<Page, sqlx::Error> {
+pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageRequest) -> Result<Page, sqlx::Error> {
     if filter.owners == Owners::Nobody || page.size == 0 {
         return Ok(Page::default());
     }
@@ -315,14 +311,14 @@ pub async fn device_page(
     push_filter(&mut sql, filter);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
-    let rows = sql.build().fetch_all(&mut *db).await?;
+    let rows = sql.build().fetch_all(pool).await?;
     let rows = rows.iter().map(device_row).collect::<Result<Vec<_>, _>>()?;
     Ok(page.page(rows))
 }
 
 /// The same page of each owner's devices, in one statement (a lateral join per owner).
 pub async fn device_pages_by_owner(
-    db: &mut PgConnection,
+    pool: &PgPool,
     owners: &[Uuid],
     conditions: &DeviceConditions,
     page: &PageRequest,
@@ -336,7 +332,7 @@ pub async fn device_pages_by_owner(
     page.push_order_and_limit(&mut sql);
     sql.push(") AS d");
     let mut by_owner: HashMap<Uuid, Vec<DeviceRow>> = owners.iter().map(|o| (*o, Vec::new())).collect();
-    for row in sql.build().fetch_all(&mut *db).await? {
+    for row in sql.build().fetch_all(pool).await? {
         let device = device_row(&row)?;
         by_owner.entry(device.owner_id).or_default().push(device);
     }
@@ -347,18 +343,18 @@ pub async fn device_pages_by_owner(
 }
 
 /// How many devices match `filter`.
-pub async fn count_devices(db: &mut PgConnection, filter: &DeviceFilter) -> Result<i64, sqlx::Error> {
+pub async fn count_devices(pool: &PgPool, filter: &DeviceFilter) -> Result<i64, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(0);
     }
     let mut sql = QueryBuilder::new("SELECT count(*) FROM devices WHERE true");
     push_filter(&mut sql, filter);
-    sql.build_query_scalar().fetch_one(&mut *db).await
+    sql.build_query_scalar().fetch_one(pool).await
 }
 
 /// How many devices each owner has (with the same conditions), in one statement.
 pub async fn count_devices_by_owner(
-    db: &mut PgConnection,
+    pool: &PgPool,
     owners: &[Uuid],
     conditions: &DeviceConditions,
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
@@ -366,19 +362,19 @@ pub async fn count_devices_by_owner(
     sql.push_bind(owners.to_vec()).push(")");
     conditions.push_devices(&mut sql);
     sql.push(" GROUP BY owner_id");
-    let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(&mut *db).await?;
+    let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(pool).await?;
     let mut counts: HashMap<Uuid, i64> = owners.iter().map(|o| (*o, 0)).collect();
     counts.extend(rows);
     Ok(counts)
 }
 
 /// The devices with these ids (those that exist).
-pub async fn devices_by_id(db: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
+pub async fn devices_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ANY($1)"
     )))
     .bind(ids)
-    .fetch_all(&mut *db)
+    .fetch_all(pool)
     .await?;
     rows.iter().map(device_row).collect()
 }
@@ -404,11 +400,7 @@ pub struct StatsTotals {
 }
 
 /// `device_stats` rows matching `filter`, ordered by user, status and provider, at most `limit`.
-pub async fn stats_rows(
-    db: &mut PgConnection,
-    filter: &DeviceFilter,
-    limit: i64,
-) -> Result<Vec<StatsRecord>, sqlx::Error> {
+pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Result<Vec<StatsRecord>, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -418,25 +410,17 @@ pub async fn stats_rows(
     );
     push_stats_filter(&mut sql, filter);
     sql.push(" ORDER BY user_id, status, provider LIMIT ").push_bind(limit);
-    sql.build()
-        .fetch_all(&mut *db)
-        .await?
-        .iter()
-        .map(stats_record)
-        .collect()
+    sql.build().fetch_all(pool).await?.iter().map(stats_record).collect()
 }
 
 /// `device_stats` rows of each of these users, in one statement.
-pub async fn stats_rows_by_user(
-    db: &mut PgConnection,
-    users: &[Uuid],
-) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
+pub async fn stats_rows_by_user(pool: &PgPool, users: &[Uuid]) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
          FROM device_stats WHERE user_id = ANY($1) ORDER BY user_id, status, provider",
     )
     .bind(users)
-    .fetch_all(&mut *db)
+    .fetch_all(pool)
     .await?;
     let mut by_user: HashMap<Uuid, Vec<StatsRecord>> = users.iter().map(|u| (*u, Vec::new())).collect();
     for row in &rows {
@@ -460,7 +444,7 @@ fn stats_record(row: &sqlx::postgres::PgRow) -> Result<StatsRecord, sqlx::Error>
 }
 
 /// Sums over every `device_stats` row matching `filter`.
-pub async fn stats_totals(db: &mut PgConnection, filter: &DeviceFilter) -> Result<StatsTotals, sqlx::Error> {
+pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsTotals, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(StatsTotals::default());
     }
@@ -469,7 +453,7 @@ pub async fn stats_totals(db: &mut PgConnection, filter: &DeviceFilter) -> Resul
                 coalesce(sum(total_memory_mb), 0)::bigint FROM device_stats WHERE true",
     );
     push_stats_filter(&mut sql, filter);
-    let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(&mut *db).await?;
+    let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(pool).await?;
     Ok(StatsTotals {
         device_count,
         cpu_cores,
@@ -557,12 +541,12 @@ impl UsageRecord {
 }
 
 /// Usage per period and currency over the query's days (inclusive), in period order.
-pub async fn usage(db: &mut PgConnection, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
     if query.period == Period::Hour {
-        return hourly_usage(db, query).await;
+        return hourly_usage(pool, query).await;
     }
     let mut sql = QueryBuilder::new("SELECT date_trunc(");
     sql.push_bind(query.period.trunc())
@@ -577,7 +561,7 @@ pub async fn usage(db: &mut PgConnection, query: &UsageQuery) -> Result<Vec<Usag
         sql.push(" AND device_id = ").push_bind(device);
     }
     sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
-    let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(&mut *db).await?;
+    let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
     Ok(rows
         .into_iter()
         .map(|(period, currency, minutes, cost_minor)| UsageRecord::of_days(period, currency, minutes, cost_minor))
@@ -585,7 +569,7 @@ pub async fn usage(db: &mut PgConnection, query: &UsageQuery) -> Result<Vec<Usag
 }
 
 /// Usage per UTC hour and currency over the query's days, from `hourly_usage`.
-async fn hourly_usage(db: &mut PgConnection, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+async fn hourly_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
     let (from, until) = day_bounds(query.from, query.to);
     let mut sql = QueryBuilder::new(
         "SELECT hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM hourly_usage WHERE hour >= ",
@@ -598,7 +582,7 @@ async fn hourly_usage(db: &mut PgConnection, query: &UsageQuery) -> Result<Vec<U
         sql.push(" AND device_id = ").push_bind(device);
     }
     sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
-    let rows: Vec<(DateTime<Utc>, String, i64, i64)> = sql.build_query_as().fetch_all(&mut *db).await?;
+    let rows: Vec<(DateTime<Utc>, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
     Ok(rows
         .into_iter()
         .map(|(hour, currency, minutes, cost_minor)| UsageRecord::of_hour(hour, currency, minutes, cost_minor))
@@ -619,10 +603,7 @@ pub struct ProviderUsageRecord {
 
 /// Usage per period, provider and currency over the query's days (its `device` must be
 /// `None`: the breakdown is per user), in period order.
-pub async fn usage_by_provider(
-    db: &mut PgConnection,
-    query: &UsageQuery,
-) -> Result<Vec<ProviderUsageRecord>, sqlx::Error> {
+pub async fn usage_by_provider(pool: &PgPool, query: &UsageQuery) -> Result<Vec<ProviderUsageRecord>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -639,7 +620,7 @@ pub async fn usage_by_provider(
         sql.push(" AND user_id = ").push_bind(owner);
     }
     sql.push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
-    let rows: Vec<(NaiveDate, String, String, i64, i64, i64)> = sql.build_query_as().fetch_all(&mut *db).await?;
+    let rows: Vec<(NaiveDate, String, String, i64, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
     Ok(rows
         .into_iter()
         .map(
@@ -664,7 +645,7 @@ pub enum UsageSubject {
 
 /// Usage per period and currency for each of these users (or devices), in one statement.
 pub async fn usage_by(
-    db: &mut PgConnection,
+    pool: &PgPool,
     subject: UsageSubject,
     ids: &[Uuid],
     from: NaiveDate,
@@ -686,7 +667,7 @@ pub async fn usage_by(
         .bind(ids)
         .bind(from)
         .bind(until)
-        .fetch_all(&mut *db)
+        .fetch_all(pool)
         .await?;
         for (id, hour, currency, minutes, cost_minor) in rows {
             by_id
@@ -705,7 +686,7 @@ pub async fn usage_by(
     .bind(period.trunc())
     .bind(from)
     .bind(to)
-    .fetch_all(&mut *db)
+    .fetch_all(pool)
     .await?;
     for (id, period, currency, minutes, cost_minor) in rows {
         by_id
@@ -756,11 +737,7 @@ pub struct UserPage {
 }
 
 /// One page of the users matching `filter`.
-pub async fn user_page(
-    db: &mut PgConnection,
-    filter: &UserFilter,
-    page: &UserPageRequest,
-) -> Result<UserPage, sqlx::Error> {
+pub async fn user_page(pool: &PgPool, filter: &UserFilter, page: &UserPageRequest) -> Result<UserPage, sqlx::Error> {
     let mut sql = QueryBuilder::new(format!("SELECT {USER_COLUMNS} FROM users WHERE true"));
     filter.push(&mut sql);
     let (comparison, direction) = if page.backward { ("<", "DESC") } else { (">", "ASC") };
@@ -771,7 +748,7 @@ pub async fn user_page(
         .push_bind(page.size + 1);
     // Run even for a page of 0 rows: a fleet version without `users` must answer
     // PROJECTION_VERSION whatever the page size.
-    let rows = sql.build().fetch_all(&mut *db).await?;
+    let rows = sql.build().fetch_all(pool).await?;
     let mut rows = rows.iter().map(user_row).collect::<Result<Vec<_>, _>>()?;
     let size = usize::try_from(page.size).unwrap_or(0);
     let more = rows.len() > size;
@@ -783,19 +760,19 @@ pub async fn user_page(
 }
 
 /// How many users match `filter`.
-pub async fn count_users(db: &mut PgConnection, filter: &UserFilter) -> Result<i64, sqlx::Error> {
+pub async fn count_users(pool: &PgPool, filter: &UserFilter) -> Result<i64, sqlx::Error> {
     let mut sql = QueryBuilder::new("SELECT count(*) FROM users WHERE true");
     filter.push(&mut sql);
-    sql.build_query_scalar().fetch_one(&mut *db).await
+    sql.build_query_scalar().fetch_one(pool).await
 }
 
 /// The `users` rows with these ids (those that exist).
-pub async fn users_by_id(db: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
+pub async fn users_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT {USER_COLUMNS} FROM users WHERE user_id = ANY($1)"
     )))
     .bind(ids)
-    .fetch_all(&mut *db)
+    .fetch_all(pool)
     .await?;
     rows.iter()
         .map(|row| user_row(row).map(|user| (user.user_id, user)))
@@ -854,7 +831,7 @@ pub struct StatusChange {
 /// The net changes a history query sums, in one statement: the base (every change before
 /// the range, summed per status) and the changes within it per period. Everyone's history
 /// reads the all-users table, which grows with hours, not users.
-pub async fn status_changes(db: &mut PgConnection, query: &HistoryQuery) -> Result<Vec<StatusChange>, sqlx::Error> {
+pub async fn status_changes(pool: &PgPool, query: &HistoryQuery) -> Result<Vec<StatusChange>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -879,7 +856,7 @@ pub async fn status_changes(db: &mut PgConnection, query: &HistoryQuery) -> Resu
         read = read.bind(owner);
     }
     let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
-    read.fetch_all(&mut *db)
+    read.fetch_all(pool)
         .await?
         .into_iter()
         .map(|(period, status, delta)| {

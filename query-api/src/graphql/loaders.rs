@@ -6,17 +6,17 @@ use std::sync::Arc;
 
 use async_graphql::dataloader::Loader;
 use chrono::NaiveDate;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use read_models::users::UserRow;
 
-use crate::graphql::connection::RequestConnection;
 use crate::reads::{self, DeviceConditions, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
 
-/// Loads from the source one request was routed to, on the request's connection.
+/// Loads from the source one request was routed to.
 #[derive(Debug, Clone)]
 pub struct ReadLoader {
-    pub connection: Arc<RequestConnection>,
+    pub pool: PgPool,
 }
 
 /// A failed batch; shared by every field that waited on it.
@@ -68,8 +68,7 @@ impl Loader<OwnerPage> for ReadLoader {
         let mut loaded = HashMap::new();
         for ((conditions, page), keys) in grouped(keys, |k| (k.conditions, k.page)) {
             let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
-            let mut pages =
-                reads::device_pages_by_owner(&mut *self.connection.get().await?, &owners, &conditions, &page).await?;
+            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, &conditions, &page).await?;
             for key in keys {
                 loaded.insert(key, pages.remove(&key.owner).unwrap_or_default());
             }
@@ -86,8 +85,7 @@ impl Loader<OwnerCount> for ReadLoader {
         let mut loaded = HashMap::new();
         for (conditions, keys) in grouped(keys, |k| k.conditions) {
             let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
-            let counts =
-                reads::count_devices_by_owner(&mut *self.connection.get().await?, &owners, &conditions).await?;
+            let counts = reads::count_devices_by_owner(&self.pool, &owners, &conditions).await?;
             for key in keys {
                 loaded.insert(key, counts.get(&key.owner).copied().unwrap_or(0));
             }
@@ -104,8 +102,7 @@ impl Loader<UsageOf> for ReadLoader {
         let mut loaded = HashMap::new();
         for ((subject, from, to, period), keys) in grouped(keys, |k| (k.subject, k.from, k.to, k.period)) {
             let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
-            let mut usage =
-                reads::usage_by(&mut *self.connection.get().await?, subject, &ids, from, to, period).await?;
+            let mut usage = reads::usage_by(&self.pool, subject, &ids, from, to, period).await?;
             for key in keys {
                 loaded.insert(key, usage.remove(&key.id).unwrap_or_default());
             }
@@ -120,7 +117,7 @@ impl Loader<StatsOf> for ReadLoader {
 
     async fn load(&self, keys: &[StatsOf]) -> Result<HashMap<StatsOf, Vec<StatsRecord>>, LoadError> {
         let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-        let mut stats = reads::stats_rows_by_user(&mut *self.connection.get().await?, &users).await?;
+        let mut stats = reads::stats_rows_by_user(&self.pool, &users).await?;
         Ok(keys
             .iter()
             .map(|key| (*key, stats.remove(&key.0).unwrap_or_default()))
@@ -138,7 +135,7 @@ impl Loader<UserRecordOf> for ReadLoader {
 
     async fn load(&self, keys: &[UserRecordOf]) -> Result<HashMap<UserRecordOf, UserRow>, LoadError> {
         let ids: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-        let mut users = reads::users_by_id(&mut *self.connection.get().await?, &ids).await?;
+        let mut users = reads::users_by_id(&self.pool, &ids).await?;
         Ok(keys
             .iter()
             .filter_map(|key| users.remove(&key.0).map(|row| (*key, row)))

@@ -9,11 +9,9 @@
 //! This module holds what the types share (limits, the caller, the per-request read context,
 //! enums and inputs, argument checks) and builds the schema; `query` holds the root object,
 //! `types` the objects below it, [`loaders`] their batched nested loads, [`scalars`] the
-//! custom scalars, [`document`] the measuring of a document before validation,
-//! [`connection`] the one connection a request's statements run on, and `handler` the
-//! `POST /graphql` handler that serves the schema.
+//! custom scalars, [`document`] the measuring of a document before validation, and
+//! `handler` the `POST /graphql` handler that serves the schema.
 
-pub mod connection;
 #[cfg(test)]
 mod descriptions;
 pub mod document;
@@ -35,11 +33,9 @@ use std::time::Duration;
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, EmptyMutation, Enum, ErrorExtensions, InputObject, Schema, SimpleObject};
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{PgConnection, PgPool};
-use tokio::sync::MappedMutexGuard;
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use self::connection::RequestConnection;
 use self::loaders::ReadLoader;
 pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
@@ -144,11 +140,7 @@ impl Viewer {
 #[derive(Debug)]
 pub struct ReadContext {
     pub viewer: Viewer,
-    /// The source's pool, for the operators' reads; the dashboards' statements run on
-    /// `connection`.
     pub pool: PgPool,
-    /// The request's one connection to its source (see [`connection`]).
-    pub connection: Arc<RequestConnection>,
     pub limits: Limits,
     source_failed: AtomicBool,
     /// Statements run for this request, by what they asked (see [`ReadContext::read_once`]).
@@ -164,18 +156,12 @@ impl ReadContext {
     pub fn new(viewer: Viewer, pool: PgPool, limits: Limits) -> Self {
         ReadContext {
             viewer,
-            connection: Arc::new(RequestConnection::new(pool.clone())),
             pool,
             limits,
             source_failed: AtomicBool::new(false),
             reads: Mutex::new(HashMap::new()),
             interest: Mutex::new(None),
         }
-    }
-
-    /// The request's connection, for one statement (see [`RequestConnection::get`]).
-    pub async fn connection(&self) -> Result<MappedMutexGuard<'_, PgConnection>, sqlx::Error> {
-        self.connection.get().await
     }
 
     /// Notes what a subscription field reads (see [`Interest`]).
@@ -770,7 +756,7 @@ pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
 pub fn request_data(request: async_graphql::Request, read: Arc<ReadContext>) -> async_graphql::Request {
     let loader = DataLoader::new(
         ReadLoader {
-            connection: Arc::clone(&read.connection),
+            pool: read.pool.clone(),
         },
         tokio::spawn,
     )

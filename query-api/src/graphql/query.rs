@@ -73,9 +73,7 @@ impl Query {
             period,
         };
         let records = read
-            .read_once(format!("usage {query:?}"), || async {
-                reads::usage(&mut *read.connection().await?, &query).await
-            })
+            .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
             .await
             .map_err(|e| usage_read_error(read, period, &e))?;
         Ok(DailyUsage::new(records))
@@ -111,8 +109,8 @@ impl Query {
             period,
         };
         let records = match read
-            .read_once(format!("usage_by_provider {query:?}"), || async {
-                reads::usage_by_provider(&mut *read.connection().await?, &query).await
+            .read_once(format!("usage_by_provider {query:?}"), || {
+                reads::usage_by_provider(&read.pool, &query)
             })
             .await
         {
@@ -171,8 +169,8 @@ impl Query {
         )?;
         let filter = filter.unwrap_or_default().scoped(read.viewer)?;
         let page = read
-            .read_once(format!("device_page {filter:?} {request:?}"), || async {
-                reads::device_page(&mut *read.connection().await?, &filter, &request).await
+            .read_once(format!("device_page {filter:?} {request:?}"), || {
+                reads::device_page(&read.pool, &filter, &request)
             })
             .await
             .map_err(|e| read.database_error(&e))?;
@@ -191,9 +189,7 @@ impl Query {
         let read = read_context(ctx);
         let ids = [id];
         let row = read
-            .read_once(format!("devices_by_id {id}"), || async {
-                reads::devices_by_id(&mut *read.connection().await?, &ids).await
-            })
+            .read_once(format!("devices_by_id {id}"), || reads::devices_by_id(&read.pool, &ids))
             .await
             .map_err(|e| read.database_error(&e))?
             .into_iter()
@@ -239,8 +235,8 @@ impl Query {
         let request = user_page_request(&read.limits, first, after.as_deref(), last, before.as_deref())?;
         let filter = UserFilter::from(filter.unwrap_or_default());
         let page = read
-            .read_once(format!("user_page {filter:?} {request:?}"), || async {
-                reads::user_page(&mut *read.connection().await?, &filter, &request).await
+            .read_once(format!("user_page {filter:?} {request:?}"), || {
+                reads::user_page(&read.pool, &filter, &request)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "users", &e))?;
@@ -268,8 +264,8 @@ impl Query {
             return Ok(Vec::new());
         }
         let changes = read
-            .read_once(format!("status_changes {query:?}"), || async {
-                reads::status_changes(&mut *read.connection().await?, &query).await
+            .read_once(format!("status_changes {query:?}"), || {
+                reads::status_changes(&read.pool, &query)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "the fleet's history", &e))?;

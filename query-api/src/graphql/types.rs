@@ -383,8 +383,8 @@ impl DeviceConnection {
                 .map_err(|e| read.database_error(&e))?
                 .unwrap_or(0),
             _ => read
-                .read_once(format!("count_devices {:?}", self.filter), || async {
-                    reads::count_devices(&mut *read.connection().await?, &self.filter).await
+                .read_once(format!("count_devices {:?}", self.filter), || {
+                    reads::count_devices(&read.pool, &self.filter)
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
@@ -464,8 +464,8 @@ impl UserConnection {
     async fn total_count(&self, ctx: &Context<'_>) -> async_graphql::Result<BigInt> {
         let read = read_context(ctx);
         let count = read
-            .read_once(format!("count_users {:?}", self.filter), || async {
-                reads::count_users(&mut *read.connection().await?, &self.filter).await
+            .read_once(format!("count_users {:?}", self.filter), || {
+                reads::count_users(&read.pool, &self.filter)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "users", &e))?;
@@ -611,8 +611,8 @@ impl DeviceStats {
         let read = read_context(ctx);
         let records = match self.source {
             StatsSource::Filter(filter) => read
-                .read_once(format!("stats_rows {filter:?} {first}"), || async {
-                    reads::stats_rows(&mut *read.connection().await?, &filter, i64::from(first)).await
+                .read_once(format!("stats_rows {filter:?} {first}"), || {
+                    reads::stats_rows(&read.pool, &filter, i64::from(first))
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
@@ -630,8 +630,8 @@ impl DeviceStats {
         let read = read_context(ctx);
         let totals = match self.source {
             StatsSource::Filter(filter) => read
-                .read_once(format!("stats_totals {filter:?}"), || async {
-                    reads::stats_totals(&mut *read.connection().await?, &filter).await
+                .read_once(format!("stats_totals {filter:?}"), || {
+                    reads::stats_totals(&read.pool, &filter)
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
