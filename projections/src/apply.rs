@@ -18,7 +18,7 @@ use read_models::versions::TableLayout;
 
 use crate::fleet::FleetFold;
 use crate::metrics_names as m;
-use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_provider};
+use crate::usage::{fold_hourly_usage, fold_usage, fold_usage_by_first_currency, fold_usage_by_provider};
 use crate::users::UserFold;
 
 /// What a batch did.
@@ -438,11 +438,16 @@ async fn apply_usage(
     applied: &mut Applied,
 ) -> Result<(), sqlx::Error> {
     let mut deltas: BTreeMap<(UsageKey, String), UsageDelta> = BTreeMap::new();
+    let mut first_currency = BTreeMap::new();
     let mut by_provider = BTreeMap::new();
     let mut hourly = BTreeMap::new();
     for (_, event) in decoded {
         if let Event::Device(DeviceEvent::UsageRecorded(usage)) = event {
-            fold_usage(&mut deltas, usage);
+            if layout.usage_keyed_by_currency() {
+                fold_usage(&mut deltas, usage);
+            } else {
+                fold_usage_by_first_currency(&mut deltas, &mut first_currency, usage);
+            }
             if layout.has_provider_breakdown() {
                 fold_usage_by_provider(&mut by_provider, usage);
             }

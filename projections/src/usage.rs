@@ -204,6 +204,25 @@ pub fn fold_usage(deltas: &mut std::collections::BTreeMap<(UsageKey, String), Us
     });
 }
 
+/// Like [`fold_usage`], for version 1 of `daily_usage`, whose rows are keyed without the
+/// currency: a row keeps the currency it was created with and later usage of its key adds to
+/// it. Applied one event at a time that is what the upsert does; a batch must fold the same
+/// way, all of a key's shares under the currency the key first had in the batch, because one
+/// upsert may not touch a row twice (PostgreSQL refuses the whole statement, and the batch
+/// could never be applied).
+pub fn fold_usage_by_first_currency(
+    deltas: &mut std::collections::BTreeMap<(UsageKey, String), UsageDelta>,
+    first_currency: &mut std::collections::BTreeMap<UsageKey, String>,
+    usage: &UsageRecorded,
+) {
+    fold_usage_shares(usage, |(key, currency), share| {
+        let currency = first_currency.entry(key).or_insert(currency).clone();
+        let delta = deltas.entry((key, currency)).or_default();
+        delta.minutes += share.minutes;
+        delta.cost_minor += share.cost_minor;
+    });
+}
+
 /// Calls `add` with each day's share of `usage` under its `daily_usage` key and currency.
 pub fn fold_usage_shares(usage: &UsageRecorded, mut add: impl FnMut((UsageKey, String), UsageDelta)) {
     let currency = usage.cost.currency.to_string();

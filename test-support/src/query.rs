@@ -40,10 +40,9 @@ pub fn test_config() -> QueryApiConfig {
         watermark_interval: Duration::from_millis(20),
         health_interval: Duration::from_millis(200),
         // Tests read their own writes through projectors running in the test process, on a
-        // machine the test command shares with load tests: there the projectors can stand
-        // more than production's 2 s behind (a CI run saw 52 events unapplied after 2 s while
-        // the 64-writer load test ran). The answer is awaited, not the budget; a test of the
-        // budget sets its own.
+        // machine the test command shares with load tests: there the projectors may stand
+        // further behind than production's 2 s budget. The answer is awaited, not the budget;
+        // a test of the budget sets its own.
         sources: SourcesConfig {
             position_wait: Duration::from_secs(30),
             ..SourcesConfig::default()

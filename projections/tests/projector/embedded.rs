@@ -346,3 +346,97 @@ async fn a_projector_whose_connections_are_killed_resumes_from_its_checkpoint(po
         .unwrap();
     assert_eq!(checkpoints, [Projection::DailyUsage.name(), Projection::Fleet.name()]);
 }
+
+/// The `daily_usage` rows (day, device, currency, minutes, cost) `conn` sees.
+async fn usage_rows(conn: &mut sqlx::PgConnection) -> Vec<(NaiveDate, Uuid, String, i64, i64)> {
+    sqlx::query_as("SELECT day, device_id, currency, minutes, cost_minor FROM daily_usage ORDER BY day, device_id")
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+/// Version 1 of `daily_usage` keys its rows without the currency. A batch holding one device's
+/// usage of one day in two currencies made PostgreSQL refuse the batch's upsert ("ON CONFLICT
+/// DO UPDATE command cannot affect row a second time"), and the projector retried that batch
+/// for ever: under load, where batches grow, the projection stood still. The batch now gives
+/// the rows that applying its events one at a time gives.
+#[sqlx::test(migrations = false)]
+async fn a_batch_with_one_device_day_in_two_currencies_applies_as_its_events_one_at_a_time(pool: PgPool) {
+    use event_schema::{Currency, Money, UsageRecorded};
+    test_support::db::migrated(&pool).await;
+    let store = event_log::EventStore::open(pool.clone(), event_log::StoreConfig::default())
+        .await
+        .unwrap();
+    let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
+    let morning = t0() - chrono::Duration::hours(10);
+    let mut events = vec![test_support::fixtures::new_event(event_schema::DeviceCreated {
+        device_id: device,
+        owner_id: owner,
+        provider: Provider::Aws,
+        cpu_cores: 2,
+        memory_mb: 2048,
+        android_version: 14,
+        created_at: morning,
+    })];
+    for (hour, currency) in [(1, Currency::USD), (2, Currency::EUR), (3, Currency::USD)] {
+        let started_at = morning + chrono::Duration::hours(hour);
+        events.push(test_support::fixtures::new_event(UsageRecorded {
+            owner_id: owner,
+            device_id: device,
+            provider: Provider::Aws,
+            started_at,
+            ended_at: started_at + chrono::Duration::minutes(10),
+            minutes: 10,
+            cost: Money {
+                amount_minor: 100 * hour,
+                currency,
+            },
+            pricing_plan_id: "aws-standard-v1".to_owned(),
+        }));
+    }
+    store
+        .append(event_log::AppendBatch::single(event_log::StreamAppend {
+            stream_id: device,
+            stream_type: event_schema::StreamType::Device,
+            owner_id: owner,
+            expected: event_log::ExpectedVersion::NoStream,
+            events,
+        }))
+        .await
+        .unwrap();
+    let logged = event_log::LogReader::new(pool.clone()).read_all(0, 100).await.unwrap();
+    assert_eq!(logged.len(), 4);
+    let layout = Projection::DailyUsage.layout(1).unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    for event in &logged {
+        projections::apply::apply_events(&mut tx, layout, std::slice::from_ref(event))
+            .await
+            .unwrap();
+    }
+    let one_at_a_time = usage_rows(&mut tx).await;
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        one_at_a_time,
+        vec![(morning.date_naive(), device, "USD".to_owned(), 30, 600)],
+        "version 1: one row per device and day, in the currency it was created with"
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    let applied = projections::apply::apply_events(&mut tx, layout, &logged).await;
+    let applied = applied.unwrap_or_else(|e| panic!("the batch was refused: {e}"));
+    assert_eq!(applied.applied, 3, "the three usage events");
+    assert_eq!(usage_rows(&mut tx).await, one_at_a_time);
+    tx.rollback().await.unwrap();
+
+    // And the projector itself goes past such a batch (it starts after the four events, so
+    // its first batch holds them all).
+    let (stop, tasks) = start_projectors(&pool);
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(usage_rows(&mut conn).await, one_at_a_time);
+}
