@@ -112,8 +112,8 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
                 position: cached.position,
             };
         }
-        let (computed, store_under) = match compute_once(state, asked, &route, key).await {
-            Obtained::Led(computed, store_under) => (computed, store_under),
+        let computed = match compute_once(state, asked, &route, key).await {
+            Obtained::Led(computed) => computed,
             Obtained::Shared {
                 body,
                 ok,
@@ -132,21 +132,11 @@ async fn answer(state: &Inner, asked: &Asked) -> Answer {
             Obtained::TimedOut => return timed_out(state),
         };
         match computed.executed {
-            Executed::Answered { body, cacheable, ok } => {
-                let stored = match (&state.cache, store_under) {
-                    (Some(cache), Some(key)) if cacheable => cache.insert(
-                        key,
-                        CachedAnswer {
-                            body: body.clone(),
-                            position: read_at,
-                        },
-                    ),
-                    _ => false,
-                };
+            Executed::Answered { body, ok, .. } => {
                 return Answer {
                     status: StatusCode::OK,
                     body,
-                    cache: if stored { "miss" } else { "bypass" },
+                    cache: if computed.cached { "miss" } else { "bypass" },
                     outcome: if ok { "ok" } else { "error" },
                     source: Some(route.source),
                     position: read_at,
@@ -222,8 +212,8 @@ fn unroutable(error: &ReadError) -> Answer {
 
 /// How a request came by its answer.
 enum Obtained {
-    /// Executed for this request; to be cached under the key, if any.
-    Led(Computed, Option<CacheKey>),
+    /// Executed for this request (and cached, if it could be).
+    Led(Computed),
     /// Another request's answer to the same question at the same checkpoints.
     Shared {
         body: Bytes,
@@ -235,26 +225,48 @@ enum Obtained {
     TimedOut,
 }
 
-/// Executes the question on `route`; or, when another request is computing the same key,
-/// waits for its answer instead (concurrent misses computed once, see
-/// [`crate::single_flight`]).
+/// Executes the question on `route` and caches the answer under `key`; or, when another
+/// request is computing the same key, waits for its answer instead (concurrent misses
+/// computed once, see [`crate::single_flight`]).
 async fn compute_once(state: &Inner, asked: &Asked, route: &Route, key: Option<CacheKey>) -> Obtained {
-    let here = || async {
+    let here = |store_under: Option<CacheKey>| async move {
+        let executed = execute(state, asked, route).await;
+        let position = read_position(route);
+        // Cached before the computation ends and frees its key: a request arriving in
+        // between would otherwise find neither and compute the same answer again.
+        let cacheable = match &executed {
+            Executed::Answered {
+                body, cacheable: true, ..
+            } => Some(body),
+            _ => None,
+        };
+        let cached = match (cacheable, &state.cache, store_under) {
+            (Some(body), Some(cache), Some(key)) => cache.insert(
+                key,
+                CachedAnswer {
+                    body: body.clone(),
+                    position,
+                },
+            ),
+            _ => false,
+        };
         Computed {
-            executed: execute(state, asked, route).await,
+            executed,
             source: route.source.clone(),
-            position: read_position(route),
+            position,
+            cached,
         }
     };
     let Some(key) = key.filter(|_| state.cache.is_some()) else {
-        return Obtained::Led(here().await, None);
+        return Obtained::Led(here(None).await);
     };
-    match tokio::time::timeout_at(asked.deadline, state.computing.run(key, here)).await {
-        Ok(Flight::Led(computed)) => Obtained::Led(computed, Some(key)),
+    match tokio::time::timeout_at(asked.deadline, state.computing.run(key, || here(Some(key)))).await {
+        Ok(Flight::Led(computed)) => Obtained::Led(computed),
         Ok(Flight::Shared(Computed {
             executed: Executed::Answered { body, ok, .. },
             source,
             position,
+            ..
         })) => Obtained::Shared {
             body,
             ok,
@@ -265,7 +277,7 @@ async fn compute_once(state: &Inner, asked: &Asked, route: &Route, key: Option<C
         Ok(Flight::Shared(Computed {
             executed: Executed::SourceFailed(_),
             ..
-        })) => Obtained::Led(here().await, None),
+        })) => Obtained::Led(here(None).await),
         Err(_) => Obtained::TimedOut,
     }
 }
@@ -277,6 +289,8 @@ pub(crate) struct Computed {
     executed: Executed,
     source: Source,
     position: Option<i64>,
+    /// Whether the leader cached the answer.
+    cached: bool,
 }
 
 #[derive(Debug, Clone)]
