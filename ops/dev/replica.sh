@@ -10,7 +10,7 @@
 # takes a new base backup.
 #
 #   ops/dev/replica.sh start     create it if missing (base backup), start it, wait until it
-#                                answers read-only queries
+#                                answers read-only queries; resume WAL replay left paused
 #   ops/dev/replica.sh stop      stop it (fast shutdown), as an outage would look to clients
 #   ops/dev/replica.sh restart   stop, then start: it catches up from the primary's WAL
 #   ops/dev/replica.sh fresh     stop, delete its data, take a new base backup, start
@@ -96,6 +96,16 @@ hot_standby_feedback = on
 EOF
 }
 
+# A test that pauses replay (the lag tests) resumes it when it ends; a run killed in between
+# leaves the replica paused, answering ever older data. Nothing else here pauses it, so a
+# paused replica at start is such a leftover: resume it.
+resume_replay() {
+    if [ "$(psql "$replica" -Atqc 'SELECT pg_is_wal_replay_paused()' 2>/dev/null)" = "t" ]; then
+        say "WAL replay was left paused (a killed test run?); resuming it"
+        psql "$replica" -Atqc 'SELECT pg_wal_replay_resume()' >/dev/null
+    fi
+}
+
 start() {
     # A replica made before slots, or whose slot the primary gave up, can never catch up:
     # it answers queries but replays nothing. Start it over.
@@ -105,6 +115,7 @@ start() {
         rm -rf "$dir"
     fi
     if answers; then
+        resume_replay
         return 0
     fi
     if [ ! -f "$dir/standby.signal" ]; then
@@ -114,6 +125,7 @@ start() {
     as_postgres "$(bin)/pg_ctl" --pgdata "$dir" --log "$dir/replica.log" --wait --timeout 60 start >/dev/null
     for _ in $(seq 1 120); do
         if answers; then
+            resume_replay
             return 0
         fi
         sleep 0.25
