@@ -34,6 +34,17 @@ pub struct Applied {
     pub touched: Touched,
 }
 
+impl Applied {
+    /// Adds what another part of the same batch did.
+    fn add(&mut self, other: Applied) {
+        self.applied += other.applied;
+        self.skipped += other.skipped;
+        self.dead_lettered += other.dead_lettered;
+        self.touched.owners.extend(other.touched.owners);
+        self.touched.devices.extend(other.touched.devices);
+    }
+}
+
 /// An event the projection cannot apply, with why.
 pub(crate) struct DeadLetter<'a> {
     pub(crate) envelope: &'a EventEnvelope,
@@ -88,8 +99,72 @@ pub async fn begin_batch(
 
 /// Applies `events` (in position order) to the tables of `layout` that `conn`'s search path
 /// resolves (the live ones, or a replay's shadow schema), inside the caller's transaction.
-/// Events that cannot be applied are parked in `projection_dead_letters`.
+/// Events that cannot be applied are parked in `projection_dead_letters`. A batch the
+/// database refuses is applied again event by event, and an event it refuses alone is parked
+/// with the database's error: one bad event never stops a projection.
 pub async fn apply_events(
+    conn: &mut PgConnection,
+    layout: TableLayout,
+    events: &[EventEnvelope],
+) -> Result<Applied, sqlx::Error> {
+    // A savepoint, so that a batch the database refuses can be undone inside the caller's
+    // transaction and applied again event by event (see `refused`).
+    sqlx::query("SAVEPOINT projector_batch").execute(&mut *conn).await?;
+    let error = match apply_and_park(conn, layout, events).await {
+        Ok(applied) => return Ok(applied),
+        Err(error) if refused(&error) => error,
+        Err(error) => return Err(error),
+    };
+    sqlx::query("ROLLBACK TO SAVEPOINT projector_batch")
+        .execute(&mut *conn)
+        .await?;
+    let projection = layout.projection;
+    metrics::counter!(m::PROJECTION_BATCHES_REFUSED_TOTAL, "projection" => projection.name()).increment(1);
+    if let [event] = events {
+        let letter = DeadLetter {
+            envelope: event,
+            error: format!("the database refused it: {error}"),
+        };
+        park(conn, projection, &letter).await?;
+        metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name()).increment(1);
+        return Ok(Applied {
+            dead_lettered: 1,
+            ..Applied::default()
+        });
+    }
+    tracing::warn!(
+        projection = projection.name(),
+        events = events.len(),
+        first = events.first().map(|e| e.position),
+        %error,
+        "the database refused a batch; applying its events one at a time"
+    );
+    let mut applied = Applied::default();
+    for event in events {
+        let one = Box::pin(apply_events(conn, layout, std::slice::from_ref(event))).await?;
+        applied.add(one);
+    }
+    Ok(applied)
+}
+
+/// True for an error the database will return again for the same statements and rows: the
+/// batch itself is at fault (a value out of range, a constraint, an upsert touching a row
+/// twice), not the connection or a concurrent transaction. Retrying such a batch as it is
+/// would fail for ever and stop the projection; applied event by event, only the event at
+/// fault is parked (and a fault of the batch alone, not of any event, parks nothing).
+fn refused(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // 21: cardinality violation, 22: data exception, 23: integrity constraint
+            // violation, 54: program limit exceeded.
+            ["21", "22", "23", "54"].iter().any(|class| code.starts_with(class))
+        }),
+        _ => false,
+    }
+}
+
+/// [`apply_unparked`], then parks the events it could not apply.
+async fn apply_and_park(
     conn: &mut PgConnection,
     layout: TableLayout,
     events: &[EventEnvelope],

@@ -384,6 +384,7 @@ fn register_role_metrics(roles: Roles, kafka: bool) {
         for projection in Projection::ALL.map(Projection::name) {
             metrics::counter!(p::PROJECTION_EVENTS_TOTAL, "projection" => projection).increment(0);
             metrics::counter!(p::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection).increment(0);
+            metrics::counter!(p::PROJECTION_BATCHES_REFUSED_TOTAL, "projection" => projection).increment(0);
             if kafka {
                 metrics::counter!(kafka_adapters::metrics_names::PROJECTION_CONSUMER_ERRORS_TOTAL, "projection" => projection).increment(0);
             }

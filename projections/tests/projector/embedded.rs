@@ -1,6 +1,7 @@
 //! The embedded mode: projectors follow the PostgreSQL log directly.
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
+use event_log::{AppendBatch, ExpectedVersion, StreamAppend};
 use event_schema::{DeviceStatus, Provider};
 use projections::fold_log;
 use read_models::Projection;
@@ -355,6 +356,55 @@ async fn usage_rows(conn: &mut sqlx::PgConnection) -> Vec<(NaiveDate, Uuid, Stri
         .unwrap()
 }
 
+fn created(device: Uuid, owner: Uuid, at: DateTime<Utc>) -> event_log::NewEvent {
+    test_support::fixtures::new_event(event_schema::DeviceCreated {
+        device_id: device,
+        owner_id: owner,
+        provider: Provider::Aws,
+        cpu_cores: 2,
+        memory_mb: 2048,
+        android_version: 14,
+        created_at: at,
+    })
+}
+
+/// A 10-minute session of `device` from `started_at`, costing `amount_minor`.
+fn session(
+    device: Uuid,
+    owner: Uuid,
+    started_at: DateTime<Utc>,
+    amount_minor: i64,
+    currency: event_schema::Currency,
+) -> event_log::NewEvent {
+    test_support::fixtures::new_event(event_schema::UsageRecorded {
+        owner_id: owner,
+        device_id: device,
+        provider: Provider::Aws,
+        started_at,
+        ended_at: started_at + chrono::Duration::minutes(10),
+        minutes: 10,
+        cost: event_schema::Money { amount_minor, currency },
+        pricing_plan_id: "aws-standard-v1".to_owned(),
+    })
+}
+
+fn to_stream(device: Uuid, owner: Uuid, expected: ExpectedVersion, events: Vec<event_log::NewEvent>) -> StreamAppend {
+    StreamAppend {
+        stream_id: device,
+        stream_type: event_schema::StreamType::Device,
+        owner_id: owner,
+        expected,
+        events,
+    }
+}
+
+async fn open_store(pool: &PgPool) -> event_log::EventStore {
+    test_support::db::migrated(pool).await;
+    event_log::EventStore::open(pool.clone(), event_log::StoreConfig::default())
+        .await
+        .unwrap()
+}
+
 /// Version 1 of `daily_usage` keys its rows without the currency. A batch holding one device's
 /// usage of one day in two currencies made PostgreSQL refuse the batch's upsert ("ON CONFLICT
 /// DO UPDATE command cannot affect row a second time"), and the projector retried that batch
@@ -362,46 +412,27 @@ async fn usage_rows(conn: &mut sqlx::PgConnection) -> Vec<(NaiveDate, Uuid, Stri
 /// the rows that applying its events one at a time gives.
 #[sqlx::test(migrations = false)]
 async fn a_batch_with_one_device_day_in_two_currencies_applies_as_its_events_one_at_a_time(pool: PgPool) {
-    use event_schema::{Currency, Money, UsageRecorded};
-    test_support::db::migrated(&pool).await;
-    let store = event_log::EventStore::open(pool.clone(), event_log::StoreConfig::default())
-        .await
-        .unwrap();
+    use event_schema::Currency;
+    let store = open_store(&pool).await;
     let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
     let morning = t0() - chrono::Duration::hours(10);
-    let mut events = vec![test_support::fixtures::new_event(event_schema::DeviceCreated {
-        device_id: device,
-        owner_id: owner,
-        provider: Provider::Aws,
-        cpu_cores: 2,
-        memory_mb: 2048,
-        android_version: 14,
-        created_at: morning,
-    })];
+    let mut events = vec![created(device, owner, morning)];
     for (hour, currency) in [(1, Currency::USD), (2, Currency::EUR), (3, Currency::USD)] {
-        let started_at = morning + chrono::Duration::hours(hour);
-        events.push(test_support::fixtures::new_event(UsageRecorded {
-            owner_id: owner,
-            device_id: device,
-            provider: Provider::Aws,
-            started_at,
-            ended_at: started_at + chrono::Duration::minutes(10),
-            minutes: 10,
-            cost: Money {
-                amount_minor: 100 * hour,
-                currency,
-            },
-            pricing_plan_id: "aws-standard-v1".to_owned(),
-        }));
+        events.push(session(
+            device,
+            owner,
+            morning + chrono::Duration::hours(hour),
+            100 * hour,
+            currency,
+        ));
     }
     store
-        .append(event_log::AppendBatch::single(event_log::StreamAppend {
-            stream_id: device,
-            stream_type: event_schema::StreamType::Device,
-            owner_id: owner,
-            expected: event_log::ExpectedVersion::NoStream,
+        .append(AppendBatch::single(to_stream(
+            device,
+            owner,
+            ExpectedVersion::NoStream,
             events,
-        }))
+        )))
         .await
         .unwrap();
     let logged = event_log::LogReader::new(pool.clone()).read_all(0, 100).await.unwrap();
@@ -423,10 +454,17 @@ async fn a_batch_with_one_device_day_in_two_currencies_applies_as_its_events_one
     );
 
     let mut tx = pool.begin().await.unwrap();
-    let applied = projections::apply::apply_events(&mut tx, layout, &logged).await;
-    let applied = applied.unwrap_or_else(|e| panic!("the batch was refused: {e}"));
+    let applied = projections::apply::apply_events(&mut tx, layout, &logged)
+        .await
+        .unwrap();
     assert_eq!(applied.applied, 3, "the three usage events");
+    assert_eq!(applied.dead_lettered, 0);
     assert_eq!(usage_rows(&mut tx).await, one_at_a_time);
+    let refused: Option<String> = sqlx::query_scalar("SELECT min(error) FROM projection_dead_letters")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(refused, None, "the batch folded whole, not event by event");
     tx.rollback().await.unwrap();
 
     // And the projector itself goes past such a batch (it starts after the four events, so
@@ -439,4 +477,102 @@ async fn a_batch_with_one_device_day_in_two_currencies_applies_as_its_events_one
     }
     let mut conn = pool.acquire().await.unwrap();
     assert_eq!(usage_rows(&mut conn).await, one_at_a_time);
+}
+
+/// An event the database refuses stops nothing: the batch holding it is applied again event
+/// by event, the event is parked with the database's error, and the events around it are
+/// applied. (Here the refusal is a day's cost overflowing its bigint; before, the projector
+/// retried the refused batch for ever and the projection stood still.)
+#[sqlx::test(migrations = false)]
+async fn an_event_the_database_refuses_is_parked_and_the_events_beside_it_are_applied(pool: PgPool) {
+    use event_schema::Currency;
+    let store = open_store(&pool).await;
+    let (rich, other, third, owner) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let morning = t0() - chrono::Duration::hours(10);
+    let huge = i64::MAX - 5;
+    let first = vec![
+        created(rich, owner, morning),
+        session(rich, owner, morning + chrono::Duration::hours(1), huge, Currency::USD),
+    ];
+    store
+        .append(AppendBatch::single(to_stream(
+            rich,
+            owner,
+            ExpectedVersion::NoStream,
+            first,
+        )))
+        .await
+        .unwrap();
+    let (stop, tasks) = start_projectors(&pool);
+    caught_up(&pool).await;
+
+    // One commit, so one batch: another device's events, then a session the database cannot
+    // add to the first device's day, then a third device's events.
+    let later = morning + chrono::Duration::hours(2);
+    let appended = store
+        .append(AppendBatch {
+            streams: vec![
+                to_stream(
+                    other,
+                    owner,
+                    ExpectedVersion::NoStream,
+                    vec![
+                        created(other, owner, later),
+                        session(other, owner, later, 70, Currency::USD),
+                    ],
+                ),
+                to_stream(
+                    rich,
+                    owner,
+                    ExpectedVersion::Exact(2),
+                    vec![session(rich, owner, later, 100, Currency::USD)],
+                ),
+                to_stream(
+                    third,
+                    owner,
+                    ExpectedVersion::NoStream,
+                    vec![
+                        created(third, owner, later),
+                        session(third, owner, later, 30, Currency::USD),
+                    ],
+                ),
+            ],
+            idempotency: None,
+        })
+        .await;
+    let appended = appended.unwrap_or_else(|e| panic!("{e}"));
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let mut conn = pool.acquire().await.unwrap();
+    let day = morning.date_naive();
+    assert_eq!(
+        usage_rows(&mut conn).await,
+        {
+            let mut rows = vec![
+                (day, rich, "USD".to_owned(), 10, huge),
+                (day, other, "USD".to_owned(), 10, 70),
+                (day, third, "USD".to_owned(), 10, 30),
+            ];
+            rows.sort();
+            rows
+        },
+        "the refused session is not counted; the sessions beside it are"
+    );
+    let parked: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT projection, position, error FROM projection_dead_letters ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    let (projection, position, error) = &parked[0];
+    assert_eq!(projection, "daily_usage");
+    assert_eq!(*position, appended.last_position - 2, "the refused session's position");
+    assert!(
+        error.contains("the database refused it") && error.contains("out of range"),
+        "{error}"
+    );
 }
