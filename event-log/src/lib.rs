@@ -63,8 +63,8 @@ pub use append::{
 pub use chain::{ChainBreak, ChainVerifier};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use migrate::{
-    DEFAULT_PARTITIONS_AHEAD, MigrateError, PARTITIONS_SQL, applied_versions, create_database_if_missing, migrate,
-    migrator, pool_options,
+    DEFAULT_PARTITIONS_AHEAD, MigrateError, PARTITIONS_SQL, PING_IDLE_AFTER, applied_versions,
+    create_database_if_missing, migrate, migrator, pool_options,
 };
 pub use read::{ChainReport, LogHead, LogReader, LoggedPayload, ReadError, StreamInfo};
 pub use tail::{LogTail, NOTIFY_CHANNEL, TailConfig};

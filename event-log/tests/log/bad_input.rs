@@ -199,3 +199,58 @@ async fn a_database_connection_lost_mid_append_fails_the_caller_and_the_writer_r
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.broken, None);
 }
+
+/// The pools ping a connection on its way out of the pool only when it sat idle for more than
+/// `PING_IDLE_AFTER` (sqlx's ping on every hand-out cost a round trip per statement). A
+/// connection the database dropped while it sat idle (a restart, a proxy's idle timeout, an
+/// operator's `pg_terminate_backend`) is still found dead and replaced before any statement
+/// runs on it: no caller sees the error.
+#[sqlx::test(migrations = false)]
+async fn pooled_connections_killed_while_idle_are_replaced_before_a_statement_runs(
+    _: sqlx::postgres::PgPoolOptions,
+    connect: sqlx::postgres::PgConnectOptions,
+) {
+    use sqlx::{ConnectOptions, Connection};
+    const CONNECTIONS: usize = 3;
+    let pool = event_log::pool_options(CONNECTIONS as u32).connect_lazy_with(connect.clone());
+    // Open all of them: each held while the others are taken, then returned.
+    let mut held = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+        sqlx::query("SELECT 1")
+            .execute(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        held.push(conn);
+    }
+    drop(held);
+    eventually("the connections back in the pool", Duration::from_secs(10), || async {
+        pool.num_idle() == CONNECTIONS
+    })
+    .await;
+    // The state under test is idleness itself: nothing to await but time.
+    tokio::time::sleep(event_log::PING_IDLE_AFTER + Duration::from_millis(200)).await;
+
+    let mut operator = connect.connect().await.unwrap_or_else(|e| panic!("{e}"));
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_one(&mut operator)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(killed, CONNECTIONS as i64);
+    operator.close().await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Every connection the pool hands out now works, the first statement on each included.
+    let mut again = Vec::new();
+    for n in 0..CONNECTIONS {
+        let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("statement {n} on a pooled connection failed: {e}"));
+        assert_eq!(one, 1);
+        again.push(conn);
+    }
+}
