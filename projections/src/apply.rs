@@ -100,15 +100,16 @@ pub async fn begin_batch(
 /// Applies `events` (in position order) to the tables of `layout` that `conn`'s search path
 /// resolves (the live ones, or a replay's shadow schema), inside the caller's transaction.
 /// Events that cannot be applied are parked in `projection_dead_letters`. A batch the
-/// database refuses is applied again event by event, and an event it refuses alone is parked
-/// with the database's error: one bad event never stops a projection.
+/// database refuses is applied again in halves, down to single events where needed, and an
+/// event it refuses alone is parked with the database's error: one bad event never stops a
+/// projection.
 pub async fn apply_events(
     conn: &mut PgConnection,
     layout: TableLayout,
     events: &[EventEnvelope],
 ) -> Result<Applied, sqlx::Error> {
     // A savepoint, so that a batch the database refuses can be undone inside the caller's
-    // transaction and applied again event by event (see `refused`).
+    // transaction and applied again in parts (see `refused`).
     sqlx::query("SAVEPOINT projector_batch").execute(&mut *conn).await?;
     let error = match apply_and_park(conn, layout, events).await {
         Ok(applied) => return Ok(applied),
@@ -137,21 +138,22 @@ pub async fn apply_events(
         events = events.len(),
         first = events.first().map(|e| e.position),
         %error,
-        "the database refused a batch; applying its events one at a time"
+        "the database refused a batch; applying its halves apart"
     );
-    let mut applied = Applied::default();
-    for event in events {
-        let one = Box::pin(apply_events(conn, layout, std::slice::from_ref(event))).await?;
-        applied.add(one);
-    }
+    // Halves, not single events: a batch of n events with one at fault costs about 2·log2(n)
+    // attempts instead of n, and the halves without it apply whole. Applying a batch's events
+    // in two batches, in order, gives what applying them in one does.
+    let (first, second) = events.split_at(events.len() / 2);
+    let mut applied = Box::pin(apply_events(conn, layout, first)).await?;
+    applied.add(Box::pin(apply_events(conn, layout, second)).await?);
     Ok(applied)
 }
 
 /// True for an error the database will return again for the same statements and rows: the
 /// batch itself is at fault (a value out of range, a constraint, an upsert touching a row
 /// twice), not the connection or a concurrent transaction. Retrying such a batch as it is
-/// would fail for ever and stop the projection; applied event by event, only the event at
-/// fault is parked (and a fault of the batch alone, not of any event, parks nothing).
+/// would fail for ever and stop the projection; applied in parts, only the event at fault is
+/// parked (and a fault of the batch alone, not of any event, parks nothing).
 fn refused(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(error) => error.code().is_some_and(|code| {

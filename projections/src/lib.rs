@@ -45,8 +45,8 @@ pub mod metrics_names {
     pub const PROJECTION_SKIPPED_TOTAL: &str = "cloudphone_projection_skipped_total";
     /// Counter: events parked in the dead-letter table.
     pub const PROJECTION_DEAD_LETTERS_TOTAL: &str = "cloudphone_projection_dead_letters_total";
-    /// Counter: batches the database refused (see `apply::apply_events`): applied again
-    /// event by event, a refused single event parked.
+    /// Counter: batches (and parts of batches) the database refused (see
+    /// `apply::apply_events`): applied again in halves, a refused single event parked.
     pub const PROJECTION_BATCHES_REFUSED_TOTAL: &str = "cloudphone_projection_batches_refused_total";
     /// Gauge: dead letters of a projection still pending (neither retried nor skipped).
     pub const PROJECTION_DEAD_LETTERS_PENDING: &str = "cloudphone_projection_dead_letters_pending";

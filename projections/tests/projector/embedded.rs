@@ -576,3 +576,103 @@ async fn an_event_the_database_refuses_is_parked_and_the_events_beside_it_are_ap
         "{error}"
     );
 }
+
+/// At scale: a catch-up batch of 2 000 events with one the database refuses in its middle.
+/// Halving finds it in about 2·log2(2 000) attempts (event by event it would be 2 000), parks
+/// it alone, and applies the other 1 999 events in the same batch.
+#[sqlx::test(migrations = false)]
+async fn a_large_batch_with_one_refused_event_parks_that_event_alone(pool: PgPool) {
+    use event_schema::Currency;
+    const DEVICES: usize = 1_000;
+    let store = open_store(&pool).await;
+    let (rich, owner) = (Uuid::now_v7(), Uuid::now_v7());
+    let morning = t0() - chrono::Duration::hours(10);
+    let huge = i64::MAX - 5;
+    let first = vec![
+        created(rich, owner, morning),
+        session(rich, owner, morning + chrono::Duration::hours(1), huge, Currency::USD),
+    ];
+    store
+        .append(AppendBatch::single(to_stream(
+            rich,
+            owner,
+            ExpectedVersion::NoStream,
+            first,
+        )))
+        .await
+        .unwrap();
+    let (stop, tasks) = start_projectors(&pool);
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    // With the projectors stopped: 1 000 devices with a session each, and in the middle a
+    // session the first device's day cannot take.
+    let later = morning + chrono::Duration::hours(2);
+    let mut streams: Vec<StreamAppend> = (0..DEVICES)
+        .map(|_| {
+            let device = Uuid::now_v7();
+            to_stream(
+                device,
+                owner,
+                ExpectedVersion::NoStream,
+                vec![
+                    created(device, owner, later),
+                    session(device, owner, later, 1, Currency::USD),
+                ],
+            )
+        })
+        .collect();
+    streams.insert(
+        DEVICES / 2,
+        to_stream(
+            rich,
+            owner,
+            ExpectedVersion::Exact(2),
+            vec![session(rich, owner, later, 100, Currency::USD)],
+        ),
+    );
+    let appended = store
+        .append(AppendBatch {
+            streams,
+            idempotency: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused_position = 2 + 2 * (DEVICES / 2) as i64 + 1;
+
+    // One batch holds them all.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = projections::runner::ProjectorConfig {
+        batch_size: 10_000,
+        ..projections::runner::ProjectorConfig::default()
+    };
+    let tasks = projections::runner::spawn_log_projectors(&pool, config, &stop);
+    caught_up(&pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let mut conn = pool.acquire().await.unwrap();
+    let parked: Vec<(i64, String)> = sqlx::query_as("SELECT position, error FROM projection_dead_letters")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0].0, refused_position);
+    assert!(parked[0].1.contains("out of range"), "{}", parked[0].1);
+    let (rows, minutes, rich_cost): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(minutes)::bigint, max(cost_minor) FILTER (WHERE device_id = $1) FROM daily_usage",
+    )
+    .bind(rich)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(rows, DEVICES as i64 + 1);
+    assert_eq!(minutes, 10 * (DEVICES as i64 + 1), "every session but the refused one");
+    assert_eq!(rich_cost, huge);
+    assert_eq!(appended.last_position, 2 + 2 * DEVICES as i64 + 1);
+}
