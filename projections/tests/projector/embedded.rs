@@ -479,32 +479,61 @@ async fn a_batch_with_one_device_day_in_two_currencies_applies_as_its_events_one
     assert_eq!(usage_rows(&mut conn).await, one_at_a_time);
 }
 
-/// An event the database refuses stops nothing: the batch holding it is applied again event
-/// by event, the event is parked with the database's error, and the events around it are
-/// applied. (Here the refusal is a day's cost overflowing its bigint; before, the projector
-/// retried the refused batch for ever and the projection stood still.)
-#[sqlx::test(migrations = false)]
-async fn an_event_the_database_refuses_is_parked_and_the_events_beside_it_are_applied(pool: PgPool) {
-    use event_schema::Currency;
-    let store = open_store(&pool).await;
-    let (rich, other, third, owner) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+/// What a day of one device costs in [`a_device_whose_day_is_full`]: any more overflows the
+/// `bigint` of its `daily_usage` row, so the database refuses it.
+const FULL: i64 = i64::MAX - 5;
+
+/// A device whose day already costs [`FULL`].
+struct FullDay {
+    rich: Uuid,
+    owner: Uuid,
+    morning: DateTime<Utc>,
+}
+
+/// Appends a device with one session costing [`FULL`], and projects it (the projectors are
+/// stopped again on return).
+async fn a_device_whose_day_is_full(pool: &PgPool, store: &event_log::EventStore) -> FullDay {
+    let (rich, owner) = (Uuid::now_v7(), Uuid::now_v7());
     let morning = t0() - chrono::Duration::hours(10);
-    let huge = i64::MAX - 5;
-    let first = vec![
+    let events = vec![
         created(rich, owner, morning),
-        session(rich, owner, morning + chrono::Duration::hours(1), huge, Currency::USD),
+        session(
+            rich,
+            owner,
+            morning + chrono::Duration::hours(1),
+            FULL,
+            event_schema::Currency::USD,
+        ),
     ];
     store
         .append(AppendBatch::single(to_stream(
             rich,
             owner,
             ExpectedVersion::NoStream,
-            first,
+            events,
         )))
         .await
         .unwrap();
+    let (stop, tasks) = start_projectors(pool);
+    caught_up(pool).await;
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    FullDay { rich, owner, morning }
+}
+
+/// An event the database refuses stops nothing: the batch holding it is applied again in
+/// halves, the event is parked with the database's error, and the events around it are
+/// applied. (Here the refusal is a day's cost overflowing its bigint; before, the projector
+/// retried the refused batch for ever and the projection stood still.)
+#[sqlx::test(migrations = false)]
+async fn an_event_the_database_refuses_is_parked_and_the_events_beside_it_are_applied(pool: PgPool) {
+    use event_schema::Currency;
+    let store = open_store(&pool).await;
+    let FullDay { rich, owner, morning } = a_device_whose_day_is_full(&pool, &store).await;
+    let (other, third) = (Uuid::now_v7(), Uuid::now_v7());
     let (stop, tasks) = start_projectors(&pool);
-    caught_up(&pool).await;
 
     // One commit, so one batch: another device's events, then a session the database cannot
     // add to the first device's day, then a third device's events.
@@ -553,7 +582,7 @@ async fn an_event_the_database_refuses_is_parked_and_the_events_beside_it_are_ap
         usage_rows(&mut conn).await,
         {
             let mut rows = vec![
-                (day, rich, "USD".to_owned(), 10, huge),
+                (day, rich, "USD".to_owned(), 10, FULL),
                 (day, other, "USD".to_owned(), 10, 70),
                 (day, third, "USD".to_owned(), 10, 30),
             ];
@@ -585,28 +614,7 @@ async fn a_large_batch_with_one_refused_event_parks_that_event_alone(pool: PgPoo
     use event_schema::Currency;
     const DEVICES: usize = 1_000;
     let store = open_store(&pool).await;
-    let (rich, owner) = (Uuid::now_v7(), Uuid::now_v7());
-    let morning = t0() - chrono::Duration::hours(10);
-    let huge = i64::MAX - 5;
-    let first = vec![
-        created(rich, owner, morning),
-        session(rich, owner, morning + chrono::Duration::hours(1), huge, Currency::USD),
-    ];
-    store
-        .append(AppendBatch::single(to_stream(
-            rich,
-            owner,
-            ExpectedVersion::NoStream,
-            first,
-        )))
-        .await
-        .unwrap();
-    let (stop, tasks) = start_projectors(&pool);
-    caught_up(&pool).await;
-    stop.cancel();
-    for task in tasks {
-        task.await.unwrap();
-    }
+    let FullDay { rich, owner, morning } = a_device_whose_day_is_full(&pool, &store).await;
 
     // With the projectors stopped: 1 000 devices with a session each, and in the middle a
     // session the first device's day cannot take.
@@ -673,6 +681,6 @@ async fn a_large_batch_with_one_refused_event_parks_that_event_alone(pool: PgPoo
     .unwrap();
     assert_eq!(rows, DEVICES as i64 + 1);
     assert_eq!(minutes, 10 * (DEVICES as i64 + 1), "every session but the refused one");
-    assert_eq!(rich_cost, huge);
+    assert_eq!(rich_cost, FULL);
     assert_eq!(appended.last_position, 2 + 2 * DEVICES as i64 + 1);
 }
