@@ -305,13 +305,16 @@ async fn usage_and_projection_status_are_live_too(pool: PgPool) {
     socket.next_of("status").await;
 
     let device = writer.create_device(owner).await;
-    let ended = Utc::now();
+    // Within the day subscribed to, whatever the clock says by now: a session ending "now"
+    // was split over two days when the test ran across midnight, and the day asked for never
+    // reached 7 minutes.
+    let started_at = today.and_time(chrono::NaiveTime::MIN).and_utc() + chrono::Duration::hours(1);
     let usage = event_schema::UsageRecorded {
         owner_id: owner,
         device_id: device,
         provider: Provider::Aws,
-        started_at: ended - chrono::Duration::minutes(7),
-        ended_at: ended,
+        started_at,
+        ended_at: started_at + chrono::Duration::minutes(7),
         minutes: 7,
         cost: event_schema::Money {
             amount_minor: 70,
