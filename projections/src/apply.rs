@@ -126,10 +126,8 @@ pub async fn apply_events(
             envelope: event,
             error: format!("the database refused it: {error}"),
         };
-        park(conn, projection, &letter).await?;
-        metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name()).increment(1);
         return Ok(Applied {
-            dead_lettered: 1,
+            dead_lettered: park_all(conn, projection, &[letter]).await?,
             ..Applied::default()
         });
     }
@@ -171,17 +169,25 @@ async fn apply_and_park(
     layout: TableLayout,
     events: &[EventEnvelope],
 ) -> Result<Applied, sqlx::Error> {
-    let projection = layout.projection;
     let (mut applied, dead) = apply_unparked(conn, layout, events).await?;
-    for letter in &dead {
+    applied.dead_lettered = park_all(conn, layout.projection, &dead).await?;
+    Ok(applied)
+}
+
+/// Parks `letters` and counts them; returns how many.
+async fn park_all(
+    conn: &mut PgConnection,
+    projection: Projection,
+    letters: &[DeadLetter<'_>],
+) -> Result<usize, sqlx::Error> {
+    for letter in letters {
         park(conn, projection, letter).await?;
     }
-    applied.dead_lettered = dead.len();
-    if !dead.is_empty() {
+    if !letters.is_empty() {
         metrics::counter!(m::PROJECTION_DEAD_LETTERS_TOTAL, "projection" => projection.name())
-            .increment(dead.len() as u64);
+            .increment(letters.len() as u64);
     }
-    Ok(applied)
+    Ok(letters.len())
 }
 
 /// Applies what of `events` it can, like [`apply_events`], and returns the events it could
