@@ -230,6 +230,17 @@ pub struct PageRequest {
 pub struct Page {
     pub rows: Vec<DeviceRow>,
     pub more: bool,
+    /// How many rows match across every page, when the page's statement counted them too
+    /// ([`Counted::Yes`]) and could tell.
+    pub total: Option<i64>,
+}
+
+/// Whether a page's statement also counts the rows matching across every page (a
+/// connection's `totalCount`): one statement instead of two when the document asks for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counted {
+    Yes,
+    No,
 }
 
 impl PageRequest {
@@ -274,14 +285,14 @@ impl PageRequest {
         sql.push_bind(self.size + 1);
     }
 
-    fn page(&self, mut rows: Vec<DeviceRow>) -> Page {
+    fn page(&self, mut rows: Vec<DeviceRow>, total: Option<i64>) -> Page {
         let size = usize::try_from(self.size).unwrap_or(0);
         let more = rows.len() > size;
         rows.truncate(size);
         if self.backward {
             rows.reverse();
         }
-        Page { rows, more }
+        Page { rows, more, total }
     }
 }
 
@@ -302,43 +313,91 @@ fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
     filter.conditions.push_words(sql);
 }
 
-/// One page of the devices matching `filter`.
-pub async fn device_page(pool: &PgPool, filter: &DeviceFilter, page: &PageRequest) -> Result<Page, sqlx::Error> {
-    if filter.owners == Owners::Nobody || page.size == 0 {
+/// One page of the devices matching `filter`; with [`Counted::Yes`], also how many match
+/// across every page, in the same statement.
+pub async fn device_page(
+    pool: &PgPool,
+    filter: &DeviceFilter,
+    page: &PageRequest,
+    counted: Counted,
+) -> Result<Page, sqlx::Error> {
+    if filter.owners == Owners::Nobody {
+        return Ok(Page {
+            total: (counted == Counted::Yes).then_some(0),
+            ..Page::default()
+        });
+    }
+    if page.size == 0 {
         return Ok(Page::default());
     }
-    let mut sql = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE true"));
+    let mut sql = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS}"));
+    if counted == Counted::Yes {
+        // Uncorrelated, so PostgreSQL runs it once (an InitPlan) with its own plan, beside the
+        // page's index scan: the cost of the separate count statement without its round trip.
+        sql.push(", (SELECT count(*) FROM devices WHERE true");
+        push_filter(&mut sql, filter);
+        sql.push(") AS total");
+    }
+    sql.push(" FROM devices WHERE true");
     push_filter(&mut sql, filter);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
     let rows = sql.build().fetch_all(pool).await?;
+    let total = match (counted, rows.first()) {
+        (Counted::No, _) => None,
+        (Counted::Yes, Some(row)) => Some(row.try_get("total")?),
+        // No row carried the count: without a cursor, no row matches at all; after one, the
+        // count is unknown here and read on its own.
+        (Counted::Yes, None) => page.from.is_none().then_some(0),
+    };
     let rows = rows.iter().map(device_row).collect::<Result<Vec<_>, _>>()?;
-    Ok(page.page(rows))
+    Ok(page.page(rows, total))
 }
 
-/// The same page of each owner's devices, in one statement (a lateral join per owner).
+/// The same page of each owner's devices, in one statement (a lateral join per owner); with
+/// [`Counted::Yes`], also how many devices each owner has under the same conditions.
 pub async fn device_pages_by_owner(
     pool: &PgPool,
     owners: &[Uuid],
     conditions: &DeviceConditions,
     page: &PageRequest,
+    counted: Counted,
 ) -> Result<HashMap<Uuid, Page>, sqlx::Error> {
-    let mut sql = QueryBuilder::new("SELECT d.* FROM unnest(");
-    sql.push_bind(owners.to_vec()).push(format!(
-        "::uuid[]) AS o(owner) CROSS JOIN LATERAL (SELECT {DEVICE_COLUMNS} FROM devices WHERE owner_id = o.owner"
+    let mut sql = QueryBuilder::new("SELECT o.owner AS page_owner, ");
+    sql.push(if counted == Counted::Yes {
+        "c.total, "
+    } else {
+        "NULL::bigint AS total, "
+    });
+    sql.push("d.* FROM unnest(")
+        .push_bind(owners.to_vec())
+        .push("::uuid[]) AS o(owner)");
+    if counted == Counted::Yes {
+        sql.push(" CROSS JOIN LATERAL (SELECT count(*) AS total FROM devices WHERE owner_id = o.owner");
+        conditions.push_devices(&mut sql);
+        sql.push(") AS c");
+    }
+    // A left join, so an owner with an empty page still brings its count.
+    sql.push(format!(
+        " LEFT JOIN LATERAL (SELECT {DEVICE_COLUMNS} FROM devices WHERE owner_id = o.owner"
     ));
     conditions.push_devices(&mut sql);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
-    sql.push(") AS d");
-    let mut by_owner: HashMap<Uuid, Vec<DeviceRow>> = owners.iter().map(|o| (*o, Vec::new())).collect();
+    sql.push(") AS d ON true");
+    let mut by_owner: HashMap<Uuid, (Vec<DeviceRow>, Option<i64>)> =
+        owners.iter().map(|o| (*o, (Vec::new(), None))).collect();
     for row in sql.build().fetch_all(pool).await? {
-        let device = device_row(&row)?;
-        by_owner.entry(device.owner_id).or_default().push(device);
+        let owner: Uuid = row.try_get("page_owner")?;
+        let entry = by_owner.entry(owner).or_default();
+        entry.1 = row.try_get("total")?;
+        if row.try_get::<Option<Uuid>, _>("device_id")?.is_some() {
+            entry.0.push(device_row(&row)?);
+        }
     }
     Ok(by_owner
         .into_iter()
-        .map(|(owner, rows)| (owner, page.page(rows)))
+        .map(|(owner, (rows, total))| (owner, page.page(rows, total)))
         .collect())
 }
 
@@ -368,15 +427,18 @@ pub async fn count_devices_by_owner(
     Ok(counts)
 }
 
-/// The devices with these ids (those that exist).
-pub async fn devices_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DeviceRow>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = ANY($1)"
+/// The device with this id, if it exists. `= $1`, not `= ANY($1)`: PostgreSQL plans a
+/// prepared statement over an array afresh on every execution (a custom plan is always
+/// cheaper than a generic one that cannot know the array's length), and one id is the
+/// question asked.
+pub async fn device_by_id(pool: &PgPool, id: Uuid) -> Result<Option<DeviceRow>, sqlx::Error> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
     )))
-    .bind(ids)
-    .fetch_all(pool)
+    .bind(id)
+    .fetch_optional(pool)
     .await?;
-    rows.iter().map(device_row).collect()
+    row.as_ref().map(device_row).transpose()
 }
 
 /// A `device_stats` row.
@@ -397,6 +459,19 @@ pub struct StatsTotals {
     pub device_count: i64,
     pub cpu_cores: i64,
     pub memory_mb: i64,
+}
+
+impl StatsTotals {
+    /// The sums over `rows`, as `stats_totals` computes them over the same rows. A sum past
+    /// `i64` saturates: PostgreSQL's `bigint` cast would refuse it, and a dashboard total that
+    /// large is already meaningless.
+    pub fn of(rows: &[StatsRecord]) -> Self {
+        rows.iter().fold(StatsTotals::default(), |sum, row| StatsTotals {
+            device_count: sum.device_count.saturating_add(row.device_count),
+            cpu_cores: sum.cpu_cores.saturating_add(row.cpu_cores),
+            memory_mb: sum.memory_mb.saturating_add(row.memory_mb),
+        })
+    }
 }
 
 /// `device_stats` rows matching `filter`, ordered by user, status and provider, at most `limit`.

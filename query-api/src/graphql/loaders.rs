@@ -11,7 +11,10 @@ use uuid::Uuid;
 
 use read_models::users::UserRow;
 
-use crate::reads::{self, DeviceConditions, Page, PageRequest, Period, StatsRecord, UsageRecord, UsageSubject};
+use crate::reads::{
+    self, Counted, DeviceConditions, DeviceFilter, Owners, Page, PageRequest, Period, StatsRecord, UsageRecord,
+    UsageSubject,
+};
 
 /// Loads from the source one request was routed to.
 #[derive(Debug, Clone)]
@@ -22,12 +25,13 @@ pub struct ReadLoader {
 /// A failed batch; shared by every field that waited on it.
 pub type LoadError = Arc<sqlx::Error>;
 
-/// One page of one owner's devices.
+/// One page of one owner's devices, and with [`Counted::Yes`] how many they have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerPage {
     pub owner: Uuid,
     pub conditions: DeviceConditions,
     pub page: PageRequest,
+    pub counted: Counted,
 }
 
 /// How many devices one owner has.
@@ -66,9 +70,22 @@ impl Loader<OwnerPage> for ReadLoader {
 
     async fn load(&self, keys: &[OwnerPage]) -> Result<HashMap<OwnerPage, Page>, LoadError> {
         let mut loaded = HashMap::new();
-        for ((conditions, page), keys) in grouped(keys, |k| (k.conditions, k.page)) {
+        for ((conditions, page, counted), keys) in grouped(keys, |k| (k.conditions, k.page, k.counted)) {
+            if let [key] = keys[..]
+                && page.size > 0
+            {
+                // One owner (a dashboard's usual question): the one-owner statement, which
+                // PostgreSQL plans once per connection. The lateral join over an array is
+                // planned again on every execution, as no generic plan knows the array's length.
+                let filter = DeviceFilter {
+                    owners: Owners::Only(key.owner),
+                    conditions,
+                };
+                loaded.insert(key, reads::device_page(&self.pool, &filter, &page, counted).await?);
+                continue;
+            }
             let owners: Vec<Uuid> = keys.iter().map(|k| k.owner).collect();
-            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, &conditions, &page).await?;
+            let mut pages = reads::device_pages_by_owner(&self.pool, &owners, &conditions, &page, counted).await?;
             for key in keys {
                 loaded.insert(key, pages.remove(&key.owner).unwrap_or_default());
             }

@@ -7,13 +7,14 @@ use uuid::Uuid;
 
 use super::operations::{self, LogStatus, Replay};
 use super::scalars::BigInt;
+use super::types::counted_if_asked;
 use super::{
     DailyUsage, Device, DeviceConnection, DeviceFilterInput, DeviceStats, DevicesOrderBy, FleetHistoryFilter,
     FleetHistoryGroupBy, FleetSizePoint, Money, ProviderUsage, ProviderUsageFilter, UsageFilter, UsageGroupBy, User,
     UserConnection, UsersFilter, bad_input, daily_usage_version_error, fleet_v2_error, is_undefined_table,
     page_request, read_context, usage_range, usage_read_error, user_page_request,
 };
-use crate::reads::{self, Period, UsageQuery, UserFilter};
+use crate::reads::{self, Counted, Owners, Period, UsageQuery, UserFilter};
 
 /// The root of every dashboard query.
 #[derive(Debug, Default)]
@@ -168,9 +169,16 @@ impl Query {
             before.as_deref(),
         )?;
         let filter = filter.unwrap_or_default().scoped(read.viewer)?;
+        // Counted in the page's statement only within one owner's devices. Across everyone's
+        // (an admin's list), aliases of the list in other page sizes would each count every
+        // device again; the separate count is shared by them all (`read_once`).
+        let counted = match filter.owners {
+            Owners::Only(_) => counted_if_asked(ctx),
+            Owners::Any | Owners::Nobody => Counted::No,
+        };
         let page = read
-            .read_once(format!("device_page {filter:?} {request:?}"), || {
-                reads::device_page(&read.pool, &filter, &request)
+            .read_once(format!("device_page {filter:?} {request:?} {counted:?}"), || {
+                reads::device_page(&read.pool, &filter, &request, counted)
             })
             .await
             .map_err(|e| read.database_error(&e))?;
@@ -187,13 +195,10 @@ impl Query {
         let _ = min_position;
         // A root field has no siblings to batch with: read at once rather than wait for a batch.
         let read = read_context(ctx);
-        let ids = [id];
         let row = read
-            .read_once(format!("devices_by_id {id}"), || reads::devices_by_id(&read.pool, &ids))
+            .read_once(format!("device_by_id {id}"), || reads::device_by_id(&read.pool, id))
             .await
-            .map_err(|e| read.database_error(&e))?
-            .into_iter()
-            .next();
+            .map_err(|e| read.database_error(&e))?;
         Ok(row.filter(|row| read.viewer.can_see(row.owner_id)).map(Device))
     }
 

@@ -12,8 +12,8 @@ use super::{
     page_request, read_context, usage_range, usage_read_error,
 };
 use crate::reads::{
-    self, DeviceFilter, DeviceKey, FleetSize, Owners, Page, PageRequest, StatsRecord, StatsTotals, UsageRecord,
-    UsageSubject, UserFilter, UserPage, UserPageRequest,
+    self, Counted, DeviceFilter, DeviceKey, FleetSize, Owners, Page, PageRequest, StatsRecord, StatsTotals,
+    UsageRecord, UsageSubject, UserFilter, UserPage, UserPageRequest,
 };
 use read_models::users::UserRow;
 
@@ -228,6 +228,7 @@ impl User {
             owner: self.0,
             conditions: filter.unwrap_or_default().conditions()?,
             page: request,
+            counted: counted_if_asked(ctx),
         };
         let page = loader(ctx)
             .load_one(key)
@@ -273,6 +274,16 @@ pub struct DeviceConnection {
     page: Page,
     /// Nested under a user: the count is batched across users.
     batched_count: bool,
+}
+
+/// Whether the connection a field returns should count its rows in the page's statement:
+/// when the document selects its `totalCount`.
+pub(crate) fn counted_if_asked(ctx: &Context<'_>) -> Counted {
+    if ctx.look_ahead().field("totalCount").exists() {
+        Counted::Yes
+    } else {
+        Counted::No
+    }
 }
 
 impl DeviceConnection {
@@ -372,6 +383,9 @@ impl DeviceConnection {
 
     /// Devices matching the filter, across every page.
     async fn total_count(&self, ctx: &Context<'_>) -> async_graphql::Result<BigInt> {
+        if let Some(total) = self.page.total {
+            return Ok(BigInt(total));
+        }
         let read = read_context(ctx);
         let count = match (self.batched_count, self.filter.owners) {
             (true, Owners::Only(owner)) => loader(ctx)
@@ -527,6 +541,23 @@ impl DeviceStats {
         }
     }
 
+    /// Whether the filter keeps to one owner's rows: at most one per status and provider, so
+    /// reading them all costs no more than reading a page, and `rows` and `totals` share one
+    /// statement instead of two.
+    fn one_owner(filter: &DeviceFilter) -> bool {
+        matches!(filter.owners, Owners::Only(_))
+    }
+
+    /// Every row of a one-owner filter, read once for both `rows` and `totals`.
+    async fn owner_rows(ctx: &Context<'_>, filter: DeviceFilter) -> async_graphql::Result<Vec<StatsRecord>> {
+        let read = read_context(ctx);
+        read.read_once(format!("stats_rows {filter:?} all"), || {
+            reads::stats_rows(&read.pool, &filter, i64::MAX)
+        })
+        .await
+        .map_err(|e| read.database_error(&e))
+    }
+
     async fn user_rows(ctx: &Context<'_>, user: Uuid) -> async_graphql::Result<Vec<StatsRecord>> {
         let read = read_context(ctx);
         Ok(loader(ctx)
@@ -610,12 +641,17 @@ impl DeviceStats {
     ) -> async_graphql::Result<Vec<DeviceStatsRow>> {
         let read = read_context(ctx);
         let records = match self.source {
-            StatsSource::Filter(filter) => read
+            StatsSource::Filter(filter) if !Self::one_owner(&filter) => read
                 .read_once(format!("stats_rows {filter:?} {first}"), || {
                     reads::stats_rows(&read.pool, &filter, i64::from(first))
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
+            StatsSource::Filter(filter) => {
+                let mut rows = Self::owner_rows(ctx, filter).await?;
+                rows.truncate(usize::try_from(first).unwrap_or(0));
+                rows
+            }
             StatsSource::User(user) => {
                 let mut rows = Self::user_rows(ctx, user).await?;
                 rows.truncate(usize::try_from(first).unwrap_or(0));
@@ -629,22 +665,14 @@ impl DeviceStats {
     async fn totals(&self, ctx: &Context<'_>) -> async_graphql::Result<DeviceStatsTotals> {
         let read = read_context(ctx);
         let totals = match self.source {
-            StatsSource::Filter(filter) => read
+            StatsSource::Filter(filter) if !Self::one_owner(&filter) => read
                 .read_once(format!("stats_totals {filter:?}"), || {
                     reads::stats_totals(&read.pool, &filter)
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
-            StatsSource::User(user) => {
-                Self::user_rows(ctx, user)
-                    .await?
-                    .iter()
-                    .fold(StatsTotals::default(), |sum, row| StatsTotals {
-                        device_count: sum.device_count + row.device_count,
-                        cpu_cores: sum.cpu_cores + row.cpu_cores,
-                        memory_mb: sum.memory_mb + row.memory_mb,
-                    })
-            }
+            StatsSource::Filter(filter) => StatsTotals::of(&Self::owner_rows(ctx, filter).await?),
+            StatsSource::User(user) => StatsTotals::of(&Self::user_rows(ctx, user).await?),
         };
         Ok(totals.into())
     }

@@ -379,47 +379,9 @@ async fn pagination_walks_a_10k_fleet_both_ways_without_duplicates_or_holes_whil
     );
 }
 
-/// Counts the SQL statements sqlx runs (it logs each one under `sqlx::query`), but for the
-/// API's background reads (replica health and checkpoint watermarks), whose ticks fall where
-/// they fall.
-#[derive(Clone)]
-struct CountStatements(Arc<AtomicUsize>);
-
-/// Whether an event's `summary` (the statement's first words) is one of the background reads.
-struct BackgroundRead(bool);
-
-impl tracing::field::Visit for BackgroundRead {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "summary" {
-            let summary = format!("{value:?}");
-            self.0 = summary.contains("pg_current_wal_lsn") || summary.contains("SELECT projection, position");
-        }
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountStatements {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() != "sqlx::query" {
-            return;
-        }
-        let mut background = BackgroundRead(false);
-        event.record(&mut background);
-        if !background.0 {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
-    use tracing_subscriber::layer::SubscriberExt;
-    let statements = Arc::new(AtomicUsize::new(0));
-    let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
-        CountStatements(Arc::clone(&statements)),
-        tracing_subscriber::filter::Targets::new().with_target("sqlx::query", tracing::Level::TRACE),
-    ));
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-
+    let statements = count_statements();
     migrated(&pool).await;
     // 50 devices of 10 owners, each with usage.
     let devices: Vec<SeedDevice> = (0..50u128)
@@ -442,25 +404,14 @@ async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
     // A window long enough that no sibling misses its batch however busy the machine (the
     // default, none, batches siblings on a quiet machine; see `Limits::load_batch_window`).
     let config = query_api::QueryApiConfig {
-        cache_max_bytes: 0,
-        watermark_interval: Duration::from_secs(3600),
-        health_interval: Duration::from_secs(3600),
         limits: query_api::graphql::Limits {
             load_batch_window: Duration::from_millis(100),
             ..test_config().limits
         },
-        ..test_config()
+        ..counting_config()
     };
     let api = start(&pool, config).await;
-    // The subscriptions' change listener runs `LISTEN` once at start: not this query's.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !api.metrics().await.contains("cloudphone_subscription_listening 1") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the change listener never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    listener_started(&api).await;
     let query = "{ devices(first: 50) { nodes { id
         usage(from: \"2026-03-01\", to: \"2026-03-31\") { totals { minutes } }
         owner { id devices(first: 3) { totalCount nodes { id } } stats { totals { deviceCount } }
@@ -482,10 +433,141 @@ async fn nested_loads_are_batched_into_one_statement_per_level(pool: PgPool) {
         assert_eq!(node["owner"]["stats"]["totals"]["deviceCount"], "5");
         assert_eq!(node["owner"]["usage"]["totals"]["minutes"], "50");
     }
-    // The page, then one statement each for device usage, owners' pages, owners' counts,
-    // owners' stats and owners' usage: 6, whatever the number of devices and owners. One
+    // The page, then one statement each for device usage, owners' pages with their counts,
+    // owners' stats and owners' usage: 5, whatever the number of devices and owners. One
     // statement per parent would be 91 here.
-    assert_eq!(ran, 6, "statements for 50 devices of 10 owners");
+    assert_eq!(ran, 5, "statements for 50 devices of 10 owners");
+}
+
+/// A dashboard asking for a page with its `totalCount`, or for statistics rows with their
+/// totals, gets both from one statement; the counts stay right past the first page, after the
+/// last one, under a filter and for a user with nothing.
+#[sqlx::test(migrations = false)]
+async fn a_page_and_its_count_and_stats_rows_and_their_totals_are_one_statement_each(pool: PgPool) {
+    let statements = count_statements();
+    migrated(&pool).await;
+    // 25 devices of A (every fifth stopped, two providers), one of B.
+    let mut devices: Vec<SeedDevice> = (0..25u128)
+        .map(|n| SeedDevice {
+            id: dev(0x100 + n),
+            owner: A,
+            provider: if n % 2 == 0 { "aws" } else { "gcp" },
+            status: if n % 5 == 0 { "stopped" } else { "running" },
+            cpu: 2,
+            memory: 1024,
+            created_at: at(i64::try_from(n).unwrap() * 1_000),
+        })
+        .collect();
+    devices.push(SeedDevice {
+        id: dev(0x200),
+        owner: B,
+        provider: "aws",
+        status: "running",
+        cpu: 4,
+        memory: 2048,
+        created_at: at(1),
+    });
+    insert_devices(&pool, &devices).await;
+    derive_device_stats(&pool).await;
+    set_checkpoints(&pool, 1).await;
+    let config = counting_config();
+    let api = start(&pool, config).await;
+    listener_started(&api).await;
+    let alice = token(A, Role::User);
+    let nobody = token(Uuid::from_u128(0xdead), Role::User);
+    let ran = async |token: &str, query: &str, variables: Value| {
+        let before = statements.load(Ordering::Relaxed);
+        let data = api.query(token, query, variables).await.data().clone();
+        (statements.load(Ordering::Relaxed) - before, data)
+    };
+    let page = "query($user: UUID!, $after: String, $status: [DeviceStatus!]) {
+        devices(filter: { userId: $user, status: $status }, first: 20, after: $after) {
+            totalCount pageInfo { hasNextPage endCursor } nodes { id } } }";
+
+    let (n, first) = ran(&alice, page, json!({ "user": A })).await;
+    assert_eq!(n, 1, "a first page with its count: {first}");
+    assert_eq!(first["devices"]["totalCount"], "25");
+    assert_eq!(first["devices"]["nodes"].as_array().unwrap().len(), 20);
+    assert_eq!(first["devices"]["pageInfo"]["hasNextPage"], true);
+
+    let cursor = first["devices"]["pageInfo"]["endCursor"].clone();
+    let (n, second) = ran(&alice, page, json!({ "user": A, "after": cursor })).await;
+    assert_eq!(n, 1, "a later page with its count: {second}");
+    assert_eq!(second["devices"]["totalCount"], "25");
+    assert_eq!(second["devices"]["nodes"].as_array().unwrap().len(), 5);
+
+    let cursor = second["devices"]["pageInfo"]["endCursor"].clone();
+    let (n, past) = ran(&alice, page, json!({ "user": A, "after": cursor })).await;
+    assert_eq!(
+        past["devices"]["totalCount"], "25",
+        "past the last page the count is read on its own"
+    );
+    assert_eq!(past["devices"]["nodes"], json!([]));
+    assert_eq!(n, 2, "an empty page after a cursor cannot carry the count");
+
+    let (n, stopped) = ran(&alice, page, json!({ "user": A, "status": ["STOPPED"] })).await;
+    assert_eq!((n, &stopped["devices"]["totalCount"]), (1, &json!("5")), "{stopped}");
+    let (n, none) = ran(&nobody, page, json!({ "user": Uuid::from_u128(0xdead) })).await;
+    assert_eq!((n, &none["devices"]["totalCount"]), (1, &json!("0")), "{none}");
+    let (n, other) = ran(&alice, page, json!({ "user": B })).await;
+    assert_eq!(
+        (n, &other["devices"]["totalCount"]),
+        (0, &json!("0")),
+        "another user's: nothing read"
+    );
+
+    // Without totalCount the page statement counts nothing, and with it nested under a user
+    // the batched page counts too.
+    let (n, _) = ran(&alice, "{ devices(first: 5) { nodes { id } } }", json!({})).await;
+    assert_eq!(n, 1);
+    let (n, nested) = ran(
+        &alice,
+        &format!("{{ user(id: \"{A}\") {{ devices(first: 3) {{ totalCount }} }} }}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (n, &nested["user"]["devices"]["totalCount"]),
+        (1, &json!("25")),
+        "{nested}"
+    );
+
+    let stats = "query($user: UUID!) { deviceStats(filter: { userId: $user }) {
+        rows(first: 1) { status provider deviceCount } totals { deviceCount cpuCores memoryMb } } }";
+    let (n, mine) = ran(&alice, stats, json!({ "user": A })).await;
+    assert_eq!(n, 1, "one owner's rows and totals: {mine}");
+    assert_eq!(mine["deviceStats"]["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        mine["deviceStats"]["totals"],
+        json!({ "deviceCount": "25", "cpuCores": "50", "memoryMb": "25600" }),
+        "totals over every row, not only the one returned"
+    );
+    let admin = admin();
+    // Everyone's devices: each alias's page on its own and one count shared by them all, not
+    // a count of every device per alias.
+    let (n, lists) = ran(
+        &admin,
+        "{ a: devices(first: 1) { totalCount } b: devices(first: 2) { totalCount }
+           c: devices(first: 3) { totalCount } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (&lists["a"]["totalCount"], &lists["c"]["totalCount"]),
+        (&json!("26"), &json!("26"))
+    );
+    assert_eq!(n, 4, "three pages and one count: {lists}");
+    let (n, everyone) = ran(
+        &admin,
+        "{ deviceStats { rows { deviceCount } totals { deviceCount } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(everyone["deviceStats"]["totals"]["deviceCount"], "26");
+    assert_eq!(
+        n, 2,
+        "everyone's rows are not read whole: a page of them and the totals"
+    );
 }
 
 #[sqlx::test(migrations = false)]

@@ -16,7 +16,7 @@
 //! - tokens not yet valid, issued in the future or living too long are refused.
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -750,42 +750,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Counts the SQL statements sqlx runs (it logs each one under `sqlx::query`). The subscriber
-/// is the process's: nextest runs each test in a process of its own.
-#[derive(Clone)]
-struct CountStatements(Arc<AtomicUsize>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountStatements {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() == "sqlx::query" {
-            self.0.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-fn count_statements() -> Arc<AtomicUsize> {
-    use tracing_subscriber::layer::SubscriberExt;
-    let statements = Arc::new(AtomicUsize::new(0));
-    let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
-        CountStatements(Arc::clone(&statements)),
-        tracing_subscriber::filter::Targets::new().with_target("sqlx::query", tracing::Level::TRACE),
-    ));
-    tracing::subscriber::set_global_default(subscriber).unwrap();
-    statements
-}
-
 #[sqlx::test(migrations = false)]
 async fn hostile_documents_are_answered_or_refused_with_a_code_in_under_100_ms_at_p99(pool: PgPool) {
     let statements = count_statements();
     seeded(&pool).await;
-    // No cache, so every answer is computed; no background reads, so statements are the
-    // requests'.
-    let config = query_api::QueryApiConfig {
-        cache_max_bytes: 0,
-        watermark_interval: Duration::from_secs(3600),
-        health_interval: Duration::from_secs(3600),
-        ..test_config()
-    };
+    let config = counting_config();
     let api = start(&pool, config).await;
     let url = format!("http://{}/graphql", api.addr);
     let admin = admin();

@@ -1,6 +1,10 @@
 //! Read-model rows to query, and hand-made tokens: what only the query API's tests need. The
 //! query API on the test's database and its client are `test_support::query`'s, re-exported
-//! here with the migrations.
+//! here with the migrations; and the statement counter of the tests that count statements.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde_json::Value;
@@ -177,4 +181,72 @@ pub async fn append_device_created(store: &event_log::EventStore, owner: Uuid) -
         .await
         .unwrap();
     (device, outcome.last_position)
+}
+
+/// Counts the SQL statements sqlx runs (it logs each one under `sqlx::query`), but for the
+/// API's background reads (replica health and checkpoint watermarks), whose ticks fall where
+/// they fall.
+#[derive(Clone)]
+pub struct CountStatements(Arc<AtomicUsize>);
+
+/// Whether an event's `summary` (the statement's first words) is one of the background reads.
+struct BackgroundRead(bool);
+
+impl tracing::field::Visit for BackgroundRead {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "summary" {
+            let summary = format!("{value:?}");
+            self.0 = summary.contains("pg_current_wal_lsn") || summary.contains("SELECT projection, position");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountStatements {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != "sqlx::query" {
+            return;
+        }
+        let mut background = BackgroundRead(false);
+        event.record(&mut background);
+        if !background.0 {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts every statement this test process runs from now on, but for the background reads.
+/// The subscriber is the process's: nextest runs each test in a process of its own.
+pub fn count_statements() -> Arc<AtomicUsize> {
+    use tracing_subscriber::layer::SubscriberExt;
+    let statements = Arc::new(AtomicUsize::new(0));
+    let subscriber = tracing_subscriber::registry().with(tracing_subscriber::Layer::with_filter(
+        CountStatements(Arc::clone(&statements)),
+        tracing_subscriber::filter::Targets::new().with_target("sqlx::query", tracing::Level::TRACE),
+    ));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+    statements
+}
+
+/// The query API of a test that counts statements: no cache, so every answer is computed,
+/// and no background reads (replica health, checkpoint watermarks) within the test's time.
+pub fn counting_config() -> query_api::QueryApiConfig {
+    query_api::QueryApiConfig {
+        cache_max_bytes: 0,
+        watermark_interval: Duration::from_secs(3600),
+        health_interval: Duration::from_secs(3600),
+        ..test_config()
+    }
+}
+
+/// Waits until the subscriptions' change listener has run its one `LISTEN`, which is not a
+/// query's statement.
+pub async fn listener_started(api: &TestApi) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !api.metrics().await.contains("cloudphone_subscription_listening 1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change listener never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
