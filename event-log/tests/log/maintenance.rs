@@ -146,7 +146,9 @@ async fn a_dropped_future_partition_is_recreated_by_the_next_pass(pool: PgPool) 
     assert_eq!(live(&pool, "user_events_2042_08").await, Some(true));
 }
 
-/// The name of the partition `months` months after the current one.
+/// The name of the partition `months` months after the current one. Read before the loop
+/// under test starts: its passes read the clock later, so they provision at least this month
+/// even when a month begins in between.
 fn months_from_now(months: u32) -> String {
     let month = Utc::now()
         .date_naive()
@@ -156,13 +158,29 @@ fn months_from_now(months: u32) -> String {
     format!("user_events_{}", month.format("%Y_%m"))
 }
 
+/// The loop's passes of one outcome ("ok" or "error"), as its metrics count them.
+fn passes(metrics: &metrics_exporter_prometheus::PrometheusHandle, outcome: &str) -> u64 {
+    let series = format!(r#"cloudphone_partition_maintenance_runs_total{{outcome="{outcome}"}} "#);
+    metrics
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn metrics_of_this_test() -> metrics_exporter_prometheus::PrometheusHandle {
+    // nextest runs each test in a process of its own, so this recorder is this test's.
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[sqlx::test(migrations = false)]
 async fn the_maintenance_loop_outlives_a_failing_pass_and_stops_when_cancelled(pool: PgPool) {
-    // The loop's passes are seen through its metrics (nextest runs each test in a process of
-    // its own, so this recorder is this test's).
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The loop's passes are seen through its metrics.
+    let metrics = metrics_of_this_test();
+    let seventh = months_from_now(7);
     // Not migrated yet: every pass fails (the partition functions do not exist).
     let stop = CancellationToken::new();
     let running = tokio::spawn(run_partition_maintenance(
@@ -171,18 +189,17 @@ async fn the_maintenance_loop_outlives_a_failing_pass_and_stops_when_cancelled(p
         Duration::from_millis(50),
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("three failed passes", Duration::from_secs(20), || async {
+        passes(&metrics, "error") >= 3
+    })
+    .await;
     assert!(!running.is_finished(), "a failed pass stopped the loop");
     // Migrating creates three months ahead; a later pass of the loop creates the seventh.
     migrated(&pool).await;
-    let seventh = months_from_now(7);
     // A pass that overlaps the migration may create the seventh month and still fail (what
     // it reads next is not migrated yet): wait for a pass that succeeded, too.
     eventually("a successful pass", Duration::from_secs(20), || async {
-        live(&pool, &seventh).await == Some(true)
-            && metrics
-                .render()
-                .contains(r#"cloudphone_partition_maintenance_runs_total{outcome="ok"}"#)
+        live(&pool, &seventh).await == Some(true) && passes(&metrics, "ok") >= 1
     })
     .await;
 
@@ -197,7 +214,9 @@ async fn the_maintenance_loop_outlives_a_failing_pass_and_stops_when_cancelled(p
 
 #[sqlx::test(migrations = false)]
 async fn the_maintenance_loop_runs_at_start_and_stops_while_waiting(pool: PgPool) {
+    let metrics = metrics_of_this_test();
     migrated(&pool).await;
+    let ninth = months_from_now(9);
     let stop = CancellationToken::new();
     let running = tokio::spawn(run_partition_maintenance(
         pool.clone(),
@@ -205,13 +224,13 @@ async fn the_maintenance_loop_runs_at_start_and_stops_while_waiting(pool: PgPool
         Duration::from_secs(3600),
         stop.clone(),
     ));
-    let ninth = months_from_now(9);
+    // The pass is counted when it has finished (it lists the partitions after creating them);
+    // then the loop waits its hour, and the cancel must end that wait.
     eventually("the first pass", Duration::from_secs(20), || async {
-        live(&pool, &ninth).await == Some(true)
+        passes(&metrics, "ok") == 1
     })
     .await;
-    // The pass lists the partitions after creating them; then the loop waits its hour.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(live(&pool, &ninth).await, Some(true), "the first pass did not create {ninth}");
     stop.cancel();
     let totals = tokio::time::timeout(Duration::from_secs(10), running)
         .await
