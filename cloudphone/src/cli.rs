@@ -602,8 +602,8 @@ pub struct ReplayArgs {
     pub history_wait_secs: u64,
     /// Log positions the bulk phase reads and folds per second at most, so that live
     /// appends keep their latency (0: no limit). With the default, appends' p99 stayed
-    /// within 2x of quiet during replays of 1M and 2M events on a 2-core primary; 10M is not
-    /// yet measured (BENCHMARKS.md).
+    /// within 2x of quiet during replays of 1M and 2M events on a 2-core primary, and was
+    /// 4–5x at 10M, most while the tables and indexes were written (BENCHMARKS.md).
     #[arg(long, env = "CLOUDPHONE_REPLAY_MAX_EVENTS_PER_SECOND", default_value_t = DEFAULT_MAX_EVENTS_PER_SECOND)]
     pub max_events_per_second: u64,
     /// MiB per second the replay writes into its tables on the primary at most (each MiB is

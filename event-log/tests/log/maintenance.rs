@@ -230,7 +230,11 @@ async fn the_maintenance_loop_runs_at_start_and_stops_while_waiting(pool: PgPool
         passes(&metrics, "ok") == 1
     })
     .await;
-    assert_eq!(live(&pool, &ninth).await, Some(true), "the first pass did not create {ninth}");
+    assert_eq!(
+        live(&pool, &ninth).await,
+        Some(true),
+        "the first pass did not create {ninth}"
+    );
     stop.cancel();
     let totals = tokio::time::timeout(Duration::from_secs(10), running)
         .await

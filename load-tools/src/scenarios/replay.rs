@@ -89,6 +89,9 @@ struct ViewFigures {
 /// One `cloudphone replay` child process under load.
 #[derive(Debug, Serialize)]
 struct ChildReplay {
+    /// When it ended (not reported): where its phases were, for the appends' latency by phase.
+    #[serde(skip)]
+    ended: Instant,
     projection: &'static str,
     version: i32,
     /// Where the bulk phase read the history (`primary` or `replica`).
@@ -126,9 +129,21 @@ struct ModeFigures {
     p50_ratio: f64,
     p99_ratio: f64,
     p999_ratio: f64,
+    /// The appends during the replays by the phase the replays were in: reading and folding
+    /// the history (`bulk`), writing the tables, keys and indexes (`finish`), and the rest
+    /// (starting, waiting for the replica, tail and swap).
+    appends_by_phase: Vec<PhaseLatency>,
     replays: Vec<ChildReplay>,
     /// Both replays' wall time.
     replay_seconds: f64,
+}
+
+/// The appends made while the replays were in one phase, against the quiet appends.
+#[derive(Debug, Serialize)]
+struct PhaseLatency {
+    phase: &'static str,
+    appends: Latency,
+    p99_ratio: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -202,14 +217,27 @@ pub async fn run(args: &LoadReplayArgs) -> anyhow::Result<()> {
             Ok(replays)
         })
         .await?;
-        let (quiet, during) = (Latency::of(&quiet), Latency::of(&during));
+        let phases = by_phase(&during, &replays);
+        let (quiet, during) = (Latency::of(&quiet.all()), Latency::of(&during.all()));
         let ratio = |during: f64, quiet: f64| during / quiet.max(1e-9);
+        let appends_by_phase = phases
+            .iter()
+            .map(|(phase, appends)| {
+                let appends = Latency::of(appends);
+                PhaseLatency {
+                    phase,
+                    p99_ratio: ratio(appends.p99_ms, quiet.p99_ms),
+                    appends,
+                }
+            })
+            .collect();
         modes.push(ModeFigures {
             mode,
             replay_args,
             p50_ratio: ratio(during.p50_ms, quiet.p50_ms),
             p99_ratio: ratio(during.p99_ms, quiet.p99_ms),
             p999_ratio: ratio(during.p999_ms, quiet.p999_ms),
+            appends_by_phase,
             appends_quiet: quiet,
             appends_during_replays: during,
             replay_seconds: replays.iter().map(|r| r.wall_seconds).sum(),
@@ -270,7 +298,8 @@ async fn child_replay(
         .output()
         .await
         .context("run cloudphone replay")?;
-    let wall_seconds = started.elapsed().as_secs_f64();
+    let ended = Instant::now();
+    let wall_seconds = ended.duration_since(started).as_secs_f64();
     anyhow::ensure!(
         output.status.success(),
         "cloudphone replay {} --version {version} {} failed ({})",
@@ -285,6 +314,7 @@ async fn child_replay(
         .find_map(|line| serde_json::from_str(line).ok())
         .with_context(|| format!("no JSON summary from cloudphone replay: {stdout}"))?;
     Ok(ChildReplay {
+        ended,
         projection: projection.name(),
         version,
         history: summary.history,
@@ -297,12 +327,58 @@ async fn child_replay(
     })
 }
 
-/// Runs `work` while the append stream runs at `rate`; its result and the appends' latency.
+/// The phases of a replay that `by_phase` splits the appends by.
+const PHASES: [&str; 3] = ["bulk", "finish", "other"];
+
+/// The appends' latency in each of [`PHASES`], from where each replay's phases were: a
+/// replay's bulk and finish phases end `total - bulk - finish` seconds (its tail and swap)
+/// before the process did.
+fn by_phase(appends: &Appends, replays: &[ChildReplay]) -> Vec<(&'static str, Histogram<u64>)> {
+    let windows: Vec<[(Instant, Instant); 2]> = replays
+        .iter()
+        .map(|r| {
+            let before = |at: Instant, s: f64| at.checked_sub(Duration::from_secs_f64(s.max(0.0))).unwrap_or(at);
+            let finish_ended = before(r.ended, r.total_seconds - r.bulk_seconds - r.finish_seconds);
+            let bulk_ended = before(finish_ended, r.finish_seconds);
+            [
+                (before(bulk_ended, r.bulk_seconds), bulk_ended),
+                (bulk_ended, finish_ended),
+            ]
+        })
+        .collect();
+    let mut phases = PHASES.map(|phase| (phase, histogram()));
+    for &(at, micros) in &appends.samples {
+        let phase = windows
+            .iter()
+            .find_map(|w| w.iter().position(|(from, to)| (*from..*to).contains(&at)))
+            .unwrap_or(2);
+        phases[phase].1.saturating_record(micros);
+    }
+    phases.into_iter().collect()
+}
+
+/// Each acknowledged append: when it started and its latency in microseconds.
+#[derive(Debug, Default)]
+struct Appends {
+    samples: Vec<(Instant, u64)>,
+}
+
+impl Appends {
+    fn all(&self) -> Histogram<u64> {
+        let mut all = histogram();
+        for &(_, micros) in &self.samples {
+            all.saturating_record(micros);
+        }
+        all
+    }
+}
+
+/// Runs `work` while the append stream runs at `rate`; its result and the appends.
 async fn appends_while<T>(
     store: &Arc<EventStore>,
     rate: u64,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<(T, Histogram<u64>)> {
+) -> anyhow::Result<(T, Appends)> {
     let stop = CancellationToken::new();
     let stream = tokio::spawn(append_stream(Arc::clone(store), rate, stop.clone()));
     let outcome = work.await;
@@ -334,15 +410,15 @@ async fn run_replay(
 }
 
 /// Single-event appends (a portal creating a device) at `rate` per second over `WRITERS`
-/// writers until `stop`; returns the latency of each acknowledged append.
-async fn append_stream(store: Arc<EventStore>, rate: u64, stop: CancellationToken) -> anyhow::Result<Histogram<u64>> {
+/// writers until `stop`; returns each acknowledged append.
+async fn append_stream(store: Arc<EventStore>, rate: u64, stop: CancellationToken) -> anyhow::Result<Appends> {
     let mut tasks = tokio::task::JoinSet::new();
     let writers = WRITERS.min(rate.max(1));
     let period = Duration::from_secs_f64(writers as f64 / rate.max(1) as f64);
     for _ in 0..writers {
         let (store, stop) = (Arc::clone(&store), stop.clone());
         tasks.spawn(async move {
-            let mut latencies = histogram();
+            let mut samples = Vec::new();
             let owner = Uuid::now_v7();
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -373,14 +449,14 @@ async fn append_stream(store: Arc<EventStore>, rate: u64, stop: CancellationToke
                 let started = Instant::now();
                 store.append(batch).await?;
                 let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                latencies.saturating_record(micros.max(1));
+                samples.push((started, micros.max(1)));
             }
-            anyhow::Ok(latencies)
+            anyhow::Ok(samples)
         });
     }
-    let mut all = histogram();
+    let mut all = Appends::default();
     while let Some(done) = tasks.join_next().await {
-        all.add(done??)?;
+        all.samples.extend(done??);
     }
     Ok(all)
 }
@@ -477,6 +553,13 @@ fn print(report: &Report) {
             "  appends during p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends): during/quiet p50 {:.2}x p99 {:.2}x p999 {:.2}x",
             d.p50_ms, d.p99_ms, d.p999_ms, d.count, mode.p50_ratio, mode.p99_ratio, mode.p999_ratio
         );
+        for phase in &mode.appends_by_phase {
+            let a = &phase.appends;
+            println!(
+                "    while {:<6} p50 {:.2} ms p99 {:.2} ms p999 {:.2} ms ({} appends): p99 {:.2}x quiet",
+                phase.phase, a.p50_ms, a.p99_ms, a.p999_ms, a.count, phase.p99_ratio
+            );
+        }
     }
     println!(
         "new mode's replays take {:.2}x the old mode's wall time",
