@@ -15,7 +15,8 @@
 //!   answered).
 //! - [`graphql`]: the schema (device statistics, daily usage, device connections, users,
 //!   projection status), scoped to the caller before any SQL is built; nested loads batched.
-//! - [`reads`]: every SQL statement over the read models.
+//! - [`reads`]: every SQL statement over the read models; [`read_pool`]: the connections
+//!   they run on, taken back without a round trip.
 //! - [`sources`]: the primary and its replicas, health-checked rotation, fallback, and
 //!   read-your-writes (a source whose projections reached the caller's position).
 //! - [`cache`]: answers kept in memory, keyed by what was asked, by whom, and the checkpoints
@@ -45,6 +46,7 @@ pub(crate) mod extract;
 pub mod graphql;
 pub mod openapi;
 pub mod persisted;
+pub mod read_pool;
 pub mod reads;
 pub(crate) mod reply;
 pub(crate) mod routes;

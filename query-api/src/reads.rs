@@ -11,7 +11,9 @@ use event_schema::{DeviceStatus, Provider, Tier};
 use read_models::fleet::DeviceRow;
 use read_models::fleet::device_row;
 use read_models::users::{USER_COLUMNS, UserRow, user_row};
-use sqlx::{AssertSqlSafe, PgPool, Postgres, QueryBuilder, Row};
+use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
+
+use crate::read_pool::ReadPool;
 use uuid::Uuid;
 
 const DEVICE_COLUMNS: &str = "device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, \
@@ -316,7 +318,7 @@ fn push_stats_filter(sql: &mut QueryBuilder<Postgres>, filter: &DeviceFilter) {
 /// One page of the devices matching `filter`; with [`Counted::Yes`], also how many match
 /// across every page, in the same statement.
 pub async fn device_page(
-    pool: &PgPool,
+    pool: &ReadPool,
     filter: &DeviceFilter,
     page: &PageRequest,
     counted: Counted,
@@ -342,7 +344,7 @@ pub async fn device_page(
     push_filter(&mut sql, filter);
     page.push_keyset(&mut sql);
     page.push_order_and_limit(&mut sql);
-    let rows = sql.build().fetch_all(pool).await?;
+    let rows = sql.build().fetch_all(&mut *pool.acquire().await?).await?;
     let total = match (counted, rows.first()) {
         (Counted::No, _) => None,
         (Counted::Yes, Some(row)) => Some(row.try_get("total")?),
@@ -357,7 +359,7 @@ pub async fn device_page(
 /// The same page of each owner's devices, in one statement (a lateral join per owner); with
 /// [`Counted::Yes`], also how many devices each owner has under the same conditions.
 pub async fn device_pages_by_owner(
-    pool: &PgPool,
+    pool: &ReadPool,
     owners: &[Uuid],
     conditions: &DeviceConditions,
     page: &PageRequest,
@@ -387,7 +389,7 @@ pub async fn device_pages_by_owner(
     sql.push(") AS d ON true");
     let mut by_owner: HashMap<Uuid, (Vec<DeviceRow>, Option<i64>)> =
         owners.iter().map(|o| (*o, (Vec::new(), None))).collect();
-    for row in sql.build().fetch_all(pool).await? {
+    for row in sql.build().fetch_all(&mut *pool.acquire().await?).await? {
         let owner: Uuid = row.try_get("page_owner")?;
         let entry = by_owner.entry(owner).or_default();
         entry.1 = row.try_get("total")?;
@@ -402,18 +404,18 @@ pub async fn device_pages_by_owner(
 }
 
 /// How many devices match `filter`.
-pub async fn count_devices(pool: &PgPool, filter: &DeviceFilter) -> Result<i64, sqlx::Error> {
+pub async fn count_devices(pool: &ReadPool, filter: &DeviceFilter) -> Result<i64, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(0);
     }
     let mut sql = QueryBuilder::new("SELECT count(*) FROM devices WHERE true");
     push_filter(&mut sql, filter);
-    sql.build_query_scalar().fetch_one(pool).await
+    sql.build_query_scalar().fetch_one(&mut *pool.acquire().await?).await
 }
 
 /// How many devices each owner has (with the same conditions), in one statement.
 pub async fn count_devices_by_owner(
-    pool: &PgPool,
+    pool: &ReadPool,
     owners: &[Uuid],
     conditions: &DeviceConditions,
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
@@ -421,7 +423,7 @@ pub async fn count_devices_by_owner(
     sql.push_bind(owners.to_vec()).push(")");
     conditions.push_devices(&mut sql);
     sql.push(" GROUP BY owner_id");
-    let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
     let mut counts: HashMap<Uuid, i64> = owners.iter().map(|o| (*o, 0)).collect();
     counts.extend(rows);
     Ok(counts)
@@ -431,12 +433,12 @@ pub async fn count_devices_by_owner(
 /// prepared statement over an array afresh on every execution (a custom plan is always
 /// cheaper than a generic one that cannot know the array's length), and one id is the
 /// question asked.
-pub async fn device_by_id(pool: &PgPool, id: Uuid) -> Result<Option<DeviceRow>, sqlx::Error> {
+pub async fn device_by_id(pool: &ReadPool, id: Uuid) -> Result<Option<DeviceRow>, sqlx::Error> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
     )))
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *pool.acquire().await?)
     .await?;
     row.as_ref().map(device_row).transpose()
 }
@@ -475,7 +477,7 @@ impl StatsTotals {
 }
 
 /// `device_stats` rows matching `filter`, ordered by user, status and provider, at most `limit`.
-pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Result<Vec<StatsRecord>, sqlx::Error> {
+pub async fn stats_rows(pool: &ReadPool, filter: &DeviceFilter, limit: i64) -> Result<Vec<StatsRecord>, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -485,17 +487,25 @@ pub async fn stats_rows(pool: &PgPool, filter: &DeviceFilter, limit: i64) -> Res
     );
     push_stats_filter(&mut sql, filter);
     sql.push(" ORDER BY user_id, status, provider LIMIT ").push_bind(limit);
-    sql.build().fetch_all(pool).await?.iter().map(stats_record).collect()
+    sql.build()
+        .fetch_all(&mut *pool.acquire().await?)
+        .await?
+        .iter()
+        .map(stats_record)
+        .collect()
 }
 
 /// `device_stats` rows of each of these users, in one statement.
-pub async fn stats_rows_by_user(pool: &PgPool, users: &[Uuid]) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
+pub async fn stats_rows_by_user(
+    pool: &ReadPool,
+    users: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
          FROM device_stats WHERE user_id = ANY($1) ORDER BY user_id, status, provider",
     )
     .bind(users)
-    .fetch_all(pool)
+    .fetch_all(&mut *pool.acquire().await?)
     .await?;
     let mut by_user: HashMap<Uuid, Vec<StatsRecord>> = users.iter().map(|u| (*u, Vec::new())).collect();
     for row in &rows {
@@ -519,7 +529,7 @@ fn stats_record(row: &sqlx::postgres::PgRow) -> Result<StatsRecord, sqlx::Error>
 }
 
 /// Sums over every `device_stats` row matching `filter`.
-pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsTotals, sqlx::Error> {
+pub async fn stats_totals(pool: &ReadPool, filter: &DeviceFilter) -> Result<StatsTotals, sqlx::Error> {
     if filter.owners == Owners::Nobody {
         return Ok(StatsTotals::default());
     }
@@ -528,7 +538,8 @@ pub async fn stats_totals(pool: &PgPool, filter: &DeviceFilter) -> Result<StatsT
                 coalesce(sum(total_memory_mb), 0)::bigint FROM device_stats WHERE true",
     );
     push_stats_filter(&mut sql, filter);
-    let (device_count, cpu_cores, memory_mb): (i64, i64, i64) = sql.build_query_as().fetch_one(pool).await?;
+    let (device_count, cpu_cores, memory_mb): (i64, i64, i64) =
+        sql.build_query_as().fetch_one(&mut *pool.acquire().await?).await?;
     Ok(StatsTotals {
         device_count,
         cpu_cores,
@@ -616,7 +627,7 @@ impl UsageRecord {
 }
 
 /// Usage per period and currency over the query's days (inclusive), in period order.
-pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+pub async fn usage(pool: &ReadPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -636,7 +647,7 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>
         sql.push(" AND device_id = ").push_bind(device);
     }
     sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
-    let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(NaiveDate, String, i64, i64)> = sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
     Ok(rows
         .into_iter()
         .map(|(period, currency, minutes, cost_minor)| UsageRecord::of_days(period, currency, minutes, cost_minor))
@@ -644,7 +655,7 @@ pub async fn usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>
 }
 
 /// Usage per UTC hour and currency over the query's days, from `hourly_usage`.
-async fn hourly_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
+async fn hourly_usage(pool: &ReadPool, query: &UsageQuery) -> Result<Vec<UsageRecord>, sqlx::Error> {
     let (from, until) = day_bounds(query.from, query.to);
     let mut sql = QueryBuilder::new(
         "SELECT hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM hourly_usage WHERE hour >= ",
@@ -657,7 +668,8 @@ async fn hourly_usage(pool: &PgPool, query: &UsageQuery) -> Result<Vec<UsageReco
         sql.push(" AND device_id = ").push_bind(device);
     }
     sql.push(" GROUP BY 1, 2 ORDER BY 1, 2");
-    let rows: Vec<(DateTime<Utc>, String, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(DateTime<Utc>, String, i64, i64)> =
+        sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
     Ok(rows
         .into_iter()
         .map(|(hour, currency, minutes, cost_minor)| UsageRecord::of_hour(hour, currency, minutes, cost_minor))
@@ -678,7 +690,7 @@ pub struct ProviderUsageRecord {
 
 /// Usage per period, provider and currency over the query's days (its `device` must be
 /// `None`: the breakdown is per user), in period order.
-pub async fn usage_by_provider(pool: &PgPool, query: &UsageQuery) -> Result<Vec<ProviderUsageRecord>, sqlx::Error> {
+pub async fn usage_by_provider(pool: &ReadPool, query: &UsageQuery) -> Result<Vec<ProviderUsageRecord>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -695,7 +707,8 @@ pub async fn usage_by_provider(pool: &PgPool, query: &UsageQuery) -> Result<Vec<
         sql.push(" AND user_id = ").push_bind(owner);
     }
     sql.push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
-    let rows: Vec<(NaiveDate, String, String, i64, i64, i64)> = sql.build_query_as().fetch_all(pool).await?;
+    let rows: Vec<(NaiveDate, String, String, i64, i64, i64)> =
+        sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
     Ok(rows
         .into_iter()
         .map(
@@ -720,7 +733,7 @@ pub enum UsageSubject {
 
 /// Usage per period and currency for each of these users (or devices), in one statement.
 pub async fn usage_by(
-    pool: &PgPool,
+    pool: &ReadPool,
     subject: UsageSubject,
     ids: &[Uuid],
     from: NaiveDate,
@@ -742,7 +755,7 @@ pub async fn usage_by(
         .bind(ids)
         .bind(from)
         .bind(until)
-        .fetch_all(pool)
+        .fetch_all(&mut *pool.acquire().await?)
         .await?;
         for (id, hour, currency, minutes, cost_minor) in rows {
             by_id
@@ -761,7 +774,7 @@ pub async fn usage_by(
     .bind(period.trunc())
     .bind(from)
     .bind(to)
-    .fetch_all(pool)
+    .fetch_all(&mut *pool.acquire().await?)
     .await?;
     for (id, period, currency, minutes, cost_minor) in rows {
         by_id
@@ -812,7 +825,7 @@ pub struct UserPage {
 }
 
 /// One page of the users matching `filter`.
-pub async fn user_page(pool: &PgPool, filter: &UserFilter, page: &UserPageRequest) -> Result<UserPage, sqlx::Error> {
+pub async fn user_page(pool: &ReadPool, filter: &UserFilter, page: &UserPageRequest) -> Result<UserPage, sqlx::Error> {
     let mut sql = QueryBuilder::new(format!("SELECT {USER_COLUMNS} FROM users WHERE true"));
     filter.push(&mut sql);
     let (comparison, direction) = if page.backward { ("<", "DESC") } else { (">", "ASC") };
@@ -823,7 +836,7 @@ pub async fn user_page(pool: &PgPool, filter: &UserFilter, page: &UserPageReques
         .push_bind(page.size + 1);
     // Run even for a page of 0 rows: a fleet version without `users` must answer
     // PROJECTION_VERSION whatever the page size.
-    let rows = sql.build().fetch_all(pool).await?;
+    let rows = sql.build().fetch_all(&mut *pool.acquire().await?).await?;
     let mut rows = rows.iter().map(user_row).collect::<Result<Vec<_>, _>>()?;
     let size = usize::try_from(page.size).unwrap_or(0);
     let more = rows.len() > size;
@@ -835,19 +848,19 @@ pub async fn user_page(pool: &PgPool, filter: &UserFilter, page: &UserPageReques
 }
 
 /// How many users match `filter`.
-pub async fn count_users(pool: &PgPool, filter: &UserFilter) -> Result<i64, sqlx::Error> {
+pub async fn count_users(pool: &ReadPool, filter: &UserFilter) -> Result<i64, sqlx::Error> {
     let mut sql = QueryBuilder::new("SELECT count(*) FROM users WHERE true");
     filter.push(&mut sql);
-    sql.build_query_scalar().fetch_one(pool).await
+    sql.build_query_scalar().fetch_one(&mut *pool.acquire().await?).await
 }
 
 /// The `users` rows with these ids (those that exist).
-pub async fn users_by_id(pool: &PgPool, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
+pub async fn users_by_id(pool: &ReadPool, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT {USER_COLUMNS} FROM users WHERE user_id = ANY($1)"
     )))
     .bind(ids)
-    .fetch_all(pool)
+    .fetch_all(&mut *pool.acquire().await?)
     .await?;
     rows.iter()
         .map(|row| user_row(row).map(|user| (user.user_id, user)))
@@ -906,7 +919,7 @@ pub struct StatusChange {
 /// The net changes a history query sums, in one statement: the base (every change before
 /// the range, summed per status) and the changes within it per period. Everyone's history
 /// reads the all-users table, which grows with hours, not users.
-pub async fn status_changes(pool: &PgPool, query: &HistoryQuery) -> Result<Vec<StatusChange>, sqlx::Error> {
+pub async fn status_changes(pool: &ReadPool, query: &HistoryQuery) -> Result<Vec<StatusChange>, sqlx::Error> {
     if query.owners == Owners::Nobody {
         return Ok(Vec::new());
     }
@@ -931,7 +944,7 @@ pub async fn status_changes(pool: &PgPool, query: &HistoryQuery) -> Result<Vec<S
         read = read.bind(owner);
     }
     let decode = |e: event_schema::UnknownWord| sqlx::Error::Decode(Box::new(e));
-    read.fetch_all(pool)
+    read.fetch_all(&mut *pool.acquire().await?)
         .await?
         .into_iter()
         .map(|(period, status, delta)| {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use read_models::Projection;
 use sqlx::PgPool;
+
+use crate::read_pool::{ReadPool, ReadPoolOptions};
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +64,7 @@ impl Default for SourcesConfig {
 struct Replica {
     name: String,
     pool: PgPool,
+    reads: ReadPool,
     healthy: AtomicBool,
     lag_bytes: AtomicI64,
     watermark: Watermark,
@@ -70,7 +73,10 @@ struct Replica {
 /// Where one query runs, and how far that source's read models are known to be.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The source's pool for everything but the dashboards' reads (operator views, exports).
     pub pool: PgPool,
+    /// The source's pool for the dashboards' reads ([`crate::reads`]).
+    pub reads: ReadPool,
     pub source: Source,
     /// Each projection's checkpoint (in the order of [`Projection::ALL`]) the source had
     /// reached at least; `None` when not known recently (answers are then not cached).
@@ -128,6 +134,7 @@ pub enum ReadError {
 #[derive(Debug, Clone)]
 pub struct ReadSources {
     primary: PgPool,
+    primary_reads: ReadPool,
     primary_watermark: Arc<Watermark>,
     replicas: Arc<Vec<Replica>>,
     next: Arc<AtomicUsize>,
@@ -144,20 +151,33 @@ impl ReadSources {
                 if let Some(timeout) = config.statement_timeout {
                     options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
                 }
+                let reads = ReadPool::new(
+                    options.clone(),
+                    ReadPoolOptions::new(config.max_connections, config.probe_timeout),
+                );
                 let pool = event_log::pool_options(config.max_connections)
                     .acquire_timeout(config.probe_timeout)
                     .connect_lazy_with(options);
                 Ok(Replica {
                     name: replica_name(url),
                     pool,
+                    reads,
                     healthy: AtomicBool::new(false),
                     lag_bytes: AtomicI64::new(0),
                     watermark: Watermark::default(),
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let primary_reads = ReadPool::new(
+            (*primary.connect_options()).clone(),
+            ReadPoolOptions::new(
+                primary.options().get_max_connections(),
+                primary.options().get_acquire_timeout(),
+            ),
+        );
         Ok(ReadSources {
             primary,
+            primary_reads,
             primary_watermark: Arc::new(Watermark::default()),
             replicas: Arc::new(replicas),
             next: Arc::new(AtomicUsize::new(0)),
@@ -167,6 +187,13 @@ impl ReadSources {
 
     pub fn primary(&self) -> &PgPool {
         &self.primary
+    }
+
+    /// The dashboards' read pools, by source (`primary`, or the replica's name).
+    pub fn read_pools(&self) -> Vec<(String, ReadPool)> {
+        std::iter::once(("primary".to_owned(), self.primary_reads.clone()))
+            .chain(self.replicas.iter().map(|r| (r.name.clone(), r.reads.clone())))
+            .collect()
     }
 
     /// Probes every replica once and updates the rotation.
@@ -261,6 +288,7 @@ impl ReadSources {
             return Ok(match rotation.first() {
                 Some(replica) => Route {
                     pool: replica.pool.clone(),
+                    reads: replica.reads.clone(),
                     source: Source::Replica(replica.name.clone()),
                     checkpoints: replica.watermark.get(fresh),
                 },
@@ -279,6 +307,7 @@ impl ReadSources {
             {
                 return Ok(Route {
                     pool: replica.pool.clone(),
+                    reads: replica.reads.clone(),
                     source: Source::Replica(replica.name.clone()),
                     checkpoints: Some(at),
                 });
@@ -290,6 +319,7 @@ impl ReadSources {
         {
             return Ok(Route {
                 pool: self.primary.clone(),
+                reads: self.primary_reads.clone(),
                 source: Source::Primary,
                 checkpoints: Some(at),
             });
@@ -310,6 +340,7 @@ impl ReadSources {
             {
                 return Route {
                     pool: replica.pool.clone(),
+                    reads: replica.reads.clone(),
                     source: Source::Replica(replica.name.clone()),
                     checkpoints: Some(at),
                 };
@@ -348,6 +379,7 @@ impl ReadSources {
                 if let Ok(Ok(true)) = tokio::time::timeout(self.config.probe_timeout, replayed).await {
                     return Route {
                         pool: replica.pool.clone(),
+                        reads: replica.reads.clone(),
                         source: Source::Replica(replica.name.clone()),
                         checkpoints: None,
                     };
@@ -366,6 +398,7 @@ impl ReadSources {
     pub fn primary_route(&self) -> Route {
         Route {
             pool: self.primary.clone(),
+            reads: self.primary_reads.clone(),
             source: Source::Primary,
             checkpoints: self.primary_watermark.get(self.config.watermark_max_age),
         }
@@ -435,6 +468,7 @@ impl ReadSources {
                     if at.least() >= position {
                         return Ok(Route {
                             pool: replica.pool.clone(),
+                            reads: replica.reads.clone(),
                             source: Source::Replica(replica.name.clone()),
                             checkpoints: Some(at),
                         });
@@ -451,6 +485,7 @@ impl ReadSources {
                 }
                 return Ok(Route {
                     pool: self.primary.clone(),
+                    reads: self.primary_reads.clone(),
                     source: Source::Primary,
                     checkpoints: Some(at),
                 });

@@ -52,7 +52,7 @@ pub async fn serve_with_broker(
         .with_context(|| format!("cannot listen on {listen} (--ops-listen)"))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, "health, readiness and metrics listening");
-    let sampling = sampler::spawn(vec![("primary", pool.clone())], stop.clone());
+    let sampling = sampler::spawn(vec![("primary", pool.clone())], Vec::new(), stop.clone());
     let app = Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "{\"status\":\"ok\"}") }))
         .route("/readyz", get(readyz))

@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
+use query_api::read_pool::ReadPool;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// Names of the metrics sampled here (the `process_*` ones are metrics-process's).
 pub mod metrics_names {
-    /// Gauge: connections of a pool, by `pool` (`primary`, `query`) and `state` (`idle`,
-    /// `in_use`).
+    /// Gauge: connections of a pool, by `pool` (`primary`, `query`, and the query API's
+    /// dashboard reads, `query_reads:<source>`) and `state` (`idle`, `in_use`).
     pub const DB_POOL_CONNECTIONS: &str = "cloudphone_db_pool_connections";
     /// Gauge: most connections a pool opens, by `pool`.
     pub const DB_POOL_MAX_CONNECTIONS: &str = "cloudphone_db_pool_max_connections";
@@ -28,7 +29,12 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Samples at once and then every [`SAMPLE_INTERVAL`] until `stop` is cancelled. `pools`
 /// names each pool of this process; the server's numbers are read through the first.
-pub fn spawn(pools: Vec<(&'static str, PgPool)>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+/// `read_pools` are the query API's dashboard read pools, by source.
+pub fn spawn(
+    pools: Vec<(&'static str, PgPool)>,
+    read_pools: Vec<(String, ReadPool)>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let process = metrics_process::Collector::default();
         process.describe();
@@ -37,7 +43,18 @@ pub fn spawn(pools: Vec<(&'static str, PgPool)>, stop: CancellationToken) -> tok
         loop {
             process.collect();
             for (name, pool) in &pools {
-                sample_pool(name, pool);
+                let open = pool.size();
+                let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+                sample_pool((*name).to_owned(), open, idle, pool.options().get_max_connections());
+            }
+            for (source, pool) in &read_pools {
+                let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+                sample_pool(
+                    format!("query_reads:{source}"),
+                    pool.size(),
+                    idle,
+                    pool.max_connections(),
+                );
             }
             if let Some((_, pool)) = pools.first() {
                 match sample_server(pool).await {
@@ -58,12 +75,11 @@ pub fn spawn(pools: Vec<(&'static str, PgPool)>, stop: CancellationToken) -> tok
     })
 }
 
-fn sample_pool(name: &'static str, pool: &PgPool) {
-    let open = pool.size();
-    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(open);
-    metrics::gauge!(m::DB_POOL_CONNECTIONS, "pool" => name, "state" => "idle").set(f64::from(idle));
-    metrics::gauge!(m::DB_POOL_CONNECTIONS, "pool" => name, "state" => "in_use").set(f64::from(open - idle));
-    metrics::gauge!(m::DB_POOL_MAX_CONNECTIONS, "pool" => name).set(f64::from(pool.options().get_max_connections()));
+fn sample_pool(name: String, open: u32, idle: u32, max: u32) {
+    let idle = idle.min(open);
+    metrics::gauge!(m::DB_POOL_CONNECTIONS, "pool" => name.clone(), "state" => "idle").set(f64::from(idle));
+    metrics::gauge!(m::DB_POOL_CONNECTIONS, "pool" => name.clone(), "state" => "in_use").set(f64::from(open - idle));
+    metrics::gauge!(m::DB_POOL_MAX_CONNECTIONS, "pool" => name).set(f64::from(max));
 }
 
 async fn sample_server(pool: &PgPool) -> anyhow::Result<()> {

@@ -121,6 +121,7 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     });
     let mut servers = Vec::new();
     let mut pools = vec![("primary", pool.clone())];
+    let mut read_pools = Vec::new();
     if matches!(roles, Roles::All | Roles::CommandApi) {
         if args.idempotency_retention_hours > 0 {
             // Capped at a century: longer is "forever" in effect, and keeps the date arithmetic in range.
@@ -152,13 +153,14 @@ pub async fn run(args: &PlatformArgs, roles: Roles) -> anyhow::Result<()> {
     if matches!(roles, Roles::All | Roles::QueryApi) {
         let (app, query_pool) = query_api(args, &path, metrics.clone()).await?;
         pools.push(("query", query_pool));
+        read_pools = app.sources().read_pools();
         tracing::info!(address = %app.local_addr(), replicas = args.replica_urls.len(), "query API listening");
         servers.push((
             "query API",
             tokio::spawn(app.run_until_stopped(shutdown.clone().cancelled_owned())),
         ));
     }
-    background.push(sampler::spawn(pools, stop.clone()));
+    background.push(sampler::spawn(pools, read_pools, stop.clone()));
     if roles == Roles::All {
         let mode = if args.kafka_brokers.is_some() {
             "relay and Kafka projectors"

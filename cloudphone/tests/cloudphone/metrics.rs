@@ -86,8 +86,9 @@ async fn serve_exports_partition_connection_and_process_metrics_and_counters_fro
         "{last_success} vs {now}"
     );
 
-    // Connections: both pools of `serve`, and the server's.
-    for pool in ["primary", "query"] {
+    // Connections: the pools of `serve` (the dashboards' reads on the primary, no replica
+    // here), and the server's.
+    for pool in ["primary", "query", "query_reads:primary"] {
         assert_eq!(
             value(
                 &metrics,

@@ -327,8 +327,12 @@ async fn child_replay(
     })
 }
 
-/// The phases of a replay that `by_phase` splits the appends by.
+/// The phases of a replay that `by_phase` splits the appends by: the windows of
+/// [`ChildReplay`]'s bulk and finish, in that order, then [`OUTSIDE_THE_WINDOWS`].
 const PHASES: [&str; 3] = ["bulk", "finish", "other"];
+
+/// Where in [`PHASES`] an append made outside every replay's bulk and finish windows goes.
+const OUTSIDE_THE_WINDOWS: usize = 2;
 
 /// The appends' latency in each of [`PHASES`], from where each replay's phases were: a
 /// replay's bulk and finish phases end `total - bulk - finish` seconds (its tail and swap)
@@ -351,7 +355,7 @@ fn by_phase(appends: &Appends, replays: &[ChildReplay]) -> Vec<(&'static str, Hi
         let phase = windows
             .iter()
             .find_map(|w| w.iter().position(|(from, to)| (*from..*to).contains(&at)))
-            .unwrap_or(2);
+            .unwrap_or(OUTSIDE_THE_WINDOWS);
         phases[phase].1.saturating_record(micros);
     }
     phases.into_iter().collect()

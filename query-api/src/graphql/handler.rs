@@ -307,7 +307,7 @@ enum Executed {
 /// Validates and executes on the executor's threads (see [`crate::executor`]), by the
 /// request's deadline.
 async fn execute(state: &Inner, asked: &Asked, route: &Route) -> Executed {
-    let read = Arc::new(ReadContext::new(asked.viewer, route.pool.clone(), state.config.limits));
+    let read = Arc::new(ReadContext::new(asked.viewer, route, state.config.limits));
     let request = asked.question.request(Arc::clone(&read));
     let schema = state.schema.clone();
     let work = async move {

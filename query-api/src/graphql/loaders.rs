@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::read_pool::ReadPool;
 use async_graphql::dataloader::Loader;
 use chrono::NaiveDate;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use read_models::users::UserRow;
@@ -19,7 +19,7 @@ use crate::reads::{
 /// Loads from the source one request was routed to.
 #[derive(Debug, Clone)]
 pub struct ReadLoader {
-    pub pool: PgPool,
+    pub pool: ReadPool,
 }
 
 /// A failed batch; shared by every field that waited on it.

@@ -41,10 +41,12 @@ pub use self::query::{ProjectionState, Query};
 use self::scalars::{BigInt, decode_cursor};
 pub use self::subscription::{Changes, Interest, Subscription};
 pub use self::types::{DailyUsage, Device, DeviceConnection, DeviceStats, FleetSizePoint, Money, User, UserConnection};
+use crate::read_pool::ReadPool;
 use crate::reads::{
     DeviceConditions, DeviceFilter, DeviceOrder, HistoryPeriod, HistoryQuery, Owners, PageRequest, Period, TimeRange,
     UserFilter, UserPageRequest,
 };
+use crate::sources::Route;
 
 /// The schema served at `/graphql` (subscriptions over WebSocket at the same path).
 pub type DashboardSchema = Schema<Query, EmptyMutation, Subscription>;
@@ -140,7 +142,10 @@ impl Viewer {
 #[derive(Debug)]
 pub struct ReadContext {
     pub viewer: Viewer,
+    /// The routed source's pool for operator views ([`crate::graphql::operations`]).
     pub pool: PgPool,
+    /// The routed source's pool for the dashboards' reads ([`crate::reads`]).
+    pub read_pool: ReadPool,
     pub limits: Limits,
     source_failed: AtomicBool,
     /// Statements run for this request, by what they asked (see [`ReadContext::read_once`]).
@@ -153,10 +158,11 @@ pub struct ReadContext {
 type ReadResult = Result<Arc<dyn Any + Send + Sync>, Arc<sqlx::Error>>;
 
 impl ReadContext {
-    pub fn new(viewer: Viewer, pool: PgPool, limits: Limits) -> Self {
+    pub fn new(viewer: Viewer, route: &Route, limits: Limits) -> Self {
         ReadContext {
             viewer,
-            pool,
+            pool: route.pool.clone(),
+            read_pool: route.reads.clone(),
             limits,
             source_failed: AtomicBool::new(false),
             reads: Mutex::new(HashMap::new()),
@@ -756,7 +762,7 @@ pub fn build_schema(limits: &Limits, introspection: bool) -> DashboardSchema {
 pub fn request_data(request: async_graphql::Request, read: Arc<ReadContext>) -> async_graphql::Request {
     let loader = DataLoader::new(
         ReadLoader {
-            pool: read.pool.clone(),
+            pool: read.read_pool.clone(),
         },
         tokio::spawn,
     )

@@ -74,7 +74,7 @@ impl Query {
             period,
         };
         let records = read
-            .read_once(format!("usage {query:?}"), || reads::usage(&read.pool, &query))
+            .read_once(format!("usage {query:?}"), || reads::usage(&read.read_pool, &query))
             .await
             .map_err(|e| usage_read_error(read, period, &e))?;
         Ok(DailyUsage::new(records))
@@ -111,7 +111,7 @@ impl Query {
         };
         let records = match read
             .read_once(format!("usage_by_provider {query:?}"), || {
-                reads::usage_by_provider(&read.pool, &query)
+                reads::usage_by_provider(&read.read_pool, &query)
             })
             .await
         {
@@ -178,7 +178,7 @@ impl Query {
         };
         let page = read
             .read_once(format!("device_page {filter:?} {request:?} {counted:?}"), || {
-                reads::device_page(&read.pool, &filter, &request, counted)
+                reads::device_page(&read.read_pool, &filter, &request, counted)
             })
             .await
             .map_err(|e| read.database_error(&e))?;
@@ -196,7 +196,9 @@ impl Query {
         // A root field has no siblings to batch with: read at once rather than wait for a batch.
         let read = read_context(ctx);
         let row = read
-            .read_once(format!("device_by_id {id}"), || reads::device_by_id(&read.pool, id))
+            .read_once(format!("device_by_id {id}"), || {
+                reads::device_by_id(&read.read_pool, id)
+            })
             .await
             .map_err(|e| read.database_error(&e))?;
         Ok(row.filter(|row| read.viewer.can_see(row.owner_id)).map(Device))
@@ -241,7 +243,7 @@ impl Query {
         let filter = UserFilter::from(filter.unwrap_or_default());
         let page = read
             .read_once(format!("user_page {filter:?} {request:?}"), || {
-                reads::user_page(&read.pool, &filter, &request)
+                reads::user_page(&read.read_pool, &filter, &request)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "users", &e))?;
@@ -270,7 +272,7 @@ impl Query {
         }
         let changes = read
             .read_once(format!("status_changes {query:?}"), || {
-                reads::status_changes(&read.pool, &query)
+                reads::status_changes(&read.read_pool, &query)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "the fleet's history", &e))?;

@@ -398,7 +398,7 @@ impl DeviceConnection {
                 .unwrap_or(0),
             _ => read
                 .read_once(format!("count_devices {:?}", self.filter), || {
-                    reads::count_devices(&read.pool, &self.filter)
+                    reads::count_devices(&read.read_pool, &self.filter)
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
@@ -479,7 +479,7 @@ impl UserConnection {
         let read = read_context(ctx);
         let count = read
             .read_once(format!("count_users {:?}", self.filter), || {
-                reads::count_users(&read.pool, &self.filter)
+                reads::count_users(&read.read_pool, &self.filter)
             })
             .await
             .map_err(|e| fleet_v2_error(read, "users", &e))?;
@@ -552,7 +552,7 @@ impl DeviceStats {
     async fn owner_rows(ctx: &Context<'_>, filter: DeviceFilter) -> async_graphql::Result<Vec<StatsRecord>> {
         let read = read_context(ctx);
         read.read_once(format!("stats_rows {filter:?} all"), || {
-            reads::stats_rows(&read.pool, &filter, i64::MAX)
+            reads::stats_rows(&read.read_pool, &filter, i64::MAX)
         })
         .await
         .map_err(|e| read.database_error(&e))
@@ -643,7 +643,7 @@ impl DeviceStats {
         let records = match self.source {
             StatsSource::Filter(filter) if !Self::one_owner(&filter) => read
                 .read_once(format!("stats_rows {filter:?} {first}"), || {
-                    reads::stats_rows(&read.pool, &filter, i64::from(first))
+                    reads::stats_rows(&read.read_pool, &filter, i64::from(first))
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,
@@ -667,7 +667,7 @@ impl DeviceStats {
         let totals = match self.source {
             StatsSource::Filter(filter) if !Self::one_owner(&filter) => read
                 .read_once(format!("stats_totals {filter:?}"), || {
-                    reads::stats_totals(&read.pool, &filter)
+                    reads::stats_totals(&read.read_pool, &filter)
                 })
                 .await
                 .map_err(|e| read.database_error(&e))?,

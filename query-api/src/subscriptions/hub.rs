@@ -366,7 +366,7 @@ enum Evaluated {
 
 /// Runs the group's document once on the executor's threads, by the query timeout.
 async fn run_once(state: &Inner, group: &Group, route: &Route) -> Evaluated {
-    let read = Arc::new(ReadContext::new(group.viewer, route.pool.clone(), state.config.limits));
+    let read = Arc::new(ReadContext::new(group.viewer, route, state.config.limits));
     let request = group.question.request(Arc::clone(&read));
     let schema = state.schema.clone();
     let work = async move {
