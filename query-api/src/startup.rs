@@ -139,6 +139,10 @@ impl QueryApi {
             tracing::warn!("subscription sockets still open 5 s after shutdown; dropping them");
         }
         let _ = tokio::join!(health, watermarks, forget_old_clients, listening, rounds);
+        // The dashboards' connections end with a goodbye to the server, not a dropped socket.
+        for (_, pool) in state.sources.read_pools() {
+            pool.close().await;
+        }
         tracing::info!("query API stopped");
         served
     }

@@ -29,6 +29,16 @@ async fn backend_pid(read: &ReadPool) -> i32 {
         .unwrap()
 }
 
+/// Ends a backend as an administrator (or a failover) would, and waits until it has gone.
+async fn terminate(pool: &PgPool, pid: i32) {
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+}
+
 /// The pool's speed rests on this: after a statement read to its end, sqlx owes the server
 /// nothing, so the flush on return is ready at once, without a round trip.
 #[sqlx::test(migrations = false)]
@@ -143,12 +153,7 @@ async fn a_connection_closed_by_the_server_while_idle_is_replaced(pool: PgPool) 
         },
     );
     let pid = backend_pid(&read).await;
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(terminated);
+    terminate(&pool, pid).await;
     let replaced = backend_pid(&read).await;
     assert_ne!(replaced, pid);
     assert_eq!(read.size(), 1, "the closed connection is not counted");
@@ -166,12 +171,7 @@ async fn a_connection_that_failed_a_read_is_not_pooled_again(pool: PgPool) {
         },
     );
     let pid = backend_pid(&read).await;
-    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-        .bind(pid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(terminated);
+    terminate(&pool, pid).await;
     {
         let mut connection = read.acquire().await.unwrap();
         let failed = sqlx::query_scalar::<_, i32>("SELECT 1")
