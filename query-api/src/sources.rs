@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use read_models::Projection;
 use sqlx::PgPool;
-
-use crate::read_pool::{ReadPool, ReadPoolOptions};
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
+
+use crate::read_pool::{ReadPool, ReadPoolOptions};
 
 /// Names of the metrics the router records.
 pub mod metrics_names {
