@@ -12,9 +12,9 @@ use read_models::fleet::DeviceRow;
 use read_models::fleet::device_row;
 use read_models::users::{USER_COLUMNS, UserRow, user_row};
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
 
 use crate::read_pool::ReadPool;
-use uuid::Uuid;
 
 const DEVICE_COLUMNS: &str = "device_id, owner_id, provider, status, cpu_cores, memory_mb, android_version, \
      created_at, last_started_at, minutes_used, updated_position";
