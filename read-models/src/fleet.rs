@@ -100,10 +100,25 @@ macro_rules! device_stats_of_devices {
 }
 
 /// Recomputes the `device_stats` rows of `owners` from `devices`.
+///
+/// Kafka workers apply batches of one owner's devices at once (each device's stream is in
+/// one partition, the owner's devices in several). A recompute reads the owner's devices in
+/// its statement's snapshot, which does not hold another worker's uncommitted device rows:
+/// the later commit would overwrite the buckets without the other's change (write skew).
+/// So each owner is locked first, until the transaction ends, in one order (no deadlock
+/// between batches); the recompute that waited then reads, in a new snapshot, what the
+/// other committed.
 pub async fn recompute_device_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(), sqlx::Error> {
     if owners.is_empty() {
         return Ok(());
     }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('cloudphone.device_stats.' || o::text, 0))
+         FROM (SELECT DISTINCT o FROM unnest($1::uuid[]) AS t(o) ORDER BY o) AS owners",
+    )
+    .bind(owners)
+    .execute(&mut *conn)
+    .await?;
     // One statement, one scan of the owners' devices: upsert the buckets that have live
     // devices, delete those that have none any more (the two touch disjoint rows). A bucket
     // whose sums did not change is left alone: a write would only leave a dead row version

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on purpose
 
+mod concurrent;
 mod dead_letters;
 mod embedded;
 mod fleet_v2;
