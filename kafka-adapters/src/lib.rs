@@ -5,10 +5,13 @@
 //! - [`projector`]: the scale-out projector workers, consuming that topic in a consumer group
 //!   and applying batches with `projections`' own apply step, offsets stored beside the read
 //!   models in one transaction.
+//! - [`broker_alone`]: the broker with those settings and no PostgreSQL, the ceiling load
+//!   runs measure the Kafka path against.
 //!
 //! This crate must never append to the log or decide business rules: it moves committed
 //! events between PostgreSQL and the broker, and nothing else.
 
+pub mod broker_alone;
 pub mod projector;
 pub mod relay;
 

@@ -72,6 +72,34 @@ impl KafkaProjectorConfig {
             fetch_wait: Duration::from_millis(10),
         }
     }
+
+    /// The librdkafka consumer settings of a worker (each one's reason beside it).
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        if let Some(instance_id) = &self.instance_id {
+            config.set("group.instance.id", instance_id);
+        }
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            // Offsets that count are stored in PostgreSQL with the batch (module documentation).
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", self.fetch_wait.as_millis().to_string())
+            // Modest fetches: a broker answers small ones quickly, and heartbeats are not
+            // stuck behind a huge read (the consumer still pipelines fetches).
+            .set("max.partition.fetch.bytes", "262144")
+            .set("fetch.max.bytes", "1048576")
+            .set("session.timeout.ms", "30000")
+            // A topic created after the subscription (the relay creates it) is noticed within
+            // seconds, not librdkafka's default five minutes.
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set("broker.address.family", "v4")
+            // Consumer lag per partition, for cloudphone_kafka_consumer_lag_messages.
+            .set("statistics.interval.ms", STATISTICS_INTERVAL.as_millis().to_string());
+        config
+    }
 }
 
 /// Tells the consumer loop about assignments, from librdkafka's rebalance callback.
@@ -278,32 +306,8 @@ fn connect(
         notices,
         lag_reported: std::sync::Mutex::default(),
     };
-    let mut client_config = ClientConfig::new();
-    if let Some(instance_id) = &config.instance_id {
-        client_config.set("group.instance.id", instance_id);
-    }
-    let consumer: Arc<StreamConsumer<ProjectorContext>> = Arc::new(
-        client_config
-            .set("bootstrap.servers", &config.brokers)
-            .set("group.id", &config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", config.fetch_wait.as_millis().to_string())
-            // Modest fetches: a broker answers small ones quickly, and heartbeats are not
-            // stuck behind a huge read (the consumer still pipelines fetches).
-            .set("max.partition.fetch.bytes", "262144")
-            .set("fetch.max.bytes", "1048576")
-            .set("session.timeout.ms", "30000")
-            // A topic created after the subscription (the relay creates it) is noticed within
-            // seconds, not librdkafka's default five minutes.
-            .set("topic.metadata.refresh.interval.ms", "5000")
-            .set("broker.address.family", "v4")
-            // Consumer lag per partition, for cloudphone_kafka_consumer_lag_messages.
-            .set("statistics.interval.ms", STATISTICS_INTERVAL.as_millis().to_string())
-            .create_with_context(context)
-            .map_err(kafka)?,
-    );
+    let consumer: Arc<StreamConsumer<ProjectorContext>> =
+        Arc::new(config.consumer_config().create_with_context(context).map_err(kafka)?);
     consumer.subscribe(&[&config.topic]).map_err(kafka)?;
     Ok((consumer, assignments))
 }
@@ -328,6 +332,9 @@ async fn consume_with(
     let mut last_watermark = Instant::now();
     // The checkpoint last published to change listeners.
     let mut published_checkpoint = i64::MIN;
+    // The last position this worker committed, when, and the checkpoint last computed: while
+    // the checkpoint does not cover that position, it is recomputed soon, not at the idle pace.
+    let (mut applied_up_to, mut last_commit, mut checkpoint_seen) = (i64::MIN, Instant::now(), i64::MIN);
     let mut last_broker_commit = Instant::now();
     tracing::info!(projection = projection.name(), topic = %config.topic, group = %config.group_id, "kafka projector consuming");
     loop {
@@ -350,11 +357,12 @@ async fn consume_with(
             }
         }
 
+        let recheck = recheck_interval(applied_up_to, checkpoint_seen, last_commit.elapsed());
         // The first message waits; the rest of the batch is whatever arrives shortly after.
         let first = tokio::select! {
             () = stop.cancelled() => return Ok(()),
             message = consumer.recv() => received(projection, message).await,
-            () = tokio::time::sleep(Duration::from_millis(250)) => None,
+            () = tokio::time::sleep(recheck) => None,
         };
         let mut batch = Batch::default();
         if let Some(message) = first {
@@ -392,13 +400,23 @@ async fn consume_with(
         }
         let committed = !batch.touched.is_empty();
         if committed {
+            if let Some(last) = batch.events.iter().map(|e| e.position).max() {
+                applied_up_to = applied_up_to.max(last);
+                last_commit = Instant::now();
+            }
             commit_batch(pool, layout, config, &mut partitions, batch).await?;
         }
         // Other partitions' progress (and the relay's) moves the checkpoint too, so it is
-        // also recomputed while idle.
-        if committed || last_watermark.elapsed() >= Duration::from_millis(250) {
+        // also recomputed while idle: soon while what this worker applied is not covered yet
+        // (the relay records a round's offsets only after the broker acknowledged it, which
+        // may be after this worker applied it, and other workers' partitions count too).
+        if committed || last_watermark.elapsed() >= recheck {
             last_watermark = Instant::now();
-            if let Some(position) = advance_checkpoint(pool, projection, &config.topic).await?
+            let advanced = advance_checkpoint(pool, projection, &config.topic).await?;
+            if let Some(position) = advanced {
+                checkpoint_seen = checkpoint_seen.max(position);
+            }
+            if let Some(position) = advanced
                 && position > published_checkpoint
             {
                 // Live projection status: the checkpoint moves here, apart from the batches.
@@ -411,6 +429,25 @@ async fn consume_with(
             last_broker_commit = Instant::now();
             commit_to_broker(&consumer, &config.topic, &partitions);
         }
+    }
+}
+
+/// How often the checkpoint is recomputed while nothing arrives.
+const IDLE_RECHECK: Duration = Duration::from_millis(250);
+
+/// How often it is recomputed while it does not cover what this worker applied, for at most
+/// [`UNCOVERED_RECHECK_FOR`] after the worker's last batch (a partition stalled elsewhere,
+/// say on a dead member, must not keep every worker querying at this pace).
+const UNCOVERED_RECHECK: Duration = Duration::from_millis(10);
+const UNCOVERED_RECHECK_FOR: Duration = Duration::from_secs(2);
+
+/// How soon to recompute the checkpoint: soon while it does not cover the last position this
+/// worker applied (for a while after that batch), else at the idle pace.
+fn recheck_interval(applied_up_to: i64, checkpoint: i64, since_last_commit: Duration) -> Duration {
+    if applied_up_to > checkpoint && since_last_commit < UNCOVERED_RECHECK_FOR {
+        UNCOVERED_RECHECK
+    } else {
+        IDLE_RECHECK
     }
 }
 
@@ -706,11 +743,28 @@ async fn advance_checkpoint(pool: &PgPool, projection: Projection, topic: &str) 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::time::Duration;
 
     use sqlx::PgPool;
 
-    use super::store_offsets;
+    use super::{IDLE_RECHECK, UNCOVERED_RECHECK, UNCOVERED_RECHECK_FOR, recheck_interval, store_offsets};
     use read_models::Projection;
+
+    /// A worker whose last batch the checkpoint does not cover yet (the relay recorded that
+    /// round after the worker applied it, or another worker's partitions lag) recomputes it
+    /// soon: waiting the idle 250 ms added up to that to every event's latency. Covered, or
+    /// long after its last batch (a partition stalled elsewhere), it goes back to the idle pace.
+    #[test]
+    fn an_uncovered_batch_is_rechecked_soon_and_only_for_a_while() {
+        let just = Duration::from_millis(1);
+        assert_eq!(recheck_interval(120, 100, just), UNCOVERED_RECHECK);
+        assert!(UNCOVERED_RECHECK * 10 <= IDLE_RECHECK);
+        assert_eq!(recheck_interval(120, 120, just), IDLE_RECHECK);
+        assert_eq!(recheck_interval(120, 130, just), IDLE_RECHECK);
+        assert_eq!(recheck_interval(120, 100, UNCOVERED_RECHECK_FOR), IDLE_RECHECK);
+        // Nothing applied yet: nothing to cover.
+        assert_eq!(recheck_interval(i64::MIN, i64::MIN, just), IDLE_RECHECK);
+    }
 
     /// A worker that lost a partition in a rebalance it has not seen yet (a zombie) cannot
     /// store offsets over the new owner's: the store reports it, and the caller rolls back.

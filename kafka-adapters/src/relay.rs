@@ -118,6 +118,12 @@ pub mod metrics_names {
     pub const RELAY_ERRORS_TOTAL: &str = "cloudphone_relay_errors_total";
     /// Gauge: 1 while this process is the active relay.
     pub const RELAY_LEADER: &str = "cloudphone_relay_leader";
+    /// Histogram: seconds of each part of a publish round, by `phase`: `publish` (sent until
+    /// the broker acknowledged all of it), `record` (the checkpoint and offsets committed
+    /// in PostgreSQL).
+    pub const RELAY_ROUND_SECONDS: &str = "cloudphone_relay_round_seconds";
+    /// Histogram: events published per round.
+    pub const RELAY_BATCH_EVENTS: &str = "cloudphone_relay_batch_events";
 }
 use metrics_names as m;
 
@@ -250,7 +256,11 @@ async fn publish_with(
         let Some(last) = events.last() else {
             continue;
         };
+        let round = Instant::now();
         let partitions = send_all(producer, &config.topic, &events).await?;
+        metrics::histogram!(m::RELAY_ROUND_SECONDS, "phase" => "publish").record(round.elapsed().as_secs_f64());
+        metrics::histogram!(m::RELAY_BATCH_EVENTS).record(events.len() as f64);
+        let recording = Instant::now();
         let mut tx = pool.begin().await?;
         // greatest(): a relay that lost its lock unknowingly must not move it back.
         sqlx::query(
@@ -274,6 +284,7 @@ async fn publish_with(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        metrics::histogram!(m::RELAY_ROUND_SECONDS, "phase" => "record").record(recording.elapsed().as_secs_f64());
         position = last.position;
         metrics::counter!(m::RELAY_PUBLISHED_TOTAL).increment(events.len() as u64);
         // The lag before the position: a scrape that sees the new position sees its lag too.

@@ -54,10 +54,53 @@ pub enum LoadKind {
     /// command's acknowledgement to the first answer showing it, evaluations and database
     /// transactions per second, the query API's CPU and memory per subscription.
     Subscriptions(LoadSubscriptionsArgs),
+    /// The Kafka path at the command API's rate: portal commands at `--rate`/s with the
+    /// embedded projector, then through the relay and `--workers` Kafka projector workers
+    /// (all child processes) on a broker of the run's own, beside the broker alone (the same
+    /// messages with no PostgreSQL); commit-to-read-model latency of both modes, the relay's
+    /// throughput and lag, each worker's events/s, CPU per process, and the read models
+    /// checked against a rebuild.
+    Kafka(LoadKafkaArgs),
     /// The HTTP stack alone, for `load commands` to drive as its ceiling: the command API's
     /// edge answering every command with a fixed answer (no token check, no database).
     #[command(hide = true)]
     FixedAnswerServer(FixedAnswerServerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoadKafkaArgs {
+    /// The server to use; the load runs in its own database `cloudphone_load_kafka`,
+    /// recreated on every run (never in the one named here).
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Portal commands per second in each phase (open loop; one to two events each).
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u64,
+    /// Seconds of commands in each phase (embedded, Kafka).
+    #[arg(long, default_value_t = 20)]
+    pub duration: u64,
+    /// Users the commands act for.
+    #[arg(long, default_value_t = 256)]
+    pub users: usize,
+    /// Kafka projector worker processes (each consumes for every projection).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Partitions of the run's topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// How the run's broker stores messages: `memory` carries the command API's rate,
+    /// `sqlite` (the tests' engine, durable) about 200 messages/s.
+    #[arg(long, value_enum, default_value_t = crate::harness::broker::BrokerEngine::Memory)]
+    pub broker_engine: crate::harness::broker::BrokerEngine,
+    /// Messages the broker carries alone, with no PostgreSQL (0 skips that phase).
+    #[arg(long, default_value_t = 100_000)]
+    pub broker_messages: u64,
+    /// Seed of the command mix.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

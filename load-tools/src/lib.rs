@@ -44,6 +44,7 @@ pub async fn run(kind: &LoadKind) -> anyhow::Result<()> {
         LoadKind::Hostile(args) => scenarios::hostile::run(args).await,
         LoadKind::History(args) => scenarios::history::run(args).await,
         LoadKind::Subscriptions(args) => scenarios::subscriptions::run(args).await,
+        LoadKind::Kafka(args) => scenarios::kafka::run(args).await,
         LoadKind::FixedAnswerServer(args) => harness::fixed_answer::serve(args.listen).await,
     }
 }

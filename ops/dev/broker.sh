@@ -14,7 +14,9 @@
 #   ops/dev/broker.sh status    exit 0 when it answers
 #
 # Environment: CLOUDPHONE_BROKER_PORT (default 9092), CLOUDPHONE_BROKER_DIR (data and pid file,
-# default target/broker).
+# default target/broker), CLOUDPHONE_BROKER_ENGINE (`sqlite`, the default and the tests' engine:
+# on disk, so a kill -9 loses nothing acknowledged; or `memory`: nothing survives the broker,
+# for benchmarks of the Kafka path that the SQLite engine cannot carry, see BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -24,6 +26,12 @@ dir="${CLOUDPHONE_BROKER_DIR:-$(pwd)/target/broker}"
 pidfile="$dir/tansu.pid"
 log="$dir/tansu.log"
 tansu="${CARGO_HOME:-$HOME/.cargo}/bin/tansu"
+engine="${CLOUDPHONE_BROKER_ENGINE:-sqlite}"
+case "$engine" in
+    sqlite) storage="sqlite://tansu.db" ;;
+    memory) storage="memory://tansu/" ;;
+    *) echo "broker.sh: CLOUDPHONE_BROKER_ENGINE must be sqlite or memory, not $engine" >&2; exit 2 ;;
+esac
 
 say() { echo "broker.sh: $*" >&2; }
 
@@ -57,7 +65,7 @@ start() {
         # Advertise IPv4: librdkafka may resolve localhost to ::1. tansu resolves the SQLite
         # path against its working directory, so it runs in the data directory.
         (cd "$dir" && exec nohup "$tansu" broker \
-            --storage-engine "sqlite://tansu.db" \
+            --storage-engine "$storage" \
             --listener-url "tcp://127.0.0.1:$port" \
             --advertised-listener-url "tcp://127.0.0.1:$port" \
             >>"$log" 2>&1) &

@@ -142,3 +142,71 @@ fn load_subscriptions_sees_commands_pushed_to_their_users_dashboards() {
         "{text}"
     );
 }
+
+/// `cloudphone load kafka` at a low rate: commands go through the embedded projector and then
+/// through the relay and two Kafka workers on a broker of the run's own; both phases are
+/// timed, the broker alone carried every message, each worker applied events, and the read
+/// models equal a rebuild of the log.
+#[test]
+fn load_kafka_measures_both_modes_and_the_broker_alone() {
+    let server = urls::server();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+        .args([
+            "load",
+            "kafka",
+            "--rate",
+            "40",
+            "--duration",
+            "4",
+            "--users",
+            "8",
+            "--workers",
+            "2",
+            "--partitions",
+            "4",
+            "--broker-messages",
+            "2000",
+            "--json",
+        ])
+        .arg(&report)
+        .env("CLOUDPHONE_DATABASE_URL", &server)
+        .env("CLOUDPHONE_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+
+    let phases = report["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "{report:#}");
+    for phase in phases {
+        assert!(phase["commands"]["acknowledged"].as_u64().unwrap() > 40, "{report:#}");
+        assert!(phase["latency"]["count"].as_u64().unwrap() > 40, "{report:#}");
+        assert!(phase["latency"]["p99_ms"].as_f64().unwrap() > 0.0, "{report:#}");
+        assert!(
+            phase["cpu_ms_per_command"]["command-api"].as_f64().unwrap() > 0.0,
+            "{report:#}"
+        );
+    }
+    let kafka = &phases[1];
+    assert!(
+        kafka["relay"]["published_per_second"].as_f64().unwrap() > 0.0,
+        "{report:#}"
+    );
+    let workers = kafka["worker_events_per_second"].as_object().unwrap();
+    assert_eq!(workers.len(), 2, "{report:#}");
+    for (worker, rate) in workers {
+        assert!(rate.as_f64().unwrap() > 0.0, "{worker} applied nothing: {report:#}");
+    }
+    let alone = &report["broker_alone"];
+    assert_eq!(alone["messages"], 2000, "{report:#}");
+    assert!(alone["consumed_per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+    assert_eq!(report["read_models_equal_a_rebuild"], true, "{report:#}");
+    assert!(text.contains("equal to a rebuild"), "{text}");
+}

@@ -1,13 +1,16 @@
 //! The databases load runs use: each run's own database on the server `--database-url`
 //! names (dropped and created again, never the database named there), settled after a bulk
-//! load as a live system's would be, and how far the projections have got in it.
+//! load as a live system's would be, how far the projections have got in it, and whether
+//! their read models equal a rebuild from the log.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use event_log::LogReader;
 use read_models::Projection;
+use read_models::stored::load_read_models;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgPool};
 
@@ -115,6 +118,34 @@ pub async fn applied(pool: &PgPool) -> anyhow::Result<i64> {
         return Ok(0);
     }
     Ok(positions.values().copied().min().unwrap_or(0))
+}
+
+/// How the read models differ from a rebuild of the log, if they do.
+pub async fn read_models_differ(reader: &LogReader, pool: &PgPool, head: i64) -> anyhow::Result<Option<String>> {
+    let rebuilt = projections::fold_log(reader, head, 5_000).await?;
+    let stored = load_read_models(pool).await?;
+    let differing: Vec<String> = stored
+        .devices
+        .iter()
+        .filter(|(id, row)| rebuilt.devices.get(*id) != Some(*row))
+        .map(|(id, row)| format!("device {id}: stored {row:?}, rebuilt {:?}", rebuilt.devices.get(id)))
+        .take(3)
+        .collect();
+    Ok(if stored.devices.len() != rebuilt.devices.len() {
+        Some(format!(
+            "{} devices stored, {} rebuilt",
+            stored.devices.len(),
+            rebuilt.devices.len()
+        ))
+    } else if !differing.is_empty() {
+        Some(differing.join("; "))
+    } else if stored.device_stats != rebuilt.device_stats {
+        Some("device_stats".to_owned())
+    } else if stored.daily_usage != rebuilt.daily_usage {
+        Some("daily_usage".to_owned())
+    } else {
+        None
+    })
 }
 
 #[cfg(test)]

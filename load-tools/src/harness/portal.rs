@@ -1,5 +1,5 @@
 //! What a load run does as a portal before its load starts: register users through the
-//! command API.
+//! command API, and give them room for large fleets.
 
 use anyhow::bail;
 use http_edge::auth::Role;
@@ -27,4 +27,29 @@ pub async fn register_user(client: &reqwest::Client, base: &str) -> anyhow::Resu
         );
     }
     Ok((id, token))
+}
+
+/// Registers `count` enterprise users, and an admin raises each one's quota for a large
+/// fleet; returns their ids and user tokens.
+pub async fn provision_users(
+    client: &reqwest::Client,
+    base: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(Uuid, String)>> {
+    let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
+    let mut users = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (id, token) = register_user(client, base).await?;
+        let quota = client
+            .put(format!("{base}/v1/users/{id}/quota"))
+            .bearer_auth(&admin)
+            .json(&json!({"max_devices": 100000, "max_cpu_cores": 1600000, "max_memory_mb": 4000000000u64}))
+            .send()
+            .await?;
+        if !quota.status().is_success() {
+            bail!("provisioning a quota failed: {}", quota.status());
+        }
+        users.push((id, token));
+    }
+    Ok(users)
 }

@@ -17,7 +17,7 @@ const START_LIMIT: Duration = Duration::from_secs(120);
 /// One role of the platform, a child process of this binary, killed with the load.
 #[derive(Debug)]
 pub struct RoleProcess {
-    pub name: &'static str,
+    pub name: String,
     child: Mutex<Child>,
     pid: u32,
     /// Where its /readyz and /metrics are (for the APIs, also where they answer).
@@ -39,13 +39,25 @@ impl RoleProcess {
         logs: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_as(name, name, database_url, logs, env)
+    }
+
+    /// Starts `cloudphone <verb>` under a name of its own (`projector-2`, say: its log is
+    /// `<logs>/<name>.log`), with more environment.
+    pub fn start_as(
+        verb: &'static str,
+        name: &str,
+        database_url: &str,
+        logs: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let listen_variable = match name {
-            "projector" => "CLOUDPHONE_OPS_LISTEN",
+        let listen_variable = match verb {
+            "projector" | "relay" => "CLOUDPHONE_OPS_LISTEN",
             "command-api" => "CLOUDPHONE_COMMAND_LISTEN",
             _ => "CLOUDPHONE_QUERY_LISTEN",
         };
-        let mut command = Self::command(&[name])?;
+        let mut command = Self::command(&[verb])?;
         command
             .env("CLOUDPHONE_DATABASE_URL", database_url)
             .env("CLOUDPHONE_OPS_LISTEN", "127.0.0.1:0")
@@ -58,7 +70,7 @@ impl RoleProcess {
 
     /// Starts `cloudphone <args...> --listen <a free port>` (a load verb that serves, such
     /// as `load fixed-answer-server`), logging to `<logs>/<name>.log`.
-    pub fn start_verb(name: &'static str, args: &[&str], logs: &Path) -> anyhow::Result<Self> {
+    pub fn start_verb(name: &str, args: &[&str], logs: &Path) -> anyhow::Result<Self> {
         let listen = format!("127.0.0.1:{}", free_port()?);
         let mut command = Self::command(args)?;
         command.arg("--listen").arg(&listen);
@@ -81,7 +93,7 @@ impl RoleProcess {
         Ok(command)
     }
 
-    fn spawn(name: &'static str, mut command: Command, listen: String, logs: &Path) -> anyhow::Result<Self> {
+    fn spawn(name: &str, mut command: Command, listen: String, logs: &Path) -> anyhow::Result<Self> {
         let log = logs.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let child = command
@@ -89,7 +101,7 @@ impl RoleProcess {
             .spawn()
             .with_context(|| format!("start the {name}"))?;
         Ok(RoleProcess {
-            name,
+            name: name.to_owned(),
             pid: child.id(),
             child: Mutex::new(child),
             base: format!("http://{listen}"),

@@ -18,14 +18,13 @@ use operator_console::Progress;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::cli::LoadCommandsArgs;
 use crate::harness::databases::{LOAD_DATABASE, database_url_of, fresh_database};
 use crate::harness::fixed_answer;
 use crate::harness::metrics::metric;
-use crate::harness::portal::register_user;
+use crate::harness::portal::provision_users;
 use crate::harness::postgres_alone::{PostgresAlone, write_the_same_rows};
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::roles::RoleProcess;
@@ -265,7 +264,11 @@ async fn run_mode(args: &LoadCommandsArgs, target: Target, logs: &Path) -> anyho
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
-        Target::Unbatched | Target::GroupCommit => provision(&client, &base, args.users).await?,
+        Target::Unbatched | Target::GroupCommit => provision_users(&client, &base, args.users)
+            .await?
+            .into_iter()
+            .map(|(_, token)| LoadUser { token })
+            .collect(),
     };
     let users = Arc::new(users);
     let postgres = match &pool {
@@ -355,26 +358,6 @@ const GROUPS: &str = "cloudphone_append_group_batches_count";
 
 struct LoadUser {
     token: String,
-}
-
-/// Registers `count` enterprise users with room for a large fleet each.
-async fn provision(client: &reqwest::Client, base: &str, count: usize) -> anyhow::Result<Vec<LoadUser>> {
-    let admin = load_token(&Uuid::now_v7().to_string(), Role::Admin)?;
-    let mut users = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (id, token) = register_user(client, base).await?;
-        let quota = client
-            .put(format!("{base}/v1/users/{id}/quota"))
-            .bearer_auth(&admin)
-            .json(&json!({"max_devices": 100000, "max_cpu_cores": 1600000, "max_memory_mb": 4000000000u64}))
-            .send()
-            .await?;
-        if !quota.status().is_success() {
-            bail!("provisioning a quota failed: {}", quota.status());
-        }
-        users.push(LoadUser { token });
-    }
-    Ok(users)
 }
 
 struct ClientOutcome {

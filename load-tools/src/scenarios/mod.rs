@@ -7,6 +7,7 @@ pub mod commands;
 pub mod export;
 pub mod history;
 pub mod hostile;
+pub mod kafka;
 pub mod platform;
 pub mod projections;
 pub mod queries;

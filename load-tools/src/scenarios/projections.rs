@@ -17,7 +17,7 @@
 //!    the measured stream only). Last, because the projections then belong to Kafka mode.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -26,7 +26,6 @@ use event_log::{AppendBatch, EventStore, ExpectedVersion, LogReader, StoreConfig
 use event_schema::{
     Currency, DeviceCreated, DeviceStarted, DeviceStopped, Money, Provider, StopReason, StreamType, UsageRecorded,
 };
-use hdrhistogram::Histogram;
 use kafka_adapters::projector::{KafkaProjectorConfig, run_kafka_projector};
 use kafka_adapters::relay::{RelayConfig, run_relay};
 use operator_console::Progress;
@@ -43,6 +42,7 @@ use crate::cli::LoadProjectionsArgs;
 use crate::harness::databases::{applied, checkpoints, fresh_database, settle_database};
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::views::{VIEW_DIFFERENCES, VIEWS, refresh_views_concurrently};
+use crate::harness::visibility::{Pending, acknowledged, outstanding, poll_checkpoints, settle};
 use crate::world::history::{new_event, write_history};
 
 /// Concurrent writers of the steady stream.
@@ -255,9 +255,6 @@ async fn projections_to_head(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Appends acknowledged and not yet seen in the read models: last position -> when acked.
-type Pending = Arc<Mutex<BTreeMap<i64, Instant>>>;
-
 /// A steady stream of device commands at `rate` events/s over `STREAM_WRITERS` writers,
 /// until `stop`; each acknowledged append goes to `pending`. Returns the events written.
 async fn steady_stream(
@@ -354,9 +351,7 @@ async fn steady_stream(
                     }))
                     .await?;
                 let acked = Instant::now();
-                if let Ok(mut pending) = pending.lock() {
-                    pending.insert(outcome.last_position, acked);
-                }
+                acknowledged(&pending, outcome.last_position, acked);
                 devices[index] = (device, version + count, if create { false } else { !running });
                 written += count as u64;
                 // Paced by events written, so the rate holds whatever each append costs.
@@ -370,17 +365,6 @@ async fn steady_stream(
         total += done??;
     }
     Ok(total)
-}
-
-/// Records the latency of every pending append at or below `visible`.
-fn settle(pending: &Pending, visible: i64, now: Instant, latencies: &mut Histogram<u64>) {
-    if let Ok(mut pending) = pending.lock() {
-        let later = pending.split_off(&(visible + 1));
-        for acked in std::mem::replace(&mut *pending, later).into_values() {
-            let micros = now.saturating_duration_since(acked).as_micros();
-            let _ = latencies.record(u64::try_from(micros).unwrap_or(u64::MAX).max(1));
-        }
-    }
 }
 
 /// Runs the stream for `--duration` while `visible` polls what the read models show, then
@@ -419,7 +403,7 @@ where
     progress.finish();
     // Everything acknowledged must become visible: wait for the tail (bounded).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while pending.lock().map(|p| !p.is_empty()).unwrap_or(false) {
+    while outstanding(&pending) {
         if Instant::now() > deadline {
             bail!("{mode}: appends never became visible in the read models");
         }
@@ -433,13 +417,6 @@ where
         latency: Latency::of(&latencies),
         max_ms: latencies.max() as f64 / 1000.0,
     })
-}
-
-/// What both projections' checkpoints cover, polled every millisecond.
-async fn poll_checkpoints(pool: &PgPool) -> anyhow::Result<(i64, Instant)> {
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    let position = applied(pool).await?;
-    Ok((position, Instant::now()))
 }
 
 async fn embedded_latency(

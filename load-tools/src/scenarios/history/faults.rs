@@ -12,7 +12,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::{Mode, Proxy};
-use super::roles::{Broker, ScratchPostgres, Supervisor};
+use super::roles::{ScratchPostgres, Supervisor};
+use crate::harness::broker::Broker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -32,7 +32,6 @@ use chrono::Utc;
 use event_log::LogReader;
 use http_edge::auth::Role;
 use operator_console::Progress;
-use read_models::stored::load_read_models;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -44,9 +43,10 @@ use self::clients::{Clock, Portal, Tenant};
 use self::faults::{Fault, FaultKind, Platform};
 use self::proxy::{LinkStats, Proxy};
 use self::record::{LoggedEvent, Operation, Outcome};
-use self::roles::{Broker, RoleHistory, RoleSpec, ScratchPostgres, Supervisor};
+use self::roles::{RoleHistory, RoleSpec, ScratchPostgres, Supervisor};
 use crate::cli::LoadHistoryArgs;
-use crate::harness::databases::{applied, recreate_database};
+use crate::harness::broker::Broker;
+use crate::harness::databases::{applied, read_models_differ, recreate_database};
 use crate::harness::report::write_json;
 use crate::harness::roles::free_port;
 use crate::harness::tokens::{SECRET, load_token};
@@ -509,34 +509,6 @@ async fn read_log(reader: &LogReader, head: i64) -> anyhow::Result<Vec<LoggedEve
         log.extend(page.iter().map(LoggedEvent::from_envelope));
     }
     Ok(log)
-}
-
-/// How the read models differ from a rebuild of the log, if they do.
-async fn read_models_differ(reader: &LogReader, pool: &PgPool, head: i64) -> anyhow::Result<Option<String>> {
-    let rebuilt = projections::fold_log(reader, head, 5_000).await?;
-    let stored = load_read_models(pool).await?;
-    let differing: Vec<String> = stored
-        .devices
-        .iter()
-        .filter(|(id, row)| rebuilt.devices.get(*id) != Some(*row))
-        .map(|(id, row)| format!("device {id}: stored {row:?}, rebuilt {:?}", rebuilt.devices.get(id)))
-        .take(3)
-        .collect();
-    Ok(if stored.devices.len() != rebuilt.devices.len() {
-        Some(format!(
-            "{} devices stored, {} rebuilt",
-            stored.devices.len(),
-            rebuilt.devices.len()
-        ))
-    } else if !differing.is_empty() {
-        Some(differing.join("; "))
-    } else if stored.device_stats != rebuilt.device_stats {
-        Some("device_stats".to_owned())
-    } else if stored.daily_usage != rebuilt.daily_usage {
-        Some("daily_usage".to_owned())
-    } else {
-        None
-    })
 }
 
 /// The query API answers a read at the log's head (it recovered from every fault).

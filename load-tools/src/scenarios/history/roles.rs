@@ -1,7 +1,8 @@
 //! The platform under test: each role a child process of this binary on a port of its own
 //! (kept across restarts, so clients find a restarted API where it was), and a supervisor that
 //! restarts a role that exits by itself, as an orchestrator would. Also the throwaway
-//! PostgreSQL cluster and the Kafka-protocol broker of the run, through the ops/dev scripts.
+//! PostgreSQL cluster of the run, through an ops/dev script (the broker is
+//! [`crate::harness::broker`]'s).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -15,6 +16,7 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::harness::broker::{ops_dev, script};
 use crate::harness::roles::free_port;
 
 /// How a role is started.
@@ -292,40 +294,6 @@ pub fn tail(path: &Path, lines: usize) -> String {
     last.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// The ops/dev scripts: in this repository when run from a checkout, else `ops/dev`.
-pub fn ops_dev() -> PathBuf {
-    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/dev");
-    if in_repo.join("scratch-postgres.sh").exists() {
-        in_repo
-    } else {
-        PathBuf::from("ops/dev")
-    }
-}
-
-/// Runs an ops/dev script; fails with its output when it does.
-pub async fn script(name: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<()> {
-    let path = ops_dev().join(name);
-    let mut command = tokio::process::Command::new(&path);
-    command.args(args).stdin(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let output = command
-        .output()
-        .await
-        .with_context(|| format!("run {}", path.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} {} failed ({}): {}",
-            path.display(),
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// A PostgreSQL cluster of the run's own (ops/dev/scratch-postgres.sh), destroyed when dropped.
 #[derive(Debug)]
 pub struct ScratchPostgres {
@@ -362,56 +330,5 @@ impl Drop for ScratchPostgres {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-    }
-}
-
-/// A Kafka-protocol broker of the run's own (ops/dev/broker.sh on a free port with its own
-/// data directory), so killing it touches nobody else's; stopped and deleted when dropped.
-#[derive(Debug)]
-pub struct Broker {
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl Broker {
-    pub async fn fresh(dir: &Path) -> anyhow::Result<Self> {
-        let broker = Broker {
-            port: free_port()?,
-            dir: dir.to_owned(),
-        };
-        broker.run("fresh").await?;
-        Ok(broker)
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn env(&self) -> [(&'static str, String); 2] {
-        [
-            ("CLOUDPHONE_BROKER_PORT", self.port.to_string()),
-            ("CLOUDPHONE_BROKER_DIR", self.dir.display().to_string()),
-        ]
-    }
-
-    /// `broker.sh kill` (a `kill -9`), `start`, ...
-    pub async fn run(&self, action: &str) -> anyhow::Result<()> {
-        script("broker.sh", &[action], &self.env()).await
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let mut command = Command::new(ops_dev().join("broker.sh"));
-        command
-            .arg("stop")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (key, value) in self.env() {
-            command.env(key, value);
-        }
-        let _ = command.status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
