@@ -99,6 +99,12 @@ macro_rules! device_stats_of_devices {
     };
 }
 
+/// Lock keys owners share for [`recompute_device_stats`] (a power of two). PostgreSQL's lock
+/// table holds 64 locks per connection on average (`max_locks_per_transaction`): one lock per
+/// owner would exhaust it ("out of shared memory") in a catch-up batch of thousands of
+/// owners. Two batches of different owners on one key only wait for each other.
+pub const OWNER_LOCK_KEYS: i32 = 128;
+
 /// Recomputes the `device_stats` rows of `owners` from `devices`.
 ///
 /// Kafka workers apply batches of one owner's devices at once (each device's stream is in
@@ -107,16 +113,18 @@ macro_rules! device_stats_of_devices {
 /// the later commit would overwrite the buckets without the other's change (write skew).
 /// So each owner is locked first, until the transaction ends, in one order (no deadlock
 /// between batches); the recompute that waited then reads, in a new snapshot, what the
-/// other committed.
+/// other committed. Owners share [`OWNER_LOCK_KEYS`] keys, so a batch holds that many locks
+/// at most, however many owners it touches.
 pub async fn recompute_device_stats(conn: &mut PgConnection, owners: &[Uuid]) -> Result<(), sqlx::Error> {
     if owners.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "SELECT pg_advisory_xact_lock(hashtextextended('cloudphone.device_stats.' || o::text, 0))
-         FROM (SELECT DISTINCT o FROM unnest($1::uuid[]) AS t(o) ORDER BY o) AS owners",
+        "SELECT pg_advisory_xact_lock(hashtext('cloudphone.device_stats'), k)
+         FROM (SELECT DISTINCT hashtext(o::text) & ($2 - 1) AS k FROM unnest($1::uuid[]) AS t(o) ORDER BY k) AS keys",
     )
     .bind(owners)
+    .bind(OWNER_LOCK_KEYS)
     .execute(&mut *conn)
     .await?;
     // One statement, one scan of the owners' devices: upsert the buckets that have live

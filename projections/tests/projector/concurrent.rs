@@ -115,3 +115,27 @@ async fn two_workers_applying_one_owners_devices_at_once_both_count_in_device_st
         "device_stats lost one worker's change"
     );
 }
+
+/// A batch touching ten thousand owners (a catch-up batch) recomputes their aggregates under
+/// a bounded number of locks: one lock per owner would exhaust PostgreSQL's lock table
+/// ("out of shared memory", 64 locks per connection on average by default).
+#[sqlx::test(migrations = false)]
+async fn a_batch_touching_ten_thousand_owners_holds_a_bounded_number_of_locks(pool: PgPool) {
+    let _world = World::new(&pool, 1, 1).await;
+    let owners: Vec<Uuid> = (0..10_000).map(|_| Uuid::now_v7()).collect();
+    let mut tx = pool.begin().await.unwrap();
+    read_models::fleet::recompute_device_stats(&mut tx, &owners)
+        .await
+        .unwrap();
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    tx.commit().await.unwrap();
+    assert!(held > 0, "no lock taken");
+    assert!(
+        held <= i64::from(read_models::fleet::OWNER_LOCK_KEYS),
+        "{held} locks for one batch"
+    );
+}
