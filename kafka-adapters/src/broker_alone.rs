@@ -75,14 +75,7 @@ pub async fn measure(
     if payloads.is_empty() {
         return Err(BrokerAloneError::NoPayloads);
     }
-    let relay = RelayConfig {
-        topic: topic.to_owned(),
-        name: topic.to_owned(),
-        partitions,
-        ..RelayConfig::new(brokers)
-    };
-    ensure_topic(&relay).await?;
-    let producer: FutureProducer = relay.producer_config().create()?;
+    let producer = topic_with_producer(brokers, topic, partitions).await?;
     let started = Instant::now();
     let mut bytes = 0u64;
     let mut deliveries = Vec::with_capacity(usize::try_from(messages).unwrap_or(0));
@@ -125,14 +118,7 @@ pub async fn measure(
     let subscribed = Instant::now();
     let mut group_consumers = Vec::with_capacity(consumers);
     for _ in 0..consumers.max(1) {
-        let config = KafkaProjectorConfig {
-            topic: topic.to_owned(),
-            group_id: group.clone(),
-            ..KafkaProjectorConfig::new(brokers, read_models::Projection::Fleet)
-        };
-        let consumer: StreamConsumer = config.consumer_config().create()?;
-        consumer.subscribe(&[topic])?;
-        group_consumers.push(Arc::new(consumer));
+        group_consumers.push(Arc::new(group_member(brokers, topic, &group)?));
     }
     let deadline = tokio::time::Instant::now() + limit;
     let distinct = |read: &Mutex<HashMap<i32, i64>>| -> u64 {
@@ -209,6 +195,30 @@ pub async fn measure(
     })
 }
 
+/// Creates `topic` with `partitions` and a producer with the relay's settings.
+async fn topic_with_producer(brokers: &str, topic: &str, partitions: i32) -> Result<FutureProducer, BrokerAloneError> {
+    let relay = RelayConfig {
+        topic: topic.to_owned(),
+        name: topic.to_owned(),
+        partitions,
+        ..RelayConfig::new(brokers)
+    };
+    ensure_topic(&relay).await?;
+    Ok(relay.producer_config().create()?)
+}
+
+/// A consumer with the workers' settings, subscribed to `topic` as a member of `group`.
+fn group_member(brokers: &str, topic: &str, group: &str) -> Result<StreamConsumer, BrokerAloneError> {
+    let config = KafkaProjectorConfig {
+        topic: topic.to_owned(),
+        group_id: group.to_owned(),
+        ..KafkaProjectorConfig::new(brokers, read_models::Projection::Fleet)
+    };
+    let consumer: StreamConsumer = config.consumer_config().create()?;
+    consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}
+
 /// Messages sent one at a time, 5 ms apart.
 const LATENCY_MESSAGES: usize = 400;
 
@@ -221,21 +231,8 @@ async fn one_at_a_time(
     payload: &[u8],
     limit: Duration,
 ) -> Result<BrokerLatency, BrokerAloneError> {
-    let relay = RelayConfig {
-        topic: topic.to_owned(),
-        name: topic.to_owned(),
-        partitions,
-        ..RelayConfig::new(brokers)
-    };
-    ensure_topic(&relay).await?;
-    let producer: FutureProducer = relay.producer_config().create()?;
-    let config = KafkaProjectorConfig {
-        topic: topic.to_owned(),
-        group_id: format!("{topic}-group"),
-        ..KafkaProjectorConfig::new(brokers, read_models::Projection::Fleet)
-    };
-    let consumer: Arc<StreamConsumer> = Arc::new(config.consumer_config().create()?);
-    consumer.subscribe(&[topic])?;
+    let producer = topic_with_producer(brokers, topic, partitions).await?;
+    let consumer = Arc::new(group_member(brokers, topic, &format!("{topic}-group"))?);
     let base = Instant::now();
     let stamp = move |sent: &str| -> Option<f64> {
         let sent: u64 = sent.parse().ok()?;
