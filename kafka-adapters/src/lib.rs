@@ -22,4 +22,7 @@ pub mod metrics_names {
     /// Gauge: messages of a topic partition not yet committed by a Kafka projector, per
     /// projection and partition (librdkafka's `consumer_lag`, every 5 s).
     pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "cloudphone_kafka_consumer_lag_messages";
+    /// Gauge: topic partitions this worker holds, per projection (0 from a revocation until
+    /// the next assignment: the eager protocol revokes everything first).
+    pub const KAFKA_ASSIGNED_PARTITIONS: &str = "cloudphone_kafka_assigned_partitions";
 }

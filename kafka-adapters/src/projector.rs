@@ -202,6 +202,11 @@ impl ConsumerContext for ProjectorContext {
                 return;
             }
         };
+        let held = match &notice {
+            Assignment::Assigned(list) => list.len(),
+            Assignment::Revoked(_) => 0,
+        };
+        metrics::gauge!(k::KAFKA_ASSIGNED_PARTITIONS, "projection" => self.projection.name()).set(held as f64);
         let _ = self.notices.send(notice);
     }
 }
@@ -277,6 +282,11 @@ async fn consume(
             // evicts (ops/dev/README.md). The same consumer goes on: each partition's offset
             // is read again from PostgreSQL at its next message, and the consumer seeks back
             // there if it had read ahead.
+            // A replay swapped a new version in: go on at once with it, from the offsets the
+            // swap handed over.
+            Err(error @ ProjectorError::Swapped { .. }) => {
+                tracing::info!(projection = projection.name(), %error, "kafka projector resuming at the new version");
+            }
             Err(error @ (ProjectorError::Database(_) | ProjectorError::Read(_))) if !stop.is_cancelled() => {
                 tracing::warn!(projection = projection.name(), %error, ?backoff, "kafka projector resuming from its stored offsets");
                 tokio::select! {
@@ -322,7 +332,13 @@ async fn consume_with(
 ) -> Result<(), ProjectorError> {
     let consumer = Arc::clone(consumer);
     let mut conn = pool.acquire().await?;
-    let version = projections::checkpoint::load(&mut conn, projection).await?.version;
+    projections::checkpoint::load(&mut conn, projection).await?;
+    // The tables this worker folds into, as of the last swap (each batch checks both).
+    let (version, swaps): (i32, i64) =
+        sqlx::query_as("SELECT version, swaps FROM projection_checkpoints WHERE projection = $1")
+            .bind(projection.name())
+            .fetch_one(&mut *conn)
+            .await?;
     drop(conn);
     let layout = projection.layout(version).ok_or(ProjectorError::UnknownVersion {
         projection: projection.name(),
@@ -404,7 +420,7 @@ async fn consume_with(
                 applied_up_to = applied_up_to.max(last);
                 last_commit = Instant::now();
             }
-            commit_batch(pool, layout, config, &mut partitions, batch).await?;
+            commit_batch(pool, layout, swaps, config, &mut partitions, batch).await?;
         }
         // Other partitions' progress (and the relay's) moves the checkpoint too, so it is
         // also recomputed while idle: soon while what this worker applied is not covered yet
@@ -602,9 +618,11 @@ async fn admit(
     Ok(())
 }
 
+/// Applies a batch to the tables of `layout`, live since the projection's `swaps`-th swap.
 async fn commit_batch(
     pool: &PgPool,
     layout: TableLayout,
+    swaps: i64,
     config: &KafkaProjectorConfig,
     partitions: &mut HashMap<i32, PartitionState>,
     batch: Batch,
@@ -620,6 +638,25 @@ async fn commit_batch(
     for (position, error, raw) in &batch.unreadable {
         park_unreadable(&mut tx, projection, *position, error, raw).await?;
     }
+    let last = batch.events.iter().max_by_key(|e| e.position);
+    // The checkpoint row before the offsets, the order a replay's swap takes them in. Its
+    // swap count fences a replay: a batch folded before a swap (into tables it may even have
+    // reached through their names after the swap) is rolled back, whatever the versions.
+    let live: (i32, i64) = sqlx::query_as(
+        "UPDATE projection_checkpoints SET last_recorded_at = greatest(last_recorded_at, $2), updated_at = now()
+         WHERE projection = $1 RETURNING version, swaps",
+    )
+    .bind(projection.name())
+    .bind(last.map(|e| e.recorded_at))
+    .fetch_one(&mut *tx)
+    .await?;
+    if live != (layout.version, swaps) {
+        return Err(ProjectorError::Swapped {
+            projection: projection.name(),
+            from: layout.version,
+            to: live.0,
+        });
+    }
     let expected: HashMap<i32, i64> = partitions
         .iter()
         .map(|(partition, state)| (*partition, state.next_offset))
@@ -630,19 +667,11 @@ async fn commit_batch(
             projection: projection.name(),
         });
     }
-    if let Some(last) = batch.events.iter().max_by_key(|e| e.position) {
-        if !applied.touched.is_empty() {
-            let notice = ChangeNotice::of_batch(projection, last.position, &applied.touched);
-            read_models::changes::publish(&mut tx, &notice).await?;
-        }
-        sqlx::query(
-            "UPDATE projection_checkpoints SET last_recorded_at = greatest(last_recorded_at, $2), updated_at = now()
-             WHERE projection = $1",
-        )
-        .bind(projection.name())
-        .bind(last.recorded_at)
-        .execute(&mut *tx)
-        .await?;
+    if let Some(last) = last
+        && !applied.touched.is_empty()
+    {
+        let notice = ChangeNotice::of_batch(projection, last.position, &applied.touched);
+        read_models::changes::publish(&mut tx, &notice).await?;
     }
     tx.commit().await?;
     for (partition, (next_offset, last_position)) in &batch.touched {
@@ -747,7 +776,10 @@ mod tests {
 
     use sqlx::PgPool;
 
-    use super::{IDLE_RECHECK, UNCOVERED_RECHECK, UNCOVERED_RECHECK_FOR, recheck_interval, store_offsets};
+    use super::{
+        Batch, IDLE_RECHECK, KafkaProjectorConfig, PartitionState, ProjectorError, UNCOVERED_RECHECK,
+        UNCOVERED_RECHECK_FOR, commit_batch, recheck_interval, store_offsets,
+    };
     use read_models::Projection;
 
     /// A worker whose last batch the checkpoint does not cover yet (the relay recorded that
@@ -803,5 +835,63 @@ mod tests {
         // A worker that thinks a partition is new while someone stored it is refused as well.
         let late = batch(&[(1, 5, 50)]);
         assert!(!store_offsets(&mut conn, fleet, topic, &late, &read(&[])).await.unwrap());
+    }
+
+    /// A batch folded before a replay's swap is rolled back, even when the swap kept the
+    /// version (a rebuild of the same version): the swap count moved. Its offsets stay as the
+    /// swap left them; a worker that read the count after the swap commits.
+    #[sqlx::test(migrations = false)]
+    async fn a_batch_folded_before_a_swap_is_rolled_back(pool: PgPool) {
+        read_models::migrate(&pool).await.unwrap();
+        let fleet = Projection::Fleet;
+        projections::checkpoint::load(&mut pool.acquire().await.unwrap(), fleet)
+            .await
+            .unwrap();
+        let (layout, config) = (
+            fleet.layout(1).unwrap(),
+            KafkaProjectorConfig::new("127.0.0.1:1", fleet),
+        );
+        let batch = |next_offset: i64, last_position: i64| Batch {
+            messages: 1,
+            touched: [(0, (next_offset, last_position))].into(),
+            ..Batch::default()
+        };
+        let stored = || async {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT next_offset, last_position FROM projection_offsets WHERE partition = 0",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+        let mut partitions: HashMap<i32, PartitionState> = [(
+            0,
+            PartitionState {
+                next_offset: 0,
+                last_position: 0,
+                positioned: true,
+            },
+        )]
+        .into();
+        commit_batch(&pool, layout, 0, &config, &mut partitions, batch(5, 50))
+            .await
+            .unwrap();
+        assert_eq!(stored().await, (5, 50));
+
+        sqlx::query("UPDATE projection_checkpoints SET swaps = swaps + 1 WHERE projection = 'fleet'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let fenced = commit_batch(&pool, layout, 0, &config, &mut partitions, batch(8, 80)).await;
+        assert!(
+            matches!(fenced, Err(ProjectorError::Swapped { from: 1, to: 1, .. })),
+            "{fenced:?}"
+        );
+        assert_eq!(stored().await, (5, 50), "the fenced batch stored nothing");
+
+        commit_batch(&pool, layout, 1, &config, &mut partitions, batch(8, 80))
+            .await
+            .unwrap();
+        assert_eq!(stored().await, (8, 80));
     }
 }

@@ -52,6 +52,17 @@ pub enum ProjectorError {
     UnknownVersion { projection: &'static str, version: i32 },
     #[error("Kafka: {0}")]
     Kafka(String),
+    /// Kafka mode: a replay swapped its rebuild in (version `from` replaced by `to`) while
+    /// this batch was folded; the batch is rolled back and the worker resumes at the new
+    /// tables from the offsets the swap handed over.
+    #[error(
+        "a replay swapped `{projection}` in (version {from} replaced by {to}); the batch folded before it is rolled back"
+    )]
+    Swapped {
+        projection: &'static str,
+        from: i32,
+        to: i32,
+    },
     /// Kafka mode: a partition's stored offset moved under this worker (it lost the
     /// partition in a rebalance it had not seen yet); its batch is rolled back.
     #[error("offsets of `{projection}` moved under this worker: another worker owns the partition now")]

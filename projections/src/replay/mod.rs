@@ -24,6 +24,15 @@
 //!    A live projector still folding the old version finds its checkpoint moved (or its version
 //!    changed), rolls its batch back and resumes at the new version.
 //!
+//!    **Kafka mode** (the projection has stored partition offsets): each partition's workers
+//!    have applied up to a position of their own, beyond the checkpoint (the least of them).
+//!    The swap locks those offsets after the checkpoint row, brings the shadow up to the
+//!    furthest, and hands every partition over after the swap position (each worker skips
+//!    what it reads at or below it; a partition the relay recorded as wholly at or below it
+//!    starts after its last message). It also counts the swap (`projection_checkpoints.swaps`):
+//!    a worker's batch folded before it, even of the same version, is rolled back in its own
+//!    transaction, and the worker goes on from the handed-over offsets, in the same group.
+//!
 //! Beside live appends, a replay can read the history from a streaming replica (`history.rs`:
 //! only a standby of this database that has replayed the target) and bounds its share of the
 //! primary (`throttle.rs`: events folded per second, COPY bytes per second, index build
@@ -168,12 +177,6 @@ pub enum ReplayError {
         version: i32,
         latest: i32,
     },
-    #[error(
-        "`{projection}` is maintained by Kafka-mode projectors (it has stored partition offsets): \
-         a replay swaps in a new version at a log position, which only embedded projectors follow. \
-         Run its projectors in embedded mode, then replay"
-    )]
-    KafkaMode { projection: &'static str },
     #[error("a replay of `{projection}` is already running (another process holds its lock)")]
     AlreadyRunning { projection: &'static str },
     #[error(
@@ -266,7 +269,6 @@ pub async fn replay_from(
         version,
         latest: projection.latest_version(),
     })?;
-    refuse_kafka_mode(pool, projection).await?;
     history.check_standby(pool).await?;
     let lock = ReplayLock::take(pool, projection).await?;
     let outcome = run(pool, history, layout, config, observer, stop, started).await;
@@ -413,19 +415,6 @@ async fn run(
         "replay swapped in"
     );
     Ok(summary)
-}
-
-async fn refuse_kafka_mode(pool: &PgPool, projection: Projection) -> Result<(), ReplayError> {
-    let kafka: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projection_offsets WHERE projection = $1)")
-        .bind(projection.name())
-        .fetch_one(pool)
-        .await?;
-    if kafka {
-        return Err(ReplayError::KafkaMode {
-            projection: projection.name(),
-        });
-    }
-    Ok(())
 }
 
 fn rebuild_from_row(row: &sqlx::postgres::PgRow) -> Result<Option<Rebuild>, sqlx::Error> {

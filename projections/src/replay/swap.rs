@@ -3,10 +3,11 @@
 
 use chrono::{DateTime, Utc};
 use event_log::LogReader;
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 
 use super::tail::apply_to_shadow;
 use super::{Rebuild, ReplayConfig, ReplayError};
+use read_models::Projection;
 use read_models::changes::ChangeNotice;
 use read_models::versions::quote_ident;
 
@@ -62,8 +63,20 @@ pub(super) async fn swap(
         // Another swap happened between the two reads: look again.
         return Ok(None);
     }
-    // Bring the shadow to the live checkpoint (the live version cannot move now), so the
-    // checkpoint never goes back.
+    // Kafka mode: each partition's workers have applied up to a position of their own, and
+    // the checkpoint is only the least of them. Locked like the checkpoint row (a worker's
+    // batch takes the row, then its offsets), so no batch of the replaced version lands now.
+    let applied: Vec<i64> = sqlx::query_scalar(
+        "SELECT last_position FROM projection_offsets WHERE projection = $1 ORDER BY topic, partition FOR UPDATE",
+    )
+    .bind(projection.name())
+    .fetch_all(&mut *tx)
+    .await?;
+    let kafka_mode = !applied.is_empty();
+    // Bring the shadow to everything the live tables hold (the live version cannot move
+    // now), so the checkpoint never goes back and no partition's worker applies an event the
+    // new tables already hold, or misses one.
+    let position = applied.into_iter().fold(position, i64::max);
     while rebuild.position < position {
         let events = reader
             .read_all(rebuild.position, (position - rebuild.position).min(config.tail_batch))
@@ -92,7 +105,8 @@ pub(super) async fn swap(
     ddl.push_str(&format!("DROP SCHEMA {s};"));
     sqlx::raw_sql(AssertSqlSafe(ddl)).execute(&mut *tx).await?;
     sqlx::query(
-        "UPDATE projection_checkpoints SET position = $2, version = $3, last_recorded_at = $4, updated_at = now()
+        "UPDATE projection_checkpoints SET position = $2, version = $3, last_recorded_at = $4, swaps = swaps + 1,
+                updated_at = now()
          WHERE projection = $1",
     )
     .bind(projection.name())
@@ -101,6 +115,9 @@ pub(super) async fn swap(
     .bind(recorded_at)
     .execute(&mut *tx)
     .await?;
+    if kafka_mode {
+        hand_over_offsets(&mut tx, projection, new_position).await?;
+    }
     sqlx::query("UPDATE projection_rebuilds SET state = 'superseded', updated_at = now() WHERE projection = $1 AND state = 'live'")
         .bind(projection.name())
         .execute(&mut *tx)
@@ -124,4 +141,25 @@ pub(super) async fn swap(
         replaced_version: live.version,
         replaced_schema,
     }))
+}
+
+/// Kafka mode: the new version's workers continue each partition exactly after `position`.
+/// Every event up to it is in the new tables, so a worker skips what it reads at or below it
+/// (as it skips a duplicate publication); and a partition whose every published message is
+/// at or below it, by the relay's record of offsets and positions, starts after the last
+/// one, without reading them again. Offsets never move back.
+async fn hand_over_offsets(conn: &mut PgConnection, projection: Projection, position: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_offsets o SET
+             last_position = greatest(o.last_position, $2),
+             next_offset = greatest(o.next_offset, coalesce((
+                 SELECT r.last_offset + 1 FROM relay_partitions r
+                 WHERE r.relay = o.topic AND r.partition = o.partition AND r.last_position <= $2), 0))
+         WHERE o.projection = $1",
+    )
+    .bind(projection.name())
+    .bind(position)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

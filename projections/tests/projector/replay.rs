@@ -424,16 +424,6 @@ async fn bad_replay_requests_are_refused_clearly_and_change_nothing(pool: PgPool
     assert!(replay::abandon(&pool, Projection::DailyUsage).await.unwrap().is_some());
     assert_eq!(replay::abandon(&pool, Projection::DailyUsage).await.unwrap(), None);
 
-    // Kafka-mode projections are refused: their partitions do not follow one checkpoint.
-    sqlx::query("INSERT INTO projection_offsets VALUES ('fleet', 'cloudphone.events', 0, 10, 10)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let err = replay::replay(&pool, Projection::Fleet, None, small_steps(), &Unobserved, &never)
-        .await
-        .unwrap_err();
-    assert!(matches!(err, ReplayError::KafkaMode { .. }), "{err}");
-
     assert_eq!(
         load_read_models(&pool).await.unwrap(),
         before,
@@ -536,4 +526,91 @@ fn assert_hours_add_up_to_days(models: &ReadModels) {
         })
         .collect();
     assert_eq!(summed, days, "the hours of each day add up to its daily_usage row");
+}
+
+/// Kafka mode at the swap: each partition's workers applied up to a position of their own,
+/// and the checkpoint is only the least of them. The new version is built up to the
+/// furthest, and every partition of the replayed projection is handed over after the swap
+/// position: workers skip what they read at or below it, and a partition whose published
+/// messages are all at or below it (by the relay's record) starts after them. Offsets never
+/// move back; another projection's offsets are not touched.
+#[sqlx::test(migrations = false)]
+async fn a_swap_in_kafka_mode_hands_every_partition_over_after_the_swap_position(pool: PgPool) {
+    history(&pool, 13, 200).await;
+    project_to_head(&pool).await;
+    let (_, head) = live_version(&pool, Projection::DailyUsage).await;
+    let topic = "cloudphone.test.swap";
+    sqlx::query("UPDATE projection_checkpoints SET position = $1 WHERE projection = 'daily_usage'")
+        .bind(head - 10)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // (partition, next_offset, last_position applied) as the workers left them, and
+    // (last_offset, last_position) the relay recorded.
+    let workers: [(i32, i64, i64); 3] = [(0, 60, head), (1, 40, head - 10), (2, 100, head - 3)];
+    let relay: [(i32, i64, i64); 3] = [(0, 70, head - 1), (1, 90, head + 500), (2, 50, head - 3)];
+    for (partition, next_offset, last_position) in workers {
+        for projection in ["daily_usage", "fleet"] {
+            sqlx::query("INSERT INTO projection_offsets VALUES ($1, $2, $3, $4, $5)")
+                .bind(projection)
+                .bind(topic)
+                .bind(partition)
+                .bind(next_offset)
+                .bind(last_position)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("INSERT INTO relay_checkpoints (relay, position, partitions) VALUES ($1, $2, 3)")
+        .bind(topic)
+        .bind(head)
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (partition, last_offset, last_position) in relay {
+        sqlx::query("INSERT INTO relay_partitions VALUES ($1, $2, $3, $4)")
+            .bind(topic)
+            .bind(partition)
+            .bind(last_offset)
+            .bind(last_position)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    let summary = replay::replay(
+        &pool,
+        Projection::DailyUsage,
+        Some(2),
+        small_steps(),
+        &Unobserved,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.live_position, head, "built up to the furthest partition");
+    assert_eq!(live_version(&pool, Projection::DailyUsage).await, (2, head));
+    let offsets = |projection: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i32, i64, i64)>(
+                "SELECT partition, next_offset, last_position FROM projection_offsets
+                 WHERE projection = $1 ORDER BY partition",
+            )
+            .bind(projection)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        offsets("daily_usage").await,
+        vec![(0, 71, head), (1, 40, head), (2, 100, head)],
+        "0: past the relay's last message; 1: the relay published beyond the swap there; \
+         2: the workers were further than the relay's record"
+    );
+    assert_eq!(offsets("fleet").await, workers.to_vec(), "another projection's offsets");
+    let stored = load_read_models(&pool).await.unwrap();
+    assert_eq!(stored, reference(&pool).await.without_hourly_usage());
 }
