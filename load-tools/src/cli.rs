@@ -95,6 +95,15 @@ pub struct LoadKafkaArgs {
     /// Messages the broker carries alone, with no PostgreSQL (0 skips that phase).
     #[arg(long, default_value_t = 100_000)]
     pub broker_messages: u64,
+    /// After the Kafka phase, faults while the commands go on at `--rate`: a worker added,
+    /// one stopped with SIGTERM, one killed with `kill -9` and restarted, and (with
+    /// `--broker-engine sqlite` only) the broker killed and restarted; the latency spike of
+    /// each is reported, and the read models must still equal a rebuild.
+    #[arg(long)]
+    pub faults: bool,
+    /// Seconds between two faults (and of the quiet window before the first).
+    #[arg(long, default_value_t = 20)]
+    pub fault_interval: u64,
     /// Seed of the command mix.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

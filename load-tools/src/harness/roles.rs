@@ -84,7 +84,11 @@ impl RoleProcess {
         command
             .args(args)
             .env("CLOUDPHONE_JWT_SECRET", SECRET)
-            .env("CLOUDPHONE_LOG", "warn")
+            // The roles log warnings only, unless told otherwise (to diagnose a run).
+            .env(
+                "CLOUDPHONE_LOG",
+                std::env::var("CLOUDPHONE_LOAD_ROLE_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .env("CLOUDPHONE_LOG_FORMAT", "text")
             .env("CLOUDPHONE_RATE_LIMIT", "1000000")
             .env_remove("CLOUDPHONE_KAFKA_BROKERS")
@@ -132,6 +136,39 @@ impl RoleProcess {
             );
         }
         Ok(())
+    }
+
+    /// Sends it SIGTERM (a graceful stop, as an orchestrator does) and waits for it to exit,
+    /// at most `limit`; fails when it does not exit, or exits unsuccessfully.
+    pub async fn terminate(&self, limit: Duration) -> anyhow::Result<()> {
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await
+            .context("run kill -TERM")?;
+        if !sent.success() {
+            bail!("kill -TERM {} ({}) failed", self.pid, self.name);
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let exited = self
+                .child
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the {} process handle", self.name))?
+                .try_wait()?;
+            match exited {
+                Some(status) if status.success() => return Ok(()),
+                Some(status) => bail!(
+                    "the {} exited with {status} on SIGTERM (log: {})",
+                    self.name,
+                    self.log.display()
+                ),
+                None if Instant::now() > deadline => {
+                    bail!("the {} did not exit within {limit:?} of SIGTERM", self.name)
+                }
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
     }
 
     /// Waits until it answers `/readyz` with a success (fails when it exits first).

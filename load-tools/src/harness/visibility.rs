@@ -22,13 +22,25 @@ pub fn acknowledged(pending: &Pending, position: i64, at: Instant) {
 
 /// Records the latency of every pending append at or below `visible`.
 pub fn settle(pending: &Pending, visible: i64, now: Instant, latencies: &mut Histogram<u64>) {
-    if let Ok(mut pending) = pending.lock() {
-        let later = pending.split_off(&(visible + 1));
-        for acked in std::mem::replace(&mut *pending, later).into_values() {
-            let micros = now.saturating_duration_since(acked).as_micros();
-            let _ = latencies.record(u64::try_from(micros).unwrap_or(u64::MAX).max(1));
-        }
+    for (_, micros) in settle_each(pending, visible, now) {
+        let _ = latencies.record(micros);
     }
+}
+
+/// Takes every pending append at or below `visible`: when each was acknowledged, and its
+/// latency in microseconds (at least 1).
+pub fn settle_each(pending: &Pending, visible: i64, now: Instant) -> Vec<(Instant, u64)> {
+    let Ok(mut pending) = pending.lock() else {
+        return Vec::new();
+    };
+    let later = pending.split_off(&(visible + 1));
+    std::mem::replace(&mut *pending, later)
+        .into_values()
+        .map(|acked| {
+            let micros = now.saturating_duration_since(acked).as_micros();
+            (acked, u64::try_from(micros).unwrap_or(u64::MAX).max(1))
+        })
+        .collect()
 }
 
 /// Whether appends are still waiting to be seen.

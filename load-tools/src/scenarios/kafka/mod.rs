@@ -13,7 +13,9 @@
 //!    (child processes, static members) on a topic that starts at the log's head; the same
 //!    commands at the same rate, measured the same way, with the relay's throughput and lag,
 //!    each worker's events/s, and CPU per process;
-//! 5. the read models compared with a rebuild from the log: nothing lost, nothing counted
+//! 5. with `--faults`, the same commands while workers are added, stopped and killed and the
+//!    broker restarts (`faults.rs`);
+//! 6. the read models compared with a rebuild from the log: nothing lost, nothing counted
 //!    twice. A difference fails the run.
 
 use std::collections::BTreeMap;
@@ -43,6 +45,8 @@ use crate::harness::roles::RoleProcess;
 use crate::harness::sampling::{PostgresCpu, cpu_seconds};
 use crate::harness::visibility::{CheckpointWatch, Pending, acknowledged, outstanding, settle};
 use crate::workloads::portal::{Device, PortalCommand};
+
+mod faults;
 
 const DATABASE: &str = "cloudphone_load_kafka";
 const TOPIC: &str = "cloudphone.load-kafka";
@@ -93,8 +97,12 @@ struct RelayFigures {
     round_events: f64,
     round_publish_ms: f64,
     round_record_ms: f64,
+    /// From a command's acknowledgement until the relay recorded its events as acknowledged
+    /// by the broker: the relay's part of the commit-to-read-model latency.
+    commit_to_relay: Latency,
     /// Events committed to the log and not yet acknowledged by the broker, sampled every
-    /// 100 ms while the commands ran.
+    /// 2 ms from the first command until every command showed in the read models.
+    lag_p50_events: u64,
     lag_p99_events: u64,
     lag_max_events: u64,
 }
@@ -109,14 +117,21 @@ struct Report {
     broker_engine: &'static str,
     phases: Vec<Phase>,
     broker_alone: Option<BrokerAloneReport>,
+    faults: Option<faults::FaultsReport>,
     /// Events per second the relay published over what the broker alone took in.
     relay_fraction_of_broker: Option<f64>,
     read_models_equal_a_rebuild: bool,
 }
 
 pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
-    if args.rate == 0 || args.duration == 0 || args.users == 0 || args.workers == 0 || args.partitions <= 0 {
-        bail!("--rate, --duration, --users, --workers and --partitions must be positive");
+    if args.rate == 0
+        || args.duration == 0
+        || args.users == 0
+        || args.workers == 0
+        || args.partitions <= 0
+        || args.fault_interval == 0
+    {
+        bail!("--rate, --duration, --users, --workers, --partitions and --fault-interval must be positive");
     }
     let logs = std::env::temp_dir().join(format!("cloudphone-load-kafka-{}", std::process::id()));
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
@@ -232,7 +247,7 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
         ("CLOUDPHONE_KAFKA_PARTITIONS", partitions.as_str()),
     ];
     let relay = RoleProcess::start_as("relay", "relay", &url, &logs, &kafka_env)?;
-    let mut workers = Vec::with_capacity(args.workers);
+    let mut workers = Vec::with_capacity(args.workers + 1);
     for index in 1..=args.workers {
         let instance = format!("load-kafka-{index}");
         let mut env = kafka_env.to_vec();
@@ -271,6 +286,26 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
         role.alive()?;
     }
 
+    let faults = if args.faults {
+        let target = faults::Target {
+            pool: &pool,
+            client: &client,
+            base: &command_api.base,
+            users: &users,
+            url: &url,
+            logs: &logs,
+            kafka_env: &kafka_env,
+            broker: &broker,
+        };
+        let report = faults::measure_faults(args, &target, &mut workers).await?;
+        report.print();
+        command_api.alive()?;
+        relay.alive()?;
+        Some(report)
+    } else {
+        None
+    };
+
     let head = to_head(&pool, &reader).await?;
     let difference = read_models_differ(&reader, &pool, head).await?;
     match &difference {
@@ -290,6 +325,7 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
         broker_engine: args.broker_engine.name(),
         phases,
         broker_alone,
+        faults,
         relay_fraction_of_broker,
         read_models_equal_a_rebuild: difference.is_none(),
     };
@@ -319,12 +355,17 @@ impl Phase {
         );
         if let Some(relay) = &self.relay {
             println!(
-                "  {:<22} relay published {:.0} events/s in rounds of {:.0} events ({:.1} ms to the broker's acknowledgement, {:.1} ms to record it), lag p99 {} / max {} events; workers {}",
+                "  {:<22} commit to the relay's record p50 {:>7.2} ms   p99 {:>7.2} ms   p999 {:>7.2} ms (the rest is the workers')",
+                "", relay.commit_to_relay.p50_ms, relay.commit_to_relay.p99_ms, relay.commit_to_relay.p999_ms
+            );
+            println!(
+                "  {:<22} relay published {:.0} events/s in rounds of {:.0} events ({:.1} ms to the broker's acknowledgement, {:.1} ms to record it), lag p50 {} / p99 {} / max {} events; workers {}",
                 "",
                 relay.published_per_second,
                 relay.round_events,
                 relay.round_publish_ms,
                 relay.round_record_ms,
+                relay.lag_p50_events,
                 relay.lag_p99_events,
                 relay.lag_max_events,
                 self.worker_events_per_second
@@ -375,7 +416,7 @@ async fn warm_up(
         if started.elapsed() > WARM_UP_LIMIT {
             bail!("nothing reached the read models through Kafka within {WARM_UP_LIMIT:?}");
         }
-        send_command(client, base, users, rng.random(), None).await;
+        send_command(client, base, users, rng.random(), &[]).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!(
@@ -395,7 +436,7 @@ async fn send_command(
     base: &str,
     users: &[User],
     seed: u64,
-    pending: Option<&Pending>,
+    pending: &[Pending],
 ) -> Option<Sent> {
     let mut rng = StdRng::seed_from_u64(seed);
     let (user, mut fleet) = (0..8).find_map(|_| {
@@ -411,8 +452,11 @@ async fn send_command(
     Some(match answer {
         Ok(answer) if answer.status().is_success() => {
             let body: Value = answer.json().await.unwrap_or_default();
-            if let (Some(pending), Some(position)) = (pending, body["position"].as_i64()) {
-                acknowledged(pending, position, Instant::now());
+            if let Some(position) = body["position"].as_i64() {
+                let now = Instant::now();
+                for pending in pending {
+                    acknowledged(pending, position, now);
+                }
             }
             command.succeeded(&mut fleet, &body);
             Ok(())
@@ -480,8 +524,10 @@ async fn measure_phase(
 
     let mut watch = CheckpointWatch::start(pool).await?;
     let pending: Pending = Arc::default();
+    // With the relay: the same commands until the relay recorded them as acknowledged by the
+    // broker, which splits the path's latency into the relay's part and the workers'.
+    let relayed: Pending = Arc::default();
     let total = args.rate * args.duration;
-    let lag = Arc::new(std::sync::Mutex::new(histogram()));
     let driving = tokio::spawn(drive(
         client.clone(),
         base.to_owned(),
@@ -489,9 +535,14 @@ async fn measure_phase(
         args.rate,
         total,
         args.seed,
-        Arc::clone(&pending),
+        match relay {
+            Some(_) => vec![Arc::clone(&pending), Arc::clone(&relayed)],
+            None => vec![Arc::clone(&pending)],
+        },
     ));
-    let sampling_lag = relay.map(|_| tokio::spawn(sample_relay_lag(pool.clone(), Arc::clone(&lag))));
+    let watching_relay = tokio_util::sync::CancellationToken::new();
+    let relay_watch =
+        relay.map(|_| tokio::spawn(watch_relay(pool.clone(), Arc::clone(&relayed), watching_relay.clone())));
     let mut latencies = histogram();
     let started = Instant::now();
     let mut progress = Progress::new(mode, args.duration);
@@ -503,9 +554,6 @@ async fn measure_phase(
     let commands = driving.await?;
     let seconds = started.elapsed().as_secs_f64();
     progress.finish();
-    if let Some(task) = sampling_lag {
-        task.abort();
-    }
     let deadline = Instant::now() + SETTLE_LIMIT;
     while outstanding(&pending) {
         if Instant::now() > deadline {
@@ -514,6 +562,12 @@ async fn measure_phase(
         let (position, at) = watch.next().await?;
         settle(&pending, position, at, &mut latencies);
     }
+    // The checkpoints never pass the relay's, so everything is relayed by now.
+    watching_relay.cancel();
+    let relay_watch = match relay_watch {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
     let events = LogReader::new(pool.clone()).head().await?.position - head_before;
 
     let cpu_after = cpu_now(&processes);
@@ -544,12 +598,14 @@ async fn measure_phase(
                 value(&rounds_after) - value(&rounds_before)
             };
             let rounds = delta(&format!("{ROUND_SECONDS}_count"), "phase=\"publish\"").max(1.0);
-            let lag = lag.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+            let (lag, relayed) = relay_watch.unwrap_or_else(|| (histogram(), histogram()));
             Some(RelayFigures {
+                commit_to_relay: Latency::of(&relayed),
                 published_per_second: delta(published, "") / seconds,
                 round_events: delta(&format!("{BATCH_EVENTS}_sum"), "") / rounds,
                 round_publish_ms: delta(&format!("{ROUND_SECONDS}_sum"), "phase=\"publish\"") * 1000.0 / rounds,
                 round_record_ms: delta(&format!("{ROUND_SECONDS}_sum"), "phase=\"record\"") * 1000.0 / rounds,
+                lag_p50_events: lag.value_at_quantile(0.5),
                 lag_p99_events: lag.value_at_quantile(0.99),
                 lag_max_events: lag.max(),
             })
@@ -589,7 +645,7 @@ async fn drive(
     rate: u64,
     total: u64,
     seed: u64,
-    pending: Pending,
+    pending: Vec<Pending>,
 ) -> Commands {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let acknowledged = Arc::new(AtomicU64::new(0));
@@ -604,10 +660,10 @@ async fn drive(
             commands.shed += 1;
             continue;
         };
-        let (client, base, users, pending) = (client.clone(), base.clone(), Arc::clone(&users), Arc::clone(&pending));
+        let (client, base, users, pending) = (client.clone(), base.clone(), Arc::clone(&users), pending.clone());
         let (acknowledged, errors) = (Arc::clone(&acknowledged), Arc::clone(&errors));
         tasks.spawn(async move {
-            let sent = send_command(&client, &base, &users, seed.wrapping_add(index), Some(&pending)).await;
+            let sent = send_command(&client, &base, &users, seed.wrapping_add(index), &pending).await;
             drop(slot);
             match sent {
                 Some(Ok(())) => {
@@ -635,18 +691,24 @@ async fn drive(
     commands
 }
 
-/// The relay's lag (log head minus its checkpoint), every 100 ms until aborted.
-async fn sample_relay_lag(pool: PgPool, lag: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>) {
-    loop {
-        let sampled: Result<i64, sqlx::Error> = sqlx::query_scalar(
-            "SELECT greatest((SELECT position FROM log_head) - position, 0) FROM relay_checkpoints WHERE relay = $1",
-        )
-        .bind(TOPIC)
-        .fetch_one(&pool)
-        .await;
-        if let (Ok(events), Ok(mut lag)) = (sampled, lag.lock()) {
-            let _ = lag.record(u64::try_from(events).unwrap_or(0));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// The relay's progress every 2 ms until `stop`: its lag (log head minus its checkpoint) and,
+/// for each acknowledged command in `relayed`, the time until the relay recorded it. A query
+/// every 2 ms costs PostgreSQL little beside the commands (it reads two one-row tables).
+async fn watch_relay(
+    pool: PgPool,
+    relayed: Pending,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, hdrhistogram::Histogram<u64>)> {
+    let (mut lag, mut latencies) = (histogram(), histogram());
+    while !stop.is_cancelled() {
+        let (head, position): (i64, i64) =
+            sqlx::query_as("SELECT (SELECT position FROM log_head), position FROM relay_checkpoints WHERE relay = $1")
+                .bind(TOPIC)
+                .fetch_one(&pool)
+                .await?;
+        settle(&relayed, position, Instant::now(), &mut latencies);
+        let _ = lag.record(u64::try_from(head - position).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    Ok((lag, latencies))
 }
