@@ -224,13 +224,7 @@ async fn a_broker_killed_mid_stream_loses_and_duplicates_nothing(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     broker("start");
-    done.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let head = reader.head().await.unwrap().position;
-    relay_reaches(&pool, &topic, head, Duration::from_secs(120)).await;
-    projections_reach(&pool, head, Duration::from_secs(120)).await;
+    writers_drained(&pool, &topic, &done, writers, Duration::from_secs(120)).await;
     stop.cancel();
     for task in tasks {
         task.await.unwrap();
@@ -444,18 +438,31 @@ async fn projector_workers_share_partitions_and_rebalances_lose_nothing(pool: Pg
     let after_leave = reader.head().await.unwrap().position + 50;
     projections_reach(&pool, after_leave, Duration::from_secs(120)).await;
 
-    done.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let head = reader.head().await.unwrap().position;
-    relay_reaches(&pool, &topic, head, Duration::from_secs(60)).await;
-    projections_reach(&pool, head, Duration::from_secs(120)).await;
+    writers_drained(&pool, &topic, &done, writers, Duration::from_secs(60)).await;
     drop(restarted);
     stop.cancel();
     relay_task.await.unwrap();
     assert_read_models_equal_a_rebuild(&pool).await;
     let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// Stops the writers, then waits until the relay `topic` has published the log's head (within
+/// `relay_limit`) and both projections have applied it; returns that head.
+async fn writers_drained(
+    pool: &PgPool,
+    topic: &str,
+    done: &AtomicBool,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+    relay_limit: Duration,
+) -> i64 {
+    done.store(true, Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let head = event_log::LogReader::new(pool.clone()).head().await.unwrap().position;
+    relay_reaches(pool, topic, head, relay_limit).await;
+    projections_reach(pool, head, Duration::from_secs(120)).await;
+    head
 }
 
 /// Writes history until the head passes `more` events beyond where it was; returns the head.
@@ -634,13 +641,7 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies(pool: PgPool) {
         "the standby is not the leader:\n{metrics}"
     );
 
-    done.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let head = reader.head().await.unwrap().position;
-    relay_reaches(&pool, &topic, head, Duration::from_secs(60)).await;
-    projections_reach(&pool, head, Duration::from_secs(120)).await;
+    writers_drained(&pool, &topic, &done, writers, Duration::from_secs(60)).await;
     drop(second);
     stop.cancel();
     for task in projectors {
@@ -746,13 +747,7 @@ async fn a_replay_in_kafka_mode_swaps_in_while_two_workers_consume(pool: PgPool)
         "the replay swapped a new version in"
     );
 
-    done.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let head = reader.head().await.unwrap().position;
-    relay_reaches(&pool, &topic, head, Duration::from_secs(60)).await;
-    projections_reach(&pool, head, Duration::from_secs(120)).await;
+    let head = writers_drained(&pool, &topic, &done, writers, Duration::from_secs(60)).await;
     drop((first, second));
     relay_stop_after.cancel();
     if let Some(task) = relay_task {
