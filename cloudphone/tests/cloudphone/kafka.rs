@@ -39,13 +39,18 @@ async fn prepared(pool: &PgPool) {
     db::migrated(pool).await;
 }
 
-fn start_in_process(pool: &PgPool, topic: &str, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-    let relay = RelayConfig {
+/// The relay of a test's own topic (4 partitions), its checkpoint named after the topic.
+fn relay_config(topic: &str) -> RelayConfig {
+    RelayConfig {
         topic: topic.to_owned(),
         name: topic.to_owned(),
         partitions: 4,
         ..RelayConfig::new(BROKERS)
-    };
+    }
+}
+
+fn start_in_process(pool: &PgPool, topic: &str, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let relay = relay_config(topic);
     let mut tasks = vec![tokio::spawn(run_relay(pool.clone(), relay, stop.clone()))];
     tasks.extend(start_projectors_in_process(pool, topic, stop));
     tasks
@@ -371,12 +376,7 @@ async fn projector_workers_share_partitions_and_rebalances_lose_nothing(pool: Pg
     std::fs::create_dir_all(&logs).unwrap();
     let log = |name: &str| logs.join(name);
     let stop = CancellationToken::new();
-    let relay = RelayConfig {
-        topic: topic.clone(),
-        name: topic.clone(),
-        partitions: 4,
-        ..RelayConfig::new(BROKERS)
-    };
+    let relay = relay_config(&topic);
     let relay_task = tokio::spawn(run_relay(pool.clone(), relay, stop.clone()));
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
     let done = Arc::new(AtomicBool::new(false));
@@ -667,12 +667,7 @@ async fn a_replay_in_kafka_mode_swaps_in_while_two_workers_consume(pool: PgPool)
     let logs = std::env::temp_dir().join(&topic);
     std::fs::create_dir_all(&logs).unwrap();
     let log = |name: &str| logs.join(name);
-    let relay = RelayConfig {
-        topic: topic.clone(),
-        name: topic.clone(),
-        partitions: 4,
-        ..RelayConfig::new(BROKERS)
-    };
+    let relay = relay_config(&topic);
     let (relay_stop, relay_stop_after) = (CancellationToken::new(), CancellationToken::new());
     let relay_task = tokio::spawn(run_relay(pool.clone(), relay.clone(), relay_stop.clone()));
     let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
