@@ -89,6 +89,10 @@ impl RelayConfig {
             // Retried inside librdkafka for this long before a delivery report says failed;
             // a slow broker is waited for rather than re-published to.
             .set("message.timeout.ms", "120000")
+            // The relay looks the topic up before it creates it with its partitions; a lookup
+            // that let the broker create it would get the broker's default partitions
+            // (Kafka's auto.create.topics.enable is on by default, with num.partitions 1).
+            .set("allow.auto.create.topics", "false")
             .set("broker.address.family", "v4");
         config
     }
@@ -219,6 +223,11 @@ async fn publish_with(
     if partition_count == 0 {
         ensure_topic(config).await?;
         partition_count = topic_partitions(producer, &config.topic).await?;
+    }
+    if partition_count != config.partitions {
+        // Someone else created it (an operator, or a broker's auto-creation): the relay
+        // publishes to what exists; the workers' parallelism is bounded by it.
+        tracing::warn!(topic = %config.topic, partitions = partition_count, configured = config.partitions, "the topic exists with another partition count");
     }
     sqlx::query(
         "INSERT INTO relay_checkpoints (relay, partitions) VALUES ($1, $2)
@@ -401,6 +410,9 @@ impl BrokerProbe {
         let client: rdkafka::producer::BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("broker.address.family", "v4")
+            // A probe must not create the topic (with the broker's default partitions) before
+            // the relay creates it with its own.
+            .set("allow.auto.create.topics", "false")
             .create()?;
         Ok(BrokerProbe {
             client: std::sync::Arc::new(client),

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 
 ops/dev/postgres.sh ensure
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-# The Kafka-protocol broker for the scale-out tests (built once, ~15 minutes; then cached).
+# The Kafka-protocol broker for the scale-out tests (built once, ~20 minutes; then cached).
 ops/dev/broker.sh fresh
 # A streaming replica of that PostgreSQL on port 5433 for the read-routing tests.
 ops/dev/replica.sh start

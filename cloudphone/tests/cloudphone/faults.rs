@@ -304,8 +304,8 @@ async fn a_broker_stopped_for_30_s_fails_no_command_and_loses_no_event(pool: PgP
     let tenants = provision(&client, &command, 4, 2).await;
     let reader = event_log::LogReader::new(pool.clone());
 
-    // A steady stream the development broker keeps up with (about 40 commands, 60 events a
-    // second; tansu serves about 220 messages/s to a consumer group, see BENCHMARKS.md).
+    // A steady stream (about 40 commands, 60 events a second), so that every fault finds
+    // commands in flight.
     let tally = Arc::new(Mutex::new(Tally::default()));
     let done = CancellationToken::new();
     let drivers = spawn_drivers(&client, &command, &tenants, Duration::from_millis(100), &tally, &done);
@@ -370,11 +370,11 @@ async fn a_broker_stopped_for_30_s_fails_no_command_and_loses_no_event(pool: PgP
 
     // The topic holds every position of the log, and again only what was in flight when the
     // broker went away: the relay promises at-least-once with at most one round in flight
-    // re-published (consumers drop those; the read models equal a rebuild above). The
-    // development broker makes that happen now and then: stopped with SIGTERM, tansu 0.6
-    // shuts its storage down under produce requests still being answered, so a batch it
-    // stored can lose its acknowledgement and its producer sequence, and the idempotent
-    // producer's retry after the restart is stored again. Apache Kafka keeps producer state
+    // re-published (consumers drop those; the read models equal a rebuild above). A broker
+    // can make that happen: stopped with SIGTERM, tansu 0.6 (the earlier development broker)
+    // shut its storage down under produce requests still being answered, so a batch it
+    // stored could lose its acknowledgement and its producer sequence, and the idempotent
+    // producer's retry after the restart was stored again. Apache Kafka keeps producer state
     // with the log, and would answer the retry as a duplicate.
     let published = published_positions(topic.clone()).await;
     let missing: Vec<i64> = (1..=head).filter(|p| !published.contains_key(p)).take(10).collect();

@@ -23,10 +23,9 @@ use uuid::Uuid;
 
 use crate::support::{assert_read_models_equal_a_rebuild, projections_reach, relay_reaches, write_history};
 
-/// Pause between a writer's appends: a steady stream of about a hundred events a second.
-/// The development broker (tansu on SQLite) serves about 220 messages/s to a consumer group
-/// at 100 % of a core (measured; see BENCHMARKS.md), so a faster stream would only test how
-/// long its backlog takes.
+/// Pause between a writer's appends: a steady stream of about a hundred events a second,
+/// enough to keep every partition busy through a rebalance while the tests leave the cores
+/// to the roles they run.
 const PACE: Duration = Duration::from_millis(25);
 
 fn unique_topic() -> String {
@@ -190,6 +189,43 @@ async fn kafka_mode_commands_reach_the_read_models(pool: PgPool) {
 
 /// The broker dies (SIGKILL) mid-stream and comes back: no append fails, nothing is lost or
 /// counted twice, the relay catches up to the head.
+/// The roles' readiness probe looks the topic up before the relay has created it, and the
+/// relay looks before it creates: neither look may let the broker create the topic (with its
+/// default partitions: 4 on the development broker, 1 on Apache Kafka), or the relay would
+/// publish to fewer partitions than configured, bounding the workers' parallelism.
+#[sqlx::test(migrations = false)]
+async fn the_relay_creates_its_topic_with_its_partitions_after_a_probe_looked(pool: PgPool) {
+    prepared(&pool).await;
+    let topic = unique_topic();
+    let probe = kafka_adapters::relay::BrokerProbe::new(BROKERS, &topic).unwrap();
+    probe.check(Duration::from_secs(10)).await.unwrap();
+    let stop = CancellationToken::new();
+    let relay = RelayConfig {
+        partitions: 7,
+        ..relay_config(&topic)
+    };
+    let relay_task = tokio::spawn(run_relay(pool.clone(), relay, stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partitions = loop {
+        let recorded: Option<i32> = sqlx::query_scalar("SELECT partitions FROM relay_checkpoints WHERE relay = $1")
+            .bind(&topic)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if let Some(partitions) = recorded.filter(|p| *p > 0) {
+            break partitions;
+        }
+        assert!(Instant::now() < deadline, "the relay recorded no partition count");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.cancel();
+    relay_task.await.unwrap();
+    assert_eq!(
+        partitions, 7,
+        "the relay publishes to a topic of {partitions} partitions"
+    );
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_broker_killed_mid_stream_loses_and_duplicates_nothing(pool: PgPool) {
     prepared(&pool).await;
@@ -362,11 +398,8 @@ fn ops_address(log: &std::path::Path) -> String {
 /// gracefully (SIGTERM: it leaves the group) and the second takes every partition. Each
 /// hand-over loses and duplicates nothing.
 ///
-/// The development broker, tansu 0.6.0, handles a member that dies for good badly: it never
-/// starts a new generation when a session expires (the survivors keep their assignment, the
-/// dead member's partitions stall) and keeps a dead leader's place. So this test restarts the
-/// killed worker, as a supervisor would; Apache Kafka also reassigns a worker that never
-/// comes back after `session.timeout.ms`. See ops/dev/README.md.
+/// A worker killed for good, whose partitions move once its session expires, is one of the
+/// faults of `load::load_kafka_faults_lose_nothing_and_measure_each_spike`.
 #[sqlx::test(migrations = false)]
 async fn projector_workers_share_partitions_and_rebalances_lose_nothing(pool: PgPool) {
     prepared(&pool).await;

@@ -93,7 +93,7 @@ impl Broker {
 
     /// Its process id while it runs (from the script's pid file), for sampling its CPU.
     pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("tansu.pid"))
+        std::fs::read_to_string(self.dir.join("broker.pid"))
             .ok()?
             .trim()
             .parse()

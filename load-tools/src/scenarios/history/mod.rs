@@ -429,7 +429,7 @@ fn role_specs(args: &LoadHistoryArgs, platform: &Platform) -> anyhow::Result<Vec
             env.push(("CLOUDPHONE_KAFKA_PARTITIONS".to_owned(), "4".to_owned()));
             if verb == "projector" {
                 // Static members: a worker killed and restarted takes its partitions back
-                // (the development broker never rebalances a dead member away; ops/dev/README.md).
+                // without a rebalance, as a StatefulSet's pods do.
                 env.push(("CLOUDPHONE_KAFKA_INSTANCE_ID".to_owned(), format!("history-{name}")));
             }
         }
