@@ -87,6 +87,21 @@ pub struct PlatformArgs {
     /// that waits it out adds up to this to every event's latency.
     #[arg(long, env = "CLOUDPHONE_KAFKA_FETCH_WAIT_MS", default_value_t = 10)]
     pub kafka_fetch_wait_ms: u64,
+    /// How long a projector's consumer groups wait for a worker that stopped heartbeating
+    /// (crashed, cut off, or a static member stopped) before its partitions go to the other
+    /// workers, in ms (`session.timeout.ms`; Kafka's brokers accept 6 000 to 300 000 by
+    /// default). Its partitions' events wait that long. At least 3 000: three of the workers'
+    /// heartbeats, one a second.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
+    pub kafka_session_timeout_ms: u64,
+    /// How a projector group's partitions move when a worker joins or leaves: `eager`
+    /// (librdkafka's default) stops every worker for one short round; `cooperative` stops only
+    /// the partitions that change owner, but for two rounds (measured slower here, BENCHMARKS.md;
+    /// it pays off in large groups). The two cannot share a group: switch a running group by
+    /// stopping all its workers.
+    #[arg(long, env = "CLOUDPHONE_KAFKA_ASSIGNMENT", value_enum, default_value = "eager")]
+    pub kafka_assignment: KafkaAssignment,
     /// Where the projector and relay roles serve /healthz, /readyz and /metrics (`serve` and
     /// the APIs serve them on their own listeners). Port 0 picks a free port.
     #[arg(long, env = "CLOUDPHONE_OPS_LISTEN", default_value = "127.0.0.1:9464")]
@@ -300,6 +315,22 @@ fn parse_cors_origin(origin: &str) -> Result<axum::http::HeaderValue, String> {
     http_edge::cors::parse_origins(&[origin.to_owned()])
         .map_err(|error| error.to_string())
         .and_then(|mut parsed| parsed.pop().ok_or_else(|| "no origin".to_owned()))
+}
+
+/// `--kafka-assignment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KafkaAssignment {
+    Eager,
+    Cooperative,
+}
+
+impl From<KafkaAssignment> for kafka_adapters::projector::AssignmentStrategy {
+    fn from(assignment: KafkaAssignment) -> Self {
+        match assignment {
+            KafkaAssignment::Cooperative => Self::Cooperative,
+            KafkaAssignment::Eager => Self::Eager,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -55,9 +55,41 @@ pub struct KafkaProjectorConfig {
     pub instance_id: Option<String>,
     /// Longest a fetch waits at the broker when there is nothing new (`fetch.wait.max.ms`).
     /// Apache Kafka answers as soon as a message arrives, so this only bounds idle polling;
-    /// a broker that answers only when it expires (tansu 0.6, measured: see BENCHMARKS.md)
-    /// adds up to this much to every event's latency. Short by default for that reason.
+    /// a broker that answers only when it expires (tansu 0.6, the earlier development broker,
+    /// measured: see BENCHMARKS.md) adds up to this much to every event's latency. Short by
+    /// default for that reason.
     pub fetch_wait: Duration,
+    /// How long the group waits for a worker that stopped heartbeating (crashed, cut off, or
+    /// a static member stopped) before its partitions go to the others
+    /// (`session.timeout.ms`): their events wait that long. Shorter hands over sooner but
+    /// evicts a worker stalled by a long pause; Kafka's brokers accept 6 s to 5 min by default.
+    pub session_timeout: Duration,
+    /// How a rebalance moves partitions between workers.
+    pub assignment: AssignmentStrategy,
+}
+
+/// How the group's partitions move when a worker joins or leaves
+/// (`partition.assignment.strategy`). Eager and cooperative members cannot share a group, so
+/// a running group is switched by stopping all of its workers (ops/deploy/README.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AssignmentStrategy {
+    /// librdkafka's default (`range,roundrobin`): every worker of the group stops for each
+    /// change, for one short round (a worker's revocation costs nothing here: offsets live
+    /// in PostgreSQL). Measured the cheaper of the two (`load kafka --faults`, BENCHMARKS.md).
+    #[default]
+    Eager,
+    /// Incremental (KIP-429, `cooperative-sticky`): only the partitions that change owner
+    /// stop, but for two rounds; it pays off in large groups whose rebalances are slow.
+    Cooperative,
+}
+
+impl AssignmentStrategy {
+    fn librdkafka(self) -> &'static str {
+        match self {
+            AssignmentStrategy::Cooperative => "cooperative-sticky",
+            AssignmentStrategy::Eager => "range,roundrobin",
+        }
+    }
 }
 
 impl KafkaProjectorConfig {
@@ -70,6 +102,8 @@ impl KafkaProjectorConfig {
             batch_wait: Duration::from_millis(5),
             instance_id: None,
             fetch_wait: Duration::from_millis(10),
+            session_timeout: Duration::from_secs(30),
+            assignment: AssignmentStrategy::default(),
         }
     }
 
@@ -91,7 +125,8 @@ impl KafkaProjectorConfig {
             // stuck behind a huge read (the consumer still pipelines fetches).
             .set("max.partition.fetch.bytes", "262144")
             .set("fetch.max.bytes", "1048576")
-            .set("session.timeout.ms", "30000")
+            .set("session.timeout.ms", self.session_timeout.as_millis().to_string())
+            .set("partition.assignment.strategy", self.assignment.librdkafka())
             // A topic created after the subscription (the relay creates it) is noticed within
             // seconds, not librdkafka's default five minutes.
             .set("topic.metadata.refresh.interval.ms", "5000")
@@ -187,7 +222,9 @@ impl ClientContext for ProjectorContext {
 }
 
 impl ConsumerContext for ProjectorContext {
-    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// Under cooperative rebalancing an assignment or a revocation names only the partitions
+    /// that move, so the loop is told just those, and the gauge counts what is held after it.
+    fn post_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let partitions = |tpl: &TopicPartitionList| {
             tpl.elements_for_topic(&self.topic)
                 .iter()
@@ -202,10 +239,10 @@ impl ConsumerContext for ProjectorContext {
                 return;
             }
         };
-        let held = match &notice {
-            Assignment::Assigned(list) => list.len(),
-            Assignment::Revoked(_) => 0,
-        };
+        let held = consumer
+            .assignment()
+            .map(|assignment| assignment.elements_for_topic(&self.topic).len())
+            .unwrap_or(0);
         metrics::gauge!(k::KAFKA_ASSIGNED_PARTITIONS, "projection" => self.projection.name()).set(held as f64);
         let _ = self.notices.send(notice);
     }
@@ -277,11 +314,10 @@ async fn consume(
         }
         match consumed {
             // A database outage is no reason to leave the group: a new consumer rejoins it,
-            // which rebalances the whole group (dynamic members) on every worker's every
-            // outage, and leaves dead members behind that the development broker never
-            // evicts (ops/dev/README.md). The same consumer goes on: each partition's offset
-            // is read again from PostgreSQL at its next message, and the consumer seeks back
-            // there if it had read ahead.
+            // which rebalances the group (dynamic members) on every worker's every outage.
+            // The same consumer goes on: each partition's offset is read again from
+            // PostgreSQL at its next message, and the consumer seeks back there if it had
+            // read ahead.
             // A replay swapped a new version in: go on at once with it, from the offsets the
             // swap handed over.
             Err(error @ ProjectorError::Swapped { .. }) => {

@@ -96,11 +96,21 @@ pub struct LoadKafkaArgs {
     #[arg(long, default_value_t = 100_000)]
     pub broker_messages: u64,
     /// After the Kafka phase, faults while the commands go on at `--rate`: a worker added,
-    /// one stopped with SIGTERM, one killed with `kill -9` and restarted, and (with
-    /// `--broker-engine sqlite` only) the broker killed and restarted; the latency spike of
-    /// each is reported, and the read models must still equal a rebuild.
+    /// one stopped with SIGTERM, one killed with `kill -9` and restarted, one killed for good
+    /// (its partitions move after `--session-timeout-ms`), and (with `--broker-engine sqlite`
+    /// only) the broker killed and restarted; the latency spike of each is reported, and the
+    /// read models must still equal a rebuild.
     #[arg(long)]
     pub faults: bool,
+    /// The workers' `session.timeout.ms` (`CLOUDPHONE_KAFKA_SESSION_TIMEOUT_MS`): how long a
+    /// killed worker's partitions wait before the others take them. Shorter than the
+    /// production default (30 000) so a fault window need not be long.
+    #[arg(long, default_value_t = 10_000)]
+    pub session_timeout_ms: u64,
+    /// The workers' rebalancing (`CLOUDPHONE_KAFKA_ASSIGNMENT`): `eager` or `cooperative`, to
+    /// compare what a worker joining or leaving costs.
+    #[arg(long, default_value = "eager", value_parser = ["eager", "cooperative"])]
+    pub assignment: String,
     /// Seconds between two faults (and of the quiet window before the first).
     #[arg(long, default_value_t = 20)]
     pub fault_interval: u64,

@@ -345,6 +345,8 @@ fn start_projectors(
                     .as_ref()
                     .map(|id| format!("{id}-{}", projection.name())),
                 fetch_wait: Duration::from_millis(args.kafka_fetch_wait_ms),
+                session_timeout: Duration::from_millis(args.kafka_session_timeout_ms),
+                assignment: args.kafka_assignment.into(),
                 ..KafkaProjectorConfig::new(brokers.clone(), projection)
             };
             tokio::spawn(run_kafka_projector(pool.clone(), projection, config, stop.clone()))

@@ -1,5 +1,5 @@
-//! `cloudphone load platform` on a small world: every kind of operation runs, the report has
-//! figures for each and for every role, and nothing fails.
+//! `cloudphone load platform` and `load kafka` on small worlds: every kind of operation runs,
+//! the reports have figures for each and for every role, and nothing fails or is lost.
 
 use std::process::Command;
 
@@ -207,6 +207,86 @@ fn load_kafka_measures_both_modes_and_the_broker_alone() {
     let alone = &report["broker_alone"];
     assert_eq!(alone["messages"], 2000, "{report:#}");
     assert!(alone["consumed_per_second"].as_f64().unwrap() > 0.0, "{report:#}");
+    assert_eq!(report["read_models_equal_a_rebuild"], true, "{report:#}");
+    assert!(text.contains("equal to a rebuild"), "{text}");
+}
+
+/// `cloudphone load kafka --faults` on the durable engine: while commands flow, a worker is
+/// added, one stopped with SIGTERM, one killed and restarted, one killed for good (its
+/// partitions move once its session expires) and the broker killed and restarted. Every
+/// window acknowledges commands that reach the read models, and at the end the read models
+/// equal a rebuild: nothing lost, nothing counted twice.
+#[test]
+fn load_kafka_faults_lose_nothing_and_measure_each_spike() {
+    let server = urls::server();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
+        .args([
+            "load",
+            "kafka",
+            "--rate",
+            "40",
+            "--duration",
+            "2",
+            "--users",
+            "8",
+            "--workers",
+            "2",
+            "--partitions",
+            "4",
+            "--broker-engine",
+            "sqlite",
+            "--broker-messages",
+            "0",
+            "--faults",
+            "--fault-interval",
+            "10",
+            "--session-timeout-ms",
+            "6000",
+            "--json",
+        ])
+        .arg(&report)
+        .env("CLOUDPHONE_DATABASE_URL", &server)
+        .env("CLOUDPHONE_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let faults = &report["faults"];
+    assert_eq!(faults["skipped"], serde_json::json!([]), "{report:#}");
+    let windows: Vec<&str> = faults["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|window| window["fault"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        windows,
+        [
+            "none",
+            "add_worker",
+            "stop_worker",
+            "kill_worker",
+            "lose_worker",
+            "restart_broker"
+        ],
+        "{report:#}"
+    );
+    for window in faults["windows"].as_array().unwrap() {
+        assert!(
+            window["latency"]["count"].as_u64().unwrap() > 100,
+            "a window whose commands never showed: {report:#}"
+        );
+    }
+    // The survivors wait for the lost worker's session (6 s) before they take its partitions.
+    let lost = &faults["windows"][4];
+    assert!(lost["action_ms"].as_f64().unwrap() > 3_000.0, "{report:#}");
     assert_eq!(report["read_models_equal_a_rebuild"], true, "{report:#}");
     assert!(text.contains("equal to a rebuild"), "{text}");
 }

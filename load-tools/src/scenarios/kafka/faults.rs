@@ -6,14 +6,17 @@
 //!    member does not leave on SIGTERM (KIP-345): its partitions wait for its return, or on
 //!    Apache Kafka for `session.timeout.ms`;
 //! 3. a worker killed with `kill -9` and started again under its identity, as a supervisor
-//!    restarts a pod (tansu 0.6 never evicts a dead member, ops/dev/README.md: a worker that
-//!    never came back would stall its partitions there);
-//! 4. the broker killed with `kill -9` and started again, on the durable engine only (the
+//!    restarts a pod (a static member: it takes its partitions back without a rebalance);
+//! 4. a worker killed with `kill -9` for good, as a node dies: the group waits for its session
+//!    to expire (`--session-timeout-ms`) and hands its partitions to the survivors;
+//! 5. the broker killed with `kill -9` and started again, on the durable engine only (the
 //!    memory engine forgets what it acknowledged, so a restart there loses events by design).
 //!
-//! For each window: the commands acknowledged in it, their commit-to-read-model latency, and
-//! the spike: from the fault to the end of the last second whose commands' p99 was over twice
-//! the quiet window's p99. The caller compares the read models with a rebuild afterwards.
+//! For each window: the commands that showed in the read models during it (a command held up
+//! by a fault counts in that fault's window, even if acknowledged before it), their
+//! commit-to-read-model latency, and the spike: from the fault to the end of the last second
+//! whose commands' p99 was over twice the quiet window's p99. The caller compares the read
+//! models with a rebuild afterwards.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +53,7 @@ enum Fault {
     AddWorker,
     StopWorker,
     KillWorker,
+    LoseWorker,
     RestartBroker,
 }
 
@@ -60,6 +64,7 @@ impl Fault {
             Fault::AddWorker => "worker added",
             Fault::StopWorker => "worker SIGTERM",
             Fault::KillWorker => "worker kill -9 + restart",
+            Fault::LoseWorker => "worker kill -9 for good",
             Fault::RestartBroker => "broker kill -9 + restart",
         }
     }
@@ -71,11 +76,12 @@ pub(super) struct Window {
     /// Seconds into the phase the window (and its fault) began.
     at_seconds: f64,
     /// How long the fault's action took: the new worker holding partitions, the stopped one
-    /// gone, the killed one holding its partitions again, the broker answering again.
+    /// gone, the killed one holding its partitions again, the survivors holding the lost
+    /// one's, the broker answering again.
     action_ms: f64,
     latency: Latency,
     max_ms: f64,
-    /// From the fault to the end of the last second (of the commands acknowledged then) whose
+    /// From the fault to the end of the last second (of the commands that showed then) whose
     /// p99 was over the spike threshold (0: none was).
     spike_ms: f64,
 }
@@ -130,6 +136,8 @@ pub(super) struct Target<'a> {
     pub(super) logs: &'a std::path::Path,
     pub(super) kafka_env: &'a [(&'a str, &'a str)],
     pub(super) broker: &'a Broker,
+    /// Partitions of the topic.
+    pub(super) partitions: i32,
 }
 
 pub(super) async fn measure_faults(
@@ -142,6 +150,11 @@ pub(super) async fn measure_faults(
     }
     let mut faults = vec![Fault::None, Fault::AddWorker, Fault::StopWorker, Fault::KillWorker];
     let mut skipped = Vec::new();
+    if workers.len() >= 2 {
+        faults.push(Fault::LoseWorker);
+    } else {
+        skipped.push("worker kill -9 for good: it needs a survivor (run with --workers 2 or more)".to_owned());
+    }
     if args.broker_engine == BrokerEngine::Sqlite {
         faults.push(Fault::RestartBroker);
     } else {
@@ -253,6 +266,12 @@ async fn act(fault: Fault, target: &Target<'_>, workers: &mut Vec<RoleProcess>) 
             holds_partitions(target.client, &worker).await?;
             workers.insert(0, worker);
         }
+        Fault::LoseWorker => {
+            // Killed and never started again: the survivors take its partitions once its
+            // session expires, which is the action's duration.
+            drop(workers.remove(0));
+            holds_every_partition(target, workers).await?;
+        }
         Fault::RestartBroker => {
             target.broker.run("kill").await?;
             target.broker.run("start").await?;
@@ -274,19 +293,42 @@ fn start_worker(target: &Target<'_>, name: &str, member: Option<usize>) -> anyho
 
 /// Waits until `worker` holds partitions of every projection (its group has rebalanced).
 async fn holds_partitions(client: &reqwest::Client, worker: &RoleProcess) -> anyhow::Result<()> {
+    let what = format!("the {} held no partitions", worker.name);
+    assigned_until(client, std::slice::from_ref(worker), |held| held > 0.0, &what).await
+}
+
+/// Waits until `workers` together hold every partition of every projection.
+async fn holds_every_partition(target: &Target<'_>, workers: &[RoleProcess]) -> anyhow::Result<()> {
+    let partitions = f64::from(target.partitions);
+    let what = format!("the surviving workers did not hold all {partitions} partitions");
+    assigned_until(target.client, workers, |held| held >= partitions, &what).await
+}
+
+/// Waits until, for every projection, the partitions `workers` hold together (their
+/// `cloudphone_kafka_assigned_partitions` gauges) satisfy `enough`; fails with `what` after
+/// [`JOIN_LIMIT`].
+async fn assigned_until(
+    client: &reqwest::Client,
+    workers: &[RoleProcess],
+    enough: impl Fn(f64) -> bool,
+    what: &str,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + JOIN_LIMIT;
     loop {
-        worker.alive()?;
-        let samples = scrape(client, &worker.base).await.unwrap_or_default();
-        let held = Projection::ALL.iter().all(|projection| {
-            let label = format!("projection=\"{}\"", projection.name());
-            metric_sum(&samples, KAFKA_ASSIGNED_PARTITIONS, &label) > 0.0
-        });
-        if held {
+        let mut held = vec![0.0; Projection::ALL.len()];
+        for worker in workers {
+            worker.alive()?;
+            let samples = scrape(client, &worker.base).await.unwrap_or_default();
+            for (held, projection) in held.iter_mut().zip(Projection::ALL) {
+                let label = format!("projection=\"{}\"", projection.name());
+                *held += metric_sum(&samples, KAFKA_ASSIGNED_PARTITIONS, &label);
+            }
+        }
+        if held.iter().all(|held| enough(*held)) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the {} held no partitions within {JOIN_LIMIT:?}", worker.name);
+            bail!("{what} within {JOIN_LIMIT:?} (held per projection: {held:?})");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -302,12 +344,16 @@ fn report(
     interval_seconds: u64,
     skipped: Vec<String>,
 ) -> FaultsReport {
+    // A command belongs to the window in which it showed: one acknowledged just before a
+    // fault and held up by it counts in that fault's window, not in the one before.
+    let shown = |(acked, micros): &(Instant, u64)| *acked + Duration::from_micros(*micros);
     let window_of = |index: usize| {
         let begins = actions[index].0;
         let ends = actions.get(index + 1).map(|(at, _)| *at);
-        samples
-            .iter()
-            .filter(move |(acked, _)| *acked >= begins && ends.is_none_or(|ends| *acked < ends))
+        samples.iter().filter(move |sample| {
+            let shown = shown(sample);
+            shown >= begins && ends.is_none_or(|ends| shown < ends)
+        })
     };
     let quiet = {
         let mut latencies = histogram();
@@ -322,13 +368,14 @@ fn report(
         .enumerate()
         .map(|(index, fault)| {
             let mut latencies = histogram();
-            // Per second after the fault: one slow command is noise, a second whose p99 is
-            // over the threshold is part of the spike.
+            // Per second after the fault, by when the commands showed: one slow command is
+            // noise, a second whose p99 is over the threshold is part of the spike (commands
+            // held up by a pause all show at its end, in the pause's last second).
             let mut seconds: BTreeMap<u64, Histogram<u64>> = BTreeMap::new();
-            for (acked, micros) in window_of(index) {
-                let _ = latencies.record(*micros);
-                let second = acked.saturating_duration_since(actions[index].0).as_secs();
-                let _ = seconds.entry(second).or_insert_with(histogram).record(*micros);
+            for sample in window_of(index) {
+                let _ = latencies.record(sample.1);
+                let second = shown(sample).saturating_duration_since(actions[index].0).as_secs();
+                let _ = seconds.entry(second).or_insert_with(histogram).record(sample.1);
             }
             let spike = seconds
                 .iter()
@@ -361,21 +408,25 @@ mod tests {
 
     use super::{Commands, Fault, report};
 
-    /// Each window holds the commands acknowledged between its fault and the next; the spike
-    /// ends with the last second whose p99 is over twice the quiet window's, and one slow
-    /// command alone is no spike.
+    /// Each window holds the commands that showed between its fault and the next, even those
+    /// acknowledged before its fault; the spike ends with the last second whose p99 is over
+    /// twice the quiet window's, and one slow command alone is no spike.
     #[test]
     fn windows_split_at_the_faults_and_a_spike_is_a_slow_second() {
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         let actions = [(at(0), Duration::ZERO), (at(10_000), Duration::from_millis(700))];
         let mut samples = Vec::new();
-        for ms in (0..10_000).step_by(10) {
+        for ms in (0..9_900).step_by(10) {
             // Quiet: 20 ms, with one outlier.
             samples.push((at(ms), if ms == 5_000 { 900_000 } else { 20_000 }));
         }
+        for ms in (9_900..10_000).step_by(10) {
+            // Acknowledged before the fault and held up by it: they show at 10.6 s.
+            samples.push((at(ms), (10_600 - ms) * 1_000));
+        }
         for ms in (10_000..20_000).step_by(10) {
-            // The fault: 3 s of 500 ms, then 20 ms with a lone outlier at 8.5 s.
+            // The fault: 3 s of 500 ms (shown until 13.49 s), then 20 ms with a lone outlier.
             let slow = ms < 13_000 || ms == 18_500;
             samples.push((at(ms), if slow { 500_000 } else { 20_000 }));
         }
@@ -387,11 +438,14 @@ mod tests {
             report.spike_threshold_ms
         );
         let (quiet, added) = (&report.windows[0], &report.windows[1]);
-        assert_eq!(quiet.latency.count, 1_000);
+        assert_eq!(quiet.latency.count, 990);
         assert_eq!(quiet.spike_ms, 0.0, "one slow command is no spike");
-        assert_eq!(added.latency.count, 1_000);
-        assert_eq!(added.spike_ms, 3_000.0);
+        assert_eq!(
+            added.latency.count, 1_010,
+            "the held-up commands count in the fault's window"
+        );
+        assert_eq!(added.spike_ms, 4_000.0, "the slow commands showed until 13.49 s");
         assert_eq!(added.action_ms, 700.0);
-        assert!((added.max_ms - 500.0).abs() < 1.0, "{}", added.max_ms);
+        assert!((added.max_ms - 700.0).abs() < 1.0, "{}", added.max_ms);
     }
 }

@@ -13,8 +13,8 @@
 //!    (child processes, static members) on a topic that starts at the log's head; the same
 //!    commands at the same rate, measured the same way, with the relay's throughput and lag,
 //!    each worker's events/s, and CPU per process;
-//! 5. with `--faults`, the same commands while workers are added, stopped and killed and the
-//!    broker restarts (`faults.rs`);
+//! 5. with `--faults`, the same commands while workers are added, stopped, killed and lost
+//!    and the broker restarts (`faults.rs`);
 //! 6. the read models compared with a rebuild from the log: nothing lost, nothing counted
 //!    twice. A difference fails the run.
 
@@ -136,11 +136,13 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
     let logs = std::env::temp_dir().join(format!("cloudphone-load-kafka-{}", std::process::id()));
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
     println!(
-        "load kafka: {} commands/s for {} s per phase, {} users, {} workers, {} partitions, broker on {}; logs in {}",
+        "load kafka: {} commands/s for {} s per phase, {} users, {} workers ({} rebalancing, session timeout {} ms), {} partitions, broker on {}; logs in {}",
         args.rate,
         args.duration,
         args.users,
         args.workers,
+        args.assignment,
+        args.session_timeout_ms,
         args.partitions,
         args.broker_engine.name(),
         logs.display()
@@ -241,10 +243,13 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     let (address, partitions) = (broker.address(), args.partitions.to_string());
+    let session_timeout = args.session_timeout_ms.to_string();
     let kafka_env = [
         ("CLOUDPHONE_KAFKA_BROKERS", address.as_str()),
         ("CLOUDPHONE_KAFKA_TOPIC", TOPIC),
         ("CLOUDPHONE_KAFKA_PARTITIONS", partitions.as_str()),
+        ("CLOUDPHONE_KAFKA_SESSION_TIMEOUT_MS", session_timeout.as_str()),
+        ("CLOUDPHONE_KAFKA_ASSIGNMENT", args.assignment.as_str()),
     ];
     let relay = RoleProcess::start_as("relay", "relay", &url, &logs, &kafka_env)?;
     let mut workers = Vec::with_capacity(args.workers + 1);
@@ -296,6 +301,7 @@ pub async fn run(args: &LoadKafkaArgs) -> anyhow::Result<()> {
             logs: &logs,
             kafka_env: &kafka_env,
             broker: &broker,
+            partitions: args.partitions,
         };
         let report = faults::measure_faults(args, &target, &mut workers).await?;
         report.print();
