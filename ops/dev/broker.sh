@@ -95,26 +95,25 @@ start() {
     return 1
 }
 
+# SIGTERM, up to 5 s to exit, then SIGKILL.
+terminate() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$1" 2>/dev/null || true
+}
+
 stop() {
     local pid
     # A tansu started by an older checkout of this script keeps the port otherwise.
     if [ -f "$dir/tansu.pid" ]; then
-        pid=$(cat "$dir/tansu.pid")
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
+        terminate "$(cat "$dir/tansu.pid")"
         rm -f "$dir/tansu.pid"
     fi
     if pid=$(running_pid); then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
+        terminate "$pid"
     fi
     rm -f "$pidfile"
 }

@@ -6,31 +6,17 @@ use std::process::Command;
 use serde_json::Value;
 use test_support::urls;
 
-#[test]
-fn load_platform_drives_every_operation_and_reports_every_role() {
-    let server = urls::server();
+/// Runs `cloudphone load <args> --json <file>` against the test server and returns its report
+/// and its output, failing with the output if the run failed.
+fn run_load(args: &[&str]) -> (Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
     let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
-        .args([
-            "load",
-            "platform",
-            "--history-events",
-            "4000",
-            "--history-months",
-            "3",
-            "--users",
-            "8",
-            "--duration",
-            "6",
-            "--rate",
-            "60",
-            "--export-every",
-            "1",
-            "--json",
-        ])
+        .arg("load")
+        .args(args)
+        .arg("--json")
         .arg(&report)
-        .env("CLOUDPHONE_DATABASE_URL", &server)
+        .env("CLOUDPHONE_DATABASE_URL", urls::server())
         .env("CLOUDPHONE_LOG", "warn")
         .output()
         .unwrap();
@@ -40,7 +26,27 @@ fn load_platform_drives_every_operation_and_reports_every_role() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "{text}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let report = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    (report, text)
+}
+
+#[test]
+fn load_platform_drives_every_operation_and_reports_every_role() {
+    let (report, text) = run_load(&[
+        "platform",
+        "--history-events",
+        "4000",
+        "--history-months",
+        "3",
+        "--users",
+        "8",
+        "--duration",
+        "6",
+        "--rate",
+        "60",
+        "--export-every",
+        "1",
+    ]);
 
     // The world spans several monthly partitions and the projector applied it.
     assert!(report["world"]["events"].as_i64().unwrap() >= 4000, "{report:#}");
@@ -87,37 +93,19 @@ fn load_platform_drives_every_operation_and_reports_every_role() {
 /// latency, the poll baseline and the memory per subscription.
 #[test]
 fn load_subscriptions_sees_commands_pushed_to_their_users_dashboards() {
-    let server = urls::server();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
-        .args([
-            "load",
-            "subscriptions",
-            "--subscribers",
-            "40",
-            "--users",
-            "4",
-            "--per-socket",
-            "5",
-            "--rate",
-            "20",
-            "--seconds",
-            "3",
-            "--json",
-        ])
-        .arg(&report)
-        .env("CLOUDPHONE_DATABASE_URL", &server)
-        .env("CLOUDPHONE_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (report, text) = run_load(&[
+        "subscriptions",
+        "--subscribers",
+        "40",
+        "--users",
+        "4",
+        "--per-socket",
+        "5",
+        "--rate",
+        "20",
+        "--seconds",
+        "3",
+    ]);
 
     assert_eq!(report["sockets"], 8, "{report:#}");
     assert!(report["pushes_received"].as_u64().unwrap() > 40, "{report:#}");
@@ -149,39 +137,21 @@ fn load_subscriptions_sees_commands_pushed_to_their_users_dashboards() {
 /// models equal a rebuild of the log.
 #[test]
 fn load_kafka_measures_both_modes_and_the_broker_alone() {
-    let server = urls::server();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
-        .args([
-            "load",
-            "kafka",
-            "--rate",
-            "40",
-            "--duration",
-            "4",
-            "--users",
-            "8",
-            "--workers",
-            "2",
-            "--partitions",
-            "4",
-            "--broker-messages",
-            "2000",
-            "--json",
-        ])
-        .arg(&report)
-        .env("CLOUDPHONE_DATABASE_URL", &server)
-        .env("CLOUDPHONE_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (report, text) = run_load(&[
+        "kafka",
+        "--rate",
+        "40",
+        "--duration",
+        "4",
+        "--users",
+        "8",
+        "--workers",
+        "2",
+        "--partitions",
+        "4",
+        "--broker-messages",
+        "2000",
+    ]);
 
     let phases = report["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 2, "{report:#}");
@@ -218,46 +188,28 @@ fn load_kafka_measures_both_modes_and_the_broker_alone() {
 /// equal a rebuild: nothing lost, nothing counted twice.
 #[test]
 fn load_kafka_faults_lose_nothing_and_measure_each_spike() {
-    let server = urls::server();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_cloudphone"))
-        .args([
-            "load",
-            "kafka",
-            "--rate",
-            "40",
-            "--duration",
-            "2",
-            "--users",
-            "8",
-            "--workers",
-            "2",
-            "--partitions",
-            "4",
-            "--broker-engine",
-            "sqlite",
-            "--broker-messages",
-            "0",
-            "--faults",
-            "--fault-interval",
-            "10",
-            "--session-timeout-ms",
-            "6000",
-            "--json",
-        ])
-        .arg(&report)
-        .env("CLOUDPHONE_DATABASE_URL", &server)
-        .env("CLOUDPHONE_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "{text}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let (report, text) = run_load(&[
+        "kafka",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--users",
+        "8",
+        "--workers",
+        "2",
+        "--partitions",
+        "4",
+        "--broker-engine",
+        "sqlite",
+        "--broker-messages",
+        "0",
+        "--faults",
+        "--fault-interval",
+        "10",
+        "--session-timeout-ms",
+        "6000",
+    ]);
     let faults = &report["faults"];
     assert_eq!(faults["skipped"], serde_json::json!([]), "{report:#}");
     let windows: Vec<&str> = faults["windows"]
