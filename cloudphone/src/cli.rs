@@ -90,8 +90,8 @@ pub struct PlatformArgs {
     /// How long a projector's consumer groups wait for a worker that stopped heartbeating
     /// (crashed, cut off, or a static member stopped) before its partitions go to the other
     /// workers, in ms (`session.timeout.ms`; Kafka's brokers accept 6 000 to 300 000 by
-    /// default). Its partitions' events wait that long. At least 3 000: three of the workers'
-    /// heartbeats, one a second.
+    /// default). Its partitions' events wait that long. At least 3 000 (the workers heartbeat
+    /// every 250 ms).
     #[arg(long, env = "CLOUDPHONE_KAFKA_SESSION_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(3_000..=3_600_000))]
     pub kafka_session_timeout_ms: u64,
