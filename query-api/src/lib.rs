@@ -56,6 +56,7 @@ pub mod sources;
 pub mod startup;
 pub(crate) mod state;
 pub mod subscriptions;
+mod watermark;
 
 pub use config::QueryApiConfig;
 pub use sources::{ReadError, ReadSources, Route, Source, SourcesConfig};

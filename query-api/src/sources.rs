@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use read_models::Projection;
@@ -19,6 +19,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::read_pool::{ReadPool, ReadPoolOptions};
+use crate::watermark::Watermark;
 
 /// Names of the metrics the router records.
 pub mod metrics_names {
@@ -121,6 +122,9 @@ impl Source {
 pub enum ReadError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Reading the primary's checkpoints failed: this request's read, or the one it shared.
+    #[error("cannot read the primary's projection checkpoints: {0}")]
+    Checkpoints(Arc<sqlx::Error>),
     /// Even the primary's projections have not reached the position after the wait.
     #[error("the read models have not reached position {wanted} within {waited:?} (they stand at {reached})")]
     NotYetVisible {
@@ -250,15 +254,15 @@ impl ReadSources {
     /// Reads every source's projection checkpoints once (the primary and the replicas in
     /// rotation), so [`ReadSources::route`] knows how far each is without a round trip.
     pub async fn refresh_watermarks(&self) {
-        match checkpoints(&self.primary).await {
-            Ok(at) => self.primary_watermark.set(at),
-            Err(_) => self.primary_watermark.forget(),
-        }
+        let now = Instant::now();
+        self.primary_watermark
+            .read_after(&self.primary, now, self.config.position_wait)
+            .await;
         for replica in self.replicas.iter().filter(|r| r.healthy.load(Ordering::Relaxed)) {
-            match tokio::time::timeout(self.config.probe_timeout, checkpoints(&replica.pool)).await {
-                Ok(Ok(at)) => replica.watermark.set(at),
-                _ => replica.watermark.forget(),
-            }
+            replica
+                .watermark
+                .read_after(&replica.pool, now, self.config.probe_timeout)
+                .await;
         }
     }
 
@@ -460,23 +464,42 @@ impl ReadSources {
     pub async fn source_at(&self, position: i64) -> Result<Route, ReadError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
+        // The start of the newest reading looked at, per source: one no newer is known to
+        // fall short, and the next may come from another request.
+        let mut seen_primary = started;
+        let mut seen_replicas: Vec<(String, Instant)> = Vec::new();
         loop {
             let rotation = self.rotation();
             for replica in &rotation {
-                if let Ok(Ok(at)) = tokio::time::timeout(self.config.probe_timeout, checkpoints(&replica.pool)).await {
-                    replica.watermark.set(at.clone());
-                    if at.least() >= position {
-                        return Ok(Route {
-                            pool: replica.pool.clone(),
-                            reads: replica.reads.clone(),
-                            source: Source::Replica(replica.name.clone()),
-                            checkpoints: Some(at),
-                        });
-                    }
+                let seen = seen_replicas
+                    .iter()
+                    .find(|(name, _)| *name == replica.name)
+                    .map_or(started, |(_, at)| *at);
+                let reading = replica
+                    .watermark
+                    .read_after(&replica.pool, seen, self.config.probe_timeout)
+                    .await;
+                match seen_replicas.iter_mut().find(|(name, _)| *name == replica.name) {
+                    Some((_, at)) => *at = reading.started,
+                    None => seen_replicas.push((replica.name.clone(), reading.started)),
+                }
+                if let Ok(at) = reading.result
+                    && at.least() >= position
+                {
+                    return Ok(Route {
+                        pool: replica.pool.clone(),
+                        reads: replica.reads.clone(),
+                        source: Source::Replica(replica.name.clone()),
+                        checkpoints: Some(at),
+                    });
                 }
             }
-            let at = checkpoints(&self.primary).await?;
-            self.primary_watermark.set(at.clone());
+            let reading = self
+                .primary_watermark
+                .read_after(&self.primary, seen_primary, self.config.position_wait)
+                .await;
+            seen_primary = reading.started;
+            let at = reading.result.map_err(ReadError::Checkpoints)?;
             let reached = at.least();
             // Waiting only helps when a replica in rotation may still catch up.
             if reached >= position && (rotation.is_empty() || started.elapsed() >= self.config.position_wait) {
@@ -497,7 +520,9 @@ impl ReadSources {
                     waited: started.elapsed(),
                 });
             }
-            tokio::time::sleep(pause).await;
+            // Another request's reading of the primary wakes this one early (the replicas'
+            // newest readings are looked at on the way round).
+            self.primary_watermark.next_reading_or(pause).await;
             pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
@@ -531,34 +556,6 @@ pub(crate) async fn checkpoints(pool: &PgPool) -> Result<Checkpoints, sqlx::Erro
         positions: names.iter().map(|name| row(name).map_or(0, |r| r.1)).collect(),
         versions: names.iter().map(|name| row(name).map_or(1, |r| r.2)).collect(),
     })
-}
-
-/// A source's projection checkpoints as last read, with when.
-#[derive(Debug, Default)]
-struct Watermark {
-    read: Mutex<Option<(Instant, Checkpoints)>>,
-}
-
-impl Watermark {
-    fn set(&self, checkpoints: Checkpoints) {
-        if let Ok(mut read) = self.read.lock() {
-            *read = Some((Instant::now(), checkpoints));
-        }
-    }
-
-    fn forget(&self) {
-        if let Ok(mut read) = self.read.lock() {
-            *read = None;
-        }
-    }
-
-    /// The checkpoints, if read within `max_age`.
-    fn get(&self, max_age: Duration) -> Option<Checkpoints> {
-        let read = self.read.lock().ok()?;
-        read.as_ref()
-            .filter(|(at, _)| at.elapsed() <= max_age)
-            .map(|(_, checkpoints)| checkpoints.clone())
-    }
 }
 
 /// Whether an error says the source failed (unreachable, shutting down, a recovery

@@ -191,14 +191,14 @@ fn unroutable(error: &ReadError) -> Answer {
     let (status, code) = match error {
         // Not a failure of the service: the caller may retry or drop the position.
         ReadError::NotYetVisible { .. } => (StatusCode::OK, "NOT_YET_VISIBLE"),
-        ReadError::Database(_) => (StatusCode::SERVICE_UNAVAILABLE, "SOURCE_UNAVAILABLE"),
+        ReadError::Database(_) | ReadError::Checkpoints(_) => (StatusCode::SERVICE_UNAVAILABLE, "SOURCE_UNAVAILABLE"),
     };
-    if let ReadError::Database(error) = error {
-        tracing::warn!(%error, "no source to route a query to");
-    }
     let message = match error {
         ReadError::NotYetVisible { .. } => error.to_string(),
-        ReadError::Database(_) => "the read models are unavailable right now; retry shortly".to_owned(),
+        ReadError::Database(_) | ReadError::Checkpoints(_) => {
+            tracing::warn!(%error, "no source to route a query to");
+            "the read models are unavailable right now; retry shortly".to_owned()
+        }
     };
     Answer {
         status,
