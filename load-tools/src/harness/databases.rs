@@ -81,7 +81,9 @@ pub async fn settle_database(pool: &PgPool) -> anyhow::Result<()> {
     .context("listing the tables that hold rows")?;
     if !filled.is_empty() {
         let vacuum = format!("VACUUM (ANALYZE) {}", filled.join(", "));
-        pool.execute(sqlx::AssertSqlSafe(vacuum)).await.context("VACUUM ANALYZE")?;
+        pool.execute(sqlx::AssertSqlSafe(vacuum))
+            .await
+            .context("VACUUM ANALYZE")?;
     }
     pool.execute("CHECKPOINT").await.context("CHECKPOINT")?;
     Ok(())

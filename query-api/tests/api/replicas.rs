@@ -535,3 +535,50 @@ async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(po
         assert!(route.checkpoints.is_some_and(|at| at.least() >= 20));
     }
 }
+
+/// A fault in the middle of the wait: once the primary's checkpoints cannot be read, every
+/// request waiting for a position fails with that error, not after its whole wait.
+#[sqlx::test(migrations = false)]
+async fn requests_waiting_for_a_position_fail_at_once_when_the_checkpoints_cannot_be_read(pool: PgPool) {
+    migrated(&pool).await;
+    set_checkpoints(&pool, 10).await;
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&reads);
+    let primary = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .before_acquire(move |_, _| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(true) })
+        })
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let config = SourcesConfig {
+        position_wait: Duration::from_secs(30),
+        ..SourcesConfig::default()
+    };
+    let sources = ReadSources::new(primary.clone(), &[], config).unwrap();
+    let waiting: Vec<_> = (0..64)
+        .map(|_| {
+            let sources = sources.clone();
+            tokio::spawn(async move { sources.source_at(20).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reads.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "no request read the checkpoints");
+        tokio::task::yield_now().await;
+    }
+
+    primary.close().await;
+    let failed = Instant::now();
+    for request in waiting {
+        let error = request.await.unwrap().unwrap_err();
+        assert!(matches!(error, ReadError::Checkpoints(_)), "{error}");
+    }
+    assert!(
+        failed.elapsed() < Duration::from_secs(5),
+        "the waiting requests took {:?} to fail (they may wait 30 s)",
+        failed.elapsed()
+    );
+}
