@@ -93,6 +93,15 @@ pub async fn begin_batch(
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
+    } else {
+        // A tailing batch touches a few owners and devices, and PostgreSQL plans a prepared
+        // statement over a short array (`owner_id = ANY($1)`) afresh on every execution: a
+        // custom plan always looks cheaper than a generic one that assumes 10 elements. Every
+        // statement of a batch is a lookup or an upsert by key, which the generic plan does
+        // as well, so plan each once per connection.
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(tx)
 }

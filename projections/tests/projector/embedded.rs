@@ -684,3 +684,27 @@ async fn a_large_batch_with_one_refused_event_parks_that_event_alone(pool: PgPoo
     assert_eq!(rich_cost, FULL);
     assert_eq!(appended.last_position, 2 + 2 * DEVICES as i64 + 1);
 }
+
+/// A tailing batch plans each statement once per connection (PostgreSQL re-planned the
+/// batch's `= ANY($1)` lookups on every execution: a short array always looks cheaper to a
+/// custom plan); a catch-up batch commits without waiting for the flush. Both settings end
+/// with the batch's transaction: the second batch runs on the first one's connection.
+#[sqlx::test(migrations = false)]
+async fn a_batch_sets_its_planning_and_its_commit_for_its_size(pool: PgPool) {
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let settings = "SELECT current_setting('plan_cache_mode'), current_setting('synchronous_commit')";
+
+    let mut tailing = projections::apply::begin_batch(&one, 10).await.unwrap();
+    let (plans, commit): (String, String) = sqlx::query_as(settings).fetch_one(&mut *tailing).await.unwrap();
+    assert_eq!((plans.as_str(), commit.as_str()), ("force_generic_plan", "on"));
+    tailing.commit().await.unwrap();
+
+    let mut catching_up = projections::apply::begin_batch(&one, 5_000).await.unwrap();
+    let (plans, commit): (String, String) = sqlx::query_as(settings).fetch_one(&mut *catching_up).await.unwrap();
+    assert_eq!((plans.as_str(), commit.as_str()), ("auto", "off"));
+    catching_up.commit().await.unwrap();
+}
