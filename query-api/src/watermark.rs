@@ -3,7 +3,7 @@
 //!
 //! A read-your-writes request waits until a source's projections have applied its position.
 //! Each waiting request used to read the checkpoints on its own, every 2 to 50 ms; in
-//! `load platform` (about 470 such requests/s) that was about 1 500 reads/s, every connection
+//! `load platform` (about 470 such requests/s) that was about 2 000 reads/s, every connection
 //! of the query API's primary pool was busy with them, and answers waited for a connection
 //! rather than for the projector. Now a source is read by one request at a time; a request
 //! takes any reading newer than the last it looked at, whoever made it, and wakes when
