@@ -481,14 +481,20 @@ async fn a_subscription_on_a_replica_is_pushed_every_change_once_the_replica_hol
     }
 }
 
-/// Requests waiting for one position share their reads of the checkpoints. Each used to read
-/// them on its own, every 2 to 50 ms: in `load platform` about 470 waiting requests/s kept
-/// every connection of the query API's primary pool busy with those reads alone.
-#[sqlx::test(migrations = false)]
-async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(pool: PgPool) {
-    migrated(&pool).await;
-    set_checkpoints(&pool, 10).await;
-    // Every statement the sources run takes a connection from this pool: count the takes.
+/// `WAITING` requests waiting for position 20 while the checkpoints stand at 10, on sources
+/// whose primary is a pool of its own that counts its takes (every statement the sources run
+/// takes a connection); returned once the first read has been made, so all of them wait.
+struct Waiting {
+    primary: PgPool,
+    reads: Arc<AtomicUsize>,
+    requests: Vec<tokio::task::JoinHandle<Result<query_api::Route, ReadError>>>,
+}
+
+const WAITING: usize = 64;
+
+async fn requests_waiting_for_position_20(pool: &PgPool) -> Waiting {
+    migrated(pool).await;
+    set_checkpoints(pool, 10).await;
     let reads = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&reads);
     let primary = sqlx::postgres::PgPoolOptions::new()
@@ -504,24 +510,34 @@ async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(po
         position_wait: Duration::from_secs(30),
         ..SourcesConfig::default()
     };
-    let sources = ReadSources::new(primary, &[], config).unwrap();
-
-    const WAITING: usize = 64;
-    let waiting: Vec<_> = (0..WAITING)
+    let sources = ReadSources::new(primary.clone(), &[], config).unwrap();
+    let requests = (0..WAITING)
         .map(|_| {
             let sources = sources.clone();
             tokio::spawn(async move { sources.source_at(20).await })
         })
         .collect();
-    // What the waiting costs over a fixed stretch of it (the measure, not a synchronisation:
-    // every request is known to be waiting once the first read has been made).
     let deadline = Instant::now() + Duration::from_secs(10);
     while reads.load(Ordering::Relaxed) == 0 {
         assert!(Instant::now() < deadline, "no request read the checkpoints");
         tokio::task::yield_now().await;
     }
+    Waiting {
+        primary,
+        reads,
+        requests,
+    }
+}
+
+/// Requests waiting for one position share their reads of the checkpoints. Each used to read
+/// them on its own, every 2 to 50 ms: in `load platform` about 470 waiting requests/s kept
+/// every connection of the query API's primary pool busy with those reads alone.
+#[sqlx::test(migrations = false)]
+async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(pool: PgPool) {
+    let waiting = requests_waiting_for_position_20(&pool).await;
+    // What the waiting costs over a fixed stretch of it (the measure, not a synchronisation).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let while_waiting = reads.load(Ordering::Relaxed);
+    let while_waiting = waiting.reads.load(Ordering::Relaxed);
     // Each alone would read about 14 times in those 500 ms (pauses of 2, 4, ... 50 ms).
     assert!(
         while_waiting < WAITING,
@@ -529,7 +545,7 @@ async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(po
     );
 
     set_checkpoints(&pool, 20).await;
-    for request in waiting {
+    for request in waiting.requests {
         let route = request.await.unwrap().unwrap();
         assert_eq!(route.source, Source::Primary);
         assert!(route.checkpoints.is_some_and(|at| at.least() >= 20));
@@ -540,39 +556,10 @@ async fn requests_waiting_for_a_position_share_their_reads_of_the_checkpoints(po
 /// request waiting for a position fails with that error, not after its whole wait.
 #[sqlx::test(migrations = false)]
 async fn requests_waiting_for_a_position_fail_at_once_when_the_checkpoints_cannot_be_read(pool: PgPool) {
-    migrated(&pool).await;
-    set_checkpoints(&pool, 10).await;
-    let reads = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&reads);
-    let primary = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .before_acquire(move |_, _| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            Box::pin(async { Ok(true) })
-        })
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
-    let config = SourcesConfig {
-        position_wait: Duration::from_secs(30),
-        ..SourcesConfig::default()
-    };
-    let sources = ReadSources::new(primary.clone(), &[], config).unwrap();
-    let waiting: Vec<_> = (0..64)
-        .map(|_| {
-            let sources = sources.clone();
-            tokio::spawn(async move { sources.source_at(20).await })
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reads.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no request read the checkpoints");
-        tokio::task::yield_now().await;
-    }
-
-    primary.close().await;
+    let waiting = requests_waiting_for_position_20(&pool).await;
+    waiting.primary.close().await;
     let failed = Instant::now();
-    for request in waiting {
+    for request in waiting.requests {
         let error = request.await.unwrap().unwrap_err();
         assert!(matches!(error, ReadError::Checkpoints(_)), "{error}");
     }
