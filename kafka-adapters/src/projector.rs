@@ -31,7 +31,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use projections::apply::{apply_events, lock_for_batch, park_unreadable};
+use projections::apply::{apply_events, lock_for_batch, park_unreadable, plan_tailing_batch};
 use projections::runner::ProjectorError;
 use read_models::Projection;
 use read_models::changes::ChangeNotice;
@@ -673,6 +673,7 @@ async fn commit_batch(
     // checking what PostgreSQL holds, so a commit lost in a server crash would go unnoticed
     // by this process's in-memory offsets.
     let mut tx = pool.begin().await?;
+    plan_tailing_batch(&mut tx, batch.events.len()).await?;
     lock_for_batch(&mut tx, projection).await?;
     let applied = apply_events(&mut tx, layout, &batch.events).await?;
     for (position, error, raw) in &batch.unreadable {

@@ -93,17 +93,24 @@ pub async fn begin_batch(
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-    } else {
-        // A tailing batch touches a few owners and devices, and PostgreSQL plans a prepared
-        // statement over a short array (`owner_id = ANY($1)`) afresh on every execution: a
-        // custom plan always looks cheaper than a generic one that assumes 10 elements. Every
-        // statement of a batch is a lookup or an upsert by key, which the generic plan does
-        // as well, so plan each once per connection.
+    }
+    plan_tailing_batch(&mut tx, events).await?;
+    Ok(tx)
+}
+
+/// Has the statements of a tailing batch of `events` (fewer than a catch-up's) planned once
+/// per connection, for the rest of `conn`'s transaction; a larger batch keeps custom plans.
+/// A tailing batch touches a few owners and devices, and PostgreSQL plans a prepared
+/// statement over a short array (`owner_id = ANY($1)`) afresh on every execution: a custom
+/// plan always looks cheaper than a generic one that assumes 10 elements. Every statement of
+/// a batch is a lookup or an upsert by key, which the generic plan does as well.
+pub async fn plan_tailing_batch(conn: &mut PgConnection, events: usize) -> Result<(), sqlx::Error> {
+    if events < CATCH_UP_BATCH {
         sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-            .execute(&mut *tx)
+            .execute(conn)
             .await?;
     }
-    Ok(tx)
+    Ok(())
 }
 
 /// Applies `events` (in position order) to the tables of `layout` that `conn`'s search path
