@@ -419,8 +419,8 @@ pub async fn count_devices_by_owner(
     owners: &[Uuid],
     conditions: &DeviceConditions,
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
-    let mut sql = QueryBuilder::new("SELECT owner_id, count(*) FROM devices WHERE owner_id = ANY(");
-    sql.push_bind(owners.to_vec()).push(")");
+    let mut sql = QueryBuilder::new("SELECT owner_id, count(*) FROM devices WHERE ");
+    push_id_match(&mut sql, "owner_id", owners);
     conditions.push_devices(&mut sql);
     sql.push(" GROUP BY owner_id");
     let rows: Vec<(Uuid, i64)> = sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
@@ -429,10 +429,21 @@ pub async fn count_devices_by_owner(
     Ok(counts)
 }
 
-/// The device with this id, if it exists. `= $1`, not `= ANY($1)`: PostgreSQL plans a
-/// prepared statement over an array afresh on every execution (a custom plan is always
-/// cheaper than a generic one that cannot know the array's length), and one id is the
-/// question asked.
+/// Appends `column = ANY(ids)`, or `column = id` when there is one id (a dashboard's usual
+/// question). PostgreSQL plans a prepared statement over an array afresh on every execution:
+/// a custom plan for a short array always looks cheaper than a generic one that cannot know
+/// the array's length. `= $1` by key gets its generic plan, made once per connection.
+fn push_id_match(sql: &mut QueryBuilder<Postgres>, column: &str, ids: &[Uuid]) {
+    match ids {
+        [one] => sql.push(format_args!("{column} = ")).push_bind(*one),
+        _ => sql
+            .push(format_args!("{column} = ANY("))
+            .push_bind(ids.to_vec())
+            .push(")"),
+    };
+}
+
+/// The device with this id, if it exists (`= $1`: see [`push_id_match`]).
 pub async fn device_by_id(pool: &ReadPool, id: Uuid) -> Result<Option<DeviceRow>, sqlx::Error> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE device_id = $1"
@@ -500,13 +511,13 @@ pub async fn stats_rows_by_user(
     pool: &ReadPool,
     users: &[Uuid],
 ) -> Result<HashMap<Uuid, Vec<StatsRecord>>, sqlx::Error> {
-    let rows = sqlx::query(
+    let mut sql = QueryBuilder::new(
         "SELECT user_id, status, provider, device_count, total_cpu_cores, total_memory_mb, last_created_at
-         FROM device_stats WHERE user_id = ANY($1) ORDER BY user_id, status, provider",
-    )
-    .bind(users)
-    .fetch_all(&mut *pool.acquire().await?)
-    .await?;
+         FROM device_stats WHERE ",
+    );
+    push_id_match(&mut sql, "user_id", users);
+    sql.push(" ORDER BY user_id, status, provider");
+    let rows = sql.build().fetch_all(&mut *pool.acquire().await?).await?;
     let mut by_user: HashMap<Uuid, Vec<StatsRecord>> = users.iter().map(|u| (*u, Vec::new())).collect();
     for row in &rows {
         let record = stats_record(row)?;
@@ -732,6 +743,8 @@ pub enum UsageSubject {
 }
 
 /// Usage per period and currency for each of these users (or devices), in one statement.
+/// Over an array even for one id: PostgreSQL keeps this statement's generic plan either way
+/// (measured; unlike the lookups by key of [`push_id_match`]).
 pub async fn usage_by(
     pool: &ReadPool,
     subject: UsageSubject,
@@ -856,12 +869,9 @@ pub async fn count_users(pool: &ReadPool, filter: &UserFilter) -> Result<i64, sq
 
 /// The `users` rows with these ids (those that exist).
 pub async fn users_by_id(pool: &ReadPool, ids: &[Uuid]) -> Result<HashMap<Uuid, UserRow>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT {USER_COLUMNS} FROM users WHERE user_id = ANY($1)"
-    )))
-    .bind(ids)
-    .fetch_all(&mut *pool.acquire().await?)
-    .await?;
+    let mut sql = QueryBuilder::new(format!("SELECT {USER_COLUMNS} FROM users WHERE "));
+    push_id_match(&mut sql, "user_id", ids);
+    let rows = sql.build().fetch_all(&mut *pool.acquire().await?).await?;
     rows.iter()
         .map(|row| user_row(row).map(|user| (user.user_id, user)))
         .collect()
