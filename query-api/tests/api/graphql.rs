@@ -278,15 +278,15 @@ async fn pagination_walks_a_10k_fleet_both_ways_without_duplicates_or_holes_whil
     migrated(&pool).await;
     let owner = Uuid::from_u128(0x10_000);
     let fleet: Vec<SeedDevice> = (0..10_000)
-        .map(|n| SeedDevice {
-            id: Uuid::from_u128(0x000f_1ee7_0000 + n),
-            owner,
-            provider: ["aws", "gcp", "azure"][usize::try_from(n % 3).unwrap()],
-            status: "running",
-            cpu: 2,
-            memory: 2048,
-            // Some share a timestamp: the device id breaks the tie.
-            created_at: at(i64::try_from(n / 2).unwrap() * 1_000),
+        .map(|n| {
+            SeedDevice::small(
+                Uuid::from_u128(0x000f_1ee7_0000 + n),
+                owner,
+                ["aws", "gcp", "azure"][usize::try_from(n % 3).unwrap()],
+                "running",
+                // Some share a timestamp: the device id breaks the tie.
+                at(i64::try_from(n / 2).unwrap() * 1_000),
+            )
         })
         .collect();
     insert_devices(&pool, &fleet).await;

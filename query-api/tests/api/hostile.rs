@@ -46,14 +46,8 @@ const BODY_LIMIT: usize = 64 * 1024;
 /// projections at position 10.
 async fn seeded(pool: &PgPool) {
     migrated(pool).await;
-    let device = |n, owner, provider, status| SeedDevice {
-        id: dev(n),
-        owner,
-        provider,
-        status,
-        cpu: 2,
-        memory: 2048,
-        created_at: at(i64::try_from(n).unwrap() * 1_000),
+    let device = |n: u128, owner, provider, status| {
+        SeedDevice::small(dev(n), owner, provider, status, at(i64::try_from(n).unwrap() * 1_000))
     };
     insert_devices(
         pool,

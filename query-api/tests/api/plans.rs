@@ -24,14 +24,8 @@ async fn one_ids_batched_reads_keep_one_plan_per_connection(pool: PgPool) {
     // the same, and PostgreSQL keeps even the array's generic one.
     const STATUSES: [&str; 4] = ["running", "stopped", "failed", "deleted"];
     const PROVIDERS: [&str; 3] = ["aws", "gcp", "azure"];
-    let seeded = |n: u128, owner: Uuid, status: &'static str, provider: &'static str| SeedDevice {
-        id: dev(n),
-        owner,
-        provider,
-        status,
-        cpu: 2,
-        memory: 2048,
-        created_at: at(1_000_000),
+    let seeded = |n: u128, owner: Uuid, status: &'static str, provider: &'static str| {
+        SeedDevice::small(dev(n), owner, provider, status, at(1_000_000))
     };
     let mut devices = vec![
         seeded(1, A, "running", "aws"),

@@ -199,14 +199,14 @@ async fn graphql_queries_never_fail_while_the_replica_stops_and_use_it_again_whe
     insert_devices(
         &pool,
         &(0..50u128)
-            .map(|n| SeedDevice {
-                id: Uuid::from_u128(0xc0_0000 + n),
-                owner,
-                provider: "aws",
-                status: "running",
-                cpu: 2,
-                memory: 2048,
-                created_at: at(i64::try_from(n).unwrap()),
+            .map(|n| {
+                SeedDevice::small(
+                    Uuid::from_u128(0xc0_0000 + n),
+                    owner,
+                    "aws",
+                    "running",
+                    at(i64::try_from(n).unwrap()),
+                )
             })
             .collect::<Vec<_>>(),
     )

@@ -41,6 +41,27 @@ pub struct SeedDevice {
     pub created_at: DateTime<Utc>,
 }
 
+impl SeedDevice {
+    /// A device of the size most tests give one (2 cores, 2 GiB).
+    pub fn small(
+        id: Uuid,
+        owner: Uuid,
+        provider: &'static str,
+        status: &'static str,
+        created_at: DateTime<Utc>,
+    ) -> Self {
+        SeedDevice {
+            id,
+            owner,
+            provider,
+            status,
+            cpu: 2,
+            memory: 2048,
+            created_at,
+        }
+    }
+}
+
 pub async fn insert_devices(pool: &PgPool, devices: &[SeedDevice]) {
     for chunk in devices.chunks(5_000) {
         let ids: Vec<Uuid> = chunk.iter().map(|d| d.id).collect();
