@@ -1,5 +1,6 @@
 //! Append throughput and latency: group commit against one-transaction-per-command baselines,
-//! and bulk appends against the physical limit of COPY, in one process on one database.
+//! group commit by several stores sharing one log (as several command API instances do), and
+//! bulk appends against the physical limit of COPY, in one process on one database.
 //!
 //! ```sh
 //! cargo bench -p event-log --bench append            # 10 s per phase
@@ -40,7 +41,13 @@ enum Mode {
     Unbatched,
     /// Our log with group commit.
     GroupCommit,
+    /// Our log with group commit, the tasks spread over `STORES` stores sharing it, as over
+    /// as many command API instances: their groups take turns at the log head.
+    GroupCommitStores,
 }
+
+/// Stores (command API instances) of the shared-log phase.
+const STORES: usize = 4;
 
 impl Mode {
     fn label(self) -> &'static str {
@@ -48,6 +55,7 @@ impl Mode {
             Mode::SequenceUnordered => "naive, sequence positions (NOT gap-free)",
             Mode::Unbatched => "(a) naive: one transaction per command",
             Mode::GroupCommit => "(b) group commit",
+            Mode::GroupCommitStores => "(c) group commit, 4 stores on one log",
         }
     }
 }
@@ -85,11 +93,16 @@ fn started_event(device: Uuid) -> NewEvent {
     NewEvent::from_event(&event, EventMetadata::default(), Utc::now()).expect("encode")
 }
 
-async fn run_phase(mode: Mode, store: Arc<EventStore>, pool: PgPool, duration: Duration) -> PhaseResult {
+async fn run_phase(mode: Mode, stores: &[Arc<EventStore>], pool: PgPool, duration: Duration) -> PhaseResult {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for _ in 0..task_count() {
-        let (store, pool, stop) = (store.clone(), pool.clone(), stop.clone());
+    let stores = if mode == Mode::GroupCommitStores {
+        stores
+    } else {
+        &stores[..1]
+    };
+    for task in 0..task_count() {
+        let (store, pool, stop) = (stores[task % stores.len()].clone(), pool.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
@@ -131,7 +144,7 @@ async fn run_phase(mode: Mode, store: Arc<EventStore>, pool: PgPool, duration: D
                         tx.commit().await.expect("commit");
                         version += 1;
                     }
-                    Mode::Unbatched | Mode::GroupCommit => {
+                    Mode::Unbatched | Mode::GroupCommit | Mode::GroupCommitStores => {
                         let batch = AppendBatch::single(StreamAppend {
                             stream_id: device,
                             stream_type: StreamType::Device,
@@ -288,11 +301,15 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         let pool = fresh_database().await;
-        let store = Arc::new(
-            EventStore::open(pool.clone(), StoreConfig::default())
-                .await
-                .expect("store"),
-        );
+        let mut stores = Vec::with_capacity(STORES);
+        for _ in 0..STORES {
+            stores.push(Arc::new(
+                EventStore::open(pool.clone(), StoreConfig::default())
+                    .await
+                    .expect("store"),
+            ));
+        }
+        let store = stores[0].clone();
         let sync_commit: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&pool)
             .await
@@ -307,8 +324,13 @@ fn main() {
         let mut results = Vec::new();
         for round in 1..=2 {
             println!("round {round}");
-            for mode in [Mode::SequenceUnordered, Mode::Unbatched, Mode::GroupCommit] {
-                let result = run_phase(mode, store.clone(), pool.clone(), duration).await;
+            for mode in [
+                Mode::SequenceUnordered,
+                Mode::Unbatched,
+                Mode::GroupCommit,
+                Mode::GroupCommitStores,
+            ] {
+                let result = run_phase(mode, &stores, pool.clone(), duration).await;
                 result.print();
                 results.push(result);
             }
@@ -320,10 +342,11 @@ fn main() {
                 .max_by(|a, b| a.per_second().total_cmp(&b.per_second()))
                 .expect("phase ran")
         };
-        let (naive, grouped, sequence) = (
+        let (naive, grouped, sequence, shared) = (
             best(Mode::Unbatched),
             best(Mode::GroupCommit),
             best(Mode::SequenceUnordered),
+            best(Mode::GroupCommitStores),
         );
         let p99 = |r: &PhaseResult| r.latency.value_at_quantile(0.99) as f64 / 1000.0;
         println!(
@@ -332,6 +355,12 @@ fn main() {
             p99(grouped),
             p99(naive),
             grouped.per_second() / sequence.per_second()
+        );
+        println!(
+            "ratio (c)/(b): {STORES} stores on one log against one store: throughput {:.2}x, p99 {:.2} ms vs {:.2} ms",
+            shared.per_second() / grouped.per_second(),
+            p99(shared),
+            p99(grouped)
         );
 
         let batches = 20;

@@ -1,10 +1,11 @@
 //! Group commit: one writer task turns many concurrent appends into few transactions.
 //!
 //! Callers check their batch in their own task (decoding and serialising is the costly CPU
-//! part, so it runs in parallel), then queue it. The writer takes everything queued, up to
-//! `max_group_events`, and commits it in one transaction: lock the log head, read the
-//! streams' versions, decide each batch in queue order (a conflicting batch gets its own
-//! error and is left out; the others go on), insert every event with one statement
+//! part, so it runs in parallel), then queue it. The writer locks the log head as soon as one
+//! append is queued, takes everything queued by the time it holds the lock, up to
+//! `max_group_events`, and commits it in one transaction: read the streams' versions, decide
+//! each batch in queue order (a conflicting batch gets its own error and is left out; the
+//! others go on), insert every event with one statement
 //! (UNNEST, or COPY for large groups), update streams, idempotency keys and the head, commit.
 //! While one group commits the next one queues, so the group size grows with load and the
 //! cost of a commit (round trips, WAL flush) is shared by everyone in it. Durability is not
@@ -149,7 +150,10 @@ impl EventStore {
     pub async fn append_unbatched(&self, batch: AppendBatch) -> Result<AppendOutcome, AppendError> {
         let batch = batch.check(&self.inner.config.limits)?;
         let mut connection = WriterConnection::pooled();
-        let mut results = self.inner.commit_group(&mut connection, &[&batch]).await;
+        let mut results = self
+            .inner
+            .commit_group(&mut connection, &[&batch], None, Instant::now())
+            .await;
         results.pop().unwrap_or(Err(AppendError::WriterStopped))
     }
 
@@ -183,6 +187,12 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut co
                 None => break,
             },
         };
+        // The head first, then the group: while another store's group holds the head, this
+        // store's appends keep queueing, and all of them join this group instead of waiting
+        // for the next one. With several stores (command API instances) sharing one log, a
+        // group gathered before the wait held the one or two appends that had arrived.
+        let started = Instant::now();
+        let locked = inner.lock_head_early(&mut connection).await;
         let mut events = first.batch.events;
         let mut group = vec![first];
         while events < inner.config.max_group_events {
@@ -199,7 +209,9 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut co
             }
         }
         let batches: Vec<&CheckedBatch> = group.iter().map(|job| &job.batch).collect();
-        let results = inner.commit_group(&mut connection, &batches).await;
+        let results = inner
+            .commit_group(&mut connection, &batches, Some(locked), started)
+            .await;
         for (job, result) in group.into_iter().zip(results) {
             // A caller that gave up waiting still had its append committed; nothing to undo.
             let _ = job.reply.send(result);
@@ -232,6 +244,15 @@ impl WriterConnection {
 
     fn pooled() -> Self {
         WriterConnection::Pooled(None)
+    }
+
+    /// The connection the writer's transaction is open on: not pinged (it has just answered),
+    /// and never replaced (a new one would not be in that transaction).
+    fn in_transaction(&mut self) -> Option<&mut PgConnection> {
+        match self {
+            WriterConnection::Own { held, .. } => held.as_mut(),
+            WriterConnection::Pooled(held) => held.as_mut().map(|conn| &mut **conn),
+        }
     }
 
     async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
@@ -306,15 +327,50 @@ struct CommitProbe {
 }
 
 impl Inner {
+    /// Opens the writer's next transaction and takes the head lock, before the group is
+    /// known. A failure is the group's first attempt failing; the connection is left with no
+    /// transaction open.
+    async fn lock_head_early(&self, connection: &mut WriterConnection) -> Result<Head, GroupFailure> {
+        // Outside the lock: a new month's partitions are created before the head is held.
+        let now = truncate_to_micros(self.clock.now());
+        self.partitions
+            .ensure_covering(&self.pool, now)
+            .await
+            .map_err(GroupFailure::Unavailable)?;
+        let conn = match connection.get(&self.pool).await {
+            Ok(conn) => conn,
+            Err(error) => return Err(GroupFailure::Unavailable(error)),
+        };
+        let locked = lock_head(conn).await;
+        match &locked {
+            Ok(_) => {}
+            Err(GroupFailure::Unavailable(_)) => connection.discard(),
+            Err(_) => {
+                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    connection.discard();
+                }
+            }
+        }
+        locked
+    }
+
+    /// Commits one group. `locked` is the head the writer already holds for it (or the
+    /// failure to take it), used by the first attempt only: a retry begins again.
     async fn commit_group(
         &self,
         connection: &mut WriterConnection,
         batches: &[&CheckedBatch],
+        mut locked: Option<Result<Head, GroupFailure>>,
+        started: Instant,
     ) -> Vec<Result<AppendOutcome, AppendError>> {
-        let started = Instant::now();
         let mut retried_partition = false;
         let results = loop {
-            match self.try_commit(connection, batches).await {
+            let attempt = match locked.take() {
+                Some(Err(failure)) => Err(failure),
+                Some(Ok(head)) => self.try_commit(connection, batches, Some(head)).await,
+                None => self.try_commit(connection, batches, None).await,
+            };
+            match attempt {
                 Ok(results) => break results,
                 Err(GroupFailure::MissingPartition(at)) if !retried_partition => {
                     retried_partition = true;
@@ -338,7 +394,7 @@ impl Inner {
                     tracing::warn!(%error, batches = batches.len(), "group rejected; committing its batches one by one");
                     let mut results = Vec::with_capacity(batches.len());
                     for batch in batches {
-                        results.push(match self.try_commit(connection, &[batch]).await {
+                        results.push(match self.try_commit(connection, &[batch], None).await {
                             Ok(mut single) => single.pop().unwrap_or(Err(AppendError::WriterStopped)),
                             Err(failure) => Err(self.settle_single(failure).await),
                         });
@@ -416,8 +472,9 @@ impl Inner {
         &self,
         connection: &mut WriterConnection,
         batches: &[&CheckedBatch],
+        locked: Option<Head>,
     ) -> Result<Vec<Result<AppendOutcome, AppendError>>, GroupFailure> {
-        let result = self.try_commit_on(connection, batches).await;
+        let result = self.try_commit_on(connection, batches, locked).await;
         if matches!(
             result,
             Err(GroupFailure::Unavailable(_) | GroupFailure::CommitUnknown { .. })
@@ -431,15 +488,22 @@ impl Inner {
         &self,
         connection: &mut WriterConnection,
         batches: &[&CheckedBatch],
+        locked: Option<Head>,
     ) -> Result<Vec<Result<AppendOutcome, AppendError>>, GroupFailure> {
         let now = truncate_to_micros(self.clock.now());
-        self.partitions
-            .ensure_covering(&self.pool, now)
-            .await
-            .map_err(GroupFailure::Unavailable)?;
-
-        let conn = connection.get(&self.pool).await.map_err(GroupFailure::Unavailable)?;
-        match self.write_group(conn, batches, now).await {
+        let conn = match locked {
+            Some(_) => connection
+                .in_transaction()
+                .ok_or(GroupFailure::Unavailable(sqlx::Error::PoolClosed))?,
+            None => {
+                self.partitions
+                    .ensure_covering(&self.pool, now)
+                    .await
+                    .map_err(GroupFailure::Unavailable)?;
+                connection.get(&self.pool).await.map_err(GroupFailure::Unavailable)?
+            }
+        };
+        match self.write_group(conn, batches, now, locked).await {
             Ok(GroupWrite::Written { plan, probe }) => match sqlx::query("COMMIT").execute(&mut *conn).await {
                 Ok(_) => {
                     metrics::counter!(m::APPEND_EVENTS_TOTAL).increment(plan.event_count as u64);
@@ -467,25 +531,18 @@ impl Inner {
         }
     }
 
-    /// Everything between BEGIN and COMMIT.
+    /// Everything between BEGIN and COMMIT (`locked`: BEGIN and the head lock are done).
     async fn write_group<'a>(
         &self,
         conn: &mut PgConnection,
         batches: &[&'a CheckedBatch],
         now: DateTime<Utc>,
+        locked: Option<Head>,
     ) -> Result<GroupWrite<'a>, GroupFailure> {
         // 1. The head row lock: from here until COMMIT no other writer can assign positions.
-        // BEGIN travels in the same message (simple protocol: one round trip, not two).
-        let row = sqlx::raw_sql("BEGIN; SELECT position, hash, recorded_at FROM log_head FOR UPDATE")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(classify)?
-            .ok_or_else(|| GroupFailure::Rejected(sqlx::Error::RowNotFound))?;
-        let head_hash: Vec<u8> = row.try_get("hash").map_err(classify)?;
-        let head = Head {
-            position: row.try_get("position").map_err(classify)?,
-            hash: ChainHash::from_slice(&head_hash).unwrap_or_default(),
-            recorded_at: row.try_get("recorded_at").map_err(classify)?,
+        let head = match locked {
+            Some(head) => head,
+            None => lock_head(conn).await?,
         };
         // Commit time never goes backwards along positions, whatever the writers' clocks say.
         let recorded_at = now.max(head.recorded_at);
@@ -631,6 +688,22 @@ impl Inner {
         Ok(())
     }
 }
+
+/// BEGIN and the head row lock, in one message (simple protocol: one round trip, not two).
+async fn lock_head(conn: &mut PgConnection) -> Result<Head, GroupFailure> {
+    let row = sqlx::raw_sql("BEGIN; SELECT position, hash, recorded_at FROM log_head FOR UPDATE")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(classify)?
+        .ok_or_else(|| GroupFailure::Rejected(sqlx::Error::RowNotFound))?;
+    let head_hash: Vec<u8> = row.try_get("hash").map_err(classify)?;
+    Ok(Head {
+        position: row.try_get("position").map_err(classify)?,
+        hash: ChainHash::from_slice(&head_hash).unwrap_or_default(),
+        recorded_at: row.try_get("recorded_at").map_err(classify)?,
+    })
+}
+
 fn unavailable_for_all(count: usize, error: sqlx::Error) -> Vec<Result<AppendOutcome, AppendError>> {
     // sqlx errors are not Clone; every caller gets the same message.
     let message = error.to_string();

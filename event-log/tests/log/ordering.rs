@@ -127,7 +127,9 @@ async fn a_reader_never_skips_a_late_commit(_: PgPoolOptions, connect: sqlx::pos
 }
 
 #[sqlx::test(migrations = false)]
-async fn group_commit_coalesces_concurrent_appends_and_a_conflict_fails_only_its_caller(pool: PgPool) {
+async fn appends_queued_while_the_writer_waits_for_the_head_join_its_group_and_a_conflict_fails_only_its_caller(
+    pool: PgPool,
+) {
     let log = Arc::new(store(&pool).await);
     let owner = Uuid::now_v7();
     let (blocker_device, a, b) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
@@ -152,8 +154,11 @@ async fn group_commit_coalesces_concurrent_appends_and_a_conflict_fails_only_its
     )
     .await;
 
-    // These queue up behind it and must form one group: two good appends and, between them,
-    // one that conflicts with the first good one.
+    // These queue up while the writer waits for the head, and must join the group it is
+    // waiting for: two good appends and, between them, one that conflicts with the first good
+    // one. (A writer that gathered its group before locking the head committed them in a
+    // second transaction, one lock wait later: with several stores on one log, every store's
+    // group then held what had arrived before it began to wait, often a single append.)
     let spawn = |batch| {
         let log = log.clone();
         tokio::spawn(async move { log.append(batch).await })
@@ -177,9 +182,18 @@ async fn group_commit_coalesces_concurrent_appends_and_a_conflict_fails_only_its
     assert!(
         matches!(conflicting, Err(AppendError::WrongExpectedVersion { stream_id, actual: Some(2), .. }) if stream_id == a)
     );
-    // One transaction: one commit time for both, contiguous positions after the first group.
+    // One transaction: one commit time for all three, contiguous positions in queue order.
+    assert_eq!(first.recorded_at, good_a.recorded_at);
     assert_eq!(good_a.recorded_at, good_b.recorded_at);
-    assert_ne!(first.recorded_at, good_a.recorded_at);
+    let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM user_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        transactions, 1,
+        "the appends queued during the wait went into another group"
+    );
+    assert_eq!((first.first_position, first.last_position), (1, 1));
     assert_eq!((good_a.first_position, good_a.last_position), (2, 3));
     assert_eq!((good_b.first_position, good_b.last_position), (4, 6));
     assert_eq!(count_events(&pool).await, 6);
