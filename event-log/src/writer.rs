@@ -331,16 +331,8 @@ impl Inner {
     /// known. A failure is the group's first attempt failing; the connection is left with no
     /// transaction open.
     async fn lock_head_early(&self, connection: &mut WriterConnection) -> Result<Head, GroupFailure> {
-        // Outside the lock: a new month's partitions are created before the head is held.
         let now = truncate_to_micros(self.clock.now());
-        self.partitions
-            .ensure_covering(&self.pool, now)
-            .await
-            .map_err(GroupFailure::Unavailable)?;
-        let conn = match connection.get(&self.pool).await {
-            Ok(conn) => conn,
-            Err(error) => return Err(GroupFailure::Unavailable(error)),
-        };
+        let conn = self.ready_connection(connection, now).await?;
         let locked = lock_head(conn).await;
         match &locked {
             Ok(_) => {}
@@ -352,6 +344,20 @@ impl Inner {
             }
         }
         locked
+    }
+
+    /// The connection for a new transaction, once the partitions for `now` exist: a new
+    /// month's are created before the head is locked, not while it is held.
+    async fn ready_connection<'c>(
+        &self,
+        connection: &'c mut WriterConnection,
+        now: DateTime<Utc>,
+    ) -> Result<&'c mut PgConnection, GroupFailure> {
+        self.partitions
+            .ensure_covering(&self.pool, now)
+            .await
+            .map_err(GroupFailure::Unavailable)?;
+        connection.get(&self.pool).await.map_err(GroupFailure::Unavailable)
     }
 
     /// Commits one group. `locked` is the head the writer already holds for it (or the
@@ -495,13 +501,7 @@ impl Inner {
             Some(_) => connection
                 .in_transaction()
                 .ok_or(GroupFailure::Unavailable(sqlx::Error::PoolClosed))?,
-            None => {
-                self.partitions
-                    .ensure_covering(&self.pool, now)
-                    .await
-                    .map_err(GroupFailure::Unavailable)?;
-                connection.get(&self.pool).await.map_err(GroupFailure::Unavailable)?
-            }
+            None => self.ready_connection(connection, now).await?,
         };
         match self.write_group(conn, batches, now, locked).await {
             Ok(GroupWrite::Written { plan, probe }) => match sqlx::query("COMMIT").execute(&mut *conn).await {
