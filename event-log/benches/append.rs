@@ -50,12 +50,12 @@ enum Mode {
 const STORES: usize = 4;
 
 impl Mode {
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Mode::SequenceUnordered => "naive, sequence positions (NOT gap-free)",
-            Mode::Unbatched => "(a) naive: one transaction per command",
-            Mode::GroupCommit => "(b) group commit",
-            Mode::GroupCommitStores => "(c) group commit, 4 stores on one log",
+            Mode::SequenceUnordered => "naive, sequence positions (NOT gap-free)".to_owned(),
+            Mode::Unbatched => "(a) naive: one transaction per command".to_owned(),
+            Mode::GroupCommit => "(b) group commit".to_owned(),
+            Mode::GroupCommitStores => format!("(c) group commit, {STORES} stores on one log"),
         }
     }
 }
