@@ -14,7 +14,9 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::copy::{CopySink, copy_by_provider, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users};
+use super::copy::{
+    copy_by_provider, copy_device_stats, copy_devices, copy_hourly, copy_status_changes, copy_usage, copy_users,
+};
 use super::throttle::{Pacer, Throttle, pace};
 use super::{Rebuild, ReplayConfig, ReplayError, ReplayObserver};
 use read_models::Projection;
@@ -43,6 +45,34 @@ struct UsageBuffer {
     usage: HashMap<(UsageKey, String), UsageDelta>,
     by_provider: HashMap<ProviderDayKey, ProviderUsage>,
     hourly: HashMap<HourKey, UsageDelta>,
+}
+
+impl UsageBuffer {
+    /// Appends the buffered rows to the partial tables of shadow schema `s` (quoted): at a
+    /// checkpoint, and at the finish of a rebuild that checkpointed, whose rest is then
+    /// summed with what earlier checkpoints left there.
+    async fn copy_to_partials(
+        &self,
+        conn: &mut PgConnection,
+        s: &str,
+        write_rate: Option<u64>,
+    ) -> Result<(), sqlx::Error> {
+        copy_usage(conn, &format!("{s}.daily_usage_partial"), self.usage.iter(), write_rate).await?;
+        copy_by_provider(
+            conn,
+            &format!("{s}.daily_usage_by_provider_partial"),
+            self.by_provider.iter(),
+            write_rate,
+        )
+        .await?;
+        copy_hourly(
+            conn,
+            &format!("{s}.hourly_usage_partial"),
+            self.hourly.iter(),
+            write_rate,
+        )
+        .await
+    }
 }
 
 /// The fleet's folds: devices always; users and the history's net changes from version 2
@@ -350,27 +380,7 @@ async fn checkpoint_bulk(
             }
         }
         BulkFold::Usage(buffer) => {
-            copy_usage(
-                &mut tx,
-                &format!("{s}.daily_usage_partial"),
-                buffer.usage.iter(),
-                write_rate,
-            )
-            .await?;
-            copy_by_provider(
-                &mut tx,
-                &format!("{s}.daily_usage_by_provider_partial"),
-                buffer.by_provider.iter(),
-                write_rate,
-            )
-            .await?;
-            copy_hourly(
-                &mut tx,
-                &format!("{s}.hourly_usage_partial"),
-                buffer.hourly.iter(),
-                write_rate,
-            )
-            .await?;
+            buffer.copy_to_partials(&mut tx, &s, write_rate).await?;
             buffer.usage.clear();
             buffer.by_provider.clear();
             buffer.hourly.clear();
@@ -434,21 +444,7 @@ pub(super) async fn finish_bulk(
                 finish_status_changes(&mut tx, &s, &fleet.devices.take_status_changes(), write_rate).await?;
             }
             let stats = stats_of(fleet.devices.rows());
-            let mut copy = CopySink::open(&mut tx, &format!("{s}.device_stats"), write_rate).await?;
-            for (key, row) in &stats {
-                copy.rows
-                    .row(7)
-                    .uuid(key.user_id)
-                    .text(key.status.as_str())
-                    .text(key.provider.as_str())
-                    .int8(row.device_count)
-                    .int8(row.total_cpu_cores)
-                    .int8(row.total_memory_mb)
-                    .time(Some(row.last_created_at))
-                    .end_row();
-                copy.flush_if_full().await?;
-            }
-            copy.finish().await?;
+            copy_device_stats(&mut tx, &format!("{s}.device_stats"), stats.iter(), write_rate).await?;
         }
         BulkFold::Usage(buffer) => {
             let checkpointed: bool = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -509,27 +505,7 @@ pub(super) async fn finish_bulk(
                 hourly.sort_unstable_by_key(|(key, _)| *key);
                 copy_hourly(&mut tx, &format!("{s}.hourly_usage"), hourly.into_iter(), write_rate).await?;
             } else {
-                copy_usage(
-                    &mut tx,
-                    &format!("{s}.daily_usage_partial"),
-                    buffer.usage.iter(),
-                    write_rate,
-                )
-                .await?;
-                copy_by_provider(
-                    &mut tx,
-                    &format!("{s}.daily_usage_by_provider_partial"),
-                    buffer.by_provider.iter(),
-                    write_rate,
-                )
-                .await?;
-                copy_hourly(
-                    &mut tx,
-                    &format!("{s}.hourly_usage_partial"),
-                    buffer.hourly.iter(),
-                    write_rate,
-                )
-                .await?;
+                buffer.copy_to_partials(&mut tx, &s, write_rate).await?;
                 sum_usage_partials(&mut tx, layout, &s).await?;
             }
         }

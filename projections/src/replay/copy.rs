@@ -1,11 +1,12 @@
 //! The COPY writers: rows in PostgreSQL's binary COPY format, streamed to a table in chunks.
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures::future::BoxFuture;
 use sqlx::PgConnection;
 use sqlx::postgres::PgCopyIn;
 use uuid::Uuid;
 
-use read_models::fleet::DeviceRow;
+use read_models::fleet::{DeviceRow, StatsKey, StatsRow};
 use read_models::history::StatusChangeKey;
 use read_models::usage::{HourKey, ProviderDayKey, ProviderUsage, UsageDelta, UsageKey};
 use read_models::users::UserRow;
@@ -15,13 +16,11 @@ use super::throttle::{Pacer, pace};
 pub(super) async fn copy_devices<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl Iterator<Item = &'r DeviceRow>,
+    rows: impl Iterator<Item = &'r DeviceRow> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for row in rows {
-        copy.rows
-            .row(11)
+    copy_each(conn, table, rows, write_rate, |copy, row| {
+        copy.row(11)
             .uuid(row.device_id)
             .uuid(row.owner_id)
             .text(row.provider.as_str())
@@ -34,22 +33,39 @@ pub(super) async fn copy_devices<'r>(
             .int8(row.minutes_used)
             .int8(row.updated_position)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
+}
+
+pub(super) async fn copy_device_stats<'r>(
+    conn: &mut PgConnection,
+    table: &str,
+    rows: impl Iterator<Item = (&'r StatsKey, &'r StatsRow)> + Send,
+    write_rate: Option<u64>,
+) -> Result<(), sqlx::Error> {
+    copy_each(conn, table, rows, write_rate, |copy, (key, row)| {
+        copy.row(7)
+            .uuid(key.user_id)
+            .text(key.status.as_str())
+            .text(key.provider.as_str())
+            .int8(row.device_count)
+            .int8(row.total_cpu_cores)
+            .int8(row.total_memory_mb)
+            .time(Some(row.last_created_at))
+            .end_row();
+    })
+    .await
 }
 
 pub(super) async fn copy_users<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl Iterator<Item = &'r UserRow>,
+    rows: impl Iterator<Item = &'r UserRow> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for row in rows {
+    copy_each(conn, table, rows, write_rate, |copy, row| {
         let limit = |pick: fn(&event_schema::Quota) -> u32| row.quota.as_ref().map(|q| i64::from(pick(q)));
-        copy.rows
-            .row(9)
+        copy.row(9)
             .uuid(row.user_id)
             .text(row.tier.as_str())
             .opt_int8(limit(|q| q.max_devices))
@@ -60,47 +76,35 @@ pub(super) async fn copy_users<'r>(
             .time(row.erased_at)
             .int8(row.updated_position)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
 }
 
 pub(super) async fn copy_status_changes<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl ExactSizeIterator<Item = (&'r StatusChangeKey, &'r i64)>,
+    rows: impl Iterator<Item = (&'r StatusChangeKey, &'r i64)> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    if rows.len() == 0 {
-        return Ok(());
-    }
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for (key, delta) in rows {
-        copy.rows
-            .row(4)
+    copy_each(conn, table, rows, write_rate, |copy, (key, delta)| {
+        copy.row(4)
             .uuid(key.user_id)
             .time(Some(key.hour))
             .text(key.status.as_str())
             .int8(*delta)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
 }
 
 pub(super) async fn copy_usage<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl ExactSizeIterator<Item = (&'r (UsageKey, String), &'r UsageDelta)>,
+    rows: impl Iterator<Item = (&'r (UsageKey, String), &'r UsageDelta)> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    if rows.len() == 0 {
-        return Ok(());
-    }
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for ((key, currency), delta) in rows {
-        copy.rows
-            .row(6)
+    copy_each(conn, table, rows, write_rate, |copy, ((key, currency), delta)| {
+        copy.row(6)
             .date(key.day)
             .uuid(key.user_id)
             .uuid(key.device_id)
@@ -108,25 +112,19 @@ pub(super) async fn copy_usage<'r>(
             .int8(delta.cost_minor)
             .text(currency)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
 }
 
+/// Version 1 has no such table: its fold leaves no rows, and no rows open no COPY.
 pub(super) async fn copy_by_provider<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl ExactSizeIterator<Item = (&'r ProviderDayKey, &'r ProviderUsage)>,
+    rows: impl Iterator<Item = (&'r ProviderDayKey, &'r ProviderUsage)> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    // Also how version 1 (which has no such table) skips it.
-    if rows.len() == 0 {
-        return Ok(());
-    }
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for (key, delta) in rows {
-        copy.rows
-            .row(7)
+    copy_each(conn, table, rows, write_rate, |copy, (key, delta)| {
+        copy.row(7)
             .uuid(key.user_id)
             .date(key.day)
             .text(key.provider.as_str())
@@ -135,25 +133,19 @@ pub(super) async fn copy_by_provider<'r>(
             .int8(delta.cost_minor)
             .int8(delta.sessions)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
 }
 
+/// Versions 1 and 2 have no such table: their folds leave no rows, and no rows open no COPY.
 pub(super) async fn copy_hourly<'r>(
     conn: &mut PgConnection,
     table: &str,
-    rows: impl ExactSizeIterator<Item = (&'r HourKey, &'r UsageDelta)>,
+    rows: impl Iterator<Item = (&'r HourKey, &'r UsageDelta)> + Send,
     write_rate: Option<u64>,
 ) -> Result<(), sqlx::Error> {
-    // Also how versions 1 and 2 (which have no such table) skip it.
-    if rows.len() == 0 {
-        return Ok(());
-    }
-    let mut copy = CopySink::open(conn, table, write_rate).await?;
-    for (key, delta) in rows {
-        copy.rows
-            .row(6)
+    copy_each(conn, table, rows, write_rate, |copy, (key, delta)| {
+        copy.row(6)
             .uuid(key.user_id)
             .time(Some(key.hour))
             .uuid(key.device_id)
@@ -161,15 +153,41 @@ pub(super) async fn copy_hourly<'r>(
             .int8(delta.minutes)
             .int8(delta.cost_minor)
             .end_row();
-        copy.flush_if_full().await?;
-    }
-    copy.finish().await
+    })
+    .await
+}
+
+/// Streams `rows` into `table`, each written by `encode`, in chunks paced to `write_rate`.
+/// No rows open no COPY: a table a layout lacks is never named.
+///
+/// A boxed future whose `Send` is checked here, against the bounds: left to the callers'
+/// futures, the compiler cannot prove it for every lifetime of the borrowed rows (the
+/// "`Send` is not general enough" of rust-lang/rust#64552).
+fn copy_each<'a, T: Send + 'a>(
+    conn: &'a mut PgConnection,
+    table: &'a str,
+    rows: impl Iterator<Item = T> + Send + 'a,
+    write_rate: Option<u64>,
+    encode: impl Fn(&mut CopyRows, T) + Send + 'a,
+) -> BoxFuture<'a, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        let mut rows = rows.peekable();
+        if rows.peek().is_none() {
+            return Ok(());
+        }
+        let mut copy = CopySink::open(conn, table, write_rate).await?;
+        for row in rows {
+            encode(&mut copy.rows, row);
+            copy.flush_if_full().await?;
+        }
+        copy.finish().await
+    })
 }
 
 /// Rows in PostgreSQL's binary COPY format (no text to format or parse: uuids, dates and
 /// numbers go as their bytes), columns in table order.
 #[derive(Debug, Default)]
-pub(super) struct CopyRows {
+struct CopyRows {
     buffer: Vec<u8>,
     rows: u64,
 }
@@ -188,7 +206,7 @@ impl CopyRows {
         header
     }
 
-    pub(super) fn row(&mut self, fields: i16) -> &mut Self {
+    fn row(&mut self, fields: i16) -> &mut Self {
         self.buffer.extend_from_slice(&fields.to_be_bytes());
         self
     }
@@ -200,34 +218,34 @@ impl CopyRows {
         self
     }
 
-    pub(super) fn uuid(&mut self, value: Uuid) -> &mut Self {
+    fn uuid(&mut self, value: Uuid) -> &mut Self {
         self.field(value.as_bytes())
     }
 
-    pub(super) fn date(&mut self, value: NaiveDate) -> &mut Self {
+    fn date(&mut self, value: NaiveDate) -> &mut Self {
         self.field(&(value.num_days_from_ce() - PG_EPOCH_DAYS_FROM_CE).to_be_bytes())
     }
 
-    pub(super) fn int2(&mut self, value: i16) -> &mut Self {
+    fn int2(&mut self, value: i16) -> &mut Self {
         self.field(&value.to_be_bytes())
     }
 
-    pub(super) fn int4(&mut self, value: i32) -> &mut Self {
+    fn int4(&mut self, value: i32) -> &mut Self {
         self.field(&value.to_be_bytes())
     }
 
-    pub(super) fn int8(&mut self, value: i64) -> &mut Self {
+    fn int8(&mut self, value: i64) -> &mut Self {
         self.field(&value.to_be_bytes())
     }
 
-    pub(super) fn opt_int8(&mut self, value: Option<i64>) -> &mut Self {
+    fn opt_int8(&mut self, value: Option<i64>) -> &mut Self {
         match value {
             Some(value) => self.int8(value),
             None => self.null(),
         }
     }
 
-    pub(super) fn bool(&mut self, value: bool) -> &mut Self {
+    fn bool(&mut self, value: bool) -> &mut Self {
         self.field(&[u8::from(value)])
     }
 
@@ -236,27 +254,27 @@ impl CopyRows {
         self
     }
 
-    pub(super) fn time(&mut self, value: Option<DateTime<Utc>>) -> &mut Self {
+    fn time(&mut self, value: Option<DateTime<Utc>>) -> &mut Self {
         match value {
             Some(at) => self.field(&(at.timestamp_micros() - PG_EPOCH_UNIX_MICROS).to_be_bytes()),
             None => self.null(),
         }
     }
 
-    pub(super) fn text(&mut self, value: &str) -> &mut Self {
+    fn text(&mut self, value: &str) -> &mut Self {
         self.field(value.as_bytes())
     }
 
-    pub(super) fn end_row(&mut self) {
+    fn end_row(&mut self) {
         self.rows += 1;
     }
 }
 
 /// Rows streamed to PostgreSQL with `COPY ... FROM STDIN (FORMAT binary)` in chunks, so the
 /// server stores one chunk while the next is encoded.
-pub(super) struct CopySink<'c> {
+struct CopySink<'c> {
     copy: PgCopyIn<&'c mut PgConnection>,
-    pub(super) rows: CopyRows,
+    rows: CopyRows,
     /// Bytes per second sent, when throttled.
     pacer: Option<Pacer>,
 }
@@ -265,11 +283,7 @@ impl<'c> CopySink<'c> {
     const CHUNK_BYTES: usize = 1 << 20;
 
     /// Opens a COPY into `table` that sends at most `write_rate` bytes per second.
-    pub(super) async fn open(
-        conn: &'c mut PgConnection,
-        table: &str,
-        write_rate: Option<u64>,
-    ) -> Result<Self, sqlx::Error> {
+    async fn open(conn: &'c mut PgConnection, table: &str, write_rate: Option<u64>) -> Result<Self, sqlx::Error> {
         let copy = conn
             .copy_in_raw(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
             .await?;
@@ -283,7 +297,7 @@ impl<'c> CopySink<'c> {
         })
     }
 
-    pub(super) async fn flush_if_full(&mut self) -> Result<(), sqlx::Error> {
+    async fn flush_if_full(&mut self) -> Result<(), sqlx::Error> {
         if self.rows.buffer.len() >= Self::CHUNK_BYTES {
             let chunk = std::mem::take(&mut self.rows.buffer);
             let bytes = chunk.len() as u64;
@@ -293,7 +307,7 @@ impl<'c> CopySink<'c> {
         Ok(())
     }
 
-    pub(super) async fn finish(mut self) -> Result<(), sqlx::Error> {
+    async fn finish(mut self) -> Result<(), sqlx::Error> {
         self.rows.buffer.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
         let chunk = std::mem::take(&mut self.rows.buffer);
         let bytes = chunk.len() as u64;
