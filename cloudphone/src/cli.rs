@@ -68,6 +68,14 @@ pub struct PlatformArgs {
     /// Read replicas, comma-separated [default: none; reads go to the primary].
     #[arg(long, env = "CLOUDPHONE_REPLICA_URLS", value_delimiter = ',')]
     pub replica_urls: Vec<String>,
+    /// Least time between two batches of an embedded projector while appends go on, in ms
+    /// (0: a batch at every commit). Each batch is a transaction with a WAL flush, so many
+    /// batches of a few events cost the primary most per event; the read models trail the log
+    /// by up to this much more in exchange. A projector catching up never waits.
+    #[arg(long, env = "CLOUDPHONE_PROJECTOR_MIN_BATCH_INTERVAL_MS",
+          default_value_t = projections::runner::DEFAULT_MIN_BATCH_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub projector_min_batch_interval_ms: u64,
     /// Kafka bootstrap servers [default: none; projectors tail the PostgreSQL log].
     #[arg(long, env = "CLOUDPHONE_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,

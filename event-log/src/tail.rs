@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use event_schema::EventEnvelope;
 use sqlx::postgres::PgListener;
+use tokio::time::Instant;
 
 use crate::read::{LogReader, ReadError, epoch};
 
@@ -22,6 +23,12 @@ pub struct TailConfig {
     pub poll_interval: Duration,
     /// Whether to LISTEN at all (off: poll only, as behind a transaction pooler).
     pub listen: bool,
+    /// Least time from one batch to the next while the log keeps growing (zero: none). A
+    /// consumer that commits each batch pays a transaction and a WAL flush per batch, whatever
+    /// its size: under steady appends a tail that reads at every commit returns batches of a
+    /// few events, and this gathers them for at most this long. A full batch (catching up)
+    /// waits for nothing.
+    pub min_batch_interval: Duration,
 }
 
 impl Default for TailConfig {
@@ -30,6 +37,7 @@ impl Default for TailConfig {
             batch_size: 1_000,
             poll_interval: Duration::from_millis(500),
             listen: true,
+            min_batch_interval: Duration::ZERO,
         }
     }
 }
@@ -48,6 +56,8 @@ pub struct LogTail {
     config: TailConfig,
     listener: Option<PgListener>,
     listen_failed: bool,
+    /// When the next batch may be read, after a batch that was not full.
+    next_batch_due: Option<Instant>,
 }
 
 impl LogTail {
@@ -60,6 +70,7 @@ impl LogTail {
             config,
             listener: None,
             listen_failed: false,
+            next_batch_due: None,
         };
         if config.listen {
             tail.listener = tail.connect_listener().await;
@@ -92,15 +103,39 @@ impl LogTail {
     }
 
     /// Returns the next events after the current position, waiting until there is at least
-    /// one.
+    /// one, and no sooner than `min_batch_interval` after the last batch unless that was full.
     pub async fn next_batch(&mut self) -> Result<Vec<EventEnvelope>, ReadError> {
+        if let Some(due) = self.next_batch_due.take() {
+            self.linger(due).await;
+        }
         loop {
             let events = self.poll().await?;
             if !events.is_empty() {
+                let full = events.len() as i64 >= self.config.batch_size;
+                if !full && !self.config.min_batch_interval.is_zero() {
+                    self.next_batch_due = Some(Instant::now() + self.config.min_batch_interval);
+                }
                 return Ok(events);
             }
             self.wait().await;
         }
+    }
+
+    /// Waits until `due`, reading the notifications that arrive meanwhile: the next read
+    /// returns what they announce anyway, and each left unread would wake a later wait for
+    /// an empty read (and a listener that stops reading holds PostgreSQL's notification queue).
+    async fn linger(&mut self, due: Instant) {
+        while let Some(listener) = &mut self.listener {
+            match tokio::time::timeout_at(due, listener.try_recv()).await {
+                Err(_) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "LISTEN connection failed; polling until it is back");
+                    self.listener = None;
+                }
+            }
+        }
+        tokio::time::sleep_until(due).await;
     }
 
     /// Returns whatever is committed after the current position now, possibly nothing.

@@ -14,6 +14,10 @@ use read_models::changes::{self, ChangeNotice};
 
 use crate::metrics_names as m;
 
+/// The default of [`ProjectorConfig::min_batch_interval`] (and of the binary's
+/// `--projector-min-batch-interval-ms`).
+pub const DEFAULT_MIN_BATCH_INTERVAL: Duration = Duration::from_millis(10);
+
 /// How a projector reads and batches.
 #[derive(Debug, Clone, Copy)]
 pub struct ProjectorConfig {
@@ -24,6 +28,10 @@ pub struct ProjectorConfig {
     pub poll_interval: Duration,
     /// LISTEN for appends (off behind a transaction pooler).
     pub listen: bool,
+    /// Least time between two batches while appends go on (`TailConfig::min_batch_interval`):
+    /// each batch is a transaction with a WAL flush, so batches of a few events cost the
+    /// primary most per event. A caught-up projector's read models trail by up to this more.
+    pub min_batch_interval: Duration,
 }
 
 impl Default for ProjectorConfig {
@@ -32,6 +40,7 @@ impl Default for ProjectorConfig {
             batch_size: 10_000,
             poll_interval: Duration::from_millis(500),
             listen: true,
+            min_batch_interval: DEFAULT_MIN_BATCH_INTERVAL,
         }
     }
 }
@@ -145,6 +154,7 @@ async fn follow(
         batch_size: config.batch_size,
         poll_interval: config.poll_interval,
         listen: config.listen,
+        min_batch_interval: config.min_batch_interval,
     };
     let mut tail = LogTail::start(reader.clone(), at.position, tail_config).await;
     let mut last_head_check = Instant::now() - Duration::from_secs(60);

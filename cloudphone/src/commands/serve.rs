@@ -317,6 +317,10 @@ fn start_projectors(
     // The gauge of pending dead letters, in either mode.
     let gauge = tokio::spawn(projections::dead_letters::watch_pending(pool.clone(), stop.clone()));
     let Some(brokers) = &args.kafka_brokers else {
+        let tailing = ProjectorConfig {
+            min_batch_interval: Duration::from_millis(args.projector_min_batch_interval_ms),
+            ..ProjectorConfig::default()
+        };
         let config = if path.is_pooled() {
             tracing::info!(
                 interval_ms = POOLED_POLL_INTERVAL.as_millis() as u64,
@@ -325,10 +329,10 @@ fn start_projectors(
             ProjectorConfig {
                 listen: false,
                 poll_interval: POOLED_POLL_INTERVAL,
-                ..ProjectorConfig::default()
+                ..tailing
             }
         } else {
-            ProjectorConfig::default()
+            tailing
         };
         let mut tasks = spawn_log_projectors(pool, config, stop);
         tasks.push(gauge);

@@ -12,4 +12,5 @@ mod maintenance;
 mod ordering;
 mod partitions;
 mod support;
+mod tail;
 mod under_load;

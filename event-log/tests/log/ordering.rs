@@ -41,6 +41,7 @@ async fn a_reader_never_skips_a_late_commit(_: PgPoolOptions, connect: sqlx::pos
             batch_size: 97,
             poll_interval: Duration::from_millis(50),
             listen: true,
+            ..TailConfig::default()
         },
     )
     .await;
@@ -211,6 +212,7 @@ async fn a_polling_tail_works_without_notifications_and_a_listening_one_wakes_at
             listen: false,
             poll_interval: Duration::from_millis(20),
             batch_size: 10,
+            ..TailConfig::default()
         },
     )
     .await;
@@ -222,6 +224,7 @@ async fn a_polling_tail_works_without_notifications_and_a_listening_one_wakes_at
             listen: true,
             poll_interval: Duration::from_secs(300),
             batch_size: 10,
+            ..TailConfig::default()
         },
     )
     .await;

@@ -57,6 +57,7 @@ async fn sixty_four_writers_times_ten_thousand_appends_while_readers_tail(_: PgP
                 batch_size: 1_000,
                 poll_interval: Duration::from_millis(250),
                 listen: true,
+                ..TailConfig::default()
             },
         )
         .await,
@@ -71,6 +72,7 @@ async fn sixty_four_writers_times_ten_thousand_appends_while_readers_tail(_: PgP
                 batch_size: 777,
                 poll_interval: Duration::from_millis(20),
                 listen: false,
+                ..TailConfig::default()
             },
         )
         .await,

@@ -75,6 +75,7 @@ pub(super) async fn tail_and_swap(
         batch_size: config.tail_batch,
         poll_interval: Duration::from_millis(200),
         listen: true,
+        min_batch_interval: Duration::ZERO,
     };
     let mut tail = LogTail::start(reader.clone(), rebuild.position, tail_config).await;
     let mut attempts = 0;

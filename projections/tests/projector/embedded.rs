@@ -708,3 +708,57 @@ async fn a_batch_sets_its_planning_and_its_commit_for_its_size(pool: PgPool) {
     assert_eq!((plans.as_str(), commit.as_str()), ("auto", "off"));
     catching_up.commit().await.unwrap();
 }
+
+/// A caught-up projector gathers what is committed after a batch for its
+/// `min_batch_interval`: under steady appends, fewer transactions (each with a WAL flush)
+/// of more events. What comes after the interval is applied all the same, and a stop does
+/// not wait for the interval.
+#[sqlx::test(migrations = false)]
+async fn a_commit_right_after_a_batch_waits_for_the_min_batch_interval_then_is_applied(pool: PgPool) {
+    let store = open_store(&pool).await;
+    let interval = std::time::Duration::from_secs(3);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = projections::runner::ProjectorConfig {
+        min_batch_interval: interval,
+        ..projections::runner::ProjectorConfig::default()
+    };
+    let tasks = projections::runner::spawn_log_projectors(&pool, config, &stop);
+    let create = |device: Uuid| {
+        let owner = Uuid::now_v7();
+        AppendBatch::single(to_stream(
+            device,
+            owner,
+            ExpectedVersion::NoStream,
+            vec![created(device, owner, t0())],
+        ))
+    };
+    store.append(create(Uuid::now_v7())).await.unwrap();
+    caught_up(&pool).await;
+
+    let appended = std::time::Instant::now();
+    store.append(create(Uuid::now_v7())).await.unwrap();
+    caught_up(&pool).await;
+    // The first batch ended before `caught_up` saw it, so the interval began a little before
+    // the append: half of it is left for that.
+    assert!(
+        appended.elapsed() >= interval / 2,
+        "applied {:?} after its append, within the projector's interval of {interval:?}",
+        appended.elapsed()
+    );
+    // Both projectors now wait out an interval that began with the batch just applied.
+    let stopping = std::time::Instant::now();
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(
+        stopping.elapsed() < interval / 3,
+        "stopping took {:?}: it waited for the interval",
+        stopping.elapsed()
+    );
+    let devices: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(devices, 2);
+}

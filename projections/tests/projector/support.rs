@@ -27,6 +27,7 @@ pub fn start_projectors(pool: &PgPool) -> (CancellationToken, Vec<tokio::task::J
         batch_size: 50,
         poll_interval: Duration::from_millis(50),
         listen: true,
+        ..ProjectorConfig::default()
     };
     let tasks = spawn_log_projectors(pool, config, &stop);
     (stop, tasks)
