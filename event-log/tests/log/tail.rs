@@ -95,5 +95,9 @@ async fn a_full_batch_waits_for_no_interval(pool: PgPool) {
             .unwrap_or_else(|e| panic!("{e}"));
         sizes.push(batch.len());
     }
-    assert_eq!(sizes, [2, 2, 1], "catching up, the tail returns full batches back to back");
+    assert_eq!(
+        sizes,
+        [2, 2, 1],
+        "catching up, the tail returns full batches back to back"
+    );
 }
