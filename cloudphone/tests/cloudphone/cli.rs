@@ -50,6 +50,30 @@ fn verbs_without_a_database_fail_with_a_clear_error() {
 }
 
 #[test]
+fn a_projector_interval_out_of_range_or_not_a_number_is_refused_before_anything_starts() {
+    for (flag, env) in [(Some("5000"), None), (None, Some("ten"))] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cloudphone"));
+        command
+            .arg("projector")
+            .env("CLOUDPHONE_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+        if let Some(value) = flag {
+            command.args(["--projector-min-batch-interval-ms", value]);
+        }
+        if let Some(value) = env {
+            command.env("CLOUDPHONE_PROJECTOR_MIN_BATCH_INTERVAL_MS", value);
+        }
+        let output = command.output().expect("run cloudphone");
+        let shown = text(&output);
+        assert!(!output.status.success(), "{shown}");
+        assert!(shown.contains("--projector-min-batch-interval-ms"), "{shown}");
+        assert!(
+            !shown.contains("cannot reach PostgreSQL"),
+            "it tried the database first: {shown}"
+        );
+    }
+}
+
+#[test]
 fn a_database_that_cannot_be_reached_is_a_clear_error() {
     let output = cloudphone("postgres://postgres:secret@127.0.0.1:1/cloudphone", &["migrate"]);
     assert!(!output.status.success());
