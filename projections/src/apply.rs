@@ -1,7 +1,7 @@
 //! Applying a batch of events to a projection's read model, in one transaction with its
 //! checkpoint: a crash or a redelivery can never count an event twice or lose one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use event_schema::{DeviceEvent, Event, EventEnvelope, Quota, SchemaError, StreamType};
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -333,7 +333,9 @@ async fn apply_fleet<'a>(
     if device_ids.is_empty() {
         return Ok(());
     }
-    let mut fold = FleetFold::with_rows(load_devices(conn, &device_ids).await?);
+    let stored = load_devices(conn, &device_ids).await?;
+    let before: HashMap<Uuid, DeviceRow> = stored.iter().map(|row| (row.device_id, row.clone())).collect();
+    let mut fold = FleetFold::with_rows(stored);
     for (envelope, event) in decoded {
         let Event::Device(device_event) = event else {
             continue;
@@ -352,8 +354,8 @@ async fn apply_fleet<'a>(
         .devices
         .extend(fold.changed_rows().map(|row| row.device_id));
     applied.touched.owners.extend(fold.touched_owners());
-    let owners: Vec<Uuid> = fold.touched_owners().into_iter().collect();
-    read_models::fleet::recompute_device_stats(conn, &owners).await?;
+    let stats = read_models::fleet::stats_changes(&before, fold.changed_rows());
+    read_models::fleet::apply_stats_changes(conn, &stats).await?;
     if layout.has_users_and_history() {
         // Last: the all-users rows of the current hour are the ones every concurrent batch
         // (Kafka mode) writes, so they are locked for as short a time as possible.

@@ -1,10 +1,12 @@
 //! The `fleet` projection: `devices` (one row per device, its current state) and
 //! `device_stats` (per user, status and provider: live devices and their sizes).
 //!
-//! Device rows are folded from device events; `device_stats` rows of every owner a batch
-//! touched are then recomputed from `devices` in the same transaction. Recomputing (rather
-//! than adding deltas) makes the result independent of where batches happen to end, so a
-//! rebuild from the whole history equals what was maintained incrementally, row for row.
+//! Device rows are folded from device events; each batch then adds to `device_stats` what
+//! its devices' moves between buckets changed (`read_models::fleet::stats_changes`), in the
+//! same transaction. A bucket's sums are additive and its newest creation time is reread
+//! when the device that held it leaves, so whatever the batches, the buckets equal a rebuild
+//! from the whole history row for row (the property test below, and the projector's tests
+//! against PostgreSQL).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -184,7 +186,7 @@ impl FleetFold {
         self.status_changes.len()
     }
 
-    /// Owners whose devices changed: their `device_stats` rows must be recomputed.
+    /// Owners whose devices changed (their dashboards' answers may have).
     pub fn touched_owners(&self) -> BTreeSet<Uuid> {
         self.changed_rows().map(|row| row.owner_id).collect()
     }
@@ -194,7 +196,7 @@ impl FleetFold {
 mod tests {
     use chrono::TimeZone;
     use event_schema::*;
-    use read_models::fleet::{StatsKey, stats_of};
+    use read_models::fleet::{StatsChange, StatsKey, StatsRow, stats_changes, stats_of};
 
     use super::*;
 
@@ -338,7 +340,94 @@ mod tests {
         assert_eq!(fold.status_change_count(), 0, "taken");
     }
 
+    /// Adds `changes` to `stored` as `apply_stats_changes` does in SQL, rereading a bucket's
+    /// newest creation time from `fleet` when a device that left it may have held it.
+    fn add_stats_changes(
+        stored: &mut BTreeMap<StatsKey, StatsRow>,
+        changes: &BTreeMap<StatsKey, StatsChange>,
+        fleet: &BTreeMap<StatsKey, StatsRow>,
+    ) {
+        for (key, change) in changes {
+            let mut row = match stored.get(key) {
+                Some(old) => StatsRow {
+                    device_count: old.device_count + change.device_count,
+                    total_cpu_cores: old.total_cpu_cores + change.total_cpu_cores,
+                    total_memory_mb: old.total_memory_mb + change.total_memory_mb,
+                    last_created_at: old
+                        .last_created_at
+                        .max(change.newest_entered.unwrap_or(old.last_created_at)),
+                },
+                None => StatsRow {
+                    device_count: change.device_count,
+                    total_cpu_cores: change.total_cpu_cores,
+                    total_memory_mb: change.total_memory_mb,
+                    last_created_at: change.newest_entered.unwrap_or(DateTime::<Utc>::MIN_UTC),
+                },
+            };
+            if row.device_count == 0 {
+                stored.remove(key);
+                continue;
+            }
+            if change.newest_left.is_some_and(|left| left >= row.last_created_at) {
+                row.last_created_at = fleet.get(key).map_or(DateTime::<Utc>::MIN_UTC, |r| r.last_created_at);
+            }
+            stored.insert(*key, row);
+        }
+    }
+
     proptest::proptest! {
+        /// Whatever the events and however they are cut into batches, adding each batch's
+        /// changes to the buckets gives what the whole fleet defines, bucket for bucket: a
+        /// device entering, leaving, resized in its bucket, the newest leaving (creation
+        /// times tie), the last leaving.
+        #[test]
+        fn each_batchs_stats_changes_add_up_to_the_fleets_stats(
+            steps in proptest::collection::vec((0usize..8, 0u8..6, 0u32..3), 1..150),
+            cut in 1usize..12,
+        ) {
+            let owners = [Uuid::from_u128(1), Uuid::from_u128(2)];
+            let providers = [Provider::Gcp, Provider::Aws];
+            let devices: Vec<Uuid> = (0..8).map(|i| Uuid::from_u128(100 + i)).collect();
+            let mut fold = FleetFold::default();
+            let mut stored: BTreeMap<StatsKey, StatsRow> = BTreeMap::new();
+            let mut before: HashMap<Uuid, DeviceRow> = HashMap::new();
+            for (i, (device, action, size)) in steps.into_iter().enumerate() {
+                let id = devices[device];
+                let at = at_hour(0, 0) + chrono::Duration::minutes(i64::from(size) * 10);
+                let event: DeviceEvent = match action {
+                    0 => DeviceCreated {
+                        device_id: id,
+                        owner_id: owners[device % 2],
+                        provider: providers[device / 2 % 2],
+                        cpu_cores: 1 + size,
+                        memory_mb: 1024,
+                        android_version: 14,
+                        created_at: at,
+                    }
+                    .into(),
+                    1 => DeviceStarted { device_id: id, started_at: at }.into(),
+                    2 => DeviceStopped { device_id: id, reason: StopReason::Idle, stopped_at: at }.into(),
+                    3 => DeviceFailed { device_id: id, reason: "lost".into(), failed_at: at }.into(),
+                    4 => DeviceDeleted { device_id: id, deleted_at: at }.into(),
+                    _ => DeviceResized {
+                        device_id: id, from_cpu_cores: 1, from_memory_mb: 1024, cpu_cores: 2 + size, memory_mb: 512 * size,
+                    }
+                    .into(),
+                };
+                let _ = fold.apply(i as i64 + 1, id, &event);
+                if i % cut == 0 {
+                    let fleet = stats_of(fold.rows());
+                    add_stats_changes(&mut stored, &stats_changes(&before, fold.changed_rows()), &fleet);
+                    proptest::prop_assert_eq!(&stored, &fleet);
+                    fold.clear_changed();
+                    before = fold.rows().map(|row| (row.device_id, row.clone())).collect();
+                }
+            }
+            let fleet = stats_of(fold.rows());
+            add_stats_changes(&mut stored, &stats_changes(&before, fold.changed_rows()), &fleet);
+            proptest::prop_assert_eq!(&stored, &fleet);
+        }
+
         /// Whatever the events and however they are cut into batches, the net changes summed
         /// over every hour are the live counts `device_stats` holds.
         #[test]

@@ -5,6 +5,7 @@
 
 mod concurrent;
 mod dead_letters;
+mod device_stats;
 mod embedded;
 mod fleet_v2;
 mod replay;
