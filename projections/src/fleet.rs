@@ -340,6 +340,60 @@ mod tests {
         assert_eq!(fold.status_change_count(), 0, "taken");
     }
 
+    /// The device event the property tests make of `action` (0 to 5): created with 1 + `size`
+    /// cores, started, stopped, failed, deleted, or resized to 2 + `size` cores.
+    fn generated_event(
+        action: u8,
+        id: Uuid,
+        owner: Uuid,
+        provider: Provider,
+        size: u32,
+        at: DateTime<Utc>,
+    ) -> DeviceEvent {
+        match action {
+            0 => DeviceCreated {
+                device_id: id,
+                owner_id: owner,
+                provider,
+                cpu_cores: 1 + size,
+                memory_mb: 1024,
+                android_version: 14,
+                created_at: at,
+            }
+            .into(),
+            1 => DeviceStarted {
+                device_id: id,
+                started_at: at,
+            }
+            .into(),
+            2 => DeviceStopped {
+                device_id: id,
+                reason: StopReason::Idle,
+                stopped_at: at,
+            }
+            .into(),
+            3 => DeviceFailed {
+                device_id: id,
+                reason: "lost".into(),
+                failed_at: at,
+            }
+            .into(),
+            4 => DeviceDeleted {
+                device_id: id,
+                deleted_at: at,
+            }
+            .into(),
+            _ => DeviceResized {
+                device_id: id,
+                from_cpu_cores: 1,
+                from_memory_mb: 1024,
+                cpu_cores: 2 + size,
+                memory_mb: 1024 * (2 + size),
+            }
+            .into(),
+        }
+    }
+
     /// Adds `changes` to `stored` as `apply_stats_changes` does in SQL, rereading a bucket's
     /// newest creation time from `fleet` when a device that left it may have held it.
     fn add_stats_changes(
@@ -394,26 +448,7 @@ mod tests {
             for (i, (device, action, size)) in steps.into_iter().enumerate() {
                 let id = devices[device];
                 let at = at_hour(0, 0) + chrono::Duration::minutes(i64::from(size) * 10);
-                let event: DeviceEvent = match action {
-                    0 => DeviceCreated {
-                        device_id: id,
-                        owner_id: owners[device % 2],
-                        provider: providers[device / 2 % 2],
-                        cpu_cores: 1 + size,
-                        memory_mb: 1024,
-                        android_version: 14,
-                        created_at: at,
-                    }
-                    .into(),
-                    1 => DeviceStarted { device_id: id, started_at: at }.into(),
-                    2 => DeviceStopped { device_id: id, reason: StopReason::Idle, stopped_at: at }.into(),
-                    3 => DeviceFailed { device_id: id, reason: "lost".into(), failed_at: at }.into(),
-                    4 => DeviceDeleted { device_id: id, deleted_at: at }.into(),
-                    _ => DeviceResized {
-                        device_id: id, from_cpu_cores: 1, from_memory_mb: 1024, cpu_cores: 2 + size, memory_mb: 512 * size,
-                    }
-                    .into(),
-                };
+                let event = generated_event(action, id, owners[device % 2], providers[device / 2 % 2], size, at);
                 let _ = fold.apply(i as i64 + 1, id, &event);
                 if i % cut == 0 {
                     let fleet = stats_of(fold.rows());
@@ -442,23 +477,7 @@ mod tests {
             for (i, (device, action, hour)) in steps.into_iter().enumerate() {
                 let id = devices[device];
                 let at = at_hour(0, 0) + chrono::Duration::minutes(i64::from(hour) * 37);
-                let event: DeviceEvent = match action {
-                    0 => DeviceCreated {
-                        device_id: id,
-                        owner_id: owners[device % 2],
-                        provider: Provider::Gcp,
-                        cpu_cores: 1,
-                        memory_mb: 1024,
-                        android_version: 14,
-                        created_at: at,
-                    }
-                    .into(),
-                    1 => DeviceStarted { device_id: id, started_at: at }.into(),
-                    2 => DeviceStopped { device_id: id, reason: StopReason::Idle, stopped_at: at }.into(),
-                    3 => DeviceFailed { device_id: id, reason: "lost".into(), failed_at: at }.into(),
-                    4 => DeviceDeleted { device_id: id, deleted_at: at }.into(),
-                    _ => DeviceResized { device_id: id, from_cpu_cores: 1, from_memory_mb: 1024, cpu_cores: 2, memory_mb: 2048 }.into(),
-                };
+                let event = generated_event(action, id, owners[device % 2], Provider::Gcp, 0, at);
                 let _ = fold.apply(i as i64 + 1, id, &event);
                 if i % cut == 0 {
                     for (key, delta) in fold.take_status_changes() {
