@@ -45,7 +45,7 @@ pub struct StatsRow {
 }
 
 /// `device_stats` as defined from device rows: live (not deleted) devices grouped by owner,
-/// status and provider. The SQL recomputation in the projector says the same thing.
+/// status and provider. [`derive_device_stats`] says the same in SQL.
 pub fn stats_of<'a>(rows: impl IntoIterator<Item = &'a DeviceRow>) -> std::collections::BTreeMap<StatsKey, StatsRow> {
     let mut stats = std::collections::BTreeMap::new();
     for row in rows {
