@@ -22,25 +22,6 @@ use crate::support::*;
 
 const ACTOR: &str = "test-operator";
 
-async fn assert_equals_rebuild(pool: &PgPool) {
-    let reader = LogReader::new(pool.clone());
-    let head = reader.head().await.unwrap().position;
-    let rebuilt = fold_log(&reader, head, 1_000)
-        .await
-        .unwrap()
-        .without_provider_breakdown();
-    let stored = load_read_models(pool).await.unwrap();
-    assert_eq!(stored.devices, rebuilt.devices, "devices differ from a rebuild");
-    assert_eq!(
-        stored.device_stats, rebuilt.device_stats,
-        "device_stats differ from a rebuild"
-    );
-    assert_eq!(
-        stored.daily_usage, rebuilt.daily_usage,
-        "daily_usage differs from a rebuild"
-    );
-}
-
 /// The device events of the log, in order: (position, device, event type).
 async fn device_events(pool: &PgPool) -> Vec<(i64, Uuid, String)> {
     sqlx::query_as(

@@ -3,7 +3,6 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use event_log::{AppendBatch, ExpectedVersion, StreamAppend};
 use event_schema::{DeviceStatus, Provider};
-use projections::fold_log;
 use read_models::Projection;
 use read_models::fleet::StatsKey;
 use read_models::stored::load_read_models;
@@ -13,27 +12,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::support::*;
-
-async fn assert_equals_rebuild(pool: &PgPool) {
-    let reader = event_log::LogReader::new(pool.clone());
-    let head = reader.head().await.unwrap().position;
-    // These databases stay at version 1 of daily_usage (no per-provider breakdown).
-    let rebuilt = fold_log(&reader, head, 1_000)
-        .await
-        .unwrap()
-        .without_provider_breakdown();
-    let stored = load_read_models(pool).await.unwrap();
-    assert_eq!(stored.devices.len(), rebuilt.devices.len());
-    assert_eq!(stored.devices, rebuilt.devices, "devices differ from a rebuild");
-    assert_eq!(
-        stored.device_stats, rebuilt.device_stats,
-        "device_stats differ from a rebuild"
-    );
-    assert_eq!(
-        stored.daily_usage, rebuilt.daily_usage,
-        "daily_usage differs from a rebuild"
-    );
-}
 
 #[sqlx::test(migrations = false)]
 async fn read_models_follow_the_log_and_equal_a_rebuild(pool: PgPool) {
