@@ -8,6 +8,10 @@
 //! after a command asking for that command's position (read-your-writes), an audit export
 //! every few seconds and a replay of `daily_usage` in the background.
 //!
+//! Beside the latencies it reports each process's CPU per completed operation (the roles, the
+//! load generator, PostgreSQL's processes and the replay's), so a profile starts from the part
+//! that costs most.
+//!
 //! Latency counts from each operation's scheduled start (open loop), so a stall shows up in
 //! the percentiles instead of slowing the load down. The run fails if any answer is a 5xx,
 //! a transport error or a truncated export, or if the projector does not catch up afterwards.
@@ -38,7 +42,7 @@ use crate::harness::databases::{applied, recreate_database, settle_database};
 use crate::harness::metrics::{metric_sum, scrape};
 use crate::harness::report::{Latency, histogram, write_json};
 use crate::harness::roles::RoleProcess;
-use crate::harness::sampling::{cpu_seconds, vm_hwm_mib, vm_rss_mib};
+use crate::harness::sampling::{PostgresCpu, cpu_seconds, vm_hwm_mib, vm_rss_mib};
 use crate::harness::tokens::load_token;
 use crate::workloads::dashboards::{Dashboard, Kind};
 use crate::workloads::portal::{Device, Operation, PortalCommand};
@@ -132,14 +136,32 @@ struct RoleReport {
     cpu_seconds: f64,
     /// Of one core, averaged over the load (200 % is both cores of this machine).
     cpu_percent: f64,
-    rss_mib: f64,
-    peak_rss_mib: f64,
+    /// CPU milliseconds per completed operation: which part to shrink for more operations/s.
+    cpu_ms_per_operation: f64,
+    /// `None` for PostgreSQL, whose processes come and go.
+    rss_mib: Option<f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+impl RoleReport {
+    fn of(cpu_seconds: f64, seconds: f64, completed: u64, pid: Option<u32>) -> Self {
+        RoleReport {
+            cpu_seconds,
+            cpu_percent: 100.0 * cpu_seconds / seconds,
+            cpu_ms_per_operation: 1000.0 * cpu_seconds / completed.max(1) as f64,
+            rss_mib: pid.and_then(vm_rss_mib),
+            peak_rss_mib: pid.and_then(vm_hwm_mib),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
 struct ReplayReport {
     seconds: f64,
     succeeded: bool,
+    /// The replay process's own CPU (its fold), as last read before it exited (at most
+    /// 0.1 s before); its statements' CPU is PostgreSQL's.
+    cpu_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,6 +225,9 @@ pub async fn run(args: &LoadPlatformArgs) -> anyhow::Result<()> {
     let roles = [&command, &query, &projector];
     let cpu_before: Vec<f64> = roles.iter().map(|r| cpu_seconds(r.pid()).unwrap_or(0.0)).collect();
     let own_cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    // The server's backends, WAL writer, checkpointer and WAL sender, the replay's among them
+    // while they live (a process that exits before the end is not counted).
+    let postgres_cpu = PostgresCpu::start(&pool).await;
     let cache_before = scrape(&client, &query.base).await.unwrap_or_default();
 
     let stop = tokio_util::sync::CancellationToken::new();
@@ -289,6 +314,7 @@ pub async fn run(args: &LoadPlatformArgs) -> anyhow::Result<()> {
     }
     let cpu_after: Vec<f64> = roles.iter().map(|r| cpu_seconds(r.pid()).unwrap_or(0.0)).collect();
     let own_cpu_after = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let postgres_seconds = postgres_cpu.as_ref().map(PostgresCpu::seconds);
     let cache_after = scrape(&client, &query.base).await.unwrap_or_default();
 
     let replay = match replay {
@@ -330,30 +356,30 @@ pub async fn run(args: &LoadPlatformArgs) -> anyhow::Result<()> {
         - metric_sum(&cache_before, "cloudphone_query_cache_lookups_total", "result=\"hit\"");
     let misses = metric_sum(&cache_after, "cloudphone_query_cache_lookups_total", "result=\"miss\"")
         - metric_sum(&cache_before, "cloudphone_query_cache_lookups_total", "result=\"miss\"");
+    let completed: u64 = operations.values().map(|o| o.latency.count).sum();
     let mut role_reports = BTreeMap::new();
     for (index, role) in roles.iter().enumerate() {
         let cpu = cpu_after[index] - cpu_before[index];
         role_reports.insert(
             role.name.to_owned(),
-            RoleReport {
-                cpu_seconds: cpu,
-                cpu_percent: 100.0 * cpu / seconds,
-                rss_mib: vm_rss_mib(role.pid()).unwrap_or(0.0),
-                peak_rss_mib: vm_hwm_mib(role.pid()).unwrap_or(0.0),
-            },
+            RoleReport::of(cpu, seconds, completed, Some(role.pid())),
         );
     }
-    let own_cpu = own_cpu_after - own_cpu_before;
     role_reports.insert(
         "load generator".to_owned(),
-        RoleReport {
-            cpu_seconds: own_cpu,
-            cpu_percent: 100.0 * own_cpu / seconds,
-            rss_mib: vm_rss_mib(std::process::id()).unwrap_or(0.0),
-            peak_rss_mib: vm_hwm_mib(std::process::id()).unwrap_or(0.0),
-        },
+        RoleReport::of(
+            own_cpu_after - own_cpu_before,
+            seconds,
+            completed,
+            Some(std::process::id()),
+        ),
     );
-    let completed: u64 = operations.values().map(|o| o.latency.count).sum();
+    if let Some(postgres) = postgres_seconds {
+        role_reports.insert(
+            "postgresql".to_owned(),
+            RoleReport::of(postgres, seconds, completed, None),
+        );
+    }
     let report = Report {
         seed: args.seed,
         rate: args.rate,
@@ -720,21 +746,39 @@ async fn export_loop(
 async fn replay_daily_usage(url: &str, logs: &Path) -> ReplayReport {
     let started = Instant::now();
     let log = logs.join("replay.log");
-    let succeeded = match (std::env::current_exe(), std::fs::File::create(&log)) {
+    let child = match (std::env::current_exe(), std::fs::File::create(&log)) {
         (Ok(exe), Ok(file)) => tokio::process::Command::new(exe)
             .args(["replay", "daily-usage"])
             .env("CLOUDPHONE_DATABASE_URL", url)
             .env("CLOUDPHONE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(file)
-            .status()
-            .await
-            .is_ok_and(|status| status.success()),
-        _ => false,
+            .spawn()
+            .ok(),
+        _ => None,
     };
+    let (mut succeeded, mut cpu_seconds_read) = (false, 0.0);
+    if let Some(mut child) = child {
+        // Its CPU is read while it runs: once reaped, /proc no longer has it.
+        let pid = child.id();
+        loop {
+            tokio::select! {
+                status = child.wait() => {
+                    succeeded = status.is_ok_and(|status| status.success());
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if let Some(seconds) = pid.and_then(cpu_seconds) {
+                        cpu_seconds_read = seconds;
+                    }
+                }
+            }
+        }
+    }
     ReplayReport {
         seconds: started.elapsed().as_secs_f64(),
         succeeded,
+        cpu_seconds: cpu_seconds_read,
     }
 }
 
@@ -814,16 +858,21 @@ fn print(report: &Report) {
         100.0 * report.query_cache.hit_ratio
     );
     for (role, figures) in &report.roles {
+        let memory = match (figures.rss_mib, figures.peak_rss_mib) {
+            (Some(rss), Some(peak)) => format!("   RSS {rss:>7.1} MiB (peak {peak:>7.1} MiB)"),
+            _ => String::new(),
+        };
         println!(
-            "  {:<16} CPU {:>7.1} s ({:>5.1} % of a core)   RSS {:>7.1} MiB (peak {:>7.1} MiB)",
-            role, figures.cpu_seconds, figures.cpu_percent, figures.rss_mib, figures.peak_rss_mib
+            "  {:<16} CPU {:>7.1} s ({:>5.1} % of a core, {:.3} ms per operation){memory}",
+            role, figures.cpu_seconds, figures.cpu_percent, figures.cpu_ms_per_operation
         );
     }
     if let Some(replay) = &report.replay {
         println!(
-            "  replay of daily_usage beside the load: {} in {:.1} s",
+            "  replay of daily_usage beside the load: {} in {:.1} s, its process's CPU {:.1} s",
             if replay.succeeded { "swapped" } else { "FAILED" },
-            replay.seconds
+            replay.seconds,
+            replay.cpu_seconds
         );
     }
     println!(
