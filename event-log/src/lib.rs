@@ -67,7 +67,7 @@ pub use migrate::{
     create_database_if_missing, migrate, migrator, pool_options,
 };
 pub use read::{ChainReport, LogHead, LogReader, LoggedPayload, ReadError, StreamInfo};
-pub use tail::{LogTail, NOTIFY_CHANNEL, TailConfig};
+pub use tail::{LogTail, NOTIFY_CHANNEL, TailConfig, tail_session_options};
 pub use writer::{EventStore, StoreConfig};
 
 /// Names of the metrics this crate records (Prometheus conventions: units as suffixes).

@@ -129,6 +129,25 @@ fn envelopes(rows: Vec<EventRow>) -> Result<Vec<EventEnvelope>, ReadError> {
     rows.into_iter().map(EventEnvelope::try_from).collect()
 }
 
+/// [`LogReader::read_all_since`] on a connection the caller holds: a tail reads on its own
+/// session, where it plans this statement once (see [`crate::tail`]).
+pub(crate) async fn read_all_since_on<'c>(
+    executor: impl sqlx::Executor<'c, Database = Postgres>,
+    after: i64,
+    recorded_floor: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, ReadError> {
+    let rows: Vec<EventRow> = sqlx::query_as(select_events!(
+        "WHERE position > $1 AND recorded_at >= $2 ORDER BY position LIMIT $3"
+    ))
+    .bind(after)
+    .bind(recorded_floor)
+    .bind(limit)
+    .fetch_all(executor)
+    .await?;
+    envelopes(rows)
+}
+
 /// One stored event as a fold reads it (see [`LogReader::read_payloads`]).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LoggedPayload {
@@ -317,15 +336,7 @@ impl LogReader {
         recorded_floor: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<EventEnvelope>, ReadError> {
-        let rows: Vec<EventRow> = sqlx::query_as(select_events!(
-            "WHERE position > $1 AND recorded_at >= $2 ORDER BY position LIMIT $3"
-        ))
-        .bind(after)
-        .bind(recorded_floor)
-        .bind(limit)
-        .fetch_all(&mut *self.conn().await?)
-        .await?;
-        envelopes(rows)
+        read_all_since_on(&mut *self.conn().await?, after, recorded_floor, limit).await
     }
 
     /// One page of an owner's events in `[from, to)`, after the keyset cursor

@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use event_log::{ExpectedVersion, LogTail, TailConfig};
+use event_log::{ExpectedVersion, LogReader, LogTail, TailConfig, tail_session_options};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
 use crate::support::*;
@@ -100,4 +101,61 @@ async fn a_full_batch_waits_for_no_interval(pool: PgPool) {
         [2, 2, 1],
         "catching up, the tail returns full batches back to back"
     );
+}
+
+/// A listening tail reads on a session of its own, which plans the read once
+/// (`tail_session_options`). On a log of several months PostgreSQL plans the read afresh at
+/// every call otherwise: a plan made for the floor, with the months before it pruned, always
+/// looks cheaper than the generic plan, which prunes them as it runs.
+#[sqlx::test(migrations = false)]
+async fn a_tail_session_plans_the_read_once_where_a_plain_one_plans_it_every_time(pool: PgPool) {
+    let log = store(&pool).await;
+    let now = chrono::Utc::now();
+    event_log::partitions::ensure_partitions(&pool, now - chrono::Duration::days(200), 7)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    log.append(starts(Uuid::now_v7(), Uuid::now_v7(), ExpectedVersion::NoStream, 3))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let floor = reader(&pool).head().await.unwrap_or_else(|e| panic!("{e}")).recorded_at;
+
+    // (generic, custom) plans of the read on one session after ten reads.
+    let plans = |options: PgConnectOptions| async move {
+        let session = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let reader = LogReader::new(session.clone());
+        for _ in 0..10 {
+            let events = reader
+                .read_all_since(1, floor, 100)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), [2, 3]);
+        }
+        let (generic, custom): (i64, i64) = sqlx::query_as(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+             WHERE statement LIKE '%WHERE position > $1 AND recorded_at >= $2%'",
+        )
+        .fetch_one(&session)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        (generic, custom)
+    };
+    let plain = plans((*pool.connect_options()).clone()).await;
+    assert!(
+        plain.1 >= 5,
+        "a plain session planned the read {} times in 10 (generic {}): the premise of the tail's session no longer holds",
+        plain.1,
+        plain.0
+    );
+    let tail = plans(tail_session_options(&pool.connect_options())).await;
+    assert_eq!(tail, (10, 0), "a tail's session must plan the read once, generically");
+
+    // A listening tail still returns every event once, in order, reading on that session.
+    let mut tail = LogTail::start(reader(&pool), 0, TailConfig::default()).await;
+    let first = tail.poll().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.iter().map(|e| e.position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(tail.poll().await.unwrap_or_else(|e| panic!("{e}")).is_empty());
 }
