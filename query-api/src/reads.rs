@@ -743,8 +743,6 @@ pub enum UsageSubject {
 }
 
 /// Usage per period and currency for each of these users (or devices), in one statement.
-/// Over an array even for one id: PostgreSQL keeps this statement's generic plan either way
-/// (measured; unlike the lookups by key of [`push_id_match`]).
 pub async fn usage_by(
     pool: &ReadPool,
     subject: UsageSubject,
@@ -760,16 +758,17 @@ pub async fn usage_by(
     let mut by_id: HashMap<Uuid, Vec<UsageRecord>> = ids.iter().map(|id| (*id, Vec::new())).collect();
     if period == Period::Hour {
         let (from, until) = day_bounds(from, to);
-        let rows: Vec<(Uuid, DateTime<Utc>, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {column}, hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint
-             FROM hourly_usage WHERE {column} = ANY($1) AND hour >= $2 AND hour < $3
-             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-        )))
-        .bind(ids)
-        .bind(from)
-        .bind(until)
-        .fetch_all(&mut *pool.acquire().await?)
-        .await?;
+        let mut sql = QueryBuilder::new(format!(
+            "SELECT {column}, hour, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM hourly_usage WHERE "
+        ));
+        push_id_match(&mut sql, column, ids);
+        sql.push(" AND hour >= ")
+            .push_bind(from)
+            .push(" AND hour < ")
+            .push_bind(until)
+            .push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
+        let rows: Vec<(Uuid, DateTime<Utc>, String, i64, i64)> =
+            sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
         for (id, hour, currency, minutes, cost_minor) in rows {
             by_id
                 .entry(id)
@@ -778,17 +777,17 @@ pub async fn usage_by(
         }
         return Ok(by_id);
     }
-    let rows: Vec<(Uuid, NaiveDate, String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {column}, date_trunc($2, day)::date, currency, sum(minutes)::bigint, sum(cost_minor)::bigint
-         FROM daily_usage WHERE {column} = ANY($1) AND day BETWEEN $3 AND $4
-         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-    )))
-    .bind(ids)
-    .bind(period.trunc())
-    .bind(from)
-    .bind(to)
-    .fetch_all(&mut *pool.acquire().await?)
-    .await?;
+    let mut sql = QueryBuilder::new(format!("SELECT {column}, date_trunc("));
+    sql.push_bind(period.trunc())
+        .push(", day)::date, currency, sum(minutes)::bigint, sum(cost_minor)::bigint FROM daily_usage WHERE ");
+    push_id_match(&mut sql, column, ids);
+    sql.push(" AND day BETWEEN ")
+        .push_bind(from)
+        .push(" AND ")
+        .push_bind(to)
+        .push(" GROUP BY 1, 2, 3 ORDER BY 1, 2, 3");
+    let rows: Vec<(Uuid, NaiveDate, String, i64, i64)> =
+        sql.build_query_as().fetch_all(&mut *pool.acquire().await?).await?;
     for (id, period, currency, minutes, cost_minor) in rows {
         by_id
             .entry(id)

@@ -1,12 +1,12 @@
-//! How PostgreSQL plans the dashboards' batched reads: the read of one user's `device_stats` or
-//! device count (a dashboard's usual question) is planned once per connection, not afresh on
+//! How PostgreSQL plans the dashboards' batched reads: the read of one user's `device_stats`,
+//! device count or usage (a dashboard's usual question) is planned once per connection, not afresh on
 //! every execution as the same read over an array is, and a read of several users still
 //! answers each of them in one statement.
 
 use std::time::Duration;
 
 use query_api::read_pool::{ReadPool, ReadPoolOptions};
-use query_api::reads::{self, DeviceConditions};
+use query_api::reads::{self, DeviceConditions, Period, UsageSubject};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -43,7 +43,31 @@ async fn one_ids_batched_reads_keep_one_plan_per_connection(pool: PgPool) {
     }));
     insert_devices(&pool, &devices).await;
     derive_device_stats(&pool).await;
-    sqlx::query("ANALYZE devices, device_stats")
+    // Ten days of usage for A's first device; every third day of half a year (to 2026-01-30)
+    // for one device of each of 2 000 others, as `load platform`'s world has it: a month is a
+    // sixth of a user's rows, and a plan for one user reads fewer than one for ten.
+    for n in 0..10u64 {
+        insert_usage(
+            &pool,
+            day("2026-01-01") + chrono::Days::new(n),
+            A,
+            dev(1),
+            10,
+            100,
+            "EUR",
+        )
+        .await;
+    }
+    sqlx::query(
+        "INSERT INTO daily_usage (day, user_id, device_id, minutes, cost_minor, currency)
+         SELECT DATE '2025-08-04' + d, ('00000000-0000-0000-0000-' || lpad(to_hex(4096 + o), 12, '0'))::uuid,
+                ('00000000-0000-0000-0001-' || lpad(to_hex(o), 12, '0'))::uuid, 5, 50, 'EUR'
+         FROM generate_series(0, 179, 3) AS d, generate_series(0, 1999) AS o",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE devices, device_stats, daily_usage")
         .execute(&pool)
         .await
         .unwrap();
@@ -60,6 +84,17 @@ async fn one_ids_batched_reads_keep_one_plan_per_connection(pool: PgPool) {
             .await
             .unwrap();
         assert_eq!(counts[&A], 2);
+        let usage = reads::usage_by(
+            &read,
+            UsageSubject::User,
+            &[A],
+            day("2026-01-01"),
+            day("2026-01-31"),
+            Period::Month,
+        )
+        .await
+        .unwrap();
+        assert_eq!(usage[&A].iter().map(|u| u.minutes).sum::<i64>(), 100);
     }
     // Several ids: one statement, every id answered.
     let stats = reads::stats_rows_by_user(&read, &[A, B]).await.unwrap();
@@ -68,6 +103,24 @@ async fn one_ids_batched_reads_keep_one_plan_per_connection(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!((counts[&A], counts[&B]), (2, 1));
+    let other = Uuid::from_u128(4096);
+    let usage = reads::usage_by(
+        &read,
+        UsageSubject::User,
+        &[A, other],
+        day("2026-01-01"),
+        day("2026-01-31"),
+        Period::Month,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            usage[&A].iter().map(|u| u.minutes).sum::<i64>(),
+            usage[&other].iter().map(|u| u.minutes).sum::<i64>()
+        ),
+        (100, 50)
+    );
 
     // The pool's one connection prepared them all; each one-id read kept its generic plan.
     let mut connection = read.acquire().await.unwrap();
@@ -76,7 +129,7 @@ async fn one_ids_batched_reads_keep_one_plan_per_connection(pool: PgPool) {
             .fetch_all(&mut *connection)
             .await
             .unwrap();
-    for table in ["FROM device_stats", "FROM devices"] {
+    for table in ["FROM device_stats", "FROM devices", "FROM daily_usage"] {
         let generic = prepared
             .iter()
             .filter(|(statement, _, _)| statement.contains(table))
