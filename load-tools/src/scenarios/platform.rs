@@ -160,7 +160,7 @@ struct ReplayReport {
     seconds: f64,
     succeeded: bool,
     /// The replay process's own CPU (its fold), as last read before it exited (at most
-    /// 0.1 s before); its statements' CPU is PostgreSQL's.
+    /// 0.1 s before); its statements' CPU is in PostgreSQL's.
     cpu_seconds: f64,
 }
 
@@ -225,8 +225,8 @@ pub async fn run(args: &LoadPlatformArgs) -> anyhow::Result<()> {
     let roles = [&command, &query, &projector];
     let cpu_before: Vec<f64> = roles.iter().map(|r| cpu_seconds(r.pid()).unwrap_or(0.0)).collect();
     let own_cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
-    // The server's backends, WAL writer, checkpointer and WAL sender, the replay's among them
-    // while they live (a process that exits before the end is not counted).
+    // The server's backends, WAL writer, checkpointer and WAL sender; the replay's too, which
+    // exit before the end.
     let postgres_cpu = PostgresCpu::start(&pool).await;
     let cache_before = scrape(&client, &query.base).await.unwrap_or_default();
 
