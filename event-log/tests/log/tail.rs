@@ -159,3 +159,72 @@ async fn a_tail_session_plans_the_read_once_where_a_plain_one_plans_it_every_tim
     assert_eq!(first.iter().map(|e| e.position).collect::<Vec<_>>(), [1, 2, 3]);
     assert!(tail.poll().await.unwrap_or_else(|e| panic!("{e}")).is_empty());
 }
+
+/// A tail whose session is terminated between two reads reads through the pool meanwhile,
+/// loses nothing, and listens again on a new session.
+#[sqlx::test(migrations = false)]
+async fn a_tail_whose_session_is_terminated_reads_through_the_pool_then_listens_again(pool: PgPool) {
+    let log = store(&pool).await;
+    let append = || async {
+        log.append(starts(Uuid::now_v7(), Uuid::now_v7(), ExpectedVersion::NoStream, 1))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    append().await;
+    // Polls far apart: after the read through the pool, only a new LISTEN brings the third.
+    let mut tail = LogTail::start(
+        reader(&pool),
+        0,
+        TailConfig {
+            poll_interval: Duration::from_secs(300),
+            ..TailConfig::default()
+        },
+    )
+    .await;
+    let first = tail.poll().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.iter().map(|e| e.position).collect::<Vec<_>>(), [1]);
+
+    // The session that listens and made that read is terminated, as an operator would.
+    let session: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+         AND query LIKE '%WHERE position > $1 AND recorded_at >= $2%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 10000)")
+        .bind(session)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(terminated, "the tail's session {session} did not exit");
+    append().await;
+    let second = tail.poll().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(second.iter().map(|e| e.position).collect::<Vec<_>>(), [2]);
+
+    // The next wait listens on a new session; once it does, a commit wakes it.
+    let next = tokio::spawn(async move { tail.next_batch().await });
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND pid <> $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(session)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        if listening > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tail never listened again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    append().await;
+    let third = tokio::time::timeout(LIMIT, next)
+        .await
+        .unwrap_or_else(|_| panic!("the commit after the new LISTEN was never returned"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(third.iter().map(|e| e.position).collect::<Vec<_>>(), [3]);
+}
