@@ -144,6 +144,17 @@ impl<S: Aggregate> SlotGuard<S> {
         })
     }
 
+    /// The cached state, or else the empty stream's without reading the log: for a stream
+    /// id this process has just generated. An append on it expects no stream, so were the id
+    /// in the log after all, the append is refused and the slot cleared.
+    pub fn load_assuming_new(&mut self) -> &Loaded<S> {
+        self.guard.get_or_insert_with(|| Loaded {
+            state: Arc::new(S::default()),
+            version: 0,
+            last_position: 0,
+        })
+    }
+
     /// Marks the start of an append to this stream: until its outcome is recorded, dropping
     /// the guard forgets the cached state.
     pub fn appending(&mut self) {

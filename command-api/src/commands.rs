@@ -137,9 +137,36 @@ pub async fn run_device_command(
 ) -> Result<CommandAccepted, ApiError> {
     authorize_device_command(&ctx.principal, &command)?;
     with_retries(state, ctx, device_id, || {
-        device_attempt(state, ctx, device_id, &command)
+        device_attempt(state, ctx, device_id, &command, Load::FromLog)
     })
     .await
+}
+
+/// Runs a command on a device id this process has just generated (`Uuid::now_v7()` for a
+/// create without a reference). No stream can have that id, so the first attempt decides on
+/// an empty stream without reading the log; were the id taken after all, the append's
+/// `NoStream` check refuses it, and the next attempt reads the log as any other does.
+pub async fn run_device_command_on_generated_id(
+    state: &AppState,
+    ctx: &CommandContext,
+    device_id: Uuid,
+    command: DeviceCommand,
+) -> Result<CommandAccepted, ApiError> {
+    authorize_device_command(&ctx.principal, &command)?;
+    let mut load = Load::AssumeNew;
+    with_retries(state, ctx, device_id, || {
+        let this_attempt = std::mem::replace(&mut load, Load::FromLog);
+        device_attempt(state, ctx, device_id, &command, this_attempt)
+    })
+    .await
+}
+
+/// How an attempt gets the state of the command's own stream when its slot is empty.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    FromLog,
+    /// The stream is one this process has just named: empty, nothing to read.
+    AssumeNew,
 }
 
 async fn with_retries<F, Fut>(
@@ -327,11 +354,15 @@ async fn device_attempt(
     ctx: &CommandContext,
     device_id: Uuid,
     command: &DeviceCommand,
+    load: Load,
 ) -> Result<Attempt, ApiError> {
     let now = state.clock.now();
     // Lock order is always device, then owner: no deadlock between commands.
     let mut device_slot = state.devices.lock(device_id).await;
-    let device = device_slot.load(&state.reader).await?.clone();
+    let device = match load {
+        Load::FromLog => device_slot.load(&state.reader).await?.clone(),
+        Load::AssumeNew => device_slot.load_assuming_new().clone(),
+    };
     // Another tenant's device is answered exactly as a missing one: nobody learns from us
     // whether an id they do not own exists.
     let owner_id = match command {
@@ -538,5 +569,96 @@ fn actor_of(principal: &Principal) -> Actor {
             Role::Service | Role::Auditor => ActorRole::Service,
         },
         subject: principal.subject.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::extract::FromRequestParts;
+    use domain::device::DeviceCommand;
+    use domain::user::UserCommand;
+    use event_log::{EventStore, LogReader, StoreConfig, SystemClock};
+    use event_schema::{Personal, Tier};
+    use http_edge::auth::{KeySource, Principal, Role, TokenVerifier};
+    use sqlx::PgPool;
+    use uuid::Uuid;
+
+    use super::{CommandContext, run_device_command, run_device_command_on_generated_id, run_user_command};
+    use crate::config::ApiConfig;
+    use crate::extract::RequestMeta;
+    use crate::state::{AppState, Inner};
+
+    async fn state(pool: &PgPool) -> AppState {
+        event_log::migrate(pool).await.unwrap();
+        let config = ApiConfig {
+            keys: KeySource::Secret("test-secret".into()),
+            ..ApiConfig::default()
+        };
+        let store = Arc::new(EventStore::open(pool.clone(), StoreConfig::default()).await.unwrap());
+        let verifier = TokenVerifier::new(&config.keys).unwrap();
+        let metrics = http_edge::telemetry::prometheus();
+        AppState(Arc::new(Inner::new(
+            config,
+            store,
+            verifier,
+            metrics,
+            Arc::new(SystemClock),
+        )))
+    }
+
+    async fn context(user: Uuid, path: &str) -> CommandContext {
+        let request = axum::http::Request::post(path).body(()).unwrap();
+        let meta = RequestMeta::from_request_parts(&mut request.into_parts().0, &())
+            .await
+            .unwrap();
+        let principal = Principal {
+            role: Role::User,
+            subject: user.to_string(),
+            user_id: Some(user),
+            scopes: Vec::new(),
+            expires_at: i64::MAX,
+        };
+        CommandContext::new(principal, meta, b"")
+    }
+
+    /// The path an id generated here takes if it is in the log after all (another process
+    /// wrote it; here, this process before its slot was forgotten): the first attempt decides
+    /// on an empty stream and its append is refused; the next reads the log and is refused as
+    /// a create on a taken id always is, writing nothing.
+    #[sqlx::test(migrations = false)]
+    async fn a_generated_id_found_in_the_log_is_read_from_it_and_refused(pool: PgPool) {
+        let state = state(&pool).await;
+        let owner = Uuid::now_v7();
+        let register = UserCommand::Register {
+            user_id: owner,
+            tier: Tier::Pro,
+            email: Personal::new("someone@example.com".into()),
+            phone: Personal::new("+4915112345678".into()),
+        };
+        run_user_command(&state, &context(owner, "/v1/users").await, owner, register)
+            .await
+            .unwrap();
+        let device = Uuid::now_v7();
+        let create = DeviceCommand::Create {
+            device_id: device,
+            owner_id: owner,
+            provider: "aws".into(),
+            cpu_cores: 2,
+            memory_mb: 2048,
+            android_version: 14,
+        };
+        let ctx = context(owner, "/v1/devices").await;
+        run_device_command(&state, &ctx, device, create.clone()).await.unwrap();
+        let reader = LogReader::new(pool.clone());
+        let written = reader.read_all(0, 1_000).await.unwrap().len();
+
+        state.devices.forget(device).await;
+        let refused = run_device_command_on_generated_id(&state, &ctx, device, create)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.problem().code, "device_already_exists", "{refused:?}");
+        assert_eq!(reader.read_all(0, 1_000).await.unwrap().len(), written);
     }
 }

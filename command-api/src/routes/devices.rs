@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::Location;
-use crate::commands::{CommandAccepted, CommandContext, run_device_command};
+use crate::commands::{CommandAccepted, CommandContext, run_device_command, run_device_command_on_generated_id};
 use crate::extract::{Caller, IdParam, JsonBody, OptionalJsonBody, RequestMeta};
 use crate::openapi::CommandErrors;
 use crate::problem::ApiError;
@@ -88,12 +88,17 @@ pub async fn create(
             detail: "owner_id is required when creating a device for someone else".into(),
         });
     };
-    let device_id = match &body.value.reference {
-        Some(reference) => domain::ids::device_id_for_reference(
-            owner_id,
-            domain::ids::check_device_reference(reference).map_err(ApiError::Domain)?,
+    // A reference names the same device on every request, so it may be in the log already;
+    // an id generated here cannot be.
+    let (device_id, generated) = match &body.value.reference {
+        Some(reference) => (
+            domain::ids::device_id_for_reference(
+                owner_id,
+                domain::ids::check_device_reference(reference).map_err(ApiError::Domain)?,
+            ),
+            false,
         ),
-        None => Uuid::now_v7(),
+        None => (Uuid::now_v7(), true),
     };
     // The domain checks the range; a value past a byte is out of it just the same.
     let android_version = u8::try_from(body.value.android_version).unwrap_or(u8::MAX);
@@ -106,7 +111,11 @@ pub async fn create(
         memory_mb: body.value.memory_mb,
         android_version,
     };
-    let accepted = run_device_command(&state, &ctx, device_id, command).await?;
+    let accepted = if generated {
+        run_device_command_on_generated_id(&state, &ctx, device_id, command).await?
+    } else {
+        run_device_command(&state, &ctx, device_id, command).await?
+    };
     Ok((
         StatusCode::CREATED,
         Location::of("/v1/devices", accepted.id),

@@ -9,6 +9,7 @@ mod errors;
 mod fuzz;
 mod idempotency;
 mod ids;
+mod log_reads;
 mod quota;
 mod scoping;
 mod support;
