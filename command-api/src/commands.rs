@@ -179,9 +179,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Attempt, ApiError>>,
 {
-    if let Some(accepted) = replay_idempotent(state, ctx, id).await? {
-        return Ok(accepted);
-    }
+    // A retried request is not looked up first: that read would cost every request a round
+    // trip for the few that are retries. Its attempt either appends, and the writer finds the
+    // key in the same transaction and answers with the stored outcome (writing nothing), or
+    // appends nothing, and is answered from the stored outcome below.
     for _ in 0..state.config.max_attempts.max(1) {
         match attempt().await {
             Ok(Attempt::Done(result)) => {

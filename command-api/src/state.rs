@@ -72,6 +72,9 @@ impl Inner {
         };
         // In the request's span: its trace id leads from here to the relay and the projectors.
         if let Ok(outcome) = &outcome {
+            if outcome.replayed {
+                metrics::counter!(crate::telemetry::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+            }
             tracing::debug!(
                 events,
                 last_position = outcome.last_position,
