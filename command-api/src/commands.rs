@@ -135,11 +135,7 @@ pub async fn run_device_command(
     device_id: Uuid,
     command: DeviceCommand,
 ) -> Result<CommandAccepted, ApiError> {
-    authorize_device_command(&ctx.principal, &command)?;
-    with_retries(state, ctx, device_id, || {
-        device_attempt(state, ctx, device_id, &command, Load::FromLog)
-    })
-    .await
+    run_device_command_loading(state, ctx, device_id, command, Load::FromLog).await
 }
 
 /// Runs a command on a device id this process has just generated (`Uuid::now_v7()` for a
@@ -152,8 +148,20 @@ pub async fn run_device_command_on_generated_id(
     device_id: Uuid,
     command: DeviceCommand,
 ) -> Result<CommandAccepted, ApiError> {
+    run_device_command_loading(state, ctx, device_id, command, Load::AssumeNew).await
+}
+
+/// Runs a device command whose first attempt gets the device's stream as `first` says; every
+/// later attempt reads it from the log.
+async fn run_device_command_loading(
+    state: &AppState,
+    ctx: &CommandContext,
+    device_id: Uuid,
+    command: DeviceCommand,
+    first: Load,
+) -> Result<CommandAccepted, ApiError> {
     authorize_device_command(&ctx.principal, &command)?;
-    let mut load = Load::AssumeNew;
+    let mut load = first;
     with_retries(state, ctx, device_id, || {
         let this_attempt = std::mem::replace(&mut load, Load::FromLog);
         device_attempt(state, ctx, device_id, &command, this_attempt)

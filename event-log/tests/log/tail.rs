@@ -3,15 +3,30 @@
 
 use std::time::{Duration, Instant};
 
-use event_log::{ExpectedVersion, LogReader, LogTail, TailConfig, tail_session_options};
+use event_log::{ExpectedVersion, LogReader, LogTail, ReadError, TailConfig, tail_session_options};
+use event_schema::EventEnvelope;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::support::*;
 
 /// Longest any single wait of these tests may take before they fail.
 const LIMIT: Duration = Duration::from_secs(20);
+
+/// The positions of the batch a spawned `next_batch` returns within [`LIMIT`]; `what` says in
+/// the failure which events never came back.
+async fn positions_within(next: JoinHandle<Result<Vec<EventEnvelope>, ReadError>>, what: &str) -> Vec<i64> {
+    tokio::time::timeout(LIMIT, next)
+        .await
+        .unwrap_or_else(|_| panic!("{what} was never returned"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|e| e.position)
+        .collect()
+}
 
 #[sqlx::test(migrations = false)]
 async fn commits_within_the_min_batch_interval_come_back_as_one_batch_no_sooner(pool: PgPool) {
@@ -62,12 +77,8 @@ async fn commits_within_the_min_batch_interval_come_back_as_one_batch_no_sooner(
     log.append(starts(Uuid::now_v7(), Uuid::now_v7(), ExpectedVersion::NoStream, 1))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let third = tokio::time::timeout(LIMIT, next)
-        .await
-        .unwrap_or_else(|_| panic!("the commit after the interval was never returned"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(third.iter().map(|e| e.position).collect::<Vec<_>>(), [6]);
+    let third = positions_within(next, "the commit after the interval").await;
+    assert_eq!(third, [6]);
 }
 
 #[sqlx::test(migrations = false)]
@@ -221,10 +232,6 @@ async fn a_tail_whose_session_is_terminated_reads_through_the_pool_then_listens_
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     append().await;
-    let third = tokio::time::timeout(LIMIT, next)
-        .await
-        .unwrap_or_else(|_| panic!("the commit after the new LISTEN was never returned"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(third.iter().map(|e| e.position).collect::<Vec<_>>(), [3]);
+    let third = positions_within(next, "the commit after the new LISTEN").await;
+    assert_eq!(third, [3]);
 }
