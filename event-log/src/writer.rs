@@ -30,6 +30,7 @@ use crate::append::{
 };
 use crate::chain::chain_hash;
 use crate::clock::{Clock, SystemClock, truncate_to_micros};
+use crate::migrate::PING_IDLE_AFTER;
 use crate::partitions::PartitionCache;
 use crate::{db_error, m};
 
@@ -87,8 +88,8 @@ impl EventStore {
     /// months ahead, and starts the writer on a thread of its own.
     ///
     /// The writer is the one path every append goes through, one group at a time, and each
-    /// group waits on five round trips to PostgreSQL (a ping, the head lock, the streams, the
-    /// write, COMMIT). On the runtime that serves HTTP, each
+    /// group waits on four round trips to PostgreSQL (the head lock, the streams, the write,
+    /// COMMIT). On the runtime that serves HTTP, each
     /// answer from PostgreSQL would wake the writer behind every request task queued there:
     /// under load that wait was as long as PostgreSQL's own work on the group. On its own
     /// thread, with its own connection (one more than the pool's), it runs as soon as the
@@ -222,14 +223,22 @@ async fn run_writer(inner: Arc<Inner>, mut receiver: mpsc::Receiver<Job>, mut co
 
 /// Where a group's transaction runs.
 ///
-/// The writer's own connection, kept from one group to the next and pinged before each (as
-/// the pool pings what it hands out; it also pings what it takes back, which a kept
-/// connection is spared). One that fails is closed and opened again. The unbatched baseline
-/// takes a pooled connection for each transaction.
+/// The writer's own connection, kept from one group to the next. Like the pools' connections
+/// (`pool_options`) it is pinged only when it sat idle for more than [`PING_IDLE_AFTER`]:
+/// under load a group follows the last within milliseconds, and a ping per group was a round
+/// trip on the one serial path every append waits on. A kept connection whose backend ended
+/// since its last group (a restart, an operator's `pg_terminate_backend`) fails the head lock,
+/// which changes nothing, so the lock is taken again on a new connection
+/// ([`Inner::lock_head_early`]): no append sees that failure. The unbatched baseline takes a
+/// pooled connection for each transaction.
 enum WriterConnection {
     Own {
         options: Box<PgConnectOptions>,
         held: Option<PgConnection>,
+        /// When a group last took the connection.
+        last_taken: Instant,
+        /// The last `get` handed out a kept connection without pinging it.
+        unchecked: bool,
     },
     Pooled(Option<PoolConnection<Postgres>>),
 }
@@ -239,6 +248,8 @@ impl WriterConnection {
         WriterConnection::Own {
             options: Box::new(options),
             held: None,
+            last_taken: Instant::now(),
+            unchecked: false,
         }
     }
 
@@ -257,13 +268,21 @@ impl WriterConnection {
 
     async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, sqlx::Error> {
         match self {
-            WriterConnection::Own { options, held } => {
-                // Checked before each group as the pool checks what it hands out: a backend
-                // terminated while the connection waited costs no failed group.
-                if let Some(conn) = held
-                    && conn.ping().await.is_err()
-                {
-                    *held = None;
+            WriterConnection::Own {
+                options,
+                held,
+                last_taken,
+                unchecked,
+            } => {
+                let idle = last_taken.elapsed();
+                *last_taken = Instant::now();
+                *unchecked = false;
+                if let Some(conn) = held {
+                    if idle <= PING_IDLE_AFTER {
+                        *unchecked = true;
+                    } else if conn.ping().await.is_err() {
+                        *held = None;
+                    }
                 }
                 let conn = match held {
                     Some(conn) => conn,
@@ -287,6 +306,11 @@ impl WriterConnection {
                 Ok(&mut **conn)
             }
         }
+    }
+
+    /// Whether the last `get` handed out a kept connection without checking it.
+    fn taken_unchecked(&self) -> bool {
+        matches!(self, WriterConnection::Own { unchecked: true, .. })
     }
 
     /// After a connection error: never used again.
@@ -331,6 +355,18 @@ impl Inner {
     /// known. A failure is the group's first attempt failing; the connection is left with no
     /// transaction open.
     async fn lock_head_early(&self, connection: &mut WriterConnection) -> Result<Head, GroupFailure> {
+        match self.try_lock_head_early(connection).await {
+            // A kept connection handed out without a ping, whose backend ended since the last
+            // group: BEGIN and a row lock changed nothing, so take them on a new connection.
+            Err(GroupFailure::Unavailable(error)) if connection.taken_unchecked() => {
+                tracing::info!(%error, "the writer's connection closed since its last group; opening another");
+                self.try_lock_head_early(connection).await
+            }
+            locked => locked,
+        }
+    }
+
+    async fn try_lock_head_early(&self, connection: &mut WriterConnection) -> Result<Head, GroupFailure> {
         let now = truncate_to_micros(self.clock.now());
         let conn = self.ready_connection(connection, now).await?;
         let locked = lock_head(conn).await;
@@ -547,21 +583,50 @@ impl Inner {
         // Commit time never goes backwards along positions, whatever the writers' clocks say.
         let recorded_at = now.max(head.recorded_at);
 
-        // 2. Current versions, read after taking the lock so they are the committed ones.
+        // 2. Current versions, read after taking the lock so they are the committed ones, and
+        // the idempotency keys seen before: one round trip for both.
         let mut stream_ids: Vec<Uuid> = batches
             .iter()
             .flat_map(|b| b.streams.iter().map(|s| s.stream_id))
             .collect();
         stream_ids.sort_unstable();
         stream_ids.dedup();
-        let rows =
-            sqlx::query("SELECT stream_id, stream_type, owner_id, version FROM streams WHERE stream_id = ANY($1)")
+        let keys: Vec<&str> = batches
+            .iter()
+            .filter_map(|b| b.idempotency.as_ref().map(|k| k.key.as_str()))
+            .collect();
+        let rows = if keys.is_empty() {
+            sqlx::query(READ_STREAMS).bind(&stream_ids).fetch_all(&mut *conn).await
+        } else {
+            // Not a prepared statement: a connection's cached generic plan is costed once, and
+            // one made while append_idempotency was nearly empty (a new deployment, the first
+            // minute before autovacuum's ANALYZE) is a sequential scan that the connection
+            // would keep while the table grows. Planned with its keys each time, the probe is
+            // always an index probe (measured in a 45 s `load platform` run: 66.8M rows read
+            // by seq scans before, 9,289 after). Unnamed statements must stay inside a
+            // transaction: behind a transaction pooler their Parse and Bind could otherwise
+            // reach different server connections.
+            sqlx::query(READ_STREAMS_AND_KEYS)
                 .bind(&stream_ids)
+                .bind(&keys)
+                .persistent(false)
                 .fetch_all(&mut *conn)
                 .await
-                .map_err(classify)?;
+        }
+        .map_err(classify)?;
         let mut streams = HashMap::with_capacity(rows.len());
+        let mut known_keys = HashMap::new();
         for row in rows {
+            if let Some(key) = row.try_get::<Option<String>, _>("key").map_err(classify)? {
+                let outcome: serde_json::Value = row.try_get("outcome").map_err(classify)?;
+                let outcome: AppendOutcome = serde_json::from_value(outcome)
+                    .map_err(|e| GroupFailure::Rejected(sqlx::Error::Decode(Box::new(e))))?;
+                known_keys.insert(
+                    key,
+                    (row.try_get::<Vec<u8>, _>("request_hash").map_err(classify)?, outcome),
+                );
+                continue;
+            }
             let stream_type: String = row.try_get("stream_type").map_err(classify)?;
             let stream_type = stream_type
                 .parse::<StreamType>()
@@ -576,38 +641,7 @@ impl Inner {
             );
         }
 
-        // 3. Idempotency keys seen before.
-        let keys: Vec<&str> = batches
-            .iter()
-            .filter_map(|b| b.idempotency.as_ref().map(|k| k.key.as_str()))
-            .collect();
-        let mut known_keys = HashMap::new();
-        if !keys.is_empty() {
-            // Not a prepared statement: a connection's cached generic plan is costed once, and
-            // one made while the table was nearly empty (a new deployment, the first minute
-            // before autovacuum's ANALYZE) is a sequential scan that the connection would keep
-            // while the table grows. Planned with its keys each time, it is always an index probe
-            // (measured in a 45 s `load platform` run: 66.8M rows read by seq scans before, 9,289 after).
-            // Unnamed statements must stay inside a transaction: behind a transaction pooler
-            // their Parse and Bind could otherwise reach different server connections.
-            let rows = sqlx::query("SELECT key, request_hash, outcome FROM append_idempotency WHERE key = ANY($1)")
-                .bind(&keys)
-                .persistent(false)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(classify)?;
-            for row in rows {
-                let outcome: serde_json::Value = row.try_get("outcome").map_err(classify)?;
-                let outcome: AppendOutcome = serde_json::from_value(outcome)
-                    .map_err(|e| GroupFailure::Rejected(sqlx::Error::Decode(Box::new(e))))?;
-                known_keys.insert(
-                    row.try_get::<String, _>("key").map_err(classify)?,
-                    (row.try_get::<Vec<u8>, _>("request_hash").map_err(classify)?, outcome),
-                );
-            }
-        }
-
-        // 4. Decide every batch in queue order, assign positions, chain hashes.
+        // 3. Decide every batch in queue order, assign positions, chain hashes.
         let plan = plan_group(head, recorded_at, streams, known_keys, batches);
         let (Some(&position), Some(&event_id)) = (plan.rows.position.first(), plan.rows.event_id.first()) else {
             return Ok(GroupWrite::Nothing(plan.results));
@@ -618,7 +652,7 @@ impl Inner {
             recorded_at,
         };
 
-        // 5. Write rows, stream versions, keys and the head; notify tailing readers. Large
+        // 4. Write rows, stream versions, keys and the head; notify tailing readers. Large
         // groups send their rows with COPY first and the statement gets no rows to insert.
         let no_rows = EventRows::default();
         let rows = if plan.event_count >= self.config.copy_threshold {
@@ -997,6 +1031,20 @@ fn check_streams(batch: &CheckedBatch, streams: &HashMap<Uuid, KnownStream>) -> 
     }
     Ok(())
 }
+
+/// The group's streams as committed (read under the head lock). Rows in the shape of
+/// [`READ_STREAMS_AND_KEYS`], whose `key` is NULL on a stream's row.
+const READ_STREAMS: &str = "\
+SELECT stream_id, stream_type, owner_id, version, NULL::text AS key, NULL::bytea AS request_hash, NULL::jsonb AS outcome
+FROM streams WHERE stream_id = ANY($1)";
+
+/// The group's streams and the stored outcomes of its idempotency keys, in one statement.
+const READ_STREAMS_AND_KEYS: &str = "\
+SELECT stream_id, stream_type, owner_id, version, NULL::text AS key, NULL::bytea AS request_hash, NULL::jsonb AS outcome
+FROM streams WHERE stream_id = ANY($1)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, key, request_hash, outcome
+FROM append_idempotency WHERE key = ANY($2)";
 
 const WRITE_GROUP: &str = "\
 WITH new_events AS (
