@@ -3,13 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use cloudphone::cli::Cli;
 
-/// Every role allocates per request (bodies, JSON values, GraphQL documents and answers) from
-/// many threads at once; under load glibc's malloc took a fifth of the query API's CPU
-/// (BENCHMARKS.md, "Allocation"), mimalloc's thread-local heaps a fraction of that.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
+    // Before the process allocates in earnest: freed memory is kept for reuse.
+    allocator::keep_freed_memory();
     let cli = Cli::parse();
     let telemetry = match cloudphone::telemetry::init(&cli.telemetry) {
         Ok(telemetry) => telemetry,
