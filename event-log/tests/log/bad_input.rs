@@ -149,15 +149,22 @@ async fn an_unknown_stream_type_is_refused_and_a_stream_keeps_its_type_and_owner
     assert_eq!(count_events(&pool).await, 2);
 }
 
-#[sqlx::test(migrations = false)]
-async fn a_database_connection_lost_mid_append_fails_the_caller_and_the_writer_recovers(pool: PgPool) {
-    let log = std::sync::Arc::new(store(&pool).await);
+/// A store with one device created (positions 1 and 2), the log head held by a transaction
+/// of the test's, and an append of `starts` events to that device spawned behind it.
+struct HeldHead {
+    log: std::sync::Arc<event_log::EventStore>,
+    device: Uuid,
+    owner: Uuid,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+    pending: tokio::task::JoinHandle<Result<event_log::AppendOutcome, AppendError>>,
+}
+
+async fn an_append_behind_a_held_head(pool: &PgPool, starts_to_append: usize) -> HeldHead {
+    let log = std::sync::Arc::new(store(pool).await);
     let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
     log.append(create_device(device, owner))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-
-    // Stall the writer inside its transaction, then kill its backend.
     let mut holder = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
     sqlx::query("SELECT position FROM log_head FOR UPDATE")
         .execute(&mut *holder)
@@ -165,8 +172,30 @@ async fn a_database_connection_lost_mid_append_fails_the_caller_and_the_writer_r
         .unwrap_or_else(|e| panic!("{e}"));
     let pending = tokio::spawn({
         let log = log.clone();
-        async move { log.append(starts(device, owner, ExpectedVersion::Exact(1), 3)).await }
+        async move {
+            log.append(starts(device, owner, ExpectedVersion::Exact(1), starts_to_append))
+                .await
+        }
     });
+    HeldHead {
+        log,
+        device,
+        owner,
+        holder,
+        pending,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_database_connection_lost_mid_append_fails_the_caller_and_the_writer_recovers(pool: PgPool) {
+    // Stall the writer inside its transaction, then kill its backend.
+    let HeldHead {
+        log,
+        device,
+        owner,
+        holder,
+        pending,
+    } = an_append_behind_a_held_head(&pool, 3).await;
     // Kill the backend waiting for the head. A kept connection's first failure there is taken
     // for a backend that ended since the last group, and the head is asked for again on a new
     // connection (BEGIN and a lock wait changed nothing), which waits in turn: kill that one
@@ -229,22 +258,14 @@ async fn a_database_connection_lost_mid_append_fails_the_caller_and_the_writer_r
 /// on a new connection, and the append that came next never sees the failure.
 #[sqlx::test(migrations = false)]
 async fn the_writers_connection_killed_between_groups_costs_no_append(pool: PgPool) {
-    let log = std::sync::Arc::new(store(&pool).await);
-    let (device, owner) = (Uuid::now_v7(), Uuid::now_v7());
-    log.append(create_device(device, owner))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-
     // Find the writer's backend: the one waiting for the head while a test transaction holds it.
-    let mut holder = pool.begin().await.unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query("SELECT position FROM log_head FOR UPDATE")
-        .execute(&mut *holder)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let pending = tokio::spawn({
-        let log = log.clone();
-        async move { log.append(starts(device, owner, ExpectedVersion::Exact(1), 1)).await }
-    });
+    let HeldHead {
+        log,
+        device,
+        owner,
+        holder,
+        pending,
+    } = an_append_behind_a_held_head(&pool, 1).await;
     eventually("the writer to block on the head", Duration::from_secs(10), || async {
         lock_waiters(&pool).await >= 1
     })
